@@ -1,0 +1,5 @@
+import sys
+
+from pocd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,45 @@
+"""Building blocks shared by every configuration model: strict models and durations.
+
+Kept apart from settings.py so that transports can declare their own settings models without
+importing the site loader.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+__all__ = ["Duration", "StrictModel", "parse_duration"]
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|min|s|m|h|d)")
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors; values are not coerced between types silently."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number of seconds or a string such as "90s", "5m", "1h30m", "250ms"."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '90s', '5m', '1h30m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        parts = list(_PART.finditer(text))
+        if not parts or "".join(p.group(0) for p in parts) != text:
+            raise ValueError(f"{value!r} is not a duration like '90s', '5m', '1h30m', '250ms'")
+        seconds = sum(float(p.group(1)) * _UNITS[p.group(2)] for p in parts)
+    else:
+        raise ValueError("a duration is a number of seconds or a string like '90s', '5m', '1h30m'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]

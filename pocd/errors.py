@@ -1,0 +1,84 @@
+"""The one exception hierarchy of pocd. Exceptions carry their data as attributes.
+
+Recoverable errors (a device timeout, a garbled frame) stay inside the runner that owns them and
+become incidents; only fatal errors end the daemon.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ConfigProblem",
+    "DeviceError",
+    "DeviceReadError",
+    "FrameError",
+    "PocdError",
+    "RunError",
+    "StoreError",
+]
+
+
+class PocdError(Exception):
+    """Base of every error pocd raises on purpose."""
+
+
+class ConfigProblem:
+    """One problem in one file: where (file, key path, device) and what."""
+
+    __slots__ = ("device", "file", "key", "message")
+
+    def __init__(self, file: str, key: str, message: str, device: str | None = None) -> None:
+        self.file = file
+        self.key = key
+        self.message = message
+        self.device = device
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.key or '<top>'}"
+        if self.device:
+            where += f" (device {self.device!r})"
+        return f"{where}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"ConfigProblem({self!s})"
+
+
+class ConfigError(PocdError):
+    """A site config, protocol or driver file is invalid. Holds every problem found."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class RunError(PocdError):
+    """A run operation was refused (draft protocol, inactive site, unknown phase, ...)."""
+
+
+class StoreError(PocdError):
+    """The embedded store cannot be opened or is not a pocd store of a known version."""
+
+
+class DeviceError(PocdError):
+    """A device could not be reached or answered wrongly."""
+
+    def __init__(self, message: str, *, device: str, code: str = "error") -> None:
+        self.device = device
+        self.code = code
+        super().__init__(f"device {device!r}: {message}")
+
+
+class DeviceReadError(DeviceError):
+    """Reading one address of a device failed."""
+
+    def __init__(self, message: str, *, device: str, address: str, code: str = "read") -> None:
+        self.address = address
+        super().__init__(f"{address}: {message}", device=device, code=code)
+
+
+class FrameError(DeviceError):
+    """A frame from a device could not be parsed. Holds the raw bytes."""
+
+    def __init__(self, message: str, *, device: str, raw: bytes, code: str = "unparseable") -> None:
+        self.raw = raw
+        super().__init__(f"{message}: {raw!r}", device=device, code=code)

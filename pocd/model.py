@@ -1,0 +1,233 @@
+"""The records that flow through pocd: samples, excursions, deviations, incidents, runs, audit.
+
+Every record is a frozen, slotted dataclass. Times are integers: nanoseconds since the Unix
+epoch, UTC. Nothing here does I/O or knows how it is stored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+
+__all__ = [
+    "NS",
+    "AuditEntry",
+    "CommStatus",
+    "Deviation",
+    "DeviationCause",
+    "Excursion",
+    "ExcursionChange",
+    "ExcursionEvent",
+    "ExcursionKind",
+    "Incident",
+    "IncidentKind",
+    "PhaseChange",
+    "Quality",
+    "Run",
+    "RunStatus",
+    "Sample",
+    "SiteStatus",
+    "now_ns",
+]
+
+NS = 1_000_000_000
+
+
+def now_ns() -> int:
+    """Wall-clock UTC time in nanoseconds."""
+    return time.time_ns()
+
+
+class Quality(IntEnum):
+    """OPC UA style quality. Only GOOD and UNCERTAIN values are compared with limits."""
+
+    GOOD = 0
+    UNCERTAIN = 1
+    BAD = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One original reading of one device point.
+
+    `value` is NaN when the device gave no number; such a sample is always BAD quality.
+    """
+
+    device: str
+    point: str
+    t: int  # receive time
+    value: float
+    quality: Quality = Quality.GOOD
+    device_t: int | None = None  # the device's own timestamp, where it gives one
+    reason: str = ""  # why the quality is not GOOD, e.g. "nan", "overload", "status 256"
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.value) and self.quality is not Quality.BAD:
+            object.__setattr__(self, "quality", Quality.BAD)
+            object.__setattr__(self, "reason", self.reason or "nan")
+
+
+@dataclass(frozen=True, slots=True)
+class CommStatus:
+    """A transport's word that a device stopped (ok=False) or resumed (ok=True) answering."""
+
+    device: str
+    t: int
+    ok: bool
+    reason: str = ""
+
+
+class IncidentKind(StrEnum):
+    """Annex 11 s13: software, communication and data errors, kept apart from deviations."""
+
+    COMMUNICATION = "communication"
+    DATA = "data"
+    SOFTWARE = "software"
+    CONFIGURATION = "configuration"
+    CLOCK = "clock"
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    t: int
+    kind: IncidentKind
+    code: str  # timeout, crc, unparseable, modbus-exception, config-reload, clock-jump, ...
+    source: str  # device id, or the component (daemon, store, sink:<name>)
+    message: str
+    raw: bytes = b""  # the offending bytes, where there are some
+
+
+class ExcursionKind(StrEnum):
+    ALERT_LOW = "alert-low"
+    ALERT_HIGH = "alert-high"
+    ACTION_LOW = "action-low"
+    ACTION_HIGH = "action-high"
+    RATE = "rate"
+    STALE = "stale"
+    BAD_QUALITY = "bad-quality"
+    COMM_LOSS = "comm-loss"
+
+    @property
+    def is_action(self) -> bool:
+        return self in (ExcursionKind.ACTION_LOW, ExcursionKind.ACTION_HIGH)
+
+    @property
+    def is_data_loss(self) -> bool:
+        return self in (ExcursionKind.STALE, ExcursionKind.COMM_LOSS, ExcursionKind.BAD_QUALITY)
+
+
+@dataclass(frozen=True, slots=True)
+class Excursion:
+    """A snapshot of one excursion: the limit breached, its span, worst value and integral.
+
+    `limit` is the threshold that was crossed (None for stale, bad-quality and comm-loss);
+    `integral` is the time integral of the distance beyond the limit, in unit*s. For a rate
+    excursion both are in unit/min.
+    """
+
+    id: str
+    run_id: str
+    parameter: str
+    kind: ExcursionKind
+    protocol_id: str
+    protocol_version: str
+    phase: str
+    limit: float | None
+    start: int
+    end: int | None = None
+    worst: float | None = None
+    integral: float = 0.0
+
+    @property
+    def duration_s(self) -> float | None:
+        return None if self.end is None else (self.end - self.start) / NS
+
+
+class ExcursionChange(StrEnum):
+    OPENED = "opened"
+    UPDATED = "updated"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ExcursionEvent:
+    change: ExcursionChange
+    excursion: Excursion
+
+
+class DeviationCause(StrEnum):
+    ACTION_LIMIT = "action-limit"
+    BUDGET_SPENT = "budget-spent"
+    PHASE_ORDER = "phase-order"
+    DATA_LOSS = "data-loss"
+
+
+@dataclass(frozen=True, slots=True)
+class Deviation:
+    """A process deviation that QA must investigate. Disposition is recorded later, by people."""
+
+    id: str
+    run_id: str
+    t: int
+    cause: DeviationCause
+    phase: str
+    description: str
+    parameter: str | None = None
+    excursion_id: str | None = None
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    id: str
+    batch_id: str
+    site_id: str
+    timezone: str
+    protocol_id: str
+    protocol_version: str
+    protocol_hash: str
+    operator: str
+    started: int
+    status: RunStatus = RunStatus.RUNNING
+    ended: int | None = None
+    end_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseChange:
+    """The run entered `phase` at `t`. `in_order` is False for an override of the protocol order."""
+
+    run_id: str
+    t: int
+    phase: str
+    previous: str | None
+    actor: str
+    in_order: bool = True
+    reason: str = ""
+
+
+class SiteStatus(StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    CEASED = "ceased"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """Who did what, when and why: every operator action and every config or protocol load."""
+
+    t: int
+    actor: str
+    action: str  # run.start, run.phase, run.stop, site.status, config.load, protocol.load, ...
+    target: str
+    reason: str = ""
+    old: str | None = None
+    new: str | None = None
+    details: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,592 @@
+"""Loading and validating site configs, process protocols and driver files (all TOML).
+
+Everything is validated once, at load, with pydantic; unknown keys are errors. Every problem is
+reported as a `ConfigProblem` that names the file, the key path and, where one applies, the
+device. Nothing here opens a device, a socket or the store.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import zoneinfo
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from pocd.configtypes import Duration, StrictModel
+from pocd.errors import ConfigError, ConfigProblem
+from pocd.protocol import Limits, Parameter, Phase, Protocol, ProtocolStatus, canonical_hash
+from pocd.transports import TRANSPORTS, Device, DriverInfo, get_transport
+
+__all__ = [
+    "Site",
+    "SiteConfig",
+    "check_files",
+    "driver_dirs",
+    "load_driver",
+    "load_protocol",
+    "load_site",
+]
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_LIMIT_FIELDS = ("alert_low", "alert_high", "action_low", "action_high")
+
+
+# --- protocol files ------------------------------------------------------------------------
+
+
+class LimitSpec(StrictModel):
+    """Limits as written in a file. Unset keys fall back to the parameter's defaults."""
+
+    monitored: bool = True
+    alert_low: float | None = None
+    alert_high: float | None = None
+    action_low: float | None = None
+    action_high: float | None = None
+    deadband: float = Field(default=0.0, ge=0)
+    on_delay: Duration = 0.0
+    off_delay: Duration = 0.0
+    max_rate: float | None = Field(default=None, gt=0)
+    stale_after: Duration | None = None
+    budget: Duration | None = None
+    max_data_loss: Duration | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LimitSpec:
+        check_limit_order(self)
+        return self
+
+
+def check_limit_order(spec: LimitSpec) -> None:
+    for tier in ("alert", "action"):
+        low, high = getattr(spec, f"{tier}_low"), getattr(spec, f"{tier}_high")
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"{tier}_low ({low}) must be below {tier}_high ({high})")
+    if spec.alert_low is not None and spec.action_low is not None:
+        if spec.alert_low < spec.action_low:
+            raise ValueError(
+                f"alert_low ({spec.alert_low}) is wider than action_low ({spec.action_low}): "
+                "alert limits must lie inside the action limits"
+            )
+    if spec.alert_high is not None and spec.action_high is not None:
+        if spec.alert_high > spec.action_high:
+            raise ValueError(
+                f"alert_high ({spec.alert_high}) is wider than action_high ({spec.action_high}): "
+                "alert limits must lie inside the action limits"
+            )
+
+
+class ParameterSpec(StrictModel):
+    unit: str
+    critical: bool = False
+    description: str = ""
+    limits: LimitSpec = LimitSpec()  # defaults for every phase
+
+
+class PhaseSpec(StrictModel):
+    id: str = Field(pattern=_ID)
+    title: str = ""
+    description: str = ""
+    expected_duration: Duration | None = None
+    limits: dict[str, LimitSpec] = {}
+
+
+class ProtocolFile(StrictModel):
+    id: str = Field(pattern=_ID)
+    version: str = Field(min_length=1)
+    title: str
+    status: ProtocolStatus
+    product: str = ""
+    description: str = ""
+    approved_by: str = ""
+    approved_on: date | None = None
+    parameters: dict[str, ParameterSpec] = Field(min_length=1)
+    phases: list[PhaseSpec] = Field(min_length=1)
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _status(cls, value: object) -> object:
+        known = {s.value for s in ProtocolStatus}
+        return ProtocolStatus(value) if isinstance(value, str) and value in known else value
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameter_ids(cls, value: dict[str, ParameterSpec]) -> dict[str, ParameterSpec]:
+        for name in value:
+            if not re.match(_ID, name):
+                raise ValueError(f"parameter id {name!r} must match {_ID}")
+        return value
+
+
+def _resolve_limits(default: LimitSpec, override: LimitSpec | None) -> Limits:
+    merged = default.model_dump()
+    if override is not None:
+        merged.update({k: getattr(override, k) for k in override.model_fields_set})
+    spec = LimitSpec.model_validate(merged)  # re-checks order after the merge
+    return Limits(**spec.model_dump())
+
+
+def _protocol_problems(path: str, doc: dict[str, Any], spec: ProtocolFile) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    seen: set[str] = set()
+    for i, phase in enumerate(spec.phases):
+        if phase.id in seen:
+            problems.append(ConfigProblem(path, f"phases[{i}].id", f"duplicate phase {phase.id!r}"))
+        seen.add(phase.id)
+        for name, override in phase.limits.items():
+            key = f"phases[{i}].limits.{name}"
+            if name not in spec.parameters:
+                known = ", ".join(sorted(spec.parameters))
+                problems.append(ConfigProblem(path, key, f"unknown parameter {name!r} ({known})"))
+                continue
+            try:
+                _resolve_limits(spec.parameters[name].limits, override)
+            except ValidationError as exc:
+                msg = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                problems.append(ConfigProblem(path, key, f"{msg} (after merging the defaults)"))
+    return problems
+
+
+def load_protocol(path: str | Path) -> Protocol:
+    """Load, validate and resolve one protocol file. Raises ConfigError."""
+    name = str(path)
+    doc = _read_toml(name)
+    spec = _validate(ProtocolFile, doc, name)
+    problems = _protocol_problems(name, doc, spec)
+    if problems:
+        raise ConfigError(problems)
+    phases = tuple(
+        Phase(
+            id=p.id,
+            title=p.title or p.id,
+            expected_duration=p.expected_duration,
+            limits={
+                n: _resolve_limits(ps.limits, p.limits.get(n)) for n, ps in spec.parameters.items()
+            },
+        )
+        for p in spec.phases
+    )
+    return Protocol(
+        id=spec.id,
+        version=spec.version,
+        title=spec.title,
+        status=spec.status,
+        hash=canonical_hash(doc),
+        parameters={
+            n: Parameter(id=n, unit=ps.unit, critical=ps.critical, description=ps.description)
+            for n, ps in spec.parameters.items()
+        },
+        phases=phases,
+        source=name,
+    )
+
+
+# --- driver files --------------------------------------------------------------------------
+
+
+class DriverHeader(StrictModel):
+    transport: str
+    manufacturer: str = ""
+    model: str = ""
+    description: str = ""
+    manual: str = ""
+
+
+class DriverFile(StrictModel):
+    driver: DriverHeader
+    defaults: dict[str, Any] = {}
+    points: dict[str, dict[str, Any]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Driver:
+    info: DriverInfo
+    defaults: Mapping[str, Any]
+    points: Mapping[str, Mapping[str, Any]]
+
+
+def driver_dirs(extra: Iterable[Path] = ()) -> list[Path]:
+    """Where driver files are looked up: the site's own folder first, then the shipped ones."""
+    here = Path(__file__).parent
+    shipped = [here / "_drivers", here.parent / "drivers"]  # wheel, then source checkout
+    return [*extra, *(d for d in shipped if d.is_dir())]
+
+
+def load_driver(name: str, dirs: Iterable[Path] = ()) -> Driver:
+    """Find `<name>.toml` in the driver folders and check it against its transport."""
+    for folder in driver_dirs(dirs):
+        path = folder / f"{name}.toml"
+        if path.is_file():
+            break
+    else:
+        known = sorted({p.stem for d in driver_dirs(dirs) for p in d.glob("*.toml")})
+        raise KeyError(f"unknown driver {name!r} (known: {', '.join(known)})")
+    file = str(path)
+    spec = _validate(DriverFile, _read_toml(file), file)
+    if spec.driver.transport not in TRANSPORTS:
+        raise ConfigError(
+            [ConfigProblem(file, "driver.transport", _unknown("transport", spec.driver.transport))]
+        )
+    transport = get_transport(spec.driver.transport)
+    _validate(transport.settings, spec.defaults, file, prefix="defaults")
+    for point, body in spec.points.items():
+        _validate(transport.point, body, file, prefix=f"points.{point}")
+    info = DriverInfo(
+        id=name,
+        transport=spec.driver.transport,
+        manufacturer=spec.driver.manufacturer,
+        model=spec.driver.model,
+        description=spec.driver.description,
+        source=file,
+    )
+    return Driver(info=info, defaults=spec.defaults, points=spec.points)
+
+
+# --- site config ---------------------------------------------------------------------------
+
+
+class SiteSection(StrictModel):
+    id: str = Field(pattern=_ID)
+    name: str
+    timezone: str
+    control_site: str = Field(pattern=_ID)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from None
+        return value
+
+
+class StoreSection(StrictModel):
+    data_dir: str = "data"  # relative to the config file
+    flush_interval: Duration = 0.2
+    batch_size: int = Field(default=20_000, ge=1)
+
+
+class ApiSection(StrictModel):
+    listen: str = "127.0.0.1:8470"
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not host:port")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class ProtocolsSection(StrictModel):
+    dir: str = "protocols"  # relative to the config file
+
+
+class PhaseSourceSection(StrictModel):
+    """A device point that drives the run's phase: its value (as text) maps to a phase id."""
+
+    device: str
+    point: str
+    phases: dict[str, str] = Field(min_length=1)
+
+
+class RunSection(StrictModel):
+    phase_source: PhaseSourceSection | None = None
+
+
+class DeviceSection(StrictModel):
+    id: str = Field(pattern=_ID)
+    driver: str
+    enabled: bool = True
+    title: str = ""
+    serial_number: str = ""
+    firmware: str = ""
+    calibration_due: date | None = None
+    transport: dict[str, Any] = {}  # over the driver's defaults
+    points: dict[str, dict[str, Any]] = {}  # over (or beside) the driver's points
+
+
+class SinksSection(StrictModel):
+    """Forwarders (InfluxDB, notifications) arrive with later releases; none is accepted yet."""
+
+
+class SiteConfig(StrictModel):
+    site: SiteSection
+    store: StoreSection = StoreSection()
+    api: ApiSection = ApiSection()
+    protocols: ProtocolsSection = ProtocolsSection()
+    run: RunSection = RunSection()
+    drivers_dir: str | None = None
+    devices: list[DeviceSection] = []
+    sinks: SinksSection = SinksSection()
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """A loaded site: its config, devices resolved over their drivers, and its protocols."""
+
+    path: Path
+    config: SiteConfig
+    devices: Mapping[str, Device]
+    protocols: Mapping[tuple[str, str], Protocol]
+    config_hash: str
+
+    @property
+    def id(self) -> str:
+        return self.config.site.id
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path.parent / self.config.store.data_dir
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "pocd.sqlite"
+
+    def parameter_source(self) -> dict[str, tuple[str, str]]:
+        """parameter -> (device, point) for every enabled point that feeds a parameter."""
+        return {
+            point.parameter: (device.id, name)
+            for device in self.devices.values()
+            for name, point in device.points.items()
+            if point.parameter
+        }
+
+    def protocol(self, protocol_id: str, version: str | None = None) -> Protocol:
+        """The protocol of that id and version; without a version, the approved one."""
+        if version is not None:
+            return self.protocols[(protocol_id, version)]
+        approved = [
+            p
+            for p in self.protocols.values()
+            if p.id == protocol_id and p.status is ProtocolStatus.APPROVED
+        ]
+        if len(approved) != 1:
+            raise KeyError(protocol_id)
+        return approved[0]
+
+
+def load_site(path: str | Path) -> Site:
+    """Load a site config with its devices and protocols. Raises ConfigError with every problem."""
+    file = str(path)
+    doc = _read_toml(file)
+    config = _validate(SiteConfig, doc, file)
+    base = Path(file).resolve().parent
+    problems: list[ConfigProblem] = []
+
+    protocols: dict[tuple[str, str], Protocol] = {}
+    proto_dir = base / config.protocols.dir
+    if not proto_dir.is_dir():
+        problems.append(ConfigProblem(file, "protocols.dir", f"no such folder: {proto_dir}"))
+    for proto_path in sorted(proto_dir.glob("*.toml")) if proto_dir.is_dir() else []:
+        try:
+            proto = load_protocol(proto_path)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        if proto.key in protocols:
+            problems.append(
+                ConfigProblem(
+                    str(proto_path), "id", f"{proto.id} {proto.version} is also defined elsewhere"
+                )
+            )
+        protocols[proto.key] = proto
+    parameters = {n for p in protocols.values() for n in p.parameters}
+
+    extra_dirs = [base / config.drivers_dir] if config.drivers_dir else []
+    devices: dict[str, Device] = {}
+    fed: dict[str, str] = {}
+    for i, section in enumerate(config.devices):
+        where = f"devices[{i}]"
+        if section.id in devices:
+            problems.append(
+                ConfigProblem(file, f"{where}.id", "duplicate device id", device=section.id)
+            )
+            continue
+        try:
+            device = _resolve_device(file, where, section, extra_dirs)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        for name, point in device.points.items():
+            if point.parameter is None:
+                continue
+            key = f"{where}.points.{name}.parameter"
+            if point.parameter not in parameters:
+                problems.append(
+                    ConfigProblem(
+                        file, key, f"{_unknown('parameter', point.parameter)}", device=section.id
+                    )
+                )
+            elif point.parameter in fed:
+                problems.append(
+                    ConfigProblem(
+                        file,
+                        key,
+                        f"parameter {point.parameter!r} is already fed by {fed[point.parameter]}",
+                        device=section.id,
+                    )
+                )
+            fed[point.parameter] = f"{section.id}.{name}"
+        if section.enabled:
+            devices[section.id] = device
+
+    source = config.run.phase_source
+    if source is not None:
+        if source.device not in devices:
+            problems.append(
+                ConfigProblem(file, "run.phase_source.device", _unknown("device", source.device))
+            )
+        elif source.point not in devices[source.device].points:
+            problems.append(
+                ConfigProblem(
+                    file,
+                    "run.phase_source.point",
+                    _unknown("point", source.point),
+                    device=source.device,
+                )
+            )
+    if problems:
+        raise ConfigError(problems)
+    return Site(
+        path=Path(file).resolve(),
+        config=config,
+        devices=devices,
+        protocols=protocols,
+        config_hash=canonical_hash(doc),
+    )
+
+
+def _resolve_device(
+    file: str, where: str, section: DeviceSection, extra_dirs: list[Path]
+) -> Device:
+    try:
+        driver = load_driver(section.driver, extra_dirs)
+    except KeyError as exc:
+        raise ConfigError(
+            [ConfigProblem(file, f"{where}.driver", str(exc.args[0]), device=section.id)]
+        ) from None
+    transport = get_transport(driver.info.transport)
+    settings = _validate(
+        transport.settings,
+        {**driver.defaults, **section.transport},
+        file,
+        prefix=f"{where}.transport",
+        device=section.id,
+    )
+    points = {}
+    for name in {**driver.points, **section.points}:
+        body = {**driver.points.get(name, {}), **section.points.get(name, {})}
+        points[name] = _validate(
+            transport.point, body, file, prefix=f"{where}.points.{name}", device=section.id
+        )
+    return Device(
+        id=section.id,
+        driver=driver.info,
+        settings=settings,
+        points=points,
+        title=section.title or driver.info.model or section.id,
+        serial_number=section.serial_number,
+        firmware=section.firmware,
+        calibration_due=section.calibration_due,
+    )
+
+
+# --- common --------------------------------------------------------------------------------
+
+FileKind = Literal["site", "protocol", "driver"]
+M = TypeVar("M", bound=StrictModel)
+
+
+def file_kind(doc: Mapping[str, Any]) -> FileKind:
+    if "site" in doc:
+        return "site"
+    if "driver" in doc:
+        return "driver"
+    return "protocol"
+
+
+def check_files(paths: Iterable[str]) -> list[ConfigProblem]:
+    """Validate each file by its kind (site config, protocol or driver). [] when all are valid."""
+    problems: list[ConfigProblem] = []
+    for path in paths:
+        try:
+            kind = file_kind(_read_toml(path))
+            if kind == "site":
+                load_site(path)
+            elif kind == "driver":
+                load_driver(Path(path).stem, [Path(path).resolve().parent])
+            else:
+                load_protocol(path)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    return problems
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem(path, "", "no such file")]) from None
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem(path, "", f"not valid TOML: {exc}")]) from None
+
+
+def _validate(
+    model: type[M],
+    data: Mapping[str, Any],
+    file: str,
+    *,
+    prefix: str = "",
+    device: str | None = None,
+) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            [_problem(file, error, data, prefix, device) for error in exc.errors()]
+        ) from None
+
+
+def _problem(
+    file: str, error: Any, data: Mapping[str, Any], prefix: str, device: str | None
+) -> ConfigProblem:
+    loc: tuple[str | int, ...] = tuple(error["loc"])
+    key = prefix
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    if device is None and len(loc) >= 2 and loc[0] == "devices" and isinstance(loc[1], int):
+        devices = data.get("devices")
+        if isinstance(devices, list) and loc[1] < len(devices) and isinstance(devices[loc[1]], dict):
+            device = str(devices[loc[1]].get("id", "")) or None
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    elif "input" in error and error["type"] not in ("value_error",) and not isinstance(
+        error["input"], dict | list
+    ):
+        message += f" (got {error['input']!r})"
+    return ConfigProblem(file, key, message, device=device)
+
+
+def _unknown(what: str, value: str) -> str:
+    return f"unknown {what} {value!r}"

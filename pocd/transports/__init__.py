@@ -1,0 +1,104 @@
+"""The transport interface: how a device's readings reach the daemon.
+
+A transport is a protocol noun (sim, modbus, opcua, serial). Each lives in its own module that
+exposes `TRANSPORT`, a `TransportSpec` naming its settings model, its point model and the
+runner that reads one device. Modules are imported only when a config uses them.
+
+Contract of a runner (`DeviceRunner.run`): read the device until cancelled and put every
+`Sample`, `CommStatus` and `Incident` into the inbox. It owns reconnection (jittered backoff),
+never raises for a device fault, and never drops a reading: a value it cannot trust is a BAD
+sample with a reason, a lost device is a `CommStatus(ok=False)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Protocol
+
+from pocd.configtypes import Duration, StrictModel
+from pocd.model import CommStatus, Incident, Sample
+
+__all__ = [
+    "TRANSPORTS",
+    "Device",
+    "DeviceRunner",
+    "DriverInfo",
+    "Inbox",
+    "PointSettings",
+    "TransportSettings",
+    "TransportSpec",
+    "get_transport",
+]
+
+
+class PointSettings(StrictModel):
+    """What every point has, whatever its transport."""
+
+    parameter: str | None = None  # the protocol parameter this point feeds, if any
+    unit: str = ""
+    description: str = ""
+
+
+class TransportSettings(StrictModel):
+    """What every device has, whatever its transport."""
+
+    interval: Duration = 1.0  # seconds between polls
+
+
+@dataclass(frozen=True, slots=True)
+class DriverInfo:
+    id: str
+    transport: str
+    manufacturer: str = ""
+    model: str = ""
+    description: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A device of the site, resolved from the site config over its driver file."""
+
+    id: str
+    driver: DriverInfo
+    settings: TransportSettings
+    points: Mapping[str, PointSettings]
+    title: str = ""
+    serial_number: str = ""
+    firmware: str = ""
+    calibration_due: date | None = None
+    identity: Mapping[str, str] = field(default_factory=dict)
+
+
+class Inbox(Protocol):
+    async def put(self, record: Sample | CommStatus | Incident, /) -> None: ...
+
+
+class DeviceRunner(Protocol):
+    device: Device
+
+    async def run(self, inbox: Inbox) -> None:
+        """Read the device until cancelled. See the module docstring for the contract."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSpec:
+    name: str
+    settings: type[TransportSettings]
+    point: type[PointSettings]
+    runner: Callable[[Device], DeviceRunner]
+
+
+TRANSPORTS: Mapping[str, str] = {
+    "sim": "pocd.transports.sim",
+}
+
+
+def get_transport(name: str) -> TransportSpec:
+    """The transport of that name. Raises KeyError for an unknown one."""
+    spec: TransportSpec = importlib.import_module(TRANSPORTS[name]).TRANSPORT
+    return spec
