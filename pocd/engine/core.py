@@ -39,6 +39,8 @@ __all__ = ["Engine", "EngineEvent", "ParameterView"]
 EngineEvent = ExcursionEvent | Deviation | PhaseChange
 
 _NONE: list[EngineEvent] = []  # returned (never mutated) when nothing happened: the fast path
+_BAD = Quality.BAD
+_PER_MIN = 60.0 * NS  # nanoseconds per minute: rates are unit/min
 _THRESHOLDS = (
     (ExcursionKind.ACTION_HIGH, "action_high", 1.0),
     (ExcursionKind.ACTION_LOW, "action_low", -1.0),
@@ -105,17 +107,15 @@ class _Parameter:
     rate: _Condition | None = None
     data: dict[ExcursionKind, _Open] = field(default_factory=dict)  # stale, bad-quality, comm-loss
     value: float | None = None  # last GOOD or UNCERTAIN value
-    value_t: int | None = None
+    value_t: int = 0  # when `value` was read (or went bad)
     quality: Quality | None = None
     seen_t: int = 0  # last sample of any quality (or phase start), for staleness
     now: int = 0  # latest time processed for this parameter
     # the tightest band: a value inside it, with nothing pending or open, takes the fast path
     inner_low: float = -math.inf
     inner_high: float = math.inf
-
-    @property
-    def quiet(self) -> bool:
-        return not self.data and all(c.breach_since is None for c in self.conditions)
+    rate_per_ns: float = math.inf  # max_rate in unit/ns, inf when unlimited
+    quiet: bool = True  # nothing pending or open: see Engine._settle
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +160,7 @@ class Engine:
         self._params: dict[str, _Parameter] = {}
         self._cumulative: dict[tuple[str, str, ExcursionKind], float] = {}
         self._budget_spent: set[tuple[str, str]] = set()
+        self._fast: dict[tuple[str, str], _Parameter] = {}  # source -> parameter while live
 
     # --- run and phase control ---------------------------------------------------------------
 
@@ -220,6 +221,7 @@ class Engine:
             param.seen_t = param.now = start
             if param.limits.monitored:
                 self._open_data(param, ExcursionKind.COMM_LOSS, start, events)
+                self._settle(param)
         self.tick(t, events)
         return events
 
@@ -228,28 +230,34 @@ class Engine:
         events: list[EngineEvent] = []
         self._close_all(t, events)
         self.ended = True
+        self._fast = {}
         return events
 
     # --- inputs --------------------------------------------------------------------------------
 
     def on_sample(self, sample: Sample) -> list[EngineEvent]:
-        name = self._by_source.get((sample.device, sample.point))
-        if name is None or self.ended or self.phase is None:
+        param = self._fast.get((sample.device, sample.point))
+        if param is None:
             return _NONE
-        param = self._params[name]
         t = sample.t
         value = sample.value
-        good = sample.quality is not Quality.BAD
+        last = param.value
+        # The fast path: a valid value inside the tightest band, changing slowly enough, while
+        # nothing is pending or open, changes nothing but the last value.
         if (
-            good
-            and param.quiet
+            param.quiet
+            and sample.quality is not _BAD
             and param.inner_low <= value <= param.inner_high
-            and param.rate is None
+            and t > param.now
+            and last is not None
+            and abs(value - last) <= param.rate_per_ns * (t - param.value_t)
         ):
             param.value, param.value_t, param.quality = value, t, sample.quality
-            param.seen_t = param.now = max(param.now, t)
+            param.seen_t = param.now = t
             return _NONE
-        return self._evaluate(param, sample)
+        events = self._evaluate(param, sample)
+        self._settle(param)
+        return events
 
     def on_comm(self, status: CommStatus) -> list[EngineEvent]:
         """A device stopped or resumed answering: comm-loss for every parameter it feeds."""
@@ -266,6 +274,7 @@ class Engine:
             else:
                 self._close_data(param, ExcursionKind.STALE, status.t, events)
                 self._open_data(param, ExcursionKind.COMM_LOSS, status.t, events)
+            self._settle(param)
         return events
 
     def tick(self, t: int, events: list[EngineEvent] | None = None) -> list[EngineEvent]:
@@ -276,6 +285,7 @@ class Engine:
         for param in self._params.values():
             if param.limits.monitored and t > param.now:
                 self._advance(param, t, events)
+                self._settle(param)
         return events
 
     # --- queries -------------------------------------------------------------------------------
@@ -307,7 +317,7 @@ class Engine:
                 parameter=p.id,
                 value=p.value,
                 quality=p.quality,
-                t=p.value_t,
+                t=p.value_t if p.quality is not None else None,
                 limits=p.limits,
                 open=tuple(e.snapshot.kind for e in self._param_open(p)),
             )
@@ -339,7 +349,17 @@ class Engine:
                             param.inner_low = max(param.inner_low, limit)
                 if limits.max_rate is not None:
                     param.rate = _Condition(ExcursionKind.RATE, limits.max_rate, 1.0, 0.0)
+                    param.rate_per_ns = limits.max_rate / _PER_MIN
             self._params[name] = param
+        self._fast = {src: self._params[name] for src, name in self._by_source.items()}
+
+    @staticmethod
+    def _settle(param: _Parameter) -> None:
+        """Recompute whether the fast path may take this parameter's next sample."""
+        param.quiet = not param.data and all(
+            c.breach_since is None
+            for c in [*param.conditions, *([param.rate] if param.rate else [])]
+        )
 
     def _open_excursions(self) -> list[_Open]:
         return [e for p in self._params.values() for e in self._param_open(p)]
@@ -392,6 +412,8 @@ class Engine:
                         cond.breach_since, cond.held = t, param.value
                         cond.pending_worst, cond.pending_integral = param.value, 0.0
                         self._timers(param, cond, t, events)
+        for param in self._params.values():
+            self._settle(param)
 
     def _evaluate(self, param: _Parameter, sample: Sample) -> list[EngineEvent]:
         events: list[EngineEvent] = []
@@ -411,7 +433,7 @@ class Engine:
         value = sample.value
         if monitored:
             self._close_data(param, ExcursionKind.BAD_QUALITY, t, events)
-            if param.rate is not None and param.value is not None and param.value_t is not None:
+            if param.rate is not None and param.value is not None:
                 dt = (t - param.value_t) / NS
                 if dt > 0:
                     self._check(param, param.rate, abs(value - param.value) / dt * 60.0, t, events)
