@@ -92,5 +92,7 @@ def canonical_hash(document: Mapping[str, Any]) -> str:
 
     Formatting, comments and key order of the TOML file do not change it; any value does.
     """
-    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    text = json.dumps(
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()

@@ -7,8 +7,12 @@ device. Nothing here opens a device, a socket or the store.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import re
 import tomllib
+import types
+import typing
 import zoneinfo
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -34,6 +38,8 @@ __all__ = [
 ]
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_ID_RE = re.compile(_ID)
+_ID_RULE = "must start with a letter or digit and use only letters, digits, '.', '_' and '-'"
 _LIMIT_FIELDS = ("alert_low", "alert_high", "action_low", "action_high")
 
 
@@ -67,18 +73,24 @@ def check_limit_order(spec: LimitSpec) -> None:
         low, high = getattr(spec, f"{tier}_low"), getattr(spec, f"{tier}_high")
         if low is not None and high is not None and low >= high:
             raise ValueError(f"{tier}_low ({low}) must be below {tier}_high ({high})")
-    if spec.alert_low is not None and spec.action_low is not None:
-        if spec.alert_low < spec.action_low:
-            raise ValueError(
-                f"alert_low ({spec.alert_low}) is wider than action_low ({spec.action_low}): "
-                "alert limits must lie inside the action limits"
-            )
-    if spec.alert_high is not None and spec.action_high is not None:
-        if spec.alert_high > spec.action_high:
-            raise ValueError(
-                f"alert_high ({spec.alert_high}) is wider than action_high ({spec.action_high}): "
-                "alert limits must lie inside the action limits"
-            )
+    if (
+        spec.alert_low is not None
+        and spec.action_low is not None
+        and spec.alert_low < spec.action_low
+    ):
+        raise ValueError(
+            f"alert_low ({spec.alert_low}) is wider than action_low ({spec.action_low}): "
+            "alert limits must lie inside the action limits"
+        )
+    if (
+        spec.alert_high is not None
+        and spec.action_high is not None
+        and spec.alert_high > spec.action_high
+    ):
+        raise ValueError(
+            f"alert_high ({spec.alert_high}) is wider than action_high ({spec.action_high}): "
+            "alert limits must lie inside the action limits"
+        )
 
 
 class ParameterSpec(StrictModel):
@@ -93,7 +105,7 @@ class PhaseSpec(StrictModel):
     title: str = ""
     description: str = ""
     expected_duration: Duration | None = None
-    limits: dict[str, LimitSpec] = {}
+    limits: dict[str, LimitSpec] = Field(default_factory=dict)
 
 
 class ProtocolFile(StrictModel):
@@ -110,17 +122,11 @@ class ProtocolFile(StrictModel):
 
     @field_validator("status", mode="before")
     @classmethod
-    def _status(cls, value: object) -> object:
-        known = {s.value for s in ProtocolStatus}
-        return ProtocolStatus(value) if isinstance(value, str) and value in known else value
-
-    @field_validator("parameters")
-    @classmethod
-    def _parameter_ids(cls, value: dict[str, ParameterSpec]) -> dict[str, ParameterSpec]:
-        for name in value:
-            if not re.match(_ID, name):
-                raise ValueError(f"parameter id {name!r} must match {_ID}")
-        return value
+    def _status(cls, value: object) -> ProtocolStatus:
+        known = [s.value for s in ProtocolStatus]
+        if isinstance(value, str) and value in known:
+            return ProtocolStatus(value)
+        raise ValueError(f"must be one of {', '.join(map(repr, known))} (got {value!r})")
 
 
 def _resolve_limits(default: LimitSpec, override: LimitSpec | None) -> Limits:
@@ -131,24 +137,46 @@ def _resolve_limits(default: LimitSpec, override: LimitSpec | None) -> Limits:
     return Limits(**spec.model_dump())
 
 
-def _protocol_problems(path: str, doc: dict[str, Any], spec: ProtocolFile) -> list[ConfigProblem]:
-    problems: list[ConfigProblem] = []
-    seen: set[str] = set()
+def _protocol_problems(path: str, spec: ProtocolFile) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = [
+        ConfigProblem(path, f"parameters.{name}", f"parameter id {name!r} {_ID_RULE}")
+        for name in spec.parameters
+        if not _ID_RE.fullmatch(name)
+    ]
+    seen: dict[str, int] = {}
     for i, phase in enumerate(spec.phases):
         if phase.id in seen:
-            problems.append(ConfigProblem(path, f"phases[{i}].id", f"duplicate phase {phase.id!r}"))
-        seen.add(phase.id)
+            problems.append(
+                ConfigProblem(
+                    path,
+                    f"phases[{i}].id",
+                    f"duplicate phase {phase.id!r} (also phases[{seen[phase.id]}])",
+                )
+            )
+        seen.setdefault(phase.id, i)
         for name, override in phase.limits.items():
             key = f"phases[{i}].limits.{name}"
             if name not in spec.parameters:
                 known = ", ".join(sorted(spec.parameters))
-                problems.append(ConfigProblem(path, key, f"unknown parameter {name!r} ({known})"))
+                problems.append(
+                    ConfigProblem(
+                        path,
+                        key,
+                        f"unknown parameter {name!r} in phase {phase.id!r} (known: {known})",
+                    )
+                )
                 continue
             try:
                 _resolve_limits(spec.parameters[name].limits, override)
             except ValidationError as exc:
                 msg = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
-                problems.append(ConfigProblem(path, key, f"{msg} (after merging the defaults)"))
+                problems.append(
+                    ConfigProblem(
+                        path,
+                        key,
+                        f"{msg} (phase {phase.id!r} over the defaults in parameters.{name}.limits)",
+                    )
+                )
     return problems
 
 
@@ -157,7 +185,7 @@ def load_protocol(path: str | Path) -> Protocol:
     name = str(path)
     doc = _read_toml(name)
     spec = _validate(ProtocolFile, doc, name)
-    problems = _protocol_problems(name, doc, spec)
+    problems = _protocol_problems(name, spec)
     if problems:
         raise ConfigError(problems)
     phases = tuple(
@@ -199,8 +227,8 @@ class DriverHeader(StrictModel):
 
 class DriverFile(StrictModel):
     driver: DriverHeader
-    defaults: dict[str, Any] = {}
-    points: dict[str, dict[str, Any]] = {}
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    points: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,9 +306,11 @@ class ApiSection(StrictModel):
     @field_validator("listen")
     @classmethod
     def _address(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{value!r} is not host:port")
+        host, _, port = value.rpartition(":")
+        if not (_valid_host(host) and re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536):
+            raise ValueError(
+                f"{value!r} is not host:port, such as 127.0.0.1:8470, [::1]:8470 or localhost:8470"
+            )
         return value
 
     @property
@@ -290,6 +320,18 @@ class ApiSection(StrictModel):
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+def _valid_host(host: str) -> bool:
+    """An IPv4 address, a bracketed IPv6 address or a host name (bare IPv6 is ambiguous)."""
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    return re.fullmatch(rf"{label}(?:\.{label})*", host) is not None
 
 
 class ProtocolsSection(StrictModel):
@@ -310,14 +352,14 @@ class RunSection(StrictModel):
 
 class DeviceSection(StrictModel):
     id: str = Field(pattern=_ID)
-    driver: str
+    driver: str = Field(pattern=_ID)  # a file name in the driver folders, never a path
     enabled: bool = True
     title: str = ""
     serial_number: str = ""
     firmware: str = ""
     calibration_due: date | None = None
-    transport: dict[str, Any] = {}  # over the driver's defaults
-    points: dict[str, dict[str, Any]] = {}  # over (or beside) the driver's points
+    transport: dict[str, Any] = Field(default_factory=dict)  # over the driver's defaults
+    points: dict[str, dict[str, Any]] = Field(default_factory=dict)  # over/beside the driver's
 
 
 class SinksSection(StrictModel):
@@ -331,7 +373,7 @@ class SiteConfig(StrictModel):
     protocols: ProtocolsSection = ProtocolsSection()
     run: RunSection = RunSection()
     drivers_dir: str | None = None
-    devices: list[DeviceSection] = []
+    devices: list[DeviceSection] = Field(default_factory=list)
     sinks: SinksSection = SinksSection()
 
 
@@ -388,35 +430,30 @@ def load_site(path: str | Path) -> Site:
     base = Path(file).resolve().parent
     problems: list[ConfigProblem] = []
 
-    protocols: dict[tuple[str, str], Protocol] = {}
-    proto_dir = base / config.protocols.dir
-    if not proto_dir.is_dir():
-        problems.append(ConfigProblem(file, "protocols.dir", f"no such folder: {proto_dir}"))
-    for proto_path in sorted(proto_dir.glob("*.toml")) if proto_dir.is_dir() else []:
-        try:
-            proto = load_protocol(proto_path)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-            continue
-        if proto.key in protocols:
-            problems.append(
-                ConfigProblem(
-                    str(proto_path), "id", f"{proto.id} {proto.version} is also defined elsewhere"
-                )
-            )
-        protocols[proto.key] = proto
+    protocols, protocols_complete = _load_protocols(file, base / config.protocols.dir, problems)
     parameters = {n for p in protocols.values() for n in p.parameters}
 
-    extra_dirs = [base / config.drivers_dir] if config.drivers_dir else []
+    extra_dirs: list[Path] = []
+    if config.drivers_dir is not None:
+        extra_dirs.append(base / config.drivers_dir)
+        if not extra_dirs[0].is_dir():
+            problems.append(ConfigProblem(file, "drivers_dir", f"no such folder: {extra_dirs[0]}"))
     devices: dict[str, Device] = {}
+    seen: dict[str, int] = {}  # every device id, enabled or not, valid or not
     fed: dict[str, str] = {}
     for i, section in enumerate(config.devices):
         where = f"devices[{i}]"
-        if section.id in devices:
+        if section.id in seen:
             problems.append(
-                ConfigProblem(file, f"{where}.id", "duplicate device id", device=section.id)
+                ConfigProblem(
+                    file,
+                    f"{where}.id",
+                    f"duplicate device id (also devices[{seen[section.id]}])",
+                    device=section.id,
+                )
             )
             continue
+        seen[section.id] = i
         try:
             device = _resolve_device(file, where, section, extra_dirs)
         except ConfigError as exc:
@@ -427,11 +464,16 @@ def load_site(path: str | Path) -> Site:
                 continue
             key = f"{where}.points.{name}.parameter"
             if point.parameter not in parameters:
-                problems.append(
-                    ConfigProblem(
-                        file, key, f"{_unknown('parameter', point.parameter)}", device=section.id
+                if protocols_complete:
+                    known = ", ".join(sorted(parameters)) or "no protocol loaded"
+                    problems.append(
+                        ConfigProblem(
+                            file,
+                            key,
+                            f"{_unknown('parameter', point.parameter)} (known: {known})",
+                            device=section.id,
+                        )
                     )
-                )
             elif point.parameter in fed:
                 problems.append(
                     ConfigProblem(
@@ -441,25 +483,18 @@ def load_site(path: str | Path) -> Site:
                         device=section.id,
                     )
                 )
-            fed[point.parameter] = f"{section.id}.{name}"
+            fed[point.parameter] = f"{section.id}.{name} ({where})"
         if section.enabled:
             devices[section.id] = device
 
-    source = config.run.phase_source
-    if source is not None:
-        if source.device not in devices:
-            problems.append(
-                ConfigProblem(file, "run.phase_source.device", _unknown("device", source.device))
-            )
-        elif source.point not in devices[source.device].points:
-            problems.append(
-                ConfigProblem(
-                    file,
-                    "run.phase_source.point",
-                    _unknown("point", source.point),
-                    device=source.device,
-                )
-            )
+    if config.run.phase_source is not None:
+        problems += _phase_source_problems(
+            file,
+            config.run.phase_source,
+            devices,
+            config.devices,
+            protocols if protocols_complete else None,
+        )
     if problems:
         raise ConfigError(problems)
     return Site(
@@ -471,29 +506,129 @@ def load_site(path: str | Path) -> Site:
     )
 
 
+def _load_protocols(
+    file: str, folder: Path, problems: list[ConfigProblem]
+) -> tuple[dict[tuple[str, str], Protocol], bool]:
+    """Every protocol in the folder, and whether all of them loaded. Appends to `problems`."""
+    protocols: dict[tuple[str, str], Protocol] = {}
+    complete = True  # False when a protocol file failed: the names it defines are unknown
+    if not folder.is_dir():
+        problems.append(ConfigProblem(file, "protocols.dir", f"no such folder: {folder}"))
+        return protocols, False
+    for proto_path in sorted(folder.glob("*.toml")):
+        try:
+            proto = load_protocol(proto_path)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            complete = False
+            continue
+        if proto.key in protocols:
+            problems.append(
+                ConfigProblem(
+                    str(proto_path),
+                    "id",
+                    f"{proto.id} {proto.version} is also defined in {protocols[proto.key].source}",
+                )
+            )
+            continue
+        protocols[proto.key] = proto
+    return protocols, complete
+
+
+def _phase_source_problems(
+    file: str,
+    source: PhaseSourceSection,
+    devices: Mapping[str, Device],
+    sections: Iterable[DeviceSection],
+    protocols: Mapping[tuple[str, str], Protocol] | None,
+) -> list[ConfigProblem]:
+    """Problems of run.phase_source. `devices` are the enabled, valid ones.
+
+    `protocols` is None when some failed to load: phase ids are then not checked.
+    """
+    problems: list[ConfigProblem] = []
+    declared = {section.id: section.enabled for section in sections}
+    if source.device not in declared:
+        problems.append(
+            ConfigProblem(
+                file,
+                "run.phase_source.device",
+                f"{_unknown('device', source.device)} (known: {', '.join(declared) or 'none'})",
+            )
+        )
+    elif not declared[source.device]:
+        problems.append(
+            ConfigProblem(
+                file,
+                "run.phase_source.device",
+                "the device is disabled (enabled = false)",
+                device=source.device,
+            )
+        )
+    elif source.device in devices and source.point not in devices[source.device].points:
+        # (a device missing from `devices` is invalid, and that is reported already)
+        known = ", ".join(sorted(devices[source.device].points)) or "none"
+        problems.append(
+            ConfigProblem(
+                file,
+                "run.phase_source.point",
+                f"{_unknown('point', source.point)} (points of the device: {known})",
+                device=source.device,
+            )
+        )
+    if protocols is None:
+        return problems
+    phase_ids = {ph.id for p in protocols.values() for ph in p.phases}
+    problems.extend(
+        ConfigProblem(
+            file,
+            f"run.phase_source.phases.{value}",
+            f"{_unknown('phase', phase_id)}: no protocol has a phase of that id",
+        )
+        for value, phase_id in source.phases.items()
+        if phase_id not in phase_ids
+    )
+    return problems
+
+
 def _resolve_device(
     file: str, where: str, section: DeviceSection, extra_dirs: list[Path]
 ) -> Device:
+    """The device over its driver. Raises ConfigError with every problem of this device."""
     try:
         driver = load_driver(section.driver, extra_dirs)
     except KeyError as exc:
         raise ConfigError(
             [ConfigProblem(file, f"{where}.driver", str(exc.args[0]), device=section.id)]
         ) from None
+    except ConfigError as exc:
+        # The problem is in the driver file; say which device brought it in.
+        for problem in exc.problems:
+            problem.device = problem.device or section.id
+        raise
     transport = get_transport(driver.info.transport)
-    settings = _validate(
-        transport.settings,
-        {**driver.defaults, **section.transport},
-        file,
-        prefix=f"{where}.transport",
-        device=section.id,
-    )
+    problems: list[ConfigProblem] = []
+    try:
+        settings = _validate(
+            transport.settings,
+            {**driver.defaults, **section.transport},
+            file,
+            prefix=f"{where}.transport",
+            device=section.id,
+        )
+    except ConfigError as exc:
+        problems.extend(exc.problems)
     points = {}
     for name in {**driver.points, **section.points}:
         body = {**driver.points.get(name, {}), **section.points.get(name, {})}
-        points[name] = _validate(
-            transport.point, body, file, prefix=f"{where}.points.{name}", device=section.id
-        )
+        try:
+            points[name] = _validate(
+                transport.point, body, file, prefix=f"{where}.points.{name}", device=section.id
+            )
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
     return Device(
         id=section.id,
         driver=driver.info,
@@ -513,9 +648,14 @@ M = TypeVar("M", bound=StrictModel)
 
 
 def file_kind(doc: Mapping[str, Any]) -> FileKind:
-    if "site" in doc:
+    """Site, driver or protocol, by the top-level keys (the three kinds share none).
+
+    Any key of a kind counts, so a site config whose [site] table is missing or misspelt is
+    still checked as a site config and the message says what is wrong with it.
+    """
+    if doc.keys() & SiteConfig.model_fields.keys():
         return "site"
-    if "driver" in doc:
+    if doc.keys() & DriverFile.model_fields.keys():
         return "driver"
     return "protocol"
 
@@ -547,6 +687,9 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror}")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigProblem(path, "", f"not valid TOML: {exc}")]) from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError([ConfigProblem(path, "", f"not UTF-8 text (line {line})")]) from None
 
 
 def _validate(
@@ -561,12 +704,34 @@ def _validate(
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(
-            [_problem(file, error, data, prefix, device) for error in exc.errors()]
+            [_problem(file, error, data, prefix, device, model) for error in exc.errors()]
         ) from None
 
 
+# Pydantic's wording names Python types ("a valid dictionary or instance of PhaseSpec"); the
+# people reading these messages write TOML.
+_TYPE_MESSAGES = {
+    "model_type": "must be a table",
+    "model_attributes_type": "must be a table",
+    "dict_type": "must be a table",
+    "list_type": "must be an array",
+    "string_type": "must be a string",
+    "float_type": "must be a number",
+    "int_type": "must be a whole number",
+    "bool_type": "must be true or false",
+    "date_type": "must be a TOML date such as 2026-09-01, without quotes",
+    "finite_number": "must be a finite number, not nan or inf",
+    "too_short": "must not be empty",
+}
+
+
 def _problem(
-    file: str, error: Any, data: Mapping[str, Any], prefix: str, device: str | None
+    file: str,
+    error: Any,
+    data: Mapping[str, Any],
+    prefix: str,
+    device: str | None,
+    model: type[StrictModel],
 ) -> ConfigProblem:
     loc: tuple[str | int, ...] = tuple(error["loc"])
     key = prefix
@@ -574,18 +739,65 @@ def _problem(
         key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
     if device is None and len(loc) >= 2 and loc[0] == "devices" and isinstance(loc[1], int):
         devices = data.get("devices")
-        if isinstance(devices, list) and loc[1] < len(devices) and isinstance(devices[loc[1]], dict):
-            device = str(devices[loc[1]].get("id", "")) or None
+        entry = devices[loc[1]] if isinstance(devices, list) and loc[1] < len(devices) else None
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
+            device = entry["id"]
+    kind = error["type"]
     message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif error["type"] == "missing":
+    if kind == "extra_forbidden":
+        message = _unknown_key_message(model, loc)
+    elif kind == "missing":
         message = "required key is missing"
-    elif "input" in error and error["type"] not in ("value_error",) and not isinstance(
-        error["input"], dict | list
-    ):
+    elif kind == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == _ID:
+        message = _ID_RULE
+    else:
+        message = _TYPE_MESSAGES.get(kind) or re.sub(
+            r"^(Input|String|List|Dictionary|Value) should (have )?",
+            lambda m: "must have " if m.group(2) else "must ",
+            message,
+        )
+    shown = kind not in ("value_error", "extra_forbidden", "missing") and "input" in error
+    if shown and not isinstance(error["input"], dict | list):
         message += f" (got {error['input']!r})"
     return ConfigProblem(file, key, message, device=device)
+
+
+def _unknown_key_message(model: type[StrictModel], loc: tuple[str | int, ...]) -> str:
+    """ "unknown key", with the nearest known key or, failing that, all of them."""
+    known = _keys_at(model, loc[:-1])
+    if known is None:
+        return "unknown key"
+    if not known:
+        return "unknown key (this table takes no keys)"
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    return f"unknown key (known keys here: {', '.join(known)})"
+
+
+def _keys_at(model: type[StrictModel], path: tuple[str | int, ...]) -> list[str] | None:
+    """The keys of the table at `path` inside `model`; None when it is not a model's table."""
+    current: Any = model
+    for part in path:
+        table = _table(current)
+        if isinstance(part, str) and table is not None and part in table.model_fields:
+            current = table.model_fields[part].annotation
+        elif typing.get_origin(current) is list and isinstance(part, int):
+            current = typing.get_args(current)[0]
+        elif typing.get_origin(current) is dict and isinstance(part, str):
+            current = typing.get_args(current)[1]
+        else:
+            return None
+    table = _table(current)
+    return sorted(table.model_fields) if table is not None else None
+
+
+def _table(annotation: object) -> type[StrictModel] | None:
+    """The model an annotation stands for (`X` or `X | None`), if it is one."""
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if is_union else (annotation,)
+    tables = [m for m in members if isinstance(m, type) and issubclass(m, StrictModel)]
+    return tables[0] if len(tables) == 1 else None
 
 
 def _unknown(what: str, value: str) -> str:

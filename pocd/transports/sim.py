@@ -67,10 +67,7 @@ class SimRunner:
     def reading(self, name: str, elapsed: float) -> tuple[float, Quality, str] | None:
         """The value of a point `elapsed` seconds after start; None while it is stale."""
         point = self.points[name]
-        if self.settings.repeat:
-            script_t = elapsed % self.settings.repeat
-        else:
-            script_t = elapsed
+        script_t = self._script_time(elapsed)
         value = point.base + point.drift * elapsed / 60.0
         if point.amplitude:
             value += point.amplitude * math.sin(2 * math.pi * elapsed / point.period)
@@ -96,8 +93,11 @@ class SimRunner:
             value = round(value / point.step) * point.step
         return value, quality, reason
 
+    def _script_time(self, elapsed: float) -> float:
+        return elapsed % self.settings.repeat if self.settings.repeat else elapsed
+
     def in_outage(self, elapsed: float) -> bool:
-        script_t = elapsed % self.settings.repeat if self.settings.repeat else elapsed
+        script_t = self._script_time(elapsed)
         return any(_active(o.start, o.duration, script_t) for o in self.settings.outages)
 
     async def run(self, inbox: Inbox) -> None:
@@ -117,7 +117,9 @@ class SimRunner:
                     reading = self.reading(name, elapsed)
                     if reading is not None:
                         value, quality, reason = reading
-                        await inbox.put(Sample(self.device.id, name, t, value, quality, None, reason))
+                        await inbox.put(
+                            Sample(self.device.id, name, t, value, quality, None, reason)
+                        )
             tick += 1
             # Scheduled from the start, so polls never drift.
             await asyncio.sleep(max(0.0, started + tick * interval - time.monotonic()))

@@ -1,0 +1,635 @@
+"""Site configs and driver files through `pocd check`: the shipped examples, and one malformed
+file per way a site config can be wrong, each expected to name the file, the key path and the
+device.
+
+The malformed configs are small edits of one valid config (`SITE`), so each case shows only what
+it breaks; `test_base_site_is_valid` keeps that base honest.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pocd.cli import main
+from pocd.errors import ConfigError
+from pocd.settings import load_driver, load_site
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted(REPO.glob("config/**/*.toml")) + sorted(REPO.glob("drivers/**/*.toml"))
+
+PROTOCOL = """\
+id = "TEST"
+version = "1"
+title = "Test protocol"
+status = "approved"
+
+[parameters.temp]
+unit = "C"
+critical = true
+limits = { alert_low = 36.5, alert_high = 37.5, action_low = 36.0, action_high = 38.0 }
+
+[parameters.ph]
+unit = "pH"
+limits = { action_low = 6.8, action_high = 7.4 }
+
+[[phases]]
+id = "activation"
+
+[[phases]]
+id = "expansion"
+"""
+
+SITE = """\
+[site]
+id = "test-site"
+name = "Test site"
+timezone = "Europe/London"
+control_site = "cs-1"
+
+[store]
+flush_interval = "200ms"
+
+[api]
+listen = "127.0.0.1:8470"
+
+[protocols]
+dir = "protocols"
+
+[[devices]]
+id = "incubator"
+driver = "sim"
+transport = { interval = 1.0, seed = 1 }
+points.temperature = { parameter = "temp", unit = "C", base = 37.0 }
+
+[[devices]]
+id = "bioreactor"
+driver = "sim"
+points.ph = { parameter = "ph", unit = "pH", base = 7.1 }
+"""
+
+DEVICES = SITE[SITE.index("[[devices]]") :]
+
+PHASE_SOURCE = """
+[run.phase_source]
+device = "bioreactor"
+point = "ph"
+phases = { "1" = "activation", "2" = "expansion" }
+"""
+
+
+def edit(text: str, *edits: tuple[str | None, str]) -> str:
+    """Apply (old, new) replacements; old=None appends. Each old must occur exactly once."""
+    for old, new in edits:
+        if old is None:
+            text += new
+        else:
+            assert text.count(old) == 1, f"edit target not unique in the base text: {old!r}"
+            text = text.replace(old, new)
+    return text
+
+
+def write_site(folder: Path, text: str = SITE, protocol: str = PROTOCOL) -> Path:
+    (folder / "protocols").mkdir(exist_ok=True)
+    (folder / "protocols" / "test.toml").write_text(protocol)
+    path = folder / "pocd.toml"
+    path.write_text(text)
+    return path
+
+
+def run_check(capsys: pytest.CaptureFixture[str], *paths: Path | str) -> tuple[int, list[str]]:
+    code = main(["check", *map(str, paths)])
+    return code, capsys.readouterr().err.splitlines()
+
+
+def where(file: Path | str, key: str, device: str | None = None) -> str:
+    """The start of a problem line, as ConfigProblem prints it."""
+    return f"{file}: {key}" + (f" (device {device!r})" if device else "") + ": "
+
+
+def find_problem(lines: list[str], file: Path | str, key: str, device: str | None) -> str:
+    prefix = where(file, key, device)
+    matches = [line for line in lines if line.startswith(prefix)]
+    assert matches, f"no problem at {prefix!r} in:\n" + "\n".join(lines)
+    return matches[0]
+
+
+# --- the shipped examples -----------------------------------------------------------------
+
+
+def test_examples_exist() -> None:
+    assert any(p.parent.name == "site" for p in EXAMPLES)
+    assert any(p.parent.name == "drivers" for p in EXAMPLES)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
+def test_example_passes_check(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_check(capsys, path)
+    assert (code, err) == (0, [])
+
+
+def test_check_prints_ok_per_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", *map(str, EXAMPLES)]) == 0
+    out = capsys.readouterr()
+    assert out.err == ""
+    assert out.out.splitlines() == [f"{p}: ok" for p in EXAMPLES]
+
+
+def test_example_site_resolves_devices_over_drivers() -> None:
+    site = load_site(REPO / "config/site/pocd.toml")
+    assert site.id == "rfh-poc-1"
+    assert set(site.devices) == {"incubator", "bioreactor"}
+    incubator = site.devices["incubator"]
+    assert incubator.driver.id == "sim"
+    assert incubator.driver.transport == "sim"
+    assert incubator.title == "Culture chamber"
+    assert incubator.settings.interval == 1.0
+    assert site.config.store.flush_interval == 0.2
+    assert site.config.api.host == "127.0.0.1"
+    assert site.config.api.port == 8470
+    assert site.parameter_source() == {
+        "temperature": ("incubator", "temperature"),
+        "co2": ("incubator", "co2"),
+        "ph": ("bioreactor", "ph"),
+        "do": ("bioreactor", "do"),
+        "rocking": ("bioreactor", "rocking"),
+    }
+    assert site.protocol("CART-TCT").version == "3.1"
+    assert site.protocol("CART-TCT", "3.1") is site.protocols[("CART-TCT", "3.1")]
+    assert len(site.config_hash) == 64
+
+
+# --- the CLI entry --------------------------------------------------------------------------
+
+
+def test_subprocess_check_valid_and_invalid(tmp_path: Path) -> None:
+    good = [str(p) for p in EXAMPLES]
+    done = subprocess.run(
+        [sys.executable, "-m", "pocd", "check", *good],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines() == [f"{p}: ok" for p in good]
+
+    bad = write_site(tmp_path, edit(SITE, ('timezone = "Europe/London"', 'timezone = "Mars/Base"')))
+    done = subprocess.run(
+        [sys.executable, "-m", "pocd", "check", *good, str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"{bad}: site.timezone: unknown time zone 'Mars/Base' (use an IANA name)"
+    ]
+
+
+def test_check_without_files_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["check"])
+    assert exc.value.code == 2
+    assert "FILE" in capsys.readouterr().err
+
+
+def test_check_reports_every_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.toml"
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[site\n")
+    code, err = run_check(capsys, missing, REPO / "config/site/pocd.toml", broken)
+    assert code == 2
+    assert err[0] == f"{missing}: <top>: no such file"
+    assert err[1].startswith(f"{broken}: <top>: not valid TOML: ")
+    assert "line 1" in err[1]
+    assert len(err) == 2
+
+
+def test_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[site]\nname = "Hôpital"\n'.encode("latin-1"))
+    code, err = run_check(capsys, path)
+    assert (code, err) == (2, [f"{path}: <top>: not UTF-8 text (line 2)"])
+
+
+# --- malformed site configs -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bad:
+    edits: tuple[tuple[str | None, str], ...]
+    key: str
+    message: str  # a part of the message
+    device: str | None = None
+
+
+SITE_CASES = {
+    "unknown-key-top-level": Bad(
+        (("[site]", 'colour = "red"\n[site]'),),
+        "colour",
+        "unknown key (known keys here: api, devices, drivers_dir, protocols, run, sinks, site, "
+        "store)",
+    ),
+    "unknown-key-nested": Bad(
+        (('flush_interval = "200ms"', 'flush_intervall = "200ms"'),),
+        "store.flush_intervall",
+        "unknown key (did you mean 'flush_interval'?)",
+    ),
+    "unknown-key-in-device": Bad(
+        (('driver = "sim"\ntransport', 'driver = "sim"\nserial = "X1"\ntransport'),),
+        "devices[0].serial",
+        "unknown key (did you mean 'serial_number'?)",
+        "incubator",
+    ),
+    "wrong-type": Bad(
+        (('flush_interval = "200ms"', 'batch_size = "many"'),),
+        "store.batch_size",
+        "must be a whole number (got 'many')",
+    ),
+    "wrong-type-in-device": Bad(
+        (('id = "bioreactor"', 'id = "bioreactor"\nenabled = "yes"'),),
+        "devices[1].enabled",
+        "must be true or false (got 'yes')",
+        "bioreactor",
+    ),
+    "table-expected": Bad(
+        (('[api]\nlisten = "127.0.0.1:8470"\n', ""), ("[site]", 'api = "127.0.0.1:8470"\n[site]')),
+        "api",
+        "must be a table (got '127.0.0.1:8470')",
+    ),
+    "missing-required-key": Bad(
+        (('timezone = "Europe/London"\n', ""),), "site.timezone", "required key is missing"
+    ),
+    "missing-site-table": Bad(
+        (('[site]\nid = "test-site"\nname = "Test site"\n', '[sitex]\nid = "test-site"\n'),),
+        "site",
+        "required key is missing",
+    ),
+    "bad-site-id": Bad(
+        (('id = "test-site"', 'id = "test site"'),),
+        "site.id",
+        "must start with a letter or digit and use only letters, digits, '.', '_' and '-' "
+        "(got 'test site')",
+    ),
+    "unknown-time-zone": Bad(
+        (('"Europe/London"', '"Europe/Londn"'),),
+        "site.timezone",
+        "unknown time zone 'Europe/Londn' (use an IANA name)",
+    ),
+    "listen-without-port": Bad(
+        (('"127.0.0.1:8470"', '"127.0.0.1"'),), "api.listen", "'127.0.0.1' is not host:port"
+    ),
+    "listen-port-out-of-range": Bad(
+        (('"127.0.0.1:8470"', '"127.0.0.1:70000"'),), "api.listen", "is not host:port"
+    ),
+    "listen-bare-ipv6": Bad(
+        (('"127.0.0.1:8470"', '"::1:8470"'),), "api.listen", "is not host:port"
+    ),
+    "listen-space-in-host": Bad(
+        (('"127.0.0.1:8470"', '"local host:8470"'),), "api.listen", "is not host:port"
+    ),
+    "bad-duration-string": Bad(
+        (('"200ms"', '"soon"'),),
+        "store.flush_interval",
+        "'soon' is not a duration like '90s', '5m', '1h30m', '250ms'",
+    ),
+    "negative-duration": Bad(
+        (('"200ms"', "-0.5"),), "store.flush_interval", "a duration cannot be negative (got -0.5)"
+    ),
+    "boolean-duration": Bad(
+        (('"200ms"', "true"),),
+        "store.flush_interval",
+        "a duration is a number of seconds or a string like '90s', '5m', '1h30m', '250ms' "
+        "(got True)",
+    ),
+    "sinks-not-accepted-yet": Bad(
+        ((None, '\n[sinks.influxdb]\nurl = "http://127.0.0.1:8086"\n'),),
+        "sinks.influxdb",
+        "unknown key (this table takes no keys)",
+    ),
+    "device-not-a-table": Bad(
+        ((DEVICES, ""), ("[site]", 'devices = ["pump"]\n[site]')),
+        "devices[0]",
+        "must be a table (got 'pump')",
+    ),
+    "duplicate-device-id": Bad(
+        (('id = "bioreactor"', 'id = "incubator"'),),
+        "devices[1].id",
+        "duplicate device id (also devices[0])",
+        "incubator",
+    ),
+    "duplicate-of-disabled-device": Bad(
+        (('id = "incubator"', 'id = "bioreactor"\nenabled = false'),),
+        "devices[1].id",
+        "duplicate device id (also devices[0])",
+        "bioreactor",
+    ),
+    "bad-device-id": Bad(
+        (('id = "incubator"', 'id = "-incubator"'),),
+        "devices[0].id",
+        "must start with a letter or digit",
+        "-incubator",
+    ),
+    "unknown-driver": Bad(
+        (('driver = "sim"\ntransport', 'driver = "simm"\ntransport'),),
+        "devices[0].driver",
+        "unknown driver 'simm' (known: sim)",
+        "incubator",
+    ),
+    "driver-is-a-path": Bad(
+        (('driver = "sim"\ntransport', 'driver = "/etc/passwd"\ntransport'),),
+        "devices[0].driver",
+        "must start with a letter or digit",
+        "incubator",
+    ),
+    "unknown-transport-setting": Bad(
+        (("seed = 1 }", "seed = 1, baudrate = 9600 }"),),
+        "devices[0].transport.baudrate",
+        "unknown key (known keys here: interval, outages, repeat, seed)",
+        "incubator",
+    ),
+    "bad-transport-setting": Bad(
+        (("seed = 1 }", 'seed = "one" }'),),
+        "devices[0].transport.seed",
+        "must be a whole number (got 'one')",
+        "incubator",
+    ),
+    "bad-point-setting": Bad(
+        (("base = 7.1 }", "base = 7.1, noise = -0.1 }"),),
+        "devices[1].points.ph.noise",
+        "must be greater than or equal to 0 (got -0.1)",
+        "bioreactor",
+    ),
+    "unknown-point-setting": Bad(
+        (("base = 7.1 }", "base = 7.1, offset = 1.0 }"),),
+        "devices[1].points.ph.offset",
+        "unknown key",
+        "bioreactor",
+    ),
+    "bad-sim-script-action": Bad(
+        (
+            (
+                "base = 7.1 }",
+                'base = 7.1, script = [{ start = "1m", duration = "5m", action = "explode" }] }',
+            ),
+        ),
+        "devices[1].points.ph.script[0].action",
+        "must be 'offset', 'ramp', 'set', 'stale', 'bad' or 'nan' (got 'explode')",
+        "bioreactor",
+    ),
+    "nan-point-setting": Bad(
+        (("base = 7.1 }", "base = nan }"),),
+        "devices[1].points.ph.base",
+        "must be a finite number, not nan or inf",
+        "bioreactor",
+    ),
+    "point-feeds-unknown-parameter": Bad(
+        (('parameter = "ph"', 'parameter = "pH"'),),
+        "devices[1].points.ph.parameter",
+        "unknown parameter 'pH' (known: ph, temp)",
+        "bioreactor",
+    ),
+    "two-points-feed-one-parameter": Bad(
+        (("base = 7.1 }", 'base = 7.1 }\npoints.ph2 = { parameter = "temp" }'),),
+        "devices[1].points.ph2.parameter",
+        "parameter 'temp' is already fed by incubator.temperature (devices[0])",
+        "bioreactor",
+    ),
+    "phase-source-unknown-device": Bad(
+        ((None, PHASE_SOURCE.replace('"bioreactor"', '"reactor"')),),
+        "run.phase_source.device",
+        "unknown device 'reactor' (known: incubator, bioreactor)",
+    ),
+    "phase-source-disabled-device": Bad(
+        (
+            ('id = "bioreactor"', 'id = "bioreactor"\nenabled = false'),
+            (None, PHASE_SOURCE),
+        ),
+        "run.phase_source.device",
+        "the device is disabled",
+        "bioreactor",
+    ),
+    "phase-source-unknown-point": Bad(
+        ((None, PHASE_SOURCE.replace('point = "ph"', 'point = "step"')),),
+        "run.phase_source.point",
+        "unknown point 'step' (points of the device: ph)",
+        "bioreactor",
+    ),
+    "phase-source-unknown-phase": Bad(
+        ((None, PHASE_SOURCE.replace('"2" = "expansion"', '"2" = "expand"')),),
+        "run.phase_source.phases.2",
+        "unknown phase 'expand'",
+    ),
+    "phase-source-unknown-key": Bad(
+        ((None, PHASE_SOURCE + "poll = 1\n"),),
+        "run.phase_source.poll",
+        "unknown key (known keys here: device, phases, point)",
+    ),
+    "missing-protocols-dir": Bad(
+        (('dir = "protocols"', 'dir = "protocol"'),), "protocols.dir", "no such folder"
+    ),
+    "missing-drivers-dir": Bad(
+        (("[site]", 'drivers_dir = "my-drivers"\n\n[site]'),),
+        "drivers_dir",
+        "no such folder",
+    ),
+    "toml-syntax-error": Bad(
+        (('name = "Test site"', "name = Test site"),), "<top>", "not valid TOML: "
+    ),
+}
+
+
+def test_base_site_is_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_site(tmp_path, SITE + PHASE_SOURCE)
+    assert run_check(capsys, path) == (0, [])
+    site = load_site(path)
+    assert site.config.run.phase_source is not None
+    assert site.parameter_source() == {
+        "temp": ("incubator", "temperature"),
+        "ph": ("bioreactor", "ph"),
+    }
+
+
+@pytest.mark.parametrize("case", SITE_CASES.values(), ids=SITE_CASES.keys())
+def test_malformed_site(case: Bad, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_site(tmp_path, edit(SITE, *case.edits))
+    code, err = run_check(capsys, path)
+    assert code == 2
+    line = find_problem(err, path, case.key, case.device)
+    assert case.message in line.removeprefix(where(path, case.key, case.device))
+
+
+def test_unknown_key_after_devices_lands_in_the_device(tmp_path: Path) -> None:
+    # TOML puts a key written after [[devices]] into the last device: the message must say so.
+    path = write_site(tmp_path, SITE + 'colour = "red"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_site(path)
+    assert [str(p) for p in exc.value.problems] == [
+        f"{path}: devices[1].colour (device 'bioreactor'): unknown key "
+        "(known keys here: calibration_due, driver, enabled, firmware, id, points, "
+        "serial_number, title, transport)"
+    ]
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = edit(
+        SITE,
+        (("seed = 1 }", "seed = 1, baudrate = 9600 }")),
+        (('parameter = "ph"', 'parameter = "pH"')),
+        (None, PHASE_SOURCE.replace('point = "ph"', 'point = "step"')),
+    )
+    path = write_site(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_site(path)
+    assert [(p.key, p.device) for p in exc.value.problems] == [
+        ("devices[0].transport.baudrate", "incubator"),
+        ("devices[1].points.ph.parameter", "bioreactor"),
+        ("run.phase_source.point", "bioreactor"),
+    ]
+
+
+def test_bad_protocol_is_reported_with_its_own_file(tmp_path: Path) -> None:
+    # The protocol defines "ph"; when it fails, the site must not also claim "ph" is unknown.
+    protocol = PROTOCOL.replace('status = "approved"', 'status = "aproved"')
+    path = write_site(tmp_path, SITE + PHASE_SOURCE, protocol)
+    with pytest.raises(ConfigError) as exc:
+        load_site(path)
+    assert [str(p) for p in exc.value.problems] == [
+        f"{tmp_path / 'protocols' / 'test.toml'}: status: "
+        "must be one of 'draft', 'approved', 'superseded' (got 'aproved')"
+    ]
+
+
+def test_same_protocol_in_two_files(tmp_path: Path) -> None:
+    path = write_site(tmp_path)
+    (tmp_path / "protocols" / "zz-copy.toml").write_text(
+        PROTOCOL.replace("title =", "# copy\ntitle =")
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_site(path)
+    assert [str(p) for p in exc.value.problems] == [
+        f"{tmp_path / 'protocols' / 'zz-copy.toml'}: id: TEST 1 is also defined in "
+        f"{tmp_path / 'protocols' / 'test.toml'}"
+    ]
+
+
+def test_disabled_device_is_checked_but_not_loaded(tmp_path: Path) -> None:
+    path = write_site(
+        tmp_path, edit(SITE, ('id = "bioreactor"', 'id = "bioreactor"\nenabled = false'))
+    )
+    site = load_site(path)
+    assert set(site.devices) == {"incubator"}
+
+
+# --- driver files ---------------------------------------------------------------------------
+
+SITE_DRIVER = """\
+[driver]
+transport = "sim"
+manufacturer = "Acme"
+model = "Incubator 3000"
+
+[defaults]
+interval = "2s"
+seed = 7
+
+[points.temperature]
+parameter = "temp"
+unit = "C"
+base = 37.0
+"""
+
+
+def test_site_driver_folder(tmp_path: Path) -> None:
+    (tmp_path / "drivers").mkdir()
+    (tmp_path / "drivers" / "acme-3000.toml").write_text(SITE_DRIVER)
+    text = edit(
+        SITE,
+        ("[site]", 'drivers_dir = "drivers"\n\n[site]'),
+        (
+            'driver = "sim"\ntransport = { interval = 1.0, seed = 1 }\n'
+            'points.temperature = { parameter = "temp", unit = "C", base = 37.0 }\n',
+            'driver = "acme-3000"\npoints.temperature = { noise = 0.1 }\n',
+        ),
+    )
+    site = load_site(write_site(tmp_path, text))
+    incubator = site.devices["incubator"]
+    assert incubator.title == "Incubator 3000"
+    assert incubator.settings.interval == 2.0
+    point = incubator.points["temperature"]
+    assert (point.parameter, point.unit) == ("temp", "C")
+    assert point.model_dump()["base"] == 37.0
+    assert point.model_dump()["noise"] == 0.1
+
+
+@pytest.mark.parametrize(
+    ("edits", "key", "message"),
+    [
+        pytest.param(
+            (('transport = "sim"', 'transport = "canbus"'),),
+            "driver.transport",
+            "unknown transport 'canbus'",
+            id="unknown-transport",
+        ),
+        pytest.param(
+            (("seed = 7", "seed = 7\nparity = 'E'"),),
+            "defaults.parity",
+            "unknown key (known keys here: interval, outages, repeat, seed)",
+            id="unknown-default",
+        ),
+        pytest.param(
+            (("base = 37.0", "base = '37'"),),
+            "points.temperature.base",
+            "must be a number (got '37')",
+            id="bad-point",
+        ),
+        pytest.param(
+            (('model = "Incubator 3000"', 'modell = "Incubator 3000"'),),
+            "driver.modell",
+            "unknown key (did you mean 'model'?)",
+            id="unknown-header-key",
+        ),
+    ],
+)
+def test_malformed_driver(
+    edits: tuple[tuple[str | None, str], ...],
+    key: str,
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "acme-3000.toml"
+    path.write_text(edit(SITE_DRIVER, *edits))
+    code, err = run_check(capsys, path)
+    assert code == 2
+    assert err == [where(path, key) + message]
+
+
+def test_broken_driver_names_the_device_that_uses_it(tmp_path: Path) -> None:
+    (tmp_path / "drivers").mkdir()
+    driver = tmp_path / "drivers" / "acme-3000.toml"
+    driver.write_text(SITE_DRIVER.replace("seed = 7", "seed = 7.5"))
+    text = edit(
+        SITE,
+        ("[site]", 'drivers_dir = "drivers"\n\n[site]'),
+        ('driver = "sim"\ntransport', 'driver = "acme-3000"\ntransport'),
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_site(write_site(tmp_path, text))
+    assert [str(p) for p in exc.value.problems] == [
+        f"{driver}: defaults.seed (device 'incubator'): must be a whole number (got 7.5)"
+    ]
+
+
+def test_shipped_sim_driver() -> None:
+    driver = load_driver("sim")
+    assert driver.info.transport == "sim"
+    assert driver.info.source == str(REPO / "drivers" / "sim.toml")
+    assert driver.defaults == {"interval": 1.0}
