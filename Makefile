@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive for real: command -> package
 DEBS   := socat:socat influxd:influxdb
-DEMO_SECONDS ?= 60
+DEMO_SECONDS ?= 95
 
 .PHONY: demo test lint typecheck unit debs bench clean
 

@@ -1,17 +1,33 @@
-"""The `pocd` command line: check, serve, run, site, demo.
+"""The `pocd` command line: check, serve, status, run, site, demo.
 
 Exit codes: 0 success, 1 an operation was refused or failed, 2 invalid input (config, usage).
+Control commands (run start|phase|stop, site set, status) talk to the running daemon's API;
+`run list|show` and `site status` read the store directly, so they work when it is stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
+from typing import Any
 
-from pocd.settings import check_files
+from pocd.errors import ConfigError, PocdError
+from pocd.settings import Site, check_files, load_site
 
 __all__ = ["main"]
+
+
+class CommandError(PocdError):
+    """A command could not do what was asked; the message says why. Exit 1."""
+
+
+def _site(args: argparse.Namespace) -> Site:
+    return load_site(args.config)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -25,19 +41,249 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pocd.daemon import Daemon
+    from pocd.logs import configure_logging
+
+    site = _site(args)
+    configure_logging(args.log_level)
+    asyncio.run(Daemon(site).serve())
+    return 0
+
+
+def _api(site: Site, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    api = site.config.api
+    url = f"http://{api.listen}{path}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("error", exc.reason)
+        except (ValueError, AttributeError):
+            message = exc.reason
+        raise CommandError(f"refused: {message}") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        raise CommandError(
+            f"the daemon does not answer at {url} ({getattr(exc, 'reason', exc)}): "
+            f"is `pocd serve -c {site.path}` running?"
+        ) from None
+
+
+def _print(data: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(data, indent=2) if as_json else text)
+
+
+def _status(args: argparse.Namespace) -> int:
+    data = _api(_site(args), "GET", "/api/status")
+    lines = []
+    run = data["run"]
+    lines.append(
+        f"site {data['site']['id']}: "
+        + (
+            "no run"
+            if run is None
+            else f"run {run['id']} batch {run['batch_id']} phase {run['phase']}"
+        )
+    )
+    for p in data["points"]:
+        value = "-" if p["value"] is None else f"{p['value']:.4g}"
+        lines.append(f"  {p['device']}.{p['point']:<12} {value:>10} {p['unit']:<10} {p['state']}")
+    _print(data, args.json, "\n".join(lines))
+    return 0
+
+
+def _run_start(args: argparse.Namespace) -> int:
+    body = {
+        "batch_id": args.batch,
+        "protocol": args.protocol,
+        "version": args.version,
+        "operator": args.operator,
+    }
+    run = _api(_site(args), "POST", "/api/runs", body)
+    print(
+        f"run {run['id']} started: batch {run['batch_id']}, {run['protocol_id']} "
+        f"{run['protocol_version']}"
+    )
+    return 0
+
+
+def _run_phase(args: argparse.Namespace) -> int:
+    body = {"phase": args.phase, "operator": args.operator, "reason": args.reason}
+    change = _api(_site(args), "POST", "/api/run/phase", body)
+    order = "" if change["in_order"] else " (out of order: recorded as a deviation)"
+    print(f"phase {change['previous']} -> {change['phase']}{order}")
+    return 0
+
+
+def _run_stop(args: argparse.Namespace) -> int:
+    body = {"operator": args.operator, "abort": args.abort, "reason": args.reason}
+    run = _api(_site(args), "POST", "/api/run/stop", body)
+    print(f"run {run['id']} {run['status']}")
+    return 0
+
+
+def _open_store(site: Site) -> Any:
+    from pocd.store import Store
+
+    if not site.store_path.exists():
+        raise CommandError(f"no store yet at {site.store_path}: the daemon has not run")
+    return Store(site.store_path, readonly=True)
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    from pocd.records import run_summary
+
+    with _open_store(_site(args)) as store:
+        runs = [run_summary(r) for r in store.runs()]
+    text = "\n".join(
+        f"{r['id']}  {r['batch_id']:<20} {r['protocol_id']} {r['protocol_version']:<6} "
+        f"{r['status']:<10} {r['started']}"
+        for r in runs
+    )
+    _print(runs, args.json, text or "no runs")
+    return 0
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from pocd.records import run_detail
+
+    with _open_store(_site(args)) as store:
+        run = store.run(args.run)
+        if run is None:
+            raise CommandError(
+                f"no run {args.run!r} (give a run id, a unique prefix or a batch id)"
+            )
+        detail = run_detail(store, run)
+    lines = [
+        f"run {detail['id']}  batch {detail['batch_id']}  {detail['status']}",
+        f"protocol {detail['protocol_id']} {detail['protocol_version']}",
+        f"protocol sha256 {detail['protocol_hash']}",
+        f"started {detail['started']} by {detail['operator']}, ended {detail['ended'] or '-'}",
+        "phases:",
+        *(
+            f"  {p['t']}  {p['phase']}"
+            + ("" if p["in_order"] else f" (out of order: {p['reason']})")
+            for p in detail["phases"]
+        ),
+        f"excursions: {len(detail['excursions'])}",
+        *(
+            f"  {e['start']}  {e['parameter']:<12} {e['kind']:<12} {e['phase']:<12} "
+            f"{e['duration_s'] if e['duration_s'] is not None else 'open'} s, worst {e['worst']}"
+            for e in detail["excursions"]
+        ),
+        f"deviations: {len(detail['deviations'])}",
+        *(f"  {d['t']}  {d['cause']:<13} {d['description']}" for d in detail["deviations"]),
+    ]
+    _print(detail, args.json, "\n".join(lines))
+    return 0
+
+
+def _site_status(args: argparse.Namespace) -> int:
+    with _open_store(_site(args)) as store:
+        status = store.site_status()
+    print(status.value)
+    return 0
+
+
+def _site_set(args: argparse.Namespace) -> int:
+    body = {"status": args.status, "operator": args.operator, "reason": args.reason}
+    _api(_site(args), "POST", "/api/site/status", body)
+    print(f"site status: {args.status}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pocd.demo import run_demo
+
+    return run_demo(seconds=args.seconds, data_dir=args.data_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", required=True, metavar="FILE", help="site config")
+        return p
+
     check = sub.add_parser("check", help="validate site configs, protocols and driver files")
     check.add_argument("files", nargs="+", metavar="FILE")
     check.set_defaults(func=_check)
+
+    serve = with_config(sub.add_parser("serve", help="run the daemon"))
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+
+    status = with_config(sub.add_parser("status", help="live values and limit states"))
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+    run = sub.add_parser("run", help="start, advance, stop and inspect runs")
+    run_sub = run.add_subparsers(dest="run_command", required=True)
+    start = with_config(run_sub.add_parser("start", help="start a run"))
+    start.add_argument("--batch", required=True, help="batch id")
+    start.add_argument("--protocol", required=True, help="protocol id")
+    start.add_argument("--version", help="protocol version (default: the approved one)")
+    start.add_argument("--operator", required=True)
+    start.set_defaults(func=_run_start)
+    phase = with_config(run_sub.add_parser("phase", help="enter the next (or another) phase"))
+    phase.add_argument("phase")
+    phase.add_argument("--operator", required=True)
+    phase.add_argument("--reason", default="", help="required out of protocol order")
+    phase.set_defaults(func=_run_phase)
+    stop = with_config(run_sub.add_parser("stop", help="complete (or --abort) the run"))
+    stop.add_argument("--operator", required=True)
+    stop.add_argument("--abort", action="store_true")
+    stop.add_argument("--reason", default="")
+    stop.set_defaults(func=_run_stop)
+    lst = with_config(run_sub.add_parser("list", help="list runs (from the store)"))
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_run_list)
+    show = with_config(
+        run_sub.add_parser("show", help="one run with phases, excursions, deviations")
+    )
+    show.add_argument("run", help="run id, unique prefix, or batch id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=_run_show)
+
+    site = sub.add_parser("site", help="site status: active, suspended, ceased")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    with_config(site_sub.add_parser("status", help="show the site status")).set_defaults(
+        func=_site_status
+    )
+    site_set = with_config(site_sub.add_parser("set", help="change the site status"))
+    site_set.add_argument("status", choices=["active", "suspended", "ceased"])
+    site_set.add_argument("--operator", required=True)
+    site_set.add_argument("--reason", required=True)
+    site_set.set_defaults(func=_site_set)
+
+    demo = sub.add_parser("demo", help="a simulated CAR-T run with a live view")
+    demo.add_argument(
+        "--seconds", type=float, default=None, help="stop after N s (default: Ctrl-C)"
+    )
+    demo.add_argument("--data-dir", default="demo-data", help="where the store and config go")
+    demo.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except PocdError as exc:
+        print(f"pocd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return code
 
 

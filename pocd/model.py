@@ -64,7 +64,7 @@ class Sample:
     reason: str = ""  # why the quality is not GOOD, e.g. "nan", "overload", "status 256"
 
     def __post_init__(self) -> None:
-        if math.isnan(self.value) and self.quality is not Quality.BAD:
+        if math.isnan(self.value):
             object.__setattr__(self, "quality", Quality.BAD)
             object.__setattr__(self, "reason", self.reason or "nan")
 

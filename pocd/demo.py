@@ -1,0 +1,235 @@
+"""`pocd demo`: a simulated CAR-T run on the embedded store, with a live terminal view.
+
+It writes a site config to DATA_DIR/pocd.toml (simulated devices, the example protocol), runs
+the daemon in process, starts a run, advances a phase every 15 s and lets scripted faults
+provoke an alert excursion, an action deviation, a comm-loss and a bad-quality stretch. The
+config stays behind so that `pocd run list -c DATA_DIR/pocd.toml` works afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from pocd.daemon import Daemon, PointStatus, run_until
+from pocd.logs import configure_logging
+from pocd.model import Quality
+from pocd.settings import load_site
+
+__all__ = ["PHASE_SECONDS", "run_demo", "write_demo_site"]
+
+PHASE_SECONDS = 15.0
+PROTOCOL = "CART-TCT"
+
+# Times are seconds since the daemon started; phases change every PHASE_SECONDS:
+# enrichment 0, activation 15, transduction 30, expansion 45, harvest 60, formulation 75.
+SITE_TOML = """\
+# Written by `pocd demo`: a point-of-care site with simulated devices.
+[site]
+id = "demo-site"
+name = "pocd demo site"
+timezone = "Europe/London"
+control_site = "demo-control"
+
+[store]
+data_dir = "."
+flush_interval = "200ms"
+
+[api]
+listen = "127.0.0.1:{port}"
+
+[protocols]
+dir = "protocols"
+
+[[devices]]
+id = "incubator"
+driver = "sim"
+title = "Culture chamber"
+serial_number = "SIM-0001"
+# the script repeats every 90 s, so a demo left running keeps showing faults
+transport = {{ interval = 1.0, seed = 1, repeat = 90 }}
+[devices.points.temperature]
+parameter = "temperature"
+unit = "C"
+base = 37.0
+noise = 0.02
+# transduction: 37.65 C, past the alert limit (37.5) for longer than the on-delay
+script = [{{ start = 31, duration = 13, action = "offset", value = 0.65 }}]
+[devices.points.co2]
+parameter = "co2"
+unit = "%"
+base = 5.0
+noise = 0.02
+# activation: the CO2 sensor reports bad quality for 3 s
+script = [{{ start = 20, duration = 3, action = "bad" }}]
+
+[[devices]]
+id = "bioreactor"
+driver = "sim"
+title = "Rocking bioreactor"
+serial_number = "SIM-0002"
+# harvest: the bioreactor stops answering for 5 s (comm-loss)
+transport = {{ interval = 1.0, seed = 2, repeat = 90, outages = [{{ start = 63, duration = 5 }}] }}
+[devices.points.ph]
+parameter = "ph"
+unit = "pH"
+base = 7.1
+noise = 0.01
+# expansion: pH falls to 6.72, past the action limit (6.8): a deviation
+script = [{{ start = 47, duration = 11, action = "set", value = 6.72 }}]
+[devices.points.do]
+parameter = "do"
+unit = "%-sat"
+base = 60.0
+noise = 0.5
+[devices.points.rocking]
+parameter = "rocking"
+unit = "rocks/min"
+base = 12.0
+step = 1.0
+"""
+
+
+def _free_port(preferred: int = 8470) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+            return chosen
+    raise OSError("no free port on 127.0.0.1")
+
+
+def _shipped_protocols() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_protocols", here.parent / "config" / "protocols"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("the example protocols are not installed")
+
+
+def write_demo_site(data_dir: Path) -> Path:
+    """Write the demo's site config and protocols into `data_dir`; returns the config path."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    protocols = data_dir / "protocols"
+    protocols.mkdir(exist_ok=True)
+    for path in _shipped_protocols().glob("*.toml"):
+        shutil.copyfile(path, protocols / path.name)
+    config = data_dir / "pocd.toml"
+    config.write_text(SITE_TOML.format(port=_free_port()))
+    return config
+
+
+_STYLE = {"normal": "green", "not-monitored": "dim", "no-run": "dim", "no-data": "yellow"}
+
+
+def _limits(p: PointStatus) -> str:
+    lim = p.limits
+    if not lim:
+        return ""
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:g}"
+
+    return (
+        f"alert {fmt(lim['alert_low'])}..{fmt(lim['alert_high'])}  "
+        f"action {fmt(lim['action_low'])}..{fmt(lim['action_high'])}"
+    )
+
+
+def render(daemon: Daemon, started: float) -> Group:
+    run = daemon.run_record
+    engine = daemon.engine
+    head = Text(f"pocd demo  {time.monotonic() - started:5.0f} s  ", style="bold")
+    if run is None:
+        head.append("no run")
+    else:
+        head.append(
+            f"run {run.id}  batch {run.batch_id}  {run.protocol_id} {run.protocol_version}  "
+        )
+        head.append(f"phase {engine.phase if engine else '-'}", style="bold cyan")
+    counts = daemon.counts
+    head.append(
+        f"\nexcursions {counts['excursions']}  deviations {counts['deviations']}  "
+        f"incidents {sum(daemon.incident_counts.values())}"
+    )
+    table = Table(expand=False)
+    for column in ("device", "parameter", "value", "unit", "limits", "state"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for p in daemon.points():
+        if p.quality is Quality.BAD:
+            value = Text("BAD", style="red")
+        else:
+            value = Text("-" if p.value is None else f"{p.value:.3f}")
+        style = _STYLE.get(p.state, "bold red" if "action" in p.state else "yellow")
+        table.add_row(
+            p.device, p.parameter or p.point, value, p.unit, _limits(p), Text(p.state, style=style)
+        )
+    return Group(head, table)
+
+
+def run_demo(*, seconds: float | None, data_dir: str) -> int:
+    folder = Path(data_dir)
+    config = write_demo_site(folder)
+    site = load_site(config)
+    log_path = folder / "pocd.log"
+    console = Console()
+    with log_path.open("a") as log_file:
+        configure_logging("info", json=True, stream=log_file)
+        daemon = Daemon(site)
+        summary: dict[str, str] = {}
+
+        async def script() -> None:
+            if daemon.run_record is not None:  # a demo interrupted earlier: close its run
+                await daemon.stop_run("demo", abort=True, reason="a new demo run starts")
+            batch = "DEMO-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+            run = await daemon.start_run(batch, PROTOCOL, None, "demo-operator")
+            summary["run"], summary["batch"] = run.id, batch
+            started = time.monotonic()
+            phases = [p.id for p in daemon.site.protocol(PROTOCOL).phases]
+            with Live(render(daemon, started), console=console, refresh_per_second=4) as live:
+                try:
+                    while seconds is None or time.monotonic() - started < seconds:
+                        elapsed = time.monotonic() - started
+                        due = min(int(elapsed // PHASE_SECONDS), len(phases) - 1)
+                        engine = daemon.engine
+                        if engine is not None and engine.phase != phases[due]:
+                            await daemon.advance_phase(phases[due], "demo-operator")
+                        live.update(render(daemon, started))
+                        await asyncio.sleep(0.25)
+                except asyncio.CancelledError:  # Ctrl-C: complete the run, then stop
+                    summary["interrupted"] = "yes"
+                live.update(render(daemon, started))
+            await daemon.stop_run("demo-operator")
+
+        # Ctrl-C completes the run (see script) and stops the daemon cleanly.
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_until(daemon, script))
+    me = Path(sys.argv[0]).name if Path(sys.argv[0]).name == "pocd" else "pocd"
+    prog = sys.argv[0] if "/" in sys.argv[0] else me
+    counts = daemon.counts
+    print()
+    print(
+        f"Run {summary.get('run', '-')} (batch {summary.get('batch', '-')}) ended: "
+        f"{counts['samples']} samples, {counts['excursions']} excursions, "
+        f"{counts['deviations']} deviations, {sum(daemon.incident_counts.values())} incidents."
+    )
+    print(f"The data is in {site.store_path} (log: {log_path}).")
+    print("See it with:")
+    print(f"  {prog} run list -c {config}")
+    print(f"  {prog} run show -c {config} {summary.get('run', '<run>')}")
+    print(f"  {prog} run show -c {config} {summary.get('run', '<run>')} --json")
+    return 0

@@ -1,0 +1,261 @@
+"""The on-disk schema of the store: ordered migrations, and the checks made before using a file.
+
+`PRAGMA user_version` is the number of migrations applied; `PRAGMA application_id` marks the
+file as a pocd store. A released migration is never edited: a change is a new migration appended
+to `MIGRATIONS`. Nothing here reads or writes records; that is `pocd.store.sqlite`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Final
+
+from pocd.errors import StoreError
+
+__all__ = [
+    "APPLICATION_ID",
+    "BLOCK_BITS",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "migrate",
+    "read_version",
+    "statements",
+]
+
+APPLICATION_ID: Final = 0x706F6364  # "pocd": tells our files from any other SQLite database
+
+# Samples are grouped into blocks of 2**BLOCK_BITS consecutive rowids; `sample_blocks` keeps the
+# time range of each block, so a time window needs no index on t (which would cost ~20 B per
+# sample). Part of the on-disk format: changing it needs a migration that rebuilds the blocks.
+BLOCK_BITS: Final = 12
+
+# Tables whose rows are original records: never updated, never deleted.
+_APPEND_ONLY: Final = (
+    "channels",
+    "qualities",
+    "samples",
+    "deviations",
+    "incidents",
+    "phases",
+    "audit",
+)
+
+
+def _append_only_triggers(tables: tuple[str, ...]) -> str:
+    return "\n".join(
+        f"CREATE TRIGGER {table}_no_{verb.lower()} BEFORE {verb} ON {table}\n"
+        f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: {verb} refused'); END;"
+        for table in tables
+        for verb in ("UPDATE", "DELETE")
+    )
+
+
+# v1: the records. Interned channel and quality codes keep a sample row near 30 bytes.
+# No foreign keys: a dangling reference must not abort a batch that also carries samples;
+# referential sense is the engine's job. Column names avoid SQL keywords (limit, end, new, old).
+_V1: Final = """
+CREATE TABLE channels (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    point TEXT NOT NULL,
+    UNIQUE (device, point)
+);
+CREATE TABLE qualities (
+    id INTEGER PRIMARY KEY,
+    quality INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    UNIQUE (quality, reason)
+);
+INSERT INTO qualities (id, quality, reason) VALUES (0, 0, '');
+CREATE TABLE samples (
+    id INTEGER PRIMARY KEY,
+    ch INTEGER NOT NULL,
+    t INTEGER NOT NULL,
+    dt INTEGER,
+    v REAL,
+    q INTEGER NOT NULL
+);
+CREATE TABLE runs (
+    id TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL,
+    site_id TEXT NOT NULL,
+    timezone TEXT NOT NULL,
+    protocol_id TEXT NOT NULL,
+    protocol_version TEXT NOT NULL,
+    protocol_hash TEXT NOT NULL,
+    operator TEXT NOT NULL,
+    started INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    ended INTEGER,
+    end_reason TEXT NOT NULL
+);
+CREATE INDEX runs_batch ON runs (batch_id);
+CREATE TABLE phases (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    t INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    previous TEXT,
+    actor TEXT NOT NULL,
+    in_order INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX phases_run ON phases (run_id);
+CREATE TABLE excursions (
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    parameter TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    protocol_id TEXT NOT NULL,
+    protocol_version TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    limit_value REAL,
+    start_t INTEGER NOT NULL,
+    end_t INTEGER,
+    worst REAL,
+    integral REAL  -- NULL is a NaN integral: SQLite stores NaN as NULL
+);
+CREATE INDEX excursions_run ON excursions (run_id);
+CREATE TABLE deviations (
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    t INTEGER NOT NULL,
+    cause TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    description TEXT NOT NULL,
+    parameter TEXT,
+    excursion_id TEXT
+);
+CREATE INDEX deviations_run ON deviations (run_id);
+CREATE TABLE incidents (
+    id INTEGER PRIMARY KEY,
+    t INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    code TEXT NOT NULL,
+    source TEXT NOT NULL,
+    message TEXT NOT NULL,
+    raw BLOB NOT NULL
+);
+CREATE INDEX incidents_t ON incidents (t);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY,
+    t INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    old_value TEXT,
+    new_value TEXT,
+    details TEXT NOT NULL
+);
+CREATE INDEX audit_action ON audit (action);
+
+-- Excursions and runs are snapshots updated in place, but what identifies them is fixed,
+-- a finished run is final, and neither is ever deleted.
+CREATE TRIGGER excursions_identity BEFORE UPDATE ON excursions
+WHEN NEW.id IS NOT OLD.id OR NEW.run_id IS NOT OLD.run_id OR NEW.parameter IS NOT OLD.parameter
+    OR NEW.kind IS NOT OLD.kind OR NEW.start_t IS NOT OLD.start_t
+BEGIN SELECT RAISE(ABORT, 'excursions: id, run_id, parameter, kind and start are fixed'); END;
+CREATE TRIGGER excursions_no_delete BEFORE DELETE ON excursions
+BEGIN SELECT RAISE(ABORT, 'excursions are never deleted: DELETE refused'); END;
+CREATE TRIGGER runs_identity BEFORE UPDATE ON runs
+WHEN NEW.id IS NOT OLD.id OR NEW.batch_id IS NOT OLD.batch_id OR NEW.site_id IS NOT OLD.site_id
+    OR NEW.timezone IS NOT OLD.timezone OR NEW.protocol_id IS NOT OLD.protocol_id
+    OR NEW.protocol_version IS NOT OLD.protocol_version
+    OR NEW.protocol_hash IS NOT OLD.protocol_hash OR NEW.operator IS NOT OLD.operator
+    OR NEW.started IS NOT OLD.started
+BEGIN SELECT RAISE(ABORT, 'runs: only status, ended and end_reason change after start'); END;
+CREATE TRIGGER runs_final BEFORE UPDATE ON runs
+WHEN OLD.status <> 'running' AND (NEW.status IS NOT OLD.status OR NEW.ended IS NOT OLD.ended
+    OR NEW.end_reason IS NOT OLD.end_reason)
+BEGIN SELECT RAISE(ABORT, 'runs: a finished run is final'); END;
+CREATE TRIGGER runs_no_delete BEFORE DELETE ON runs
+BEGIN SELECT RAISE(ABORT, 'runs are never deleted: DELETE refused'); END;
+""" + _append_only_triggers(_APPEND_ONLY)
+
+# v2: derived lookup aids, rebuilt here from samples and kept current by every write:
+# the latest sample of each channel, and the time range of each block of rowids.
+# (An index on samples(ch, t) would answer both but costs ~20 B per sample and halves the
+# insert rate.) The backfill makes this a real data migration, exercised by the tests.
+_V2: Final = f"""
+CREATE TABLE channel_latest (
+    ch INTEGER PRIMARY KEY,
+    sample_id INTEGER NOT NULL,
+    t INTEGER NOT NULL
+);
+CREATE TABLE sample_blocks (
+    block INTEGER PRIMARY KEY,
+    t_min INTEGER NOT NULL,
+    t_max INTEGER NOT NULL
+);
+INSERT INTO channel_latest (ch, sample_id, t)
+    SELECT ch, max(id), t FROM samples GROUP BY ch;
+INSERT INTO sample_blocks (block, t_min, t_max)
+    SELECT id >> {BLOCK_BITS}, min(t), max(t) FROM samples GROUP BY id >> {BLOCK_BITS};
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+def statements(script: str) -> list[str]:
+    """Split an SQL script into single statements (sqlite3's execute runs one at a time)."""
+    found: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                found.append(pending.strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        raise ValueError(f"incomplete SQL statement: {pending!r}")
+    return found
+
+
+def read_version(db: sqlite3.Connection, path: Path) -> int:
+    """The schema version of an open store; StoreError if the file is not a store we can use."""
+    try:
+        application_id = db.execute("PRAGMA application_id").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = db.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path}: not a pocd store: {e}") from e
+    if version == 0 and application_id == 0 and tables == 0:
+        return 0  # a new, empty database
+    if application_id != APPLICATION_ID:
+        raise StoreError(
+            f"{path}: not a pocd store (an SQLite database of something else, "
+            f"application_id {application_id:#x})"
+        )
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: store schema version {version} is newer than this pocd knows "
+            f"({SCHEMA_VERSION}); use the pocd version that wrote it"
+        )
+    return int(version)
+
+
+def migrate(db: sqlite3.Connection, path: Path, *, target: int = SCHEMA_VERSION) -> int:
+    """Apply the missing migrations up to `target` in one transaction; return the old version.
+
+    `db` must be in autocommit mode (isolation_level=None). The version is read again under
+    the write lock, so two processes opening a new store at once cannot both migrate it.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        found = read_version(db, path)
+        for script in MIGRATIONS[found:target]:
+            for statement in statements(script):
+                db.execute(statement)
+        if found < target:
+            # Header fields, written inside the transaction: they commit with the tables.
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version = {target}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return found

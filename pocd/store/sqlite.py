@@ -1,0 +1,761 @@
+"""The embedded store: SQLite in WAL mode, the site's system of record.
+
+`Store.write` commits a whole batch of records in one transaction before it returns, or raises
+and keeps none of it; the query methods read them back as model records. This module must not
+interpret records (that is the engine's job), hold them back, or drop any.
+
+Durability: `synchronous=FULL`. In WAL mode that fsyncs the WAL at every commit, so a batch
+that `write` returned for survives kill -9 and power loss. NORMAL would survive only kill -9
+(the last commits could vanish with the power) and buys little here: a batch of 20,000
+samples pays one fsync (a few ms), and with FULL the bench (bench/store.py) commits 540k-830k
+samples/s on the development VM (its speed drifts), against a target of 500k.
+
+Samples: one ~30-byte row each (channel and quality interned into small integers, NaN values
+stored as NULL), inserted 500 rows per statement because the per-row cost of sqlite3's
+executemany, not SQLite, is what limits a Python writer. Their rowid is the cursor of the
+forwarders: rows are never deleted, so rowids only grow. There is no index on samples; time
+windows use the block ranges in `sample_blocks` and the latest sample of each channel is kept
+in `channel_latest`, both updated by each write (see pocd.store.schema).
+
+Records read back as they were written, with two exceptions that SQLite imposes: it stores a
+NaN float as NULL, so a NaN limit or worst value reads back as None (a sample value and an
+integral read back as NaN), and -0.0 stored in a REAL column reads back as 0.0.
+
+Append-only tables refuse UPDATE and DELETE with triggers. That stops mistakes, not a person
+with write access to the file; tamper evidence belongs to the audit chain, not to this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self, TypeAlias
+
+from pocd.errors import RunError, StoreError
+from pocd.model import (
+    AuditEntry,
+    Deviation,
+    DeviationCause,
+    Excursion,
+    ExcursionEvent,
+    ExcursionKind,
+    Incident,
+    IncidentKind,
+    PhaseChange,
+    Quality,
+    Run,
+    RunStatus,
+    Sample,
+    SiteStatus,
+)
+from pocd.store import schema
+
+__all__ = ["AmbiguousRunError", "Record", "Store"]
+
+Record: TypeAlias = Sample | ExcursionEvent | Deviation | Incident | Run | PhaseChange | AuditEntry
+
+# Rows per multi-row INSERT. Measured with 20,000-sample batches: 1 row/statement ~0.5M rows/s,
+# 100 ~0.9M, 500 ~1.0M, 2000 ~1.05M; 500 keeps statements (2,500 parameters) modest.
+_ROWS_PER_INSERT: Final = 500
+_SAMPLE_COLUMNS: Final = 5
+_INSERT_SAMPLE: Final = "INSERT INTO samples (ch, t, dt, v, q) VALUES (?, ?, ?, ?, ?)"
+_INSERT_SAMPLES: Final = "INSERT INTO samples (ch, t, dt, v, q) VALUES " + ", ".join(
+    ["(?, ?, ?, ?, ?)"] * _ROWS_PER_INSERT
+)
+# The lookup aids are computed from the batch in Python: the same aggregates in SQL (GROUP BY
+# over the new rows) sort and took as long as the inserts themselves.
+_UPSERT_LATEST: Final = """
+INSERT INTO channel_latest (ch, sample_id, t) VALUES (?, ?, ?)
+ON CONFLICT (ch) DO UPDATE SET sample_id = excluded.sample_id, t = excluded.t
+"""
+_UPSERT_BLOCK: Final = """
+INSERT INTO sample_blocks (block, t_min, t_max) VALUES (?, ?, ?)
+ON CONFLICT (block) DO UPDATE
+    SET t_min = min(t_min, excluded.t_min), t_max = max(t_max, excluded.t_max)
+"""
+
+_RUN_COLUMNS: Final = (
+    "id, batch_id, site_id, timezone, protocol_id, protocol_version, protocol_hash, operator, "
+    "started, status, ended, end_reason"
+)
+_UPSERT_RUN: Final = f"""
+INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    batch_id = excluded.batch_id, site_id = excluded.site_id, timezone = excluded.timezone,
+    protocol_id = excluded.protocol_id, protocol_version = excluded.protocol_version,
+    protocol_hash = excluded.protocol_hash, operator = excluded.operator,
+    started = excluded.started, status = excluded.status, ended = excluded.ended,
+    end_reason = excluded.end_reason
+"""
+_EXCURSION_COLUMNS: Final = (
+    "id, run_id, parameter, kind, protocol_id, protocol_version, phase, limit_value, start_t, "
+    "end_t, worst, integral"
+)
+# Every event carries the whole snapshot, so one upsert serves opened, updated and closed; the
+# excursions_identity trigger refuses an event that would change what the excursion is.
+_UPSERT_EXCURSION: Final = f"""
+INSERT INTO excursions ({_EXCURSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    run_id = excluded.run_id, parameter = excluded.parameter, kind = excluded.kind,
+    protocol_id = excluded.protocol_id, protocol_version = excluded.protocol_version,
+    phase = excluded.phase, limit_value = excluded.limit_value, start_t = excluded.start_t,
+    end_t = excluded.end_t, worst = excluded.worst, integral = excluded.integral
+"""
+_DEVIATION_COLUMNS: Final = "id, run_id, t, cause, phase, description, parameter, excursion_id"
+_INSERT_DEVIATION: Final = f"INSERT INTO deviations ({_DEVIATION_COLUMNS}) VALUES ({'?, ' * 7}?)"
+_INCIDENT_COLUMNS: Final = "t, kind, code, source, message, raw"
+_INSERT_INCIDENT: Final = f"INSERT INTO incidents ({_INCIDENT_COLUMNS}) VALUES ({'?, ' * 5}?)"
+_PHASE_COLUMNS: Final = "run_id, t, phase, previous, actor, in_order, reason"
+_INSERT_PHASE: Final = f"INSERT INTO phases ({_PHASE_COLUMNS}) VALUES ({'?, ' * 6}?)"
+_AUDIT_COLUMNS: Final = "t, actor, action, target, reason, old_value, new_value, details"
+_INSERT_AUDIT: Final = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({'?, ' * 7}?)"
+
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+_BUSY_TIMEOUT_MS: Final = 10_000
+_CHECKPOINT_PAGES: Final = 10_000
+_WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
+
+Row: TypeAlias = tuple[Any, ...]
+
+
+class AmbiguousRunError(RunError, LookupError):
+    """A run id prefix matches more than one run."""
+
+    def __init__(self, key: str, matches: Sequence[str]) -> None:
+        self.key = key
+        self.matches = tuple(matches)
+        super().__init__(f"run id prefix {key!r} is ambiguous: {', '.join(self.matches)}")
+
+
+class Store:
+    """The pocd store at `path`: records in, records out.
+
+    One writer thread at a time per process (a lock serialises callers, so `asyncio.to_thread`
+    may call it from any worker thread); readers open their own `Store(path, readonly=True)`,
+    which WAL lets run alongside the writer and see every committed batch.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock = threading.Lock()
+        # Interned codes of samples: device -> point -> channel id, (quality, reason) -> code,
+        # and back. Loaded at open and extended by writes; refreshed when a code is unknown
+        # (another process may have added it).
+        self._channel_ids: dict[str, dict[str, int]] = {}
+        self._channels: dict[int, tuple[str, str]] = {}
+        self._quality_ids: dict[tuple[Quality, str], int] = {}
+        self._qualities: dict[int, tuple[Quality, str]] = {}
+        self._codes_stale = False  # set when a rolled-back write may have interned codes
+        self._closed = False
+        self._db = self._open()
+        try:
+            self._load_codes()
+        except sqlite3.Error as e:
+            self._db.close()
+            raise StoreError(f"{self.path}: cannot read the store: {e}") from e
+
+    def _open(self) -> sqlite3.Connection:
+        db = self._connect()
+        try:
+            self._prepare(db)
+        except sqlite3.Error as e:
+            db.close()
+            raise StoreError(f"{self.path}: cannot open the store: {e}") from e
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _connect(self) -> sqlite3.Connection:
+        path = self.path
+        try:
+            if self.readonly:
+                db = sqlite3.connect(
+                    path.resolve().as_uri() + "?mode=ro",
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"{path}: cannot open the store: {e}") from e
+        return db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        path = self.path
+        db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        # REPLACE conflict resolution deletes rows without firing DELETE triggers unless
+        # recursive triggers are on; with them on, our own connections cannot bypass the
+        # append-only triggers that way.
+        db.execute("PRAGMA recursive_triggers = ON")
+        version = schema.read_version(db, path)  # before changing anything in a foreign file
+        if self.readonly:
+            if version != schema.SCHEMA_VERSION:
+                raise StoreError(
+                    f"{path}: store schema version {version}, this pocd reads "
+                    f"{schema.SCHEMA_VERSION}; open it read-write once to migrate it"
+                )
+            db.execute("PRAGMA query_only = ON")
+            return
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"{path}: cannot switch the store to WAL (got {mode!r})")
+        db.execute("PRAGMA synchronous = FULL")
+        # Checkpoint every ~40 MB of WAL instead of 4 MB: pages rewritten by successive
+        # commits are copied into the file once, which cut commit time by a third in the bench.
+        db.execute(f"PRAGMA wal_autocheckpoint = {_CHECKPOINT_PAGES}")
+        # A long reader can make the WAL grow past that; once it is checkpointed, give the
+        # space back instead of keeping the high-water mark.
+        db.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+        schema.migrate(db, path)
+
+    def close(self) -> None:
+        """Close the connection. The last connection to close checkpoints and removes the WAL."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if not self.readonly:
+                    self._db.execute("PRAGMA optimize")  # keeps query plans good; cheap
+            finally:
+                self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write(self, records: Iterable[Record]) -> None:
+        """Store a batch in one transaction, committed (fsynced) before this returns.
+
+        On any error nothing of the batch is kept and StoreError (TypeError for a record of
+        an unknown type) is raised. Samples keep their order: rowids follow the batch.
+        """
+        batch = records if isinstance(records, list) else list(records)
+        # The hot path is a batch of samples only; test the common case before sorting.
+        samples = [r for r in batch if type(r) is Sample]
+        others = [r for r in batch if type(r) is not Sample] if len(samples) < len(batch) else []
+        rows = _other_rows(others)  # before the transaction: a TypeError leaves nothing behind
+        with self._lock:
+            self._check_open()
+            if self.readonly:
+                raise StoreError(f"{self.path}: store opened read-only, cannot write")
+            if not batch:
+                return
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                if self._codes_stale:
+                    self._load_codes()
+                if samples:
+                    self._insert_samples(samples)
+                for sql, params in rows:
+                    if params:
+                        db.executemany(sql, params)
+                db.execute("COMMIT")
+            except BaseException as e:
+                # Codes interned by the rolled-back transaction are gone from the file; reload
+                # them inside the next transaction rather than here, where it could fail too.
+                self._codes_stale = True
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(
+                        f"{self.path}: batch of {len(batch)} records not stored: {e}"
+                    ) from e
+                raise
+
+    def _insert_samples(self, samples: list[Sample]) -> None:
+        db = self._db
+        before = db.execute("SELECT coalesce(max(id), 0) FROM samples").fetchone()[0]
+        try:
+            params = self._sample_params(samples)
+        except KeyError:
+            self._intern(samples)
+            params = self._sample_params(samples)
+        width = _SAMPLE_COLUMNS
+        step = _ROWS_PER_INSERT * width
+        bulk = len(params) - len(params) % step
+        if bulk:
+            db.executemany(_INSERT_SAMPLES, [params[i : i + step] for i in range(0, bulk, step)])
+        if bulk < len(params):  # the tail, in order after the bulk rows
+            db.executemany(
+                _INSERT_SAMPLE, [params[i : i + width] for i in range(bulk, len(params), width)]
+            )
+        # Rowids are max+1 and we hold the write lock, so sample i got before + 1 + i; check
+        # it (one B-tree descent) rather than trust it, as the lookup aids depend on it.
+        last = db.execute("SELECT max(id) FROM samples").fetchone()[0]
+        if last != before + len(samples):
+            raise StoreError(
+                f"{self.path}: {len(samples)} samples after rowid {before} ended at rowid {last}"
+            )
+        channels, times = params[0::width], params[1::width]
+        db.executemany(_UPSERT_LATEST, _latest_of_channels(channels, times, before + 1))
+        db.executemany(_UPSERT_BLOCK, _block_ranges(times, before + 1))
+
+    def _sample_params(self, samples: list[Sample]) -> list[object]:
+        """The flat parameter list of the batch: ch, t, dt, v, q per sample. KeyError if a
+        channel or quality is not interned yet.
+
+        One comprehension per column filled into strided slices: measured faster than building
+        a tuple per sample, and this is the hot path.
+        """
+        channel_ids = self._channel_ids
+        quality_ids = self._quality_ids
+        good = Quality.GOOD
+        params: list[object] = [None] * (_SAMPLE_COLUMNS * len(samples))
+        params[0::5] = [channel_ids[s.device][s.point] for s in samples]
+        params[1::5] = [s.t for s in samples]
+        params[2::5] = [s.device_t for s in samples]
+        params[3::5] = [s.value for s in samples]  # SQLite stores NaN as NULL
+        params[4::5] = [
+            0 if s.quality is good and not s.reason else quality_ids[s.quality, s.reason]
+            for s in samples
+        ]
+        return params
+
+    def _intern(self, samples: list[Sample]) -> None:
+        """Give every new channel and quality of the batch a code, inside the transaction."""
+        db = self._db
+        for s in samples:
+            points = self._channel_ids.setdefault(s.device, {})
+            if s.point not in points:
+                # Select first: another writer process may have added it since we loaded.
+                row = db.execute(
+                    "SELECT id FROM channels WHERE device = ? AND point = ?", (s.device, s.point)
+                ).fetchone()
+                if row is None:
+                    row = db.execute(
+                        "INSERT INTO channels (device, point) VALUES (?, ?) RETURNING id",
+                        (s.device, s.point),
+                    ).fetchone()
+                points[s.point] = row[0]
+                self._channels[row[0]] = (s.device, s.point)
+            key = (Quality(s.quality), s.reason)
+            if key not in self._quality_ids:
+                row = db.execute(
+                    "SELECT id FROM qualities WHERE quality = ? AND reason = ?",
+                    (int(key[0]), key[1]),
+                ).fetchone()
+                if row is None:
+                    row = db.execute(
+                        "INSERT INTO qualities (quality, reason) VALUES (?, ?) RETURNING id",
+                        (int(key[0]), key[1]),
+                    ).fetchone()
+                self._quality_ids[key] = row[0]
+                self._qualities[row[0]] = key
+
+    def _load_codes(self) -> None:
+        channels = self._db.execute("SELECT id, device, point FROM channels").fetchall()
+        qualities = self._db.execute("SELECT id, quality, reason FROM qualities").fetchall()
+        self._channel_ids = {}
+        self._channels = {}
+        for code, device, point in channels:
+            self._channel_ids.setdefault(device, {})[point] = code
+            self._channels[code] = (device, point)
+        self._qualities = {code: (Quality(quality), reason) for code, quality, reason in qualities}
+        self._quality_ids = {key: code for code, key in self._qualities.items()}
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self.path}: store is closed")
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        with self._lock:
+            self._check_open()
+            return self._db.execute(sql, params).fetchall()
+
+    def runs(self) -> list[Run]:
+        """Every run, in the order they started."""
+        return [_run(r) for r in self._query(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY rowid")]
+
+    def run(self, key: str) -> Run | None:
+        """The run with id `key`, else the latest run of batch `key`, else the one run whose
+        id starts with `key`; None if there is none. AmbiguousRunError if several ids match."""
+        if not key:
+            return None
+        select = f"SELECT {_RUN_COLUMNS} FROM runs"
+        rows = self._query(f"{select} WHERE id = ?", (key,))
+        if not rows:
+            rows = self._query(
+                f"{select} WHERE batch_id = ? ORDER BY started DESC, rowid DESC LIMIT 1", (key,)
+            )
+        if not rows:
+            rows = self._query(
+                f"{select} WHERE substr(id, 1, ?) = ? ORDER BY rowid", (len(key), key)
+            )
+            if len(rows) > 1:
+                raise AmbiguousRunError(key, [r[0] for r in rows])
+        return _run(rows[0]) if rows else None
+
+    def active_run(self) -> Run | None:
+        """The running run (the latest started, should a crash have left two running)."""
+        rows = self._query(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = ? ORDER BY rowid DESC LIMIT 1",
+            (RunStatus.RUNNING.value,),
+        )
+        return _run(rows[0]) if rows else None
+
+    def phases(self, run_id: str) -> list[PhaseChange]:
+        rows = self._query(
+            f"SELECT {_PHASE_COLUMNS} FROM phases WHERE run_id = ? ORDER BY id", (run_id,)
+        )
+        return [
+            PhaseChange(
+                run_id=r[0],
+                t=r[1],
+                phase=r[2],
+                previous=r[3],
+                actor=r[4],
+                in_order=bool(r[5]),
+                reason=r[6],
+            )
+            for r in rows
+        ]
+
+    def excursions(self, run_id: str | None = None) -> list[Excursion]:
+        """Excursions in the order they opened, of one run or of all."""
+        if run_id is None:
+            rows = self._query(f"SELECT {_EXCURSION_COLUMNS} FROM excursions ORDER BY rowid")
+        else:
+            rows = self._query(
+                f"SELECT {_EXCURSION_COLUMNS} FROM excursions WHERE run_id = ? ORDER BY rowid",
+                (run_id,),
+            )
+        return [_excursion(r) for r in rows]
+
+    def open_excursions(self, run_id: str) -> list[Excursion]:
+        rows = self._query(
+            f"SELECT {_EXCURSION_COLUMNS} FROM excursions WHERE run_id = ? AND end_t IS NULL "
+            "ORDER BY rowid",
+            (run_id,),
+        )
+        return [_excursion(r) for r in rows]
+
+    def deviations(self, run_id: str | None = None) -> list[Deviation]:
+        if run_id is None:
+            rows = self._query(f"SELECT {_DEVIATION_COLUMNS} FROM deviations ORDER BY rowid")
+        else:
+            rows = self._query(
+                f"SELECT {_DEVIATION_COLUMNS} FROM deviations WHERE run_id = ? ORDER BY rowid",
+                (run_id,),
+            )
+        return [
+            Deviation(
+                id=r[0],
+                run_id=r[1],
+                t=r[2],
+                cause=DeviationCause(r[3]),
+                phase=r[4],
+                description=r[5],
+                parameter=r[6],
+                excursion_id=r[7],
+            )
+            for r in rows
+        ]
+
+    def incidents(self, since: int | None = None) -> list[Incident]:
+        """Incidents in the order they were recorded; with `since`, those at t >= since."""
+        if since is None:
+            rows = self._query(f"SELECT {_INCIDENT_COLUMNS} FROM incidents ORDER BY id")
+        else:
+            rows = self._query(
+                f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE t >= ? ORDER BY id", (since,)
+            )
+        return [
+            Incident(
+                t=r[0],
+                kind=IncidentKind(r[1]),
+                code=r[2],
+                source=r[3],
+                message=r[4],
+                raw=bytes(r[5]),
+            )
+            for r in rows
+        ]
+
+    def audit(self) -> list[AuditEntry]:
+        rows = self._query(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY id")
+        return [
+            AuditEntry(
+                t=r[0],
+                actor=r[1],
+                action=r[2],
+                target=r[3],
+                reason=r[4],
+                old=r[5],
+                new=r[6],
+                details=json.loads(r[7]),
+            )
+            for r in rows
+        ]
+
+    def site_status(self) -> SiteStatus:
+        """The new value of the latest "site.status" audit entry; ACTIVE if there is none."""
+        rows = self._query(
+            "SELECT new_value FROM audit WHERE action = 'site.status' ORDER BY id DESC LIMIT 1"
+        )
+        if not rows:
+            return SiteStatus.ACTIVE
+        try:
+            return SiteStatus(rows[0][0])
+        except ValueError as e:
+            raise StoreError(
+                f"{self.path}: latest site.status audit entry has unknown status {rows[0][0]!r}"
+            ) from e
+
+    def samples(
+        self,
+        *,
+        device: str | None = None,
+        point: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        after_id: int = 0,
+        limit: int | None = None,
+    ) -> list[tuple[int, Sample]]:
+        """(rowid, sample) in rowid order: rowid > after_id, since <= t < until, at most limit.
+
+        A forwarder reads by cursor with after_id and limit. A time window scans only the
+        rowid range of the blocks whose time range meets it, so it stays cheap however large
+        the table grows (a clock jump back widens that range, never hides a sample).
+        """
+        where = ["id BETWEEN ? AND ?"]
+        low, high = after_id + 1, _INT64_MAX
+        params: list[object] = []
+        if device is not None or point is not None:
+            channels = self._matching_channels(device, point)
+            if not channels:
+                return []
+            where.append(f"ch IN ({', '.join('?' * len(channels))})")
+            params += channels
+        if since is not None or until is not None:
+            since = _INT64_MIN if since is None else since
+            until = _INT64_MAX if until is None else until
+            first, last = self._query(
+                "SELECT min(block), max(block) FROM sample_blocks WHERE t_max >= ? AND t_min < ?",
+                (since, until),
+            )[0]
+            if first is None:
+                return []
+            low = max(low, first << schema.BLOCK_BITS)
+            high = ((last + 1) << schema.BLOCK_BITS) - 1
+            where.append("t >= ? AND t < ?")
+            params += [since, until]
+        sql = f"SELECT id, ch, t, dt, v, q FROM samples WHERE {' AND '.join(where)} ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        rows = self._query(sql, [low, high, *params])
+        with self._lock:
+            if self._codes_stale or any(
+                r[1] not in self._channels or r[5] not in self._qualities for r in rows
+            ):
+                self._load_codes()  # written by another connection since we loaded
+                self._codes_stale = False
+            channel_of = self._channels
+            quality_of = self._qualities
+        nan = math.nan
+        found = []
+        for rowid, ch, t, dt, v, q in rows:
+            device_, point_ = channel_of[ch]
+            quality, reason = quality_of[q]
+            value = nan if v is None else v
+            found.append((rowid, Sample(device_, point_, t, value, quality, dt, reason)))
+        return found
+
+    def _matching_channels(self, device: str | None, point: str | None) -> list[int]:
+        with self._lock:
+            self._check_open()
+            for attempt in range(2):
+                if attempt or self._codes_stale:
+                    self._load_codes()  # perhaps added by another connection since
+                    self._codes_stale = False
+                found = [
+                    code
+                    for code, (d, p) in self._channels.items()
+                    if (device is None or d == device) and (point is None or p == point)
+                ]
+                if found:
+                    break
+            return found
+
+    def sample_count(self) -> int:
+        """How many samples the store holds.
+
+        max(rowid), which equals count(*) because rowids are assigned max+1 and samples are
+        never deleted, and costs one B-tree descent instead of a scan of the whole table.
+        """
+        return int(self._query("SELECT coalesce(max(id), 0) FROM samples")[0][0])
+
+    def last_sample_times(self) -> dict[tuple[str, str], int]:
+        """(device, point) -> t of its most recently stored sample."""
+        rows = self._query(
+            "SELECT c.device, c.point, l.t FROM channel_latest AS l "
+            "JOIN channels AS c ON c.id = l.ch ORDER BY c.id"
+        )
+        return {(device, point): t for device, point, t in rows}
+
+
+def _other_rows(records: list[Record]) -> list[tuple[str, list[Row]]]:
+    """The statement and parameter rows of every record that is not a sample."""
+    runs: list[Row] = []
+    phases: list[Row] = []
+    excursions: list[Row] = []
+    deviations: list[Row] = []
+    incidents: list[Row] = []
+    audit: list[Row] = []
+    for record in records:
+        match record:
+            case Run():
+                r = record
+                runs.append(
+                    (
+                        r.id,
+                        r.batch_id,
+                        r.site_id,
+                        r.timezone,
+                        r.protocol_id,
+                        r.protocol_version,
+                        r.protocol_hash,
+                        r.operator,
+                        r.started,
+                        r.status.value,
+                        r.ended,
+                        r.end_reason,
+                    )
+                )
+            case PhaseChange():
+                p = record
+                phases.append(
+                    (p.run_id, p.t, p.phase, p.previous, p.actor, int(p.in_order), p.reason)
+                )
+            case ExcursionEvent(excursion=e):
+                excursions.append(
+                    (
+                        e.id,
+                        e.run_id,
+                        e.parameter,
+                        e.kind.value,
+                        e.protocol_id,
+                        e.protocol_version,
+                        e.phase,
+                        e.limit,
+                        e.start,
+                        e.end,
+                        e.worst,
+                        e.integral,
+                    )
+                )
+            case Deviation():
+                d = record
+                deviations.append(
+                    (
+                        d.id,
+                        d.run_id,
+                        d.t,
+                        d.cause.value,
+                        d.phase,
+                        d.description,
+                        d.parameter,
+                        d.excursion_id,
+                    )
+                )
+            case Incident():
+                i = record
+                incidents.append((i.t, i.kind.value, i.code, i.source, i.message, bytes(i.raw)))
+            case AuditEntry():
+                a = record
+                details = json.dumps(a.details, sort_keys=True, ensure_ascii=False)
+                audit.append((a.t, a.actor, a.action, a.target, a.reason, a.old, a.new, details))
+            case _:
+                raise TypeError(f"Store.write cannot store a {type(record).__name__}")
+    return [
+        (_UPSERT_RUN, runs),
+        (_INSERT_PHASE, phases),
+        (_UPSERT_EXCURSION, excursions),
+        (_INSERT_DEVIATION, deviations),
+        (_INSERT_INCIDENT, incidents),
+        (_INSERT_AUDIT, audit),
+    ]
+
+
+def _latest_of_channels(channels: list[Any], times: list[Any], first_id: int) -> list[Row]:
+    """(channel, rowid, t) of the last sample of each channel in a batch starting at first_id."""
+    remaining = set(channels)
+    found = []
+    # From the end: with channels interleaved, each is met within a few steps.
+    for i in range(len(channels) - 1, -1, -1):
+        if channels[i] in remaining:
+            remaining.discard(channels[i])
+            found.append((channels[i], first_id + i, times[i]))
+            if not remaining:
+                break
+    return found
+
+
+def _block_ranges(times: list[Any], first_id: int) -> list[Row]:
+    """(block, min t, max t) of each block of rowids a batch starting at first_id touches."""
+    bits = schema.BLOCK_BITS
+    last_id = first_id + len(times) - 1
+    ranges = []
+    for block in range(first_id >> bits, (last_id >> bits) + 1):
+        low = max(first_id, block << bits) - first_id
+        high = min(last_id, ((block + 1) << bits) - 1) - first_id + 1
+        part = times[low:high]
+        ranges.append((block, min(part), max(part)))
+    return ranges
+
+
+def _run(r: Row) -> Run:
+    return Run(
+        id=r[0],
+        batch_id=r[1],
+        site_id=r[2],
+        timezone=r[3],
+        protocol_id=r[4],
+        protocol_version=r[5],
+        protocol_hash=r[6],
+        operator=r[7],
+        started=r[8],
+        status=RunStatus(r[9]),
+        ended=r[10],
+        end_reason=r[11],
+    )
+
+
+def _excursion(r: Row) -> Excursion:
+    return Excursion(
+        id=r[0],
+        run_id=r[1],
+        parameter=r[2],
+        kind=ExcursionKind(r[3]),
+        protocol_id=r[4],
+        protocol_version=r[5],
+        phase=r[6],
+        limit=r[7],
+        start=r[8],
+        end=r[9],
+        worst=r[10],
+        integral=math.nan if r[11] is None else r[11],
+    )

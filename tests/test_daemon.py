@@ -1,0 +1,348 @@
+"""The daemon end to end: real sim devices, the real store, the HTTP API and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from pocd.model import DeviationCause, ExcursionKind, IncidentKind, Quality, RunStatus
+from pocd.settings import load_site
+from pocd.store import Store
+from tests.sitekit import api, cli, running, spawn_daemon, until, write_site
+
+
+async def test_run_lifecycle_through_the_api(tmp_path: Path) -> None:
+    site = load_site(write_site(tmp_path))
+    async with running(site) as daemon:
+        await until(lambda: daemon.counts["samples"] >= 20)
+        status, run = await api(
+            site,
+            "POST",
+            "/api/runs",
+            {"batch_id": "B-001", "protocol": "CART-TCT", "operator": "alice"},
+        )
+        assert status == 201, run
+        assert run["protocol_version"] == "3.1"
+        assert len(run["protocol_hash"]) == 64
+        status, body = await api(
+            site,
+            "POST",
+            "/api/runs",
+            {"batch_id": "B-002", "protocol": "CART-TCT", "operator": "bob"},
+        )
+        assert status == 409
+        assert "still running" in body["error"]
+
+        status, change = await api(
+            site, "POST", "/api/run/phase", {"phase": "activation", "operator": "alice"}
+        )
+        assert (status, change["in_order"]) == (200, True)
+        status, body = await api(
+            site, "POST", "/api/run/phase", {"phase": "harvest", "operator": "alice"}
+        )
+        assert status == 409
+        assert "out of protocol order" in body["error"]
+        status, change = await api(
+            site,
+            "POST",
+            "/api/run/phase",
+            {"phase": "harvest", "operator": "alice", "reason": "expansion done on the bench"},
+        )
+        assert (status, change["in_order"]) == (200, False)
+
+        status, live = await api(site, "GET", "/api/status")
+        assert live["run"]["phase"] == "harvest"
+        temperature = next(p for p in live["points"] if p["parameter"] == "temperature")
+        assert temperature["state"] == "normal"
+        assert temperature["limits"]["alert_high"] == 37.5
+        assert temperature["quality"] == "good"
+        assert math.isclose(temperature["value"], 37.0, abs_tol=0.1)
+        await asyncio.sleep(0.3)
+        status, ended = await api(site, "POST", "/api/run/stop", {"operator": "alice"})
+        assert (status, ended["status"]) == (200, "completed")
+
+    with Store(site.store_path, readonly=True) as store:
+        (stored,) = store.runs()
+        assert stored.status is RunStatus.COMPLETED
+        assert stored.timezone == "Europe/London"
+        assert [p.phase for p in store.phases(stored.id)] == ["enrichment", "activation", "harvest"]
+        (deviation,) = store.deviations(stored.id)
+        assert deviation.cause is DeviationCause.PHASE_ORDER
+        actions = [a.action for a in store.audit()]
+        assert actions[:2] == ["config.load", "protocol.load"]
+        assert actions[2:] == ["run.start", "run.phase", "run.phase", "run.stop"]
+        assert [a.actor for a in store.audit()][2:] == ["alice"] * 4
+        assert store.sample_count() >= daemon.counts["samples"] > 0
+
+
+async def test_site_status_gates_runs_and_is_audited(tmp_path: Path) -> None:
+    site = load_site(write_site(tmp_path))
+    async with running(site):
+        body = {"status": "suspended", "operator": "cs-admin", "reason": "audit findings"}
+        assert (await api(site, "POST", "/api/site/status", body))[0] == 200
+        status, refused = await api(
+            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"}
+        )
+        assert status == 409
+        assert "suspended" in refused["error"]
+        await api(
+            site, "POST", "/api/site/status", {**body, "status": "ceased", "reason": "closed"}
+        )
+        status, refused = await api(site, "POST", "/api/site/status", {**body, "status": "active"})
+        assert status == 409
+        assert "ceased" in refused["error"]
+    with Store(site.store_path, readonly=True) as store:
+        changes = [(a.old, a.new, a.actor) for a in store.audit() if a.action == "site.status"]
+        assert changes == [("active", "suspended", "cs-admin"), ("suspended", "ceased", "cs-admin")]
+
+
+async def test_draft_protocol_cannot_start_a_run(tmp_path: Path) -> None:
+    config = write_site(tmp_path)
+    source = (tmp_path / "protocols" / "cart-tct-3.1.toml").read_text()
+    draft = source.replace('version = "3.1"', 'version = "3.2"').replace('"approved"', '"draft"')
+    (tmp_path / "protocols" / "cart-tct-3.2.toml").write_text(draft)
+    site = load_site(config)
+    async with running(site):
+        body = {"batch_id": "B", "protocol": "CART-TCT", "version": "3.2", "operator": "op"}
+        status, refused = await api(site, "POST", "/api/runs", body)
+        assert status == 409
+        assert "draft" in refused["error"]
+
+
+FAULTY_DEVICES = """
+[[devices]]
+id = "good"
+driver = "sim"
+transport = { interval = 0.05 }
+points.temperature = { parameter = "temperature", unit = "C", base = 37.0 }
+
+[[devices]]
+id = "faulty"
+driver = "sim"
+transport = { interval = 0.05, outages = [{ start = 0.6, duration = 0.6 }] }
+points.ph = { parameter = "ph", unit = "pH", base = 7.1, script = [
+  { start = 0.2, duration = 0.3, action = "nan" },
+] }
+"""
+
+
+async def test_nan_and_outage_are_recorded_and_other_devices_keep_going(tmp_path: Path) -> None:
+    site = load_site(write_site(tmp_path, FAULTY_DEVICES))
+    async with running(site):
+        await api(
+            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"}
+        )
+        await api(site, "POST", "/api/run/phase", {"phase": "activation", "operator": "op"})
+        await asyncio.sleep(1.6)
+        await api(site, "POST", "/api/run/stop", {"operator": "op"})
+    with Store(site.store_path, readonly=True) as store:
+        (run,) = store.runs()
+        run_id = run.id
+        ph = [s for _, s in store.samples(device="faulty", point="ph")]
+        bad = [s for s in ph if s.quality is Quality.BAD]
+        assert bad, "NaN readings must be stored as BAD samples"
+        assert all(math.isnan(s.value) for s in bad)
+        good = [s for _, s in store.samples(device="good")]
+        times = [s.t for s in good]
+        gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(times)]
+        assert max(gaps) < 0.5, "the healthy device kept its poll rate through the outage"
+        kinds = {(e.parameter, e.kind) for e in store.excursions(run_id)}
+        assert ("ph", ExcursionKind.COMM_LOSS) in kinds
+
+
+async def test_device_point_drives_the_phase(tmp_path: Path) -> None:
+    devices = """
+[[devices]]
+id = "rotea"
+driver = "sim"
+transport = { interval = 0.05 }
+points.step = { unit = "", base = 1, script = [
+  { start = 0.0, duration = 1.0, action = "set", value = 1 },
+  { start = 1.0, duration = 0.5, action = "set", value = 2 },
+  { start = 1.5, duration = 100, action = "set", value = 4 },
+] }
+"""
+    extra = """
+[run.phase_source]
+device = "rotea"
+point = "step"
+phases = { "1" = "enrichment", "2" = "activation", "3" = "transduction", "4" = "expansion" }
+"""
+    site = load_site(write_site(tmp_path, devices, extra))
+    async with running(site) as daemon:
+        await api(
+            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"}
+        )
+        await until(lambda: daemon.engine is not None and daemon.engine.phase == "expansion")
+        await api(site, "POST", "/api/run/stop", {"operator": "op"})
+    with Store(site.store_path, readonly=True) as store:
+        (run,) = store.runs()
+        phases = store.phases(run.id)
+        assert [(p.phase, p.actor, p.in_order) for p in phases] == [
+            ("enrichment", "op", True),
+            ("activation", "device:rotea", True),
+            ("expansion", "device:rotea", False),
+        ]
+        assert [d.cause for d in store.deviations(run.id)] == [DeviationCause.PHASE_ORDER]
+
+
+def test_sigterm_flushes_and_exits_0(tmp_path: Path) -> None:
+    config = write_site(tmp_path)
+    proc = spawn_daemon(config)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    with Store(load_site(config).store_path, readonly=True) as store:
+        assert store.sample_count() > 0
+
+
+def test_kill_9_loses_no_committed_sample_and_resumes_the_run(tmp_path: Path) -> None:
+    config = write_site(tmp_path)
+    site = load_site(config)
+    proc = spawn_daemon(config)
+    try:
+        started = cli(
+            "run",
+            "start",
+            "-c",
+            str(config),
+            "--batch",
+            "B-9",
+            "--protocol",
+            "CART-TCT",
+            "--operator",
+            "op",
+        )
+        assert started.returncode == 0, started.stderr
+        time.sleep(1.0)
+        with Store(site.store_path, readonly=True) as store:
+            committed = store.sample_count()
+            last_before = max(store.last_sample_times().values())
+        assert committed > 0
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with Store(site.store_path, readonly=True) as store:
+        assert store.sample_count() >= committed
+        (run,) = store.runs()
+        assert run.status is RunStatus.RUNNING
+
+    time.sleep(1.0)  # the gap
+    proc = spawn_daemon(config)
+    try:
+        time.sleep(1.0)
+        stopped = cli("run", "stop", "-c", str(config), "--operator", "op")
+        assert stopped.returncode == 0, stopped.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    with Store(site.store_path, readonly=True) as store:
+        (run,) = store.runs()
+        assert run.status is RunStatus.COMPLETED
+        gaps = [e for e in store.excursions(run.id) if e.kind is ExcursionKind.COMM_LOSS]
+        # one gap per monitored parameter of the first phase (enrichment: temperature only)
+        assert {e.parameter for e in gaps} == {"temperature"}
+        (gap,) = gaps
+        assert gap.start >= last_before - 10**9
+        assert gap.end is not None
+        assert gap.duration_s is not None and gap.duration_s >= 1.0
+        assert any(
+            i.code == "restart" and i.kind is IncidentKind.SOFTWARE for i in store.incidents()
+        )
+
+
+def test_cli_lists_and_shows_runs_from_the_store(tmp_path: Path) -> None:
+    config = write_site(tmp_path)
+    proc = spawn_daemon(config)
+    try:
+        assert (
+            cli(
+                "run",
+                "start",
+                "-c",
+                str(config),
+                "--batch",
+                "B-7",
+                "--protocol",
+                "CART-TCT",
+                "--operator",
+                "op",
+            ).returncode
+            == 0
+        )
+        refused = cli("run", "phase", "-c", str(config), "expansion", "--operator", "op")
+        assert refused.returncode == 1
+        assert "out of protocol order" in refused.stderr
+        assert (
+            cli("run", "phase", "-c", str(config), "activation", "--operator", "op").returncode == 0
+        )
+        assert cli("run", "stop", "-c", str(config), "--operator", "op").returncode == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    listed = cli("run", "list", "-c", str(config), "--json")
+    assert listed.returncode == 0, listed.stderr
+    (run,) = json.loads(listed.stdout)
+    assert (run["batch_id"], run["status"]) == ("B-7", "completed")
+    shown = cli("run", "show", "-c", str(config), "B-7", "--json")
+    detail = json.loads(shown.stdout)
+    assert [p["phase"] for p in detail["phases"]] == ["enrichment", "activation"]
+    assert detail["excursions"] == [] and detail["deviations"] == []
+    assert cli("run", "show", "-c", str(config), "nope").returncode == 1
+
+
+def test_control_commands_say_when_the_daemon_is_down(tmp_path: Path) -> None:
+    config = write_site(tmp_path)
+    result = cli("run", "stop", "-c", str(config), "--operator", "op")
+    assert result.returncode == 1
+    assert "does not answer" in result.stderr
+    assert "pocd serve -c" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("wall", "mono", "jump"), [(0, 0, None), (5, 1, 4.0), (1, 5, -4.0), (3, 2, None)]
+)
+def test_clock_watch(wall: float, mono: float, jump: float | None) -> None:
+    from pocd.clock import ClockWatch
+
+    watch = ClockWatch(threshold_s=2.0)
+    base = 1_700_000_000 * 10**9
+    assert watch.check(base, 10**9) is None
+    incident = watch.check(base + int(wall * 1e9), 10**9 + int(mono * 1e9))
+    if jump is None:
+        assert incident is None
+    else:
+        assert incident is not None
+        assert incident.kind is IncidentKind.CLOCK
+        assert f"{jump:+.3f} s" in incident.message
+
+
+async def test_a_record_the_store_rejects_is_set_aside_and_the_rest_is_kept(tmp_path: Path) -> None:
+    from pocd.daemon import Daemon
+    from pocd.model import Deviation, Sample
+
+    site = load_site(write_site(tmp_path, devices=""))
+    daemon = Daemon(site)
+    daemon.store = Store(site.store_path)
+    try:
+        deviation = Deviation("d1", "R", 1, DeviationCause.PHASE_ORDER, "a", "first")
+        await daemon._write([deviation])
+        samples = [Sample("dev", "p", i + 10, float(i)) for i in range(10)]
+        # the same deviation id again violates the store's key: only that record is refused
+        await daemon._write([*samples[:5], deviation, *samples[5:]])
+        assert daemon.store.sample_count() == 10
+        (incident,) = daemon.store.incidents()
+        assert incident.code == "record-rejected"
+        assert "Deviation" in incident.message
+    finally:
+        daemon.store.close()

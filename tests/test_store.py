@@ -1,0 +1,539 @@
+"""The embedded store on real SQLite files: round trips, append-only triggers, migrations,
+concurrent readers and durability across kill -9."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pocd.errors import StoreError
+from pocd.model import (
+    NS,
+    AuditEntry,
+    Deviation,
+    DeviationCause,
+    Excursion,
+    ExcursionChange,
+    ExcursionEvent,
+    ExcursionKind,
+    Incident,
+    IncidentKind,
+    PhaseChange,
+    Quality,
+    Run,
+    RunStatus,
+    Sample,
+    SiteStatus,
+)
+from pocd.store import SCHEMA_VERSION, AmbiguousRunError, Record, Store, schema
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = 1_767_225_600 * NS  # 2026-01-01T00:00:00Z
+
+
+def make_run(run_id: str = "run-0001", batch_id: str = "B-001", started: int = T0) -> Run:
+    return Run(
+        id=run_id,
+        batch_id=batch_id,
+        site_id="site-1",
+        timezone="Europe/Berlin",
+        protocol_id="CART-TCT",
+        protocol_version="3.1",
+        protocol_hash="ab" * 32,
+        operator="alice",
+        started=started,
+    )
+
+
+def make_excursion(**changes: Any) -> Excursion:
+    opened = Excursion(
+        id="exc-1",
+        run_id="run-0001",
+        parameter="temperature",
+        kind=ExcursionKind.ACTION_HIGH,
+        protocol_id="CART-TCT",
+        protocol_version="3.1",
+        phase="expansion",
+        limit=38.0,
+        start=T0 + 10 * NS,
+    )
+    return replace(opened, **changes)
+
+
+def make_samples(count: int, *, start: int = T0, devices: int = 3) -> list[Sample]:
+    """Round-robin over `devices` channels, 1 ms apart, every 97th BAD, some device times."""
+    samples = []
+    for i in range(count):
+        device, point = f"dev-{i % devices}", "temperature" if i % 2 else "ph"
+        t = start + i * 1_000_000
+        if i % 97 == 0:
+            samples.append(Sample(device, point, t, 1e9 + i, Quality.BAD, None, "overload"))
+        else:
+            samples.append(
+                Sample(device, point, t, 37.0 + i / 1000, device_t=t - 5 if i % 3 else None)
+            )
+    return samples
+
+
+def all_records() -> list[Record]:
+    run = make_run()
+    return [
+        run,
+        PhaseChange(run.id, T0 + 1, "enrichment", None, "alice"),
+        PhaseChange(
+            run.id, T0 + 2, "harvest", "enrichment", "bob", in_order=False, reason="cells ready"
+        ),
+        Sample("bioreactor-1", "temperature", T0 + 3, 37.25, device_t=T0 + 2),
+        Sample("bioreactor-1", "ph", T0 + 4, 7.125, Quality.UNCERTAIN, None, "calibration due"),
+        ExcursionEvent(ExcursionChange.OPENED, make_excursion(worst=38.5, integral=0.25)),
+        ExcursionEvent(
+            ExcursionChange.OPENED,
+            make_excursion(id="exc-2", kind=ExcursionKind.STALE, limit=None, parameter="ph"),
+        ),
+        Deviation(
+            "dev-1",
+            run.id,
+            T0 + 5,
+            DeviationCause.ACTION_LIMIT,
+            "expansion",
+            "temperature above action limit",
+            parameter="temperature",
+            excursion_id="exc-1",
+        ),
+        Deviation("dev-2", run.id, T0 + 6, DeviationCause.PHASE_ORDER, "harvest", "skipped"),
+        Incident(
+            T0 + 7, IncidentKind.COMMUNICATION, "crc", "pump-1", "bad CRC", b"\x01\x03\xff\x00"
+        ),
+        Incident(T0 + 8, IncidentKind.SOFTWARE, "restart", "daemon", "restarted"),
+        AuditEntry(T0 + 9, "alice", "run.start", run.id, new="running", details={"batch": "B-001"}),
+        AuditEntry(T0 + 10, "qa", "site.status", "site-1", "audit", "active", "suspended"),
+    ]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store(tmp_path / "pocd.db") as opened:
+        yield opened
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+
+def test_every_record_type_round_trips(store: Store) -> None:
+    records = all_records()
+    store.write(records)
+
+    run = records[0]
+    assert store.runs() == [run]
+    assert store.phases("run-0001") == records[1:3]
+    assert [s for _, s in store.samples()] == records[3:5]
+    assert store.excursions() == [
+        e.excursion for e in records[5:7] if isinstance(e, ExcursionEvent)
+    ]
+    assert store.deviations("run-0001") == records[7:9]
+    assert store.incidents() == records[9:11]
+    assert store.incidents(since=T0 + 8) == records[10:11]
+    assert store.audit() == records[11:13]
+    (phase,) = [p for p in store.phases("run-0001") if not p.in_order]
+    assert phase.in_order is False
+    assert isinstance(store.runs()[0].status, RunStatus)
+    assert isinstance(store.excursions()[0].kind, ExcursionKind)
+    assert isinstance(store.incidents()[0].kind, IncidentKind)
+    assert isinstance(store.deviations()[0].cause, DeviationCause)
+    assert store.phases("other") == []
+    assert store.deviations("other") == []
+    assert store.excursions("other") == []
+
+
+def test_samples_keep_order_and_fields_across_bulk_and_tail(store: Store) -> None:
+    samples = make_samples(1234)  # two bulk statements of 500 rows and a tail of 234
+    store.write(samples[:1001])
+    store.write(iter(samples[1001:]))  # any iterable, not only lists
+    stored = store.samples()
+    assert [rowid for rowid, _ in stored] == list(range(1, 1235))
+    assert [s for _, s in stored] == samples
+    assert store.sample_count() == 1234
+    assert {s.quality for _, s in stored} == {Quality.GOOD, Quality.BAD}
+
+
+def test_nan_reads_back_as_nan_and_bad(store: Store) -> None:
+    store.write(
+        [
+            Sample("ph-probe", "ph", T0, math.nan),  # the model makes this BAD, reason "nan"
+            Sample("ph-probe", "ph", T0 + 1, math.nan, Quality.BAD, None, "no answer"),
+            Sample("ph-probe", "ph", T0 + 2, math.inf, Quality.BAD, None, "overload"),
+        ]
+    )
+    first, second, third = (s for _, s in store.samples())
+    assert math.isnan(first.value) and first.quality is Quality.BAD and first.reason == "nan"
+    assert math.isnan(second.value) and second.quality is Quality.BAD
+    assert second.reason == "no answer"
+    assert third.value == math.inf and third.reason == "overload"
+
+    # SQLite keeps no NaN: optional floats come back None, the integral NaN
+    store.write(
+        [ExcursionEvent(ExcursionChange.OPENED, make_excursion(worst=math.nan, integral=math.nan))]
+    )
+    (excursion,) = store.excursions()
+    assert excursion.worst is None and math.isnan(excursion.integral)
+    store.write([])  # an empty batch is no transaction at all
+    assert store.sample_count() == 3
+
+
+def test_sample_queries(store: Store) -> None:
+    samples = make_samples(10_000)  # three blocks of 4096 rowids
+    store.write(samples)
+    # a clock jump back: these are stored last but are older than everything above
+    jumped = [Sample("dev-0", "ph", T0 - 60 * NS + i, float(i)) for i in range(5)]
+    store.write(jumped)
+
+    dev1 = [s for _, s in store.samples(device="dev-1")]
+    assert dev1 == [s for s in samples if s.device == "dev-1"]
+    ph = [s for _, s in store.samples(device="dev-2", point="ph")]
+    assert ph == [s for s in samples if (s.device, s.point) == ("dev-2", "ph")]
+    assert [s for _, s in store.samples(point="temperature")] == [
+        s for s in samples if s.point == "temperature"
+    ]
+    assert store.samples(device="nobody") == []
+
+    since, until = samples[5000].t, samples[5010].t
+    assert [s for _, s in store.samples(since=since, until=until)] == samples[5000:5010]
+    assert [s for _, s in store.samples(until=T0)] == jumped
+    assert [s for _, s in store.samples(since=samples[-1].t)] == samples[-1:]
+    assert store.samples(since=T0 + 3600 * NS) == []
+
+    page = store.samples(after_id=9998, limit=3)
+    assert [rowid for rowid, _ in page] == [9999, 10000, 10001]
+    assert [s for _, s in page] == [*samples[9998:], jumped[0]]
+
+    assert store.sample_count() == 10_005
+    latest = store.last_sample_times()
+    assert latest[("dev-0", "ph")] == jumped[-1].t  # the latest stored, not the largest t
+    assert latest[("dev-1", "temperature")] == max(
+        s.t for s in samples if (s.device, s.point) == ("dev-1", "temperature")
+    )
+    assert len(latest) == 6
+
+
+# -- excursions and runs, updated in place ----------------------------------------------------
+
+
+def test_excursion_upsert_lifecycle(store: Store) -> None:
+    opened = make_excursion()
+    other_run = make_excursion(id="exc-9", run_id="run-0002")
+    store.write([ExcursionEvent(ExcursionChange.OPENED, opened)])
+    store.write([ExcursionEvent(ExcursionChange.OPENED, other_run)])
+    assert store.open_excursions("run-0001") == [opened]
+
+    worse = make_excursion(worst=39.0, integral=4.5)
+    store.write([ExcursionEvent(ExcursionChange.UPDATED, worse)])
+    assert store.open_excursions("run-0001") == [worse]
+
+    # updated and closed within one batch: applied in order
+    closed = make_excursion(worst=39.5, integral=7.0, end=T0 + 70 * NS)
+    store.write(
+        [
+            ExcursionEvent(ExcursionChange.UPDATED, make_excursion(worst=39.5, integral=6.0)),
+            ExcursionEvent(ExcursionChange.CLOSED, closed),
+        ]
+    )
+    assert store.open_excursions("run-0001") == []
+    assert store.excursions("run-0001") == [closed]
+    assert closed.duration_s == 60.0
+    assert store.excursions() == [closed, other_run]
+
+
+def test_excursion_identity_is_fixed_and_a_failed_batch_keeps_nothing(store: Store) -> None:
+    store.write([ExcursionEvent(ExcursionChange.OPENED, make_excursion())])
+    moved = make_excursion(parameter="ph", worst=1.0)
+    with pytest.raises(StoreError, match="fixed"):
+        store.write(
+            [Sample("new-device", "ph", T0, 7.0), ExcursionEvent(ExcursionChange.UPDATED, moved)]
+        )
+    assert store.sample_count() == 0
+    assert store.excursions() == [make_excursion()]
+    # the channel interned by the rolled-back batch is gone; the next batch interns it again
+    store.write([Sample("new-device", "ph", T0 + 1, 7.0)])
+    assert [s for _, s in store.samples(device="new-device")] == [
+        Sample("new-device", "ph", T0 + 1, 7.0)
+    ]
+
+
+def test_run_is_upserted_and_final_once_ended(store: Store) -> None:
+    started = make_run()
+    store.write([started])
+    assert store.active_run() == started
+    with pytest.raises(StoreError, match="only status, ended and end_reason change"):
+        store.write([replace(started, batch_id="B-999")])
+    ended = replace(started, status=RunStatus.COMPLETED, ended=T0 + NS, end_reason="done")
+    store.write([ended])
+    store.write([ended])  # writing the same final record again is harmless
+    assert store.runs() == [ended]
+    assert store.active_run() is None
+    with pytest.raises(StoreError, match="a finished run is final"):
+        store.write([started])
+    assert store.runs() == [ended]
+
+
+def test_write_refuses_unknown_record_types(store: Store) -> None:
+    with pytest.raises(TypeError, match="cannot store a str"):
+        store.write([Sample("d", "p", T0, 1.0), "not a record"])  # type: ignore[list-item]
+    assert store.sample_count() == 0
+
+
+def test_writes_from_several_threads_are_serialised(store: Store) -> None:
+    def writer(n: int) -> None:
+        for k in range(5):
+            store.write(
+                [Sample(f"thread-{n}", "p", T0 + k * 1000 + i, float(i)) for i in range(700)]
+            )
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert store.sample_count() == 4 * 5 * 700
+    assert len(store.last_sample_times()) == 4
+
+
+# -- append-only ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "table", ["samples", "audit", "incidents", "phases", "deviations", "channels", "qualities"]
+)
+def test_append_only_tables_refuse_update_and_delete(tmp_path: Path, table: str) -> None:
+    path = tmp_path / "pocd.db"
+    with Store(path) as store:
+        store.write([*all_records(), Sample("d", "p", T0, math.nan)])
+    db = raw(path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="append-only: UPDATE refused"):
+            db.execute(f"UPDATE {table} SET id = id + 100")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only: DELETE refused"):
+            db.execute(f"DELETE FROM {table}")
+        assert db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] > 0
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("table", ["runs", "excursions"])
+def test_runs_and_excursions_are_never_deleted(tmp_path: Path, table: str) -> None:
+    path = tmp_path / "pocd.db"
+    with Store(path) as store:
+        store.write(all_records())
+    db = raw(path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="never deleted"):
+            db.execute(f"DELETE FROM {table}")
+    finally:
+        db.close()
+
+
+# -- lookups ----------------------------------------------------------------------------------
+
+
+def test_run_lookup_by_id_prefix_and_batch(store: Store) -> None:
+    first = make_run("a1b2c3d4", "B-001", T0)
+    second = make_run("a1ffee00", "B-001", T0 + NS)
+    third = make_run("c0ffee11", "B-002", T0 + 2 * NS)
+    store.write([first, second, third])
+    assert store.run("a1b2c3d4") == first
+    assert store.run("a1b") == first
+    assert store.run("c0") == third
+    assert store.run("B-001") == second  # the latest run of the batch
+    assert store.run("B-002") == third
+    assert store.run("nothing") is None
+    assert store.run("") is None
+    with pytest.raises(AmbiguousRunError) as caught:
+        store.run("a1")
+    assert caught.value.matches == ("a1b2c3d4", "a1ffee00")
+
+
+def test_site_status_follows_the_latest_audit_entry(store: Store) -> None:
+    assert store.site_status() is SiteStatus.ACTIVE
+    store.write([AuditEntry(T0, "qa", "site.status", "site-1", "audit", "active", "suspended")])
+    assert store.site_status() is SiteStatus.SUSPENDED
+    store.write(
+        [
+            AuditEntry(T0 + 1, "qa", "site.status", "site-1", "closing", "suspended", "ceased"),
+            AuditEntry(T0 + 2, "alice", "run.start", "run-0001", new="active"),
+        ]
+    )
+    assert store.site_status() is SiteStatus.CEASED
+
+
+# -- files: readers, migrations, refusals ------------------------------------------------------
+
+
+def test_reader_sees_committed_batches_while_the_writer_is_open(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "folder" / "pocd.db"
+    with pytest.raises(StoreError, match="cannot open"):
+        Store(path, readonly=True)  # a reader never creates the store
+    with Store(path) as writer:
+        writer.write(make_samples(100))
+        with Store(path, readonly=True) as reader:
+            assert reader.sample_count() == 100
+            writer.write([make_run(), Sample("late-device", "co2", T0 + NS, 5.0)])
+            assert reader.sample_count() == 101
+            assert reader.active_run() == make_run()
+            # a channel the reader has not seen yet is looked up afresh
+            assert [s for _, s in reader.samples(device="late-device")] == [
+                Sample("late-device", "co2", T0 + NS, 5.0)
+            ]
+            assert reader.last_sample_times()[("late-device", "co2")] == T0 + NS
+            with pytest.raises(StoreError, match="read-only"):
+                reader.write([Sample("x", "y", T0, 1.0)])
+    with Store(path, readonly=True) as reader:  # after the writer closed and removed the WAL
+        assert reader.sample_count() == 101
+
+
+def test_a_new_store_is_created_at_the_current_version(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    raw(path).close()  # an empty (v0) SQLite file
+    assert path.stat().st_size == 0
+    with Store(path) as store:
+        store.write(make_samples(10))
+    db = raw(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA application_id").fetchone()[0] == schema.APPLICATION_ID
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        db.close()
+
+
+def test_an_older_store_is_migrated_with_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    db = raw(path)
+    assert schema.migrate(db, path, target=1) == 0
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO channels (id, device, point) VALUES (?, ?, ?)",
+        [(1, "old-reactor", "temperature"), (2, "old-reactor", "ph")],
+    )
+    db.executemany(
+        "INSERT INTO samples (ch, t, dt, v, q) VALUES (?, ?, NULL, ?, 0)",
+        [(1 + i % 2, T0 + i, 36.0 + i) for i in range(5000)],
+    )
+    db.execute("COMMIT")
+    db.close()
+    with pytest.raises(StoreError, match="open it read-write once"):
+        Store(path, readonly=True)
+
+    with Store(path) as store:
+        assert store.last_sample_times() == {
+            ("old-reactor", "temperature"): T0 + 4998,
+            ("old-reactor", "ph"): T0 + 4999,
+        }
+        window = store.samples(since=T0 + 4100, until=T0 + 4103)
+        assert [(rowid, s.value) for rowid, s in window] == [
+            (4101, 4136.0),
+            (4102, 4137.0),
+            (4103, 4138.0),
+        ]
+        store.write([Sample("old-reactor", "ph", T0 + 5000, 7.0)])
+        assert store.sample_count() == 5001
+    db = raw(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        db.close()
+
+
+def test_a_store_from_a_newer_pocd_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "pocd.db"
+    Store(path).close()
+    db = raw(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match=f"version {SCHEMA_VERSION + 1} is newer"):
+            Store(path, readonly=readonly)
+
+
+def test_files_that_are_not_pocd_stores_are_refused_untouched(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database, just some text\n" * 200)
+    foreign = tmp_path / "foreign.db"
+    db = raw(foreign)
+    db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, amount REAL)")
+    db.close()
+    for path in (garbage, foreign):
+        before = path.read_bytes()
+        with pytest.raises(StoreError, match="not a pocd store"):
+            Store(path)
+        assert path.read_bytes() == before
+
+
+# -- durability -------------------------------------------------------------------------------
+
+WRITER = """
+import sys
+from pathlib import Path
+from pocd.model import Sample
+from pocd.store import Store
+
+store = Store(Path(sys.argv[1]))
+total = 0
+while True:
+    store.write([Sample("kill", f"p{i % 3}", total + i, float(i)) for i in range(3000)])
+    total += 3000
+    print(total, flush=True)
+"""
+
+
+def test_committed_batches_survive_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "pocd.db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    try:
+        # enough batches that the WAL has been checkpointed into the file at least once
+        lines = [child.stdout.readline() for _ in range(50)]
+        assert all(lines), f"writer ended early: {child.stderr.read()}"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    # lines printed before the kill landed: each one a batch that write() returned for
+    printed = [int(line) for line in lines + child.stdout.read().split()]
+    child.stdout.close()
+    child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+
+    with Store(path) as store:
+        count = store.sample_count()
+        assert printed[-1] <= count <= printed[-1] + 3000  # at most one batch unreported
+        assert [s.value for _, s in store.samples(after_id=count - 3, limit=5)] == [
+            2997.0,
+            2998.0,
+            2999.0,
+        ]
+    db = raw(path)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT count(*) FROM samples").fetchone()[0] == count
+    finally:
+        db.close()
