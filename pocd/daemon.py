@@ -26,7 +26,7 @@ import structlog
 
 from pocd.clock import ClockWatch
 from pocd.engine import Engine, EngineEvent
-from pocd.errors import RunError, StoreError
+from pocd.errors import ConfigError, RunError, StoreError
 from pocd.model import (
     NS,
     AuditEntry,
@@ -46,7 +46,7 @@ from pocd.model import (
     SiteStatus,
     now_ns,
 )
-from pocd.settings import Site
+from pocd.settings import Site, load_site
 from pocd.store import Record, Store
 from pocd.transports import Device, DeviceRunner, get_transport
 
@@ -101,13 +101,14 @@ class Daemon:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.store = await asyncio.to_thread(Store, self.site.store_path)
         try:
             with structlog.contextvars.bound_contextvars(site=self.site.id):
                 await self._serve()
         finally:
             if handle_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             await self.flush()
             self.store.close()
@@ -142,6 +143,23 @@ class Daemon:
                     task.cancel()
             await self.inbox.join()  # every reading already taken in reaches the pending batch
             workers[0].cancel()
+
+    def reload(self) -> None:
+        """SIGHUP: reload the site config and protocols. New protocols apply to runs started
+        after it; device changes need a restart. An invalid config changes nothing and is an
+        incident."""
+        t = now_ns()
+        try:
+            site = load_site(self.site.path)
+        except ConfigError as exc:
+            log.error("config reload failed; keeping the running config", problems=str(exc))
+            self._incident(IncidentKind.CONFIGURATION, "config-reload", "daemon", str(exc), t)
+            return
+        if site.config.devices != self.site.config.devices:
+            log.warning("device changes in the config apply at the next restart")
+        self.site = replace(self.site, protocols=site.protocols, config_hash=site.config_hash)
+        self._record_load()
+        log.info("config reloaded", protocols=len(site.protocols))
 
     def _record_load(self) -> None:
         t = now_ns()

@@ -346,3 +346,31 @@ async def test_a_record_the_store_rejects_is_set_aside_and_the_rest_is_kept(tmp_
         assert "Deviation" in incident.message
     finally:
         daemon.store.close()
+
+
+async def test_reload_takes_new_protocols_and_an_invalid_config_is_an_incident(
+    tmp_path: Path,
+) -> None:
+    config = write_site(tmp_path)
+    site = load_site(config)
+    async with running(site) as daemon:
+        source = (tmp_path / "protocols" / "cart-tct-3.1.toml").read_text()
+        (tmp_path / "protocols" / "cart-tct-3.2.toml").write_text(
+            source.replace('version = "3.1"', 'version = "3.2"')
+        )
+        daemon.reload()
+        body = {"batch_id": "B", "protocol": "CART-TCT", "version": "3.2", "operator": "op"}
+        status, run = await api(site, "POST", "/api/runs", body)
+        assert (status, run["protocol_version"]) == (201, "3.2")
+
+        config.write_text(config.read_text().replace('timezone = "Europe/London"', "timezone = 5"))
+        daemon.reload()
+        await until(lambda: daemon.incident_counts["daemon"] == 1)
+        status, _ = await api(site, "GET", "/api/status")
+        assert status == 200
+    with Store(site.store_path, readonly=True) as store:
+        (incident,) = store.incidents()
+        assert (incident.kind, incident.code) == (IncidentKind.CONFIGURATION, "config-reload")
+        assert "site.timezone" in incident.message
+        loads = [a.target for a in store.audit() if a.action == "protocol.load"]
+        assert loads.count("CART-TCT 3.2") == 1
