@@ -197,32 +197,40 @@ def _site_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    """Serve a simulated device for a driver file: `pocd.sim.<transport>.main(driver, argv)`
+    parses its own options (see `pocd simulate DRIVER --help`)."""
+    import importlib
+    from pathlib import Path
+
+    from pocd.settings import load_driver
+
+    path = Path(args.driver)
+    dirs = [path.resolve().parent] if path.suffix == ".toml" else []
+    try:
+        driver = load_driver(path.stem if dirs else args.driver, dirs)
+    except KeyError as exc:
+        raise CommandError(str(exc.args[0])) from None
+    try:
+        module = importlib.import_module(f"pocd.sim.{driver.info.transport}")
+    except ModuleNotFoundError:
+        raise CommandError(f"no simulator for transport {driver.info.transport!r}") from None
+    code: int = module.main(driver, list(args.options))
+    return code
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pocd.demo import run_demo
 
     return run_demo(seconds=args.seconds, data_dir=args.data_dir)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pocd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("-c", "--config", required=True, metavar="FILE", help="site config")
+    return p
 
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("-c", "--config", required=True, metavar="FILE", help="site config")
-        return p
 
-    check = sub.add_parser("check", help="validate site configs, protocols and driver files")
-    check.add_argument("files", nargs="+", metavar="FILE")
-    check.set_defaults(func=_check)
-
-    serve = with_config(sub.add_parser("serve", help="run the daemon"))
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.set_defaults(func=_serve)
-
-    status = with_config(sub.add_parser("status", help="live values and limit states"))
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(func=_status)
-
+def _add_run_commands(sub: Any) -> None:
     run = sub.add_parser("run", help="start, advance, stop and inspect runs")
     run_sub = run.add_subparsers(dest="run_command", required=True)
     start = with_config(run_sub.add_parser("start", help="start a run"))
@@ -251,6 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_run_show)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pocd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="validate site configs, protocols and driver files")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.set_defaults(func=_check)
+
+    serve = with_config(sub.add_parser("serve", help="run the daemon"))
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+
+    status = with_config(sub.add_parser("status", help="live values and limit states"))
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+    _add_run_commands(sub)
+
     site = sub.add_parser("site", help="site status: active, suspended, ceased")
     site_sub = site.add_subparsers(dest="site_command", required=True)
     with_config(site_sub.add_parser("status", help="show the site status")).set_defaults(
@@ -261,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     site_set.add_argument("--operator", required=True)
     site_set.add_argument("--reason", required=True)
     site_set.set_defaults(func=_site_set)
+
+    simulate = sub.add_parser(
+        "simulate",
+        help="serve a simulated device for a driver file",
+        description="Options after DRIVER belong to the transport's simulator.",
+    )
+    simulate.add_argument("driver", help="driver name (drivers/NAME.toml) or path to a .toml")
+    simulate.add_argument("options", nargs=argparse.REMAINDER)
+    simulate.set_defaults(func=_simulate)
 
     demo = sub.add_parser("demo", help="a simulated CAR-T run with a live view")
     demo.add_argument(

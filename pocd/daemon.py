@@ -47,6 +47,7 @@ from pocd.model import (
     now_ns,
 )
 from pocd.settings import Site, load_site
+from pocd.sinks import build_sinks
 from pocd.store import Record, Store
 from pocd.transports import Device, DeviceRunner, get_transport
 
@@ -87,6 +88,7 @@ class Daemon:
         self._flush_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._sources = site.parameter_source()
+        self.sinks = build_sinks(site)
         self._phase_source = site.config.run.phase_source
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -132,6 +134,7 @@ class Daemon:
                 tg.create_task(self._device_task(device), name=f"device:{device.id}")
                 for device in self.site.devices.values()
             ]
+            workers += [tg.create_task(sink.run(), name=f"sink:{sink.name}") for sink in self.sinks]
             await asyncio.sleep(0)  # let the API bind before announcing start
             self.started.set()
             log.info(
@@ -550,6 +553,7 @@ class Daemon:
             },
             "points": [vars_of(p) for p in self.points()],
             "incidents": dict(self.incident_counts),
+            "sinks": {sink.name: sink.status() for sink in self.sinks},
             "pending_records": len(self._pending),
         }
 
