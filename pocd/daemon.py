@@ -522,7 +522,12 @@ class Daemon:
         for event in events:
             if isinstance(event, Deviation):
                 self.counts["deviations"] += 1
-                log.warning("deviation", cause=event.cause.value, description=event.description)
+                log.warning(
+                    "deviation",
+                    run=event.run_id,
+                    cause=event.cause.value,
+                    description=event.description,
+                )
             elif isinstance(event, ExcursionEvent) and event.change is ExcursionChange.OPENED:
                 self.counts["excursions"] += 1
             self._pending.append(event)
@@ -577,7 +582,8 @@ class Daemon:
                         "alert_high": lim.alert_high,
                         "action_high": lim.action_high,
                     }
-                    state = ",".join(k.value for k in view.open) or "normal"
+                    pending = ",".join(f"{k.value} pending" for k in view.pending)
+                    state = ",".join(k.value for k in view.open) or pending or "normal"
                 if sample is None and state in ("normal", "no-run"):
                     state = "no-data"
                 out.append(

@@ -174,7 +174,8 @@ def render(daemon: Daemon, started: float) -> Group:
             value = Text("BAD", style="red")
         else:
             value = Text("-" if p.value is None else f"{p.value:.3f}")
-        style = _STYLE.get(p.state, "bold red" if "action" in p.state else "yellow")
+        urgent = "action" in p.state and "pending" not in p.state
+        style = _STYLE.get(p.state, "bold red" if urgent else "yellow")
         table.add_row(
             p.device, p.parameter or p.point, value, p.unit, _limits(p), Text(p.state, style=style)
         )

@@ -243,3 +243,17 @@ def test_resume_records_the_gap_as_comm_loss() -> None:
         ("deviation", "data-loss", "x", 100.0),
     ]
     assert [compact(e) for e in apply(eng, (101, "v", 5))] == [("closed", "comm-loss", 30.0, 101.0)]
+
+
+def test_view_shows_open_and_pending_excursions() -> None:
+    eng = engine(protocol({"a": Limits(alert_high=10.0, action_high=12.0, on_delay=5.0)}))
+    eng.enter_phase("a", at(0), "op")
+    apply(eng, (0, "v", 13))
+    (view,) = eng.view()
+    assert view.open == ()
+    assert set(view.pending) == {ExcursionKind.ALERT_HIGH, ExcursionKind.ACTION_HIGH}
+    apply(eng, (6, "tick"))
+    (view,) = eng.view()
+    assert set(view.open) == {ExcursionKind.ALERT_HIGH, ExcursionKind.ACTION_HIGH}
+    assert view.pending == ()
+    assert view.value == 13.0

@@ -128,6 +128,7 @@ class ParameterView:
     t: int | None
     limits: Limits
     open: tuple[ExcursionKind, ...]
+    pending: tuple[ExcursionKind, ...]  # breached, waiting for the on-delay
 
 
 class Engine:
@@ -320,6 +321,11 @@ class Engine:
                 t=p.value_t if p.quality is not None else None,
                 limits=p.limits,
                 open=tuple(e.snapshot.kind for e in self._param_open(p)),
+                pending=tuple(
+                    c.kind
+                    for c in [*p.conditions, *([p.rate] if p.rate else [])]
+                    if c.breach_since is not None and c.excursion is None
+                ),
             )
             for p in self._params.values()
         ]
