@@ -47,7 +47,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     site = _site(args)
     configure_logging(args.log_level)
-    asyncio.run(Daemon(site).serve())
+    try:
+        asyncio.run(Daemon(site).serve())
+    except ExceptionGroup as group:  # a fatal error in one of the daemon's tasks
+        fatal = group.subgroup(PocdError)
+        if fatal is None:
+            raise
+        raise CommandError("; ".join(str(e) for e in fatal.exceptions)) from None
     return 0
 
 

@@ -374,3 +374,17 @@ async def test_reload_takes_new_protocols_and_an_invalid_config_is_an_incident(
         assert "site.timezone" in incident.message
         loads = [a.target for a in store.audit() if a.action == "protocol.load"]
         assert loads.count("CART-TCT 3.2") == 1
+
+
+def test_a_busy_api_port_is_a_clear_fatal_error(tmp_path: Path) -> None:
+    import socket
+
+    config = write_site(tmp_path)
+    host, port = load_site(config).config.api.listen.split(":")
+    with socket.socket() as sock:
+        sock.bind((host, int(port)))
+        sock.listen()
+        result = cli("serve", "-c", str(config))
+    assert result.returncode == 1
+    assert f"the API cannot listen on {host}:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from pocd.errors import RunError
+from pocd.errors import PocdError, RunError
 from pocd.model import SiteStatus
 from pocd.records import run_detail, run_summary
 
@@ -134,7 +134,10 @@ async def serve_api(daemon: Daemon) -> None:
     await runner.setup()
     try:
         site = web.TCPSite(runner, api.host, api.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise PocdError(f"the API cannot listen on {api.listen}: {exc.strerror}") from None
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
