@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from pocd.cli import main
 from pocd.errors import ConfigError
 from pocd.settings import load_driver, load_site
+from tests.configkit import Bad, edit, find_problem, where
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(REPO.glob("config/**/*.toml")) + sorted(REPO.glob("drivers/**/*.toml"))
@@ -82,17 +82,6 @@ phases = { "1" = "activation", "2" = "expansion" }
 """
 
 
-def edit(text: str, *edits: tuple[str | None, str]) -> str:
-    """Apply (old, new) replacements; old=None appends. Each old must occur exactly once."""
-    for old, new in edits:
-        if old is None:
-            text += new
-        else:
-            assert text.count(old) == 1, f"edit target not unique in the base text: {old!r}"
-            text = text.replace(old, new)
-    return text
-
-
 def write_site(folder: Path, text: str = SITE, protocol: str = PROTOCOL) -> Path:
     (folder / "protocols").mkdir(exist_ok=True)
     (folder / "protocols" / "test.toml").write_text(protocol)
@@ -104,18 +93,6 @@ def write_site(folder: Path, text: str = SITE, protocol: str = PROTOCOL) -> Path
 def run_check(capsys: pytest.CaptureFixture[str], *paths: Path | str) -> tuple[int, list[str]]:
     code = main(["check", *map(str, paths)])
     return code, capsys.readouterr().err.splitlines()
-
-
-def where(file: Path | str, key: str, device: str | None = None) -> str:
-    """The start of a problem line, as ConfigProblem prints it."""
-    return f"{file}: {key}" + (f" (device {device!r})" if device else "") + ": "
-
-
-def find_problem(lines: list[str], file: Path | str, key: str, device: str | None) -> str:
-    prefix = where(file, key, device)
-    matches = [line for line in lines if line.startswith(prefix)]
-    assert matches, f"no problem at {prefix!r} in:\n" + "\n".join(lines)
-    return matches[0]
 
 
 # --- the shipped examples -----------------------------------------------------------------
@@ -220,14 +197,6 @@ def test_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # --- malformed site configs -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Bad:
-    edits: tuple[tuple[str | None, str], ...]
-    key: str
-    message: str  # a part of the message
-    device: str | None = None
 
 
 SITE_CASES = {

@@ -12,7 +12,6 @@ import json
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from pocd.configtypes import parse_duration
 from pocd.errors import ConfigError
 from pocd.protocol import Limits, ProtocolStatus
 from pocd.settings import LimitSpec, StoreSection, load_protocol
+from tests.configkit import Bad, edit, find_problem, where
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "config" / "protocols" / "cart-tct-3.1.toml"
@@ -108,17 +108,6 @@ unit = "C"
 PROTOCOL_HASH = "8ca2670942bb1ceec3279db54baa076dabd3f4e8daf8d81d325e684d6d5458f4"
 
 
-def edit(text: str, *edits: tuple[str | None, str]) -> str:
-    """Apply (old, new) replacements; old=None appends. Each old must occur exactly once."""
-    for old, new in edits:
-        if old is None:
-            text += new
-        else:
-            assert text.count(old) == 1, f"edit target not unique in the base text: {old!r}"
-            text = text.replace(old, new)
-    return text
-
-
 def write(folder: Path, text: str, name: str = "test.toml") -> Path:
     path = folder / name
     path.write_text(text)
@@ -126,13 +115,6 @@ def write(folder: Path, text: str, name: str = "test.toml") -> Path:
 
 
 # --- malformed protocols --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Bad:
-    edits: tuple[tuple[str | None, str], ...]
-    key: str
-    message: str  # a part of the message
 
 
 PROTOCOL_CASES = {
@@ -308,11 +290,8 @@ def test_base_protocol_is_valid(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_malformed_protocol(case: Bad, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, edit(PROTOCOL, *case.edits))
     assert main(["check", str(path)]) == 2
-    lines = capsys.readouterr().err.splitlines()
-    prefix = f"{path}: {case.key}: "
-    matches = [line for line in lines if line.startswith(prefix)]
-    assert matches, f"no problem at {prefix!r} in:\n" + "\n".join(lines)
-    assert case.message in matches[0].removeprefix(prefix)
+    line = find_problem(capsys.readouterr().err.splitlines(), path, case.key, None)
+    assert case.message in line.removeprefix(where(path, case.key))
 
 
 def test_missing_protocol_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
