@@ -95,6 +95,7 @@ class TransportSpec:
 
 TRANSPORTS: Mapping[str, str] = {
     "sim": "pocd.transports.sim",
+    "modbus": "pocd.transports.modbus",
 }
 
 

@@ -1,0 +1,102 @@
+"""Register encoding: Modbus registers (16-bit words) <-> numbers, for every point data type.
+
+Pure functions shared by the transport (decode) and the simulator (encode). Golden bytes from
+device manuals anchor them in the tests. Nothing here does I/O or knows about quality.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+
+from pocd.transports.modbus.config import REGISTER_COUNT, DataType, Order
+
+__all__ = ["crc16", "decode", "encode"]
+
+_STRUCTS: dict[str, struct.Struct] = {
+    "int16": struct.Struct(">h"),
+    "uint16": struct.Struct(">H"),
+    "int32": struct.Struct(">i"),
+    "uint32": struct.Struct(">I"),
+    "float32": struct.Struct(">f"),
+    "float64": struct.Struct(">d"),
+}
+_LIMITS: dict[str, tuple[int, int]] = {
+    "int16": (-(2**15), 2**15 - 1),
+    "uint16": (0, 2**16 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "uint32": (0, 2**32 - 1),
+}
+
+
+def _swap(word: int) -> int:
+    return ((word & 0xFF) << 8) | (word >> 8)
+
+
+def decode(
+    words: Sequence[int],
+    type: DataType,
+    word_order: Order = "big",
+    byte_order: Order = "big",
+    bit: int | None = None,
+) -> float:
+    """The number held in `words` (exactly as many registers as the type occupies)."""
+    if type == "bit":
+        return float((words[0] >> (bit or 0)) & 1)
+    if type == "bool":
+        return 1.0 if words[0] else 0.0
+    if len(words) == 1:  # one register: word order is moot, and this is the fast path
+        word = _swap(words[0]) if byte_order == "little" else words[0]
+        if type == "int16" and word & 0x8000:
+            return float(word - 0x10000)
+        return float(word)
+    ordered = list(words)
+    if byte_order == "little":
+        ordered = [_swap(w) for w in ordered]
+    if word_order == "little":
+        ordered.reverse()
+    raw = b"".join(w.to_bytes(2, "big") for w in ordered)
+    return float(_STRUCTS[type].unpack(raw)[0])
+
+
+def encode(
+    value: float,
+    type: DataType,
+    word_order: Order = "big",
+    byte_order: Order = "big",
+    bit: int | None = None,
+    current: int = 0,
+) -> list[int]:
+    """The registers that hold `value`. Integers are rounded and clamped to the type's range.
+
+    For type "bit", `current` is the register the bit is set in or cleared from.
+    """
+    if type == "bit":
+        mask = 1 << (bit or 0)
+        return [(current | mask) if value else (current & ~mask & 0xFFFF)]
+    if type == "bool":
+        return [1 if value else 0]
+    if type in _LIMITS:
+        low, high = _LIMITS[type]
+        number: float | int = 0 if math.isnan(value) else max(low, min(high, round(value)))
+    else:
+        number = value
+    raw = _STRUCTS[type].pack(number)
+    words = [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+    if word_order == "little":
+        words.reverse()
+    if byte_order == "little":
+        words = [_swap(w) for w in words]
+    assert len(words) == REGISTER_COUNT[type]
+    return words
+
+
+def crc16(data: bytes) -> bytes:
+    """The Modbus RTU CRC of `data`, as the two bytes that follow it on the wire."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc.to_bytes(2, "little")

@@ -1,0 +1,378 @@
+"""The one place that talks to pymodbus: a `Link` is a TCP connection or a serial port.
+
+A link owns one pymodbus client, one lock and the pause between frames, and is shared by every
+device on it: several unit ids on one RS-485 port, or behind one TCP gateway. Runners find
+their link in a registry keyed by the running event loop and the endpoint (`("rtu", real
+path of the port)` or `("tcp", host, port)`): the first to `join` opens it, the last to `leave`
+closes it. Devices on one serial port must agree on the line settings and use distinct unit
+ids; a conflict is a ConfigError when the second device joins.
+
+Reconnection has one owner. pymodbus's reconnect task and its retry loop are switched off
+(reconnect_delay=0, retries=0, a backstop timeout longer than ours); the link connects on
+demand when a read finds it closed, and the runners pace those reads with jittered backoff.
+A read either returns registers or bits, or raises `ModbusReadError` with a fault code:
+"timeout", "crc", "short-response", "garbled", "connection", "modbus-exception-N".
+Nothing here decodes values or builds records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusException
+from pymodbus.framer import FramerType
+
+from pocd.errors import ConfigError, ConfigProblem, DeviceReadError
+from pocd.model import IncidentKind, now_ns
+from pocd.transports.modbus.codec import crc16
+from pocd.transports.modbus.config import ModbusSettings
+from pocd.transports.modbus.plan import FUNCTION_CODES, Read
+
+__all__ = ["Endpoint", "Link", "ModbusReadError", "Reply", "join", "leave", "links"]
+
+# pymodbus still runs its own wait for every request and connect; ours is always shorter, so
+# this one only matters if ours were bypassed.
+_BACKSTOP = 3600.0
+# A TCP connection that stays silent for this many requests in a row is closed and reopened:
+# a half-open socket never recovers by itself (pymodbus closes after retries + 3).
+_TCP_SILENT_LIMIT = 3
+# Exception 06 "server device busy" is worth an immediate retry (as Telegraf does); others not.
+_BUSY = 6
+
+
+class ModbusReadError(DeviceReadError):
+    """One read failed. `answered` says whether the unit sent a valid frame (an exception or a
+    short response) - a unit that answers is alive even when its data is unusable."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        device: str,
+        address: str,
+        code: str,
+        kind: IncidentKind = IncidentKind.COMMUNICATION,
+        answered: bool = False,
+        retryable: bool = False,
+        raw: bytes = b"",
+    ) -> None:
+        super().__init__(message, device=device, address=address, code=code)
+        self.reason = message
+        self.kind = kind
+        self.answered = answered
+        self.retryable = retryable
+        self.raw = raw
+        self.t = now_ns()
+        self.earlier: tuple[ModbusReadError, ...] = ()  # attempts before this one, same read
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The registers (or bits) of one read, received at `t`; `faults` are the failed attempts
+    that a retry made good (they are incidents too)."""
+
+    values: list[int] | list[bool]
+    t: int
+    faults: tuple[ModbusReadError, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a link goes, with the settings every device on it must share."""
+
+    kind: Literal["tcp", "rtu"]
+    address: str  # host, or the serial port's real path (or pyserial URL)
+    port: int = 0
+    baudrate: int = 0
+    bytesize: int = 0
+    parity: str = ""
+    stopbits: int = 0
+    pause: float = 0.0
+
+    @classmethod
+    def of(cls, settings: ModbusSettings) -> Endpoint:
+        if settings.host is not None:
+            return cls("tcp", settings.host, settings.port, pause=settings.pause)
+        assert settings.serial_port is not None
+        path = settings.serial_port
+        if "://" not in path:  # two names for one port are one bus
+            path = os.path.realpath(path)
+        return cls(
+            "rtu",
+            path,
+            baudrate=settings.baudrate,
+            bytesize=settings.bytesize,
+            parity=settings.parity,
+            stopbits=settings.stopbits,
+            pause=settings.pause,
+        )
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.kind, self.address, self.port)
+
+    def __str__(self) -> str:
+        if self.kind == "tcp":
+            return f"tcp {self.address}:{self.port}"
+        return f"rtu {self.address} {self.baudrate} {self.bytesize}{self.parity}{self.stopbits}"
+
+
+class Link:
+    """One pymodbus client with its lock; see the module docstring."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.members: dict[str, int] = {}  # device id -> unit id
+        self._lock = asyncio.Lock()
+        self._pause = endpoint.pause
+        self._quiet_until = 0.0
+        self._rx = b""  # what arrived during the current attempt, to classify a failed one
+        self._silent = 0  # TCP requests in a row without an answer
+        self._client: AsyncModbusTcpClient | AsyncModbusSerialClient
+        if endpoint.kind == "tcp":
+            self._client = AsyncModbusTcpClient(
+                endpoint.address,
+                port=endpoint.port,
+                name=f"pocd {endpoint}",
+                reconnect_delay=0,
+                timeout=_BACKSTOP,
+                retries=0,
+                trace_packet=self._trace,
+            )
+        else:
+            self._client = AsyncModbusSerialClient(
+                endpoint.address,
+                framer=FramerType.RTU,
+                baudrate=endpoint.baudrate,
+                bytesize=endpoint.bytesize,
+                parity=endpoint.parity,
+                stopbits=endpoint.stopbits,
+                name=f"pocd {endpoint}",
+                reconnect_delay=0,
+                timeout=_BACKSTOP,
+                retries=0,
+                trace_packet=self._trace,
+            )
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._client.connected)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _trace(self, sending: bool, data: bytes) -> bytes:
+        # pymodbus hands over its whole receive buffer each time, not only the new bytes.
+        if not sending:
+            self._rx = data if data.startswith(self._rx) else self._rx + data
+        return data
+
+    async def read(
+        self, *, device: str, unit: int, read: Read, answer_within: float, retries: int
+    ) -> Reply:
+        """Read once, retrying timeouts, CRC errors and "busy" up to `retries` more times.
+
+        The lock is held across the retries so that a unit's retry is not overtaken on the bus.
+        """
+        where = f"{read} unit {unit}"
+        faults: list[ModbusReadError] = []
+        async with self._lock:
+            for attempt in range(retries + 1):
+                try:
+                    values = await self._attempt(device, unit, read, answer_within, where)
+                except ModbusReadError as fault:
+                    faults.append(fault)
+                    if fault.retryable and attempt < retries:
+                        continue
+                    fault.earlier = tuple(faults[:-1])
+                    raise
+                return Reply(values, now_ns(), tuple(faults))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(
+        self, device: str, unit: int, read: Read, answer_within: float, where: str
+    ) -> list[int] | list[bool]:
+        if not self._client.connected:
+            await self._connect(device, answer_within, where)
+        if self._pause:
+            wait = self._quiet_until - asyncio.get_running_loop().time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        self._rx = b""
+        try:
+            async with asyncio.timeout(answer_within):
+                response = await self._call(read, unit)
+        except TimeoutError:
+            raise self._no_answer(device, unit, read, answer_within, where) from None
+        except ModbusException as exc:  # pymodbus found the connection closed under it
+            raise ModbusReadError(
+                f"pymodbus: {exc}", device=device, address=where, code="connection"
+            ) from None
+        finally:
+            if self._pause:
+                self._quiet_until = asyncio.get_running_loop().time() + self._pause
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # pymodbus awaits the response with asyncio.wait_for, which before Python 3.12
+            # can swallow a cancellation that arrives with the response (CPython gh-86296):
+            # the runner would then poll on after the daemon cancelled it.
+            raise asyncio.CancelledError
+        self._silent = 0
+        return self._check(device, unit, read, response, where)
+
+    async def _connect(self, device: str, answer_within: float, where: str) -> None:
+        try:
+            async with asyncio.timeout(answer_within):
+                connected = await self._client.connect()
+        except TimeoutError:
+            connected = False
+        if not connected:
+            self._client.close()
+            raise ModbusReadError(
+                f"cannot open {self.endpoint}", device=device, address=where, code="connection"
+            )
+
+    def _call(self, read: Read, unit: int) -> Any:
+        client = self._client
+        if read.function == "holding":
+            return client.read_holding_registers(read.address, count=read.count, device_id=unit)
+        if read.function == "input":
+            return client.read_input_registers(read.address, count=read.count, device_id=unit)
+        if read.function == "coil":
+            return client.read_coils(read.address, count=read.count, device_id=unit)
+        return client.read_discrete_inputs(read.address, count=read.count, device_id=unit)
+
+    def _check(
+        self, device: str, unit: int, read: Read, response: Any, where: str
+    ) -> list[int] | list[bool]:
+        if response.isError():
+            code = int(getattr(response, "exception_code", 0))
+            raise ModbusReadError(
+                f"exception response {code:02d}",
+                device=device,
+                address=where,
+                code=f"modbus-exception-{code}",
+                answered=True,
+                retryable=code == _BUSY,
+                raw=self._rx,
+            )
+        if response.function_code != FUNCTION_CODES[read.function]:
+            raise ModbusReadError(
+                f"answer to function {response.function_code}",
+                device=device,
+                address=where,
+                code="garbled",
+                answered=True,
+                retryable=True,
+                raw=self._rx,
+            )
+        values: list[int] | list[bool]
+        values = response.registers if read.function in ("holding", "input") else response.bits
+        if len(values) < read.count:
+            raise ModbusReadError(
+                f"{len(values)} of {read.count} values in the response",
+                device=device,
+                address=where,
+                code="short-response",
+                answered=True,
+                retryable=True,
+                raw=self._rx,
+            )
+        return values[: read.count]
+
+    def _no_answer(
+        self, device: str, unit: int, read: Read, timeout: float, where: str
+    ) -> ModbusReadError:
+        raw = self._rx
+        if not self._client.connected:
+            return ModbusReadError(
+                f"connection to {self.endpoint} lost",
+                device=device,
+                address=where,
+                code="connection",
+                raw=raw,
+            )
+        if self.endpoint.kind == "tcp":
+            self._silent += 1
+            if self._silent >= _TCP_SILENT_LIMIT:
+                self._client.close()
+                self._silent = 0
+        if not raw:
+            return ModbusReadError(
+                f"no answer within {timeout:g} s",
+                device=device,
+                address=where,
+                code="timeout",
+                retryable=True,
+            )
+        if len(raw) < self._frame_length(read):
+            code, what = "short-response", "incomplete frame"
+        elif self.endpoint.kind == "rtu" and crc16(raw[:-2]) != raw[-2:]:
+            code, what = "crc", "CRC error"
+        else:
+            code, what = "garbled", "unusable frame"
+        return ModbusReadError(
+            f"{what} ({len(raw)} bytes)",
+            device=device,
+            address=where,
+            code=code,
+            retryable=True,
+            raw=raw,
+        )
+
+    def _frame_length(self, read: Read) -> int:
+        data = 2 * read.count if read.function in ("holding", "input") else (read.count + 7) // 8
+        pdu = 2 + data  # function code, byte count, data
+        return pdu + (3 if self.endpoint.kind == "rtu" else 7)  # unit + CRC, or MBAP header
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+_LINKS: dict[tuple[asyncio.AbstractEventLoop, tuple[str, str, int]], Link] = {}
+
+
+def links() -> list[Link]:
+    """The links open in the running event loop."""
+    loop = asyncio.get_running_loop()
+    return [link for (owner, _), link in _LINKS.items() if owner is loop]
+
+
+def join(device: str, settings: ModbusSettings, *, source: str = "") -> Link:
+    """The link for this device's endpoint, opened (lazily) if it is the first to use it.
+
+    Raises ConfigError when the device's line settings or unit id clash with a device that
+    already uses the same port.
+    """
+    endpoint = Endpoint.of(settings)
+    key = (asyncio.get_running_loop(), endpoint.key)
+    link = _LINKS.get(key)
+    if link is None:
+        link = _LINKS[key] = Link(endpoint)
+    problem = ""
+    if link.endpoint != endpoint:
+        others = ", ".join(sorted(link.members))
+        problem = f"{endpoint} differs from {link.endpoint} used by {others}"
+    else:
+        for other, unit in link.members.items():
+            if unit == settings.unit_id:
+                problem = f"unit id {unit} on {endpoint} is already used by {other!r}"
+    if problem:
+        if not link.members:
+            del _LINKS[key]
+        raise ConfigError([ConfigProblem(source, "transport", problem, device=device)])
+    link.members[device] = settings.unit_id
+    return link
+
+
+def leave(link: Link, device: str) -> None:
+    """The device stops using the link; the last one out closes it."""
+    link.members.pop(device, None)
+    if not link.members:
+        link.close()
+        for key, value in list(_LINKS.items()):
+            if value is link:
+                del _LINKS[key]

@@ -1,0 +1,313 @@
+"""The Modbus device runner: polls one device on a fixed grid and turns replies into records.
+
+Each poll makes the planned reads through the device's shared `Link`, then decodes every point
+and judges its quality (NaN, sentinels, valid range, status registers). Every fault becomes a
+BAD sample with a reason and an `Incident`; a unit that stops answering is a `CommStatus` and
+is retried with jittered backoff, so it cannot take the bus time of the units that answer.
+It never raises for a device fault and never skips a point it was asked to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import structlog
+
+from pocd.errors import ConfigError, ConfigProblem
+from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample
+from pocd.transports import Device, Inbox
+from pocd.transports.modbus.codec import decode
+from pocd.transports.modbus.config import REGISTER_COUNT, ModbusPoint, ModbusSettings, StatusRule
+from pocd.transports.modbus.link import Link, ModbusReadError, Reply, join, leave
+from pocd.transports.modbus.plan import Read, Span, locate, plan_reads
+
+__all__ = ["ModbusRunner"]
+
+_NAN = math.nan
+# Faults after which the rest of a poll is not attempted: the unit (or the link) is gone, and
+# every further read would hold the bus for another timeout.
+_GIVE_UP = frozenset({"timeout", "connection"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    rule: StatusRule
+    read: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    name: str
+    point: ModbusPoint
+    read: int
+    offset: int
+    rules: tuple[_Rule, ...]
+
+
+class ModbusRunner:
+    """Reads one Modbus device until cancelled. See pocd.transports for the contract."""
+
+    def __init__(self, device: Device) -> None:
+        if not isinstance(device.settings, ModbusSettings):
+            raise TypeError(f"device {device.id!r} has no Modbus settings")
+        settings = device.settings
+        if settings.host is None and settings.serial_port is None:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        device.driver.source,
+                        "transport",
+                        "needs host (Modbus TCP) or serial_port (Modbus RTU)",
+                        device=device.id,
+                    )
+                ]
+            )
+        self.device = device
+        self.settings: ModbusSettings = settings
+        points = {n: p for n, p in device.points.items() if isinstance(p, ModbusPoint)}
+        if not points:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        device.driver.source,
+                        "points",
+                        "a Modbus device needs at least one point (list them in the site config)",
+                        device=device.id,
+                    )
+                ]
+            )
+        spans: list[Span] = []
+        for point in points.values():
+            spans.append(Span(point.function, point.address, point.count))
+            spans.extend(_rule_span(point, rule) for rule in point.status)
+        self.reads: list[Read] = plan_reads(
+            spans,
+            max_gap=settings.max_gap,
+            max_registers=settings.max_registers,
+            blocks=settings.blocks,
+        )
+        self._slots = [
+            _Slot(
+                name,
+                point,
+                *locate(self.reads, Span(point.function, point.address, point.count)),
+                tuple(_Rule(r, *locate(self.reads, _rule_span(point, r))) for r in point.status),
+            )
+            for name, point in points.items()
+        ]
+        self.counts: Counter[str] = Counter()  # faults by code, for status pages and the bench
+        self.polls = 0
+        self.skipped_ticks = 0  # grid ticks missed because a poll ran past them
+        self.up = True  # as far as anyone has said: no CommStatus until the first failure
+        self._failures = 0  # polls in a row that got no answer
+        self._failing: set[str] = set()  # fault codes of the last poll, to log changes once
+        self._rng = random.Random()
+        self._log = structlog.get_logger(__name__).bind(device=device.id)
+
+    async def run(self, inbox: Inbox) -> None:
+        link = join(self.device.id, self.settings, source=self.device.driver.source)
+        try:
+            await self._poll_on_grid(link, inbox)
+        finally:
+            leave(link, self.device.id)
+
+    async def _poll_on_grid(self, link: Link, inbox: Inbox) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.settings.interval
+        start = loop.time()
+        tick = 0
+        while True:
+            answered = await self.poll(link, inbox)
+            now = loop.time()
+            if interval <= 0:  # back to back, as fast as the device answers (the bench)
+                await asyncio.sleep(0 if answered else self._backoff())
+                continue
+            # Polls are due at start + n * interval, so they never drift; a poll that runs
+            # late skips the ticks it missed instead of bunching up behind them.
+            next_tick = tick + 1
+            if not answered:
+                ready = now + self._backoff()
+                next_tick = max(next_tick, math.ceil((ready - start) / interval))
+            late = math.floor((now - start) / interval) + 1
+            if late > next_tick:
+                self.skipped_ticks += late - next_tick
+                next_tick = late
+            tick = next_tick
+            await asyncio.sleep(start + tick * interval - loop.time())
+
+    def _backoff(self) -> float:
+        """Jittered exponential backoff for a unit that does not answer ("equal jitter")."""
+        first = self.settings.interval or self.settings.timeout
+        ceiling = min(self.settings.backoff_max, first * 2.0 ** (self._failures - 1))
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    async def poll(self, link: Link, inbox: Inbox) -> bool:
+        """Make every planned read once and report. True when the unit answered at all."""
+        results: list[Reply | ModbusReadError] = []
+        given_up: ModbusReadError | None = None
+        for read in self.reads:
+            if given_up is not None:
+                results.append(given_up)
+                continue
+            try:
+                reply = await link.read(
+                    device=self.device.id,
+                    unit=self.settings.unit_id,
+                    read=read,
+                    answer_within=self.settings.timeout,
+                    retries=self.settings.retries,
+                )
+            except ModbusReadError as fault:
+                results.append(fault)
+                if not fault.answered and fault.code in _GIVE_UP:
+                    given_up = fault
+            else:
+                results.append(reply)
+        self.polls += 1
+        answered = any(isinstance(r, Reply) or r.answered for r in results)
+        await self._report_comm(inbox, answered, results)
+        await self._report_faults(inbox, results)
+        for slot in self._slots:
+            sample, incident = self._evaluate(slot, results)
+            if incident is not None:
+                await self._incident(inbox, incident)
+            await inbox.put(sample)
+        return answered
+
+    async def _report_comm(
+        self, inbox: Inbox, answered: bool, results: list[Reply | ModbusReadError]
+    ) -> None:
+        if answered:
+            if not self.up:
+                self._log.info("device answers again", after_failed_polls=self._failures)
+                await inbox.put(CommStatus(self.device.id, _time(results), ok=True))
+            self.up = True
+            self._failures = 0
+            return
+        self._failures += 1
+        if self.up:
+            fault = next(r for r in results if isinstance(r, ModbusReadError))
+            self._log.error("device stopped answering", reason=fault.reason, code=fault.code)
+            await inbox.put(CommStatus(self.device.id, fault.t, ok=False, reason=fault.reason))
+        self.up = False
+
+    async def _report_faults(self, inbox: Inbox, results: list[Reply | ModbusReadError]) -> None:
+        faults: list[ModbusReadError] = []
+        seen: set[int] = set()
+        for result in results:
+            found = result.faults if isinstance(result, Reply) else (*result.earlier, result)
+            for fault in found:
+                if id(fault) not in seen:  # a read given up on repeats the fault that ended it
+                    seen.add(id(fault))
+                    faults.append(fault)
+        codes = {f.code for f in faults}
+        for fault in faults:
+            # Log a fault once when it starts, quietly while it lasts, and once when it ends.
+            log = self._log.debug if fault.code in self._failing else self._log.error
+            log("modbus read failed", read=fault.address, code=fault.code, reason=fault.reason)
+            await self._incident(
+                inbox,
+                Incident(
+                    t=fault.t,
+                    kind=fault.kind,
+                    code=fault.code,
+                    source=self.device.id,
+                    message=str(fault),
+                    raw=fault.raw,
+                ),
+            )
+        for code in self._failing - codes:
+            self._log.info("modbus reads recovered", code=code)
+        self._failing = codes
+
+    async def _incident(self, inbox: Inbox, incident: Incident) -> None:
+        self.counts[incident.code] += 1
+        await inbox.put(incident)
+
+    def _evaluate(
+        self, slot: _Slot, results: list[Reply | ModbusReadError]
+    ) -> tuple[Sample, Incident | None]:
+        point = slot.point
+        device = self.device.id
+        result = results[slot.read]
+        if isinstance(result, ModbusReadError):
+            return Sample(device, slot.name, result.t, _NAN, Quality.BAD, None, result.code), None
+        words = result.values[slot.offset : slot.offset + point.count]
+        raw = decode(words, point.type, point.word_order, point.byte_order, point.bit)
+        value = raw * point.scale + point.offset
+        quality = Quality.GOOD
+        reasons: list[str] = []
+        data_fault = ""
+        if math.isnan(raw):
+            quality, data_fault = Quality.BAD, "nan"
+            reasons.append("nan")
+        elif math.isinf(raw):
+            quality, data_fault, value = Quality.BAD, "inf", _NAN
+            reasons.append("inf")
+        elif raw in point.sentinels:
+            # A sentinel says "no value": it must not reach the record as a number.
+            quality, data_fault, value = Quality.BAD, "sentinel", _NAN
+            reasons.append(f"sentinel {raw:g}")
+        elif (point.valid_min is not None and value < point.valid_min) or (
+            point.valid_max is not None and value > point.valid_max
+        ):
+            quality, data_fault = Quality.BAD, "out-of-range"
+            reasons.append(f"outside valid range {_range(point)}")
+        for judged in slot.rules:
+            rule_quality, reason = _judge(judged, results)
+            if rule_quality is not Quality.GOOD:
+                quality = max(quality, rule_quality)
+                reasons.append(reason)
+        sample = Sample(device, slot.name, result.t, value, quality, None, "; ".join(reasons))
+        if not data_fault:
+            return sample, None
+        incident = Incident(
+            t=result.t,
+            kind=IncidentKind.DATA,
+            code=data_fault,
+            source=device,
+            message=f"{slot.name}: {sample.reason} (raw {raw!r})",
+            raw=_words_bytes(words),
+        )
+        return sample, incident
+
+
+def _rule_span(point: ModbusPoint, rule: StatusRule) -> Span:
+    function = rule.function or point.function
+    return Span(function, rule.address, REGISTER_COUNT[rule.type])
+
+
+def _judge(judged: _Rule, results: list[Reply | ModbusReadError]) -> tuple[Quality, str]:
+    rule = judged.rule
+    result = results[judged.read]
+    if isinstance(result, ModbusReadError):
+        # The value arrived but what the device says about it did not: not BAD, not trusted.
+        return Quality.UNCERTAIN, f"{rule.label} unavailable ({result.code})"
+    words = result.values[judged.offset : judged.offset + REGISTER_COUNT[rule.type]]
+    status = int(decode(words, rule.type, rule.word_order, rule.byte_order))
+    if rule.expect is not None and status != rule.expect:
+        return Quality.BAD, f"{rule.label} {status:#x}, expected {rule.expect:#x}"
+    if status in rule.bad_values or status & rule.bad_mask:
+        return Quality.BAD, f"{rule.label} {status}"
+    if status in rule.uncertain_values or status & rule.uncertain_mask:
+        return Quality.UNCERTAIN, f"{rule.label} {status}"
+    return Quality.GOOD, ""
+
+
+def _time(results: list[Reply | ModbusReadError]) -> int:
+    return min(r.t for r in results)
+
+
+def _range(point: ModbusPoint) -> str:
+    low = "-inf" if point.valid_min is None else f"{point.valid_min:g}"
+    high = "inf" if point.valid_max is None else f"{point.valid_max:g}"
+    return f"[{low}, {high}]"
+
+
+def _words_bytes(words: list[int] | list[bool]) -> bytes:
+    return b"".join(int(w).to_bytes(2, "big") for w in words)

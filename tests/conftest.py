@@ -1,0 +1,51 @@
+"""Fixtures shared by the test modules: socat pty pairs and a task-leak check."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+
+@pytest.fixture
+def pty_pair() -> Iterator[tuple[str, str]]:
+    """Two connected pseudo-terminals from socat: what one end writes, the other reads."""
+    if shutil.which("socat") is None:
+        pytest.fail("socat is missing: apt-get install -y socat")
+    proc = subprocess.Popen(
+        ["socat", "-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    paths: list[str] = []
+    while len(paths) < 2:
+        line = proc.stderr.readline()
+        if not line:
+            proc.kill()
+            pytest.fail("socat ended before making a pty pair")
+        if found := re.search(r"PTY is (\S+)", line):
+            paths.append(found.group(1))
+    try:
+        yield paths[0], paths[1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+        proc.stderr.close()
+
+
+@pytest.fixture
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fails a test that leaves asyncio tasks running behind it."""
+    before = asyncio.all_tasks()
+    yield
+    for _ in range(5):  # let closed transports run their last callbacks
+        await asyncio.sleep(0)
+    leaked = asyncio.all_tasks() - before - {asyncio.current_task()}
+    assert not leaked, f"tasks left running: {[t.get_name() for t in leaked]}"
