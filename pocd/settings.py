@@ -629,7 +629,7 @@ def _resolve_device(
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
-    return Device(
+    device = Device(
         id=section.id,
         driver=driver.info,
         settings=settings,
@@ -639,6 +639,14 @@ def _resolve_device(
         firmware=section.firmware,
         calibration_due=section.calibration_due,
     )
+    if transport.check is not None:
+        problems = [
+            ConfigProblem(file, f"{where}.{key}", message, device=section.id)
+            for key, message in transport.check(device)
+        ]
+        if problems:
+            raise ConfigError(problems)
+    return device
 
 
 # --- common --------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from pocd.transports.modbus.codec import crc16, decode, encode
 from pocd.transports.modbus.config import Block
 from pocd.transports.modbus.plan import Read, Span, locate, plan_reads
 
+ROOT = Path(__file__).resolve().parent.parent
+
 # shared/DEVICES.md, from the manufacturers' manuals.
 VAISALA_REQUEST = bytes.fromhex("F0 03 00 00 00 02 D1 2A")
 VAISALA_RESPONSE = bytes.fromhex("F0 03 04 D4 7A 43 E8 33 AB")
@@ -229,3 +231,36 @@ def test_a_bad_modbus_key_names_the_file_key_and_device(tmp_path: Path) -> None:
     problems = {(p.key, p.device) for p in caught.value.problems}
     assert ("devices[0].points.level.type", "plc") in problems
     assert ("devices[1].transport.stopbits", "co2") in problems
+
+
+def test_check_reports_a_modbus_device_without_address_or_points(tmp_path: Path) -> None:
+    from pocd.errors import ConfigError
+    from pocd.settings import load_site
+
+    config = tmp_path / "pocd.toml"
+    config.write_text(
+        f"""
+[site]
+id = "s"
+name = "n"
+timezone = "UTC"
+control_site = "c"
+[protocols]
+dir = "{ROOT / "config" / "protocols"}"
+[[devices]]
+id = "co2"
+driver = "vaisala-gmp251"
+[[devices]]
+id = "generic"
+driver = "modbus"
+transport = {{ host = "127.0.0.1" }}
+"""
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_site(config)
+    problems = [str(p).removeprefix(f"{config}: ") for p in caught.value.problems]
+    assert problems == [
+        "devices[0].transport (device 'co2'): needs host (Modbus TCP) or serial_port (Modbus RTU)",
+        "devices[1].points (device 'generic'): a Modbus device needs at least one point "
+        "(list them in the site config)",
+    ]

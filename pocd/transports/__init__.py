@@ -91,6 +91,9 @@ class TransportSpec:
     settings: type[TransportSettings]
     point: type[PointSettings]
     runner: Callable[[Device], DeviceRunner]
+    # Checks that need the whole resolved device (driver defaults + site overrides), run at
+    # load so that `pocd check` reports them: (key under devices[i], message) per problem.
+    check: Callable[[Device], list[tuple[str, str]]] | None = None
 
 
 TRANSPORTS: Mapping[str, str] = {

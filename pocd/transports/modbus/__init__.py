@@ -19,7 +19,7 @@ from pocd.transports.modbus.config import (
     StatusRule,
 )
 from pocd.transports.modbus.link import Link, ModbusReadError
-from pocd.transports.modbus.runner import ModbusRunner
+from pocd.transports.modbus.runner import ModbusRunner, check_device
 
 __all__ = [
     "TRANSPORT",
@@ -34,5 +34,9 @@ __all__ = [
 ]
 
 TRANSPORT = TransportSpec(
-    name="modbus", settings=ModbusSettings, point=ModbusPoint, runner=ModbusRunner
+    name="modbus",
+    settings=ModbusSettings,
+    point=ModbusPoint,
+    runner=ModbusRunner,
+    check=check_device,
 )

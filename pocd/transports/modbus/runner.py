@@ -49,38 +49,38 @@ class _Slot:
     rules: tuple[_Rule, ...]
 
 
+def check_device(device: Device) -> list[tuple[str, str]]:
+    """What a Modbus device needs beyond its settings and points each: an address, a point."""
+    problems = []
+    settings = device.settings
+    if (
+        isinstance(settings, ModbusSettings)
+        and settings.host is None
+        and settings.serial_port is None
+    ):
+        problems.append(("transport", "needs host (Modbus TCP) or serial_port (Modbus RTU)"))
+    if not any(isinstance(p, ModbusPoint) for p in device.points.values()):
+        problems.append(
+            ("points", "a Modbus device needs at least one point (list them in the site config)")
+        )
+    return problems
+
+
 class ModbusRunner:
     """Reads one Modbus device until cancelled. See pocd.transports for the contract."""
 
     def __init__(self, device: Device) -> None:
         if not isinstance(device.settings, ModbusSettings):
             raise TypeError(f"device {device.id!r} has no Modbus settings")
-        settings = device.settings
-        if settings.host is None and settings.serial_port is None:
+        problems = check_device(device)
+        if problems:
             raise ConfigError(
-                [
-                    ConfigProblem(
-                        device.driver.source,
-                        "transport",
-                        "needs host (Modbus TCP) or serial_port (Modbus RTU)",
-                        device=device.id,
-                    )
-                ]
+                [ConfigProblem(device.driver.source, k, m, device=device.id) for k, m in problems]
             )
+        settings = device.settings
         self.device = device
         self.settings: ModbusSettings = settings
         points = {n: p for n, p in device.points.items() if isinstance(p, ModbusPoint)}
-        if not points:
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        device.driver.source,
-                        "points",
-                        "a Modbus device needs at least one point (list them in the site config)",
-                        device=device.id,
-                    )
-                ]
-            )
         spans: list[Span] = []
         for point in points.values():
             spans.append(Span(point.function, point.address, point.count))
