@@ -432,6 +432,10 @@ def load_site(path: str | Path) -> Site:
 
     protocols, protocols_complete = _load_protocols(file, base / config.protocols.dir, problems)
     parameters = {n for p in protocols.values() for n in p.parameters}
+    units: dict[str, set[str]] = {}  # parameter -> the units the protocols give it
+    for proto in protocols.values():
+        for name, param in proto.parameters.items():
+            units.setdefault(name, set()).add(param.unit)
 
     extra_dirs: list[Path] = []
     if config.drivers_dir is not None:
@@ -474,6 +478,17 @@ def load_site(path: str | Path) -> Site:
                             device=section.id,
                         )
                     )
+            elif point.unit and {point.unit} != units[point.parameter]:
+                want = " or ".join(repr(u) for u in sorted(units[point.parameter]))
+                problems.append(
+                    ConfigProblem(
+                        file,
+                        f"{where}.points.{name}.unit",
+                        f"unit {point.unit!r}, but the protocols give {point.parameter!r} in "
+                        f"{want}: scale the point and set its unit",
+                        device=section.id,
+                    )
+                )
             elif point.parameter in fed:
                 problems.append(
                     ConfigProblem(

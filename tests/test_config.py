@@ -365,6 +365,12 @@ SITE_CASES = {
         "unknown parameter 'pH' (known: ph, temp)",
         "bioreactor",
     ),
+    "point-unit-differs-from-parameter": Bad(
+        (('parameter = "ph", unit = "pH"', 'parameter = "ph", unit = "mV"'),),
+        "devices[1].points.ph.unit",
+        "unit 'mV', but the protocols give 'ph' in 'pH': scale the point and set its unit",
+        "bioreactor",
+    ),
     "two-points-feed-one-parameter": Bad(
         (("base = 7.1 }", 'base = 7.1 }\npoints.ph2 = { parameter = "temp" }'),),
         "devices[1].points.ph2.parameter",
