@@ -1,8 +1,10 @@
 """`pocd demo`: a simulated CAR-T run on the embedded store, with a live terminal view.
 
-It writes a site config to DATA_DIR/pocd.toml (simulated devices, the example protocol), runs
-the daemon in process, starts a run, advances a phase every 15 s and lets scripted faults
-provoke an alert excursion, an action deviation, a comm-loss and a bad-quality stretch. The
+It starts simulated devices in process (a Modbus TCP CO2 probe, a Modbus RTU pH sensor on a
+socat pty pair, and `sim` devices), writes a site config for them to DATA_DIR/pocd.toml with
+the example protocol, runs the daemon, starts a run, advances a phase every 15 s and lets
+scripted faults provoke an alert excursion, an action deviation, a comm-loss and a
+bad-quality stretch. The
 config stays behind so that `pocd run list -c DATA_DIR/pocd.toml` works afterwards.
 """
 
@@ -16,6 +18,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -25,7 +28,10 @@ from rich.text import Text
 from pocd.daemon import Daemon, PointStatus, run_until
 from pocd.logs import configure_logging
 from pocd.model import Quality
-from pocd.settings import load_site
+from pocd.settings import load_driver, load_site
+from pocd.sim.modbus import ModbusSimulator, parse_fault, unit_from_driver
+from pocd.sim.pty import pty_pair
+from pocd.transports.modbus import ModbusSettings
 
 __all__ = ["PHASE_SECONDS", "run_demo", "write_demo_site"]
 
@@ -66,28 +72,13 @@ base = 37.0
 noise = 0.02
 # transduction: 37.65 C, past the alert limit (37.5) for longer than the on-delay
 script = [{{ start = 31, duration = 13, action = "offset", value = 0.65 }}]
-[devices.points.co2]
-parameter = "co2"
-unit = "%"
-base = 5.0
-noise = 0.02
-# activation: the CO2 sensor reports bad quality for 3 s
-script = [{{ start = 20, duration = 3, action = "bad" }}]
 
 [[devices]]
 id = "bioreactor"
 driver = "sim"
 title = "Rocking bioreactor"
 serial_number = "SIM-0002"
-# harvest: the bioreactor stops answering for 5 s (comm-loss)
-transport = {{ interval = 1.0, seed = 2, repeat = 90, outages = [{{ start = 63, duration = 5 }}] }}
-[devices.points.ph]
-parameter = "ph"
-unit = "pH"
-base = 7.1
-noise = 0.01
-# expansion: pH falls to 6.72, past the action limit (6.8): a deviation
-script = [{{ start = 47, duration = 11, action = "set", value = 6.72 }}]
+transport = {{ interval = 1.0, seed = 2, repeat = 90 }}
 [devices.points.do]
 parameter = "do"
 unit = "%-sat"
@@ -98,7 +89,31 @@ parameter = "rocking"
 unit = "rocks/min"
 base = 12.0
 step = 1.0
+
+# A Vaisala GMP251 CO2 probe over Modbus TCP (a simulator in this process, see FAULTS).
+[[devices]]
+id = "co2-probe"
+driver = "vaisala-gmp251"
+serial_number = "SIM-0003"
+transport = {{ host = "127.0.0.1", port = {co2_port}, unit_id = 240 }}
+# the probe reads ppm; the protocol wants %
+points.co2 = {{ parameter = "co2", scale = 0.0001, unit = "%", valid_max = 20.0 }}
+
+# A Hamilton Arc pH sensor over Modbus RTU on a socat pty pair (a simulator in this process).
+[[devices]]
+id = "ph-probe"
+driver = "hamilton-arc-ph"
+serial_number = "SIM-0004"
+transport = {{ serial_port = "{ph_port}" }}
+points.ph = {{ parameter = "ph" }}
 """
+
+# Faults the simulated Modbus devices inject, seconds from the start (as the script above):
+# activation: the CO2 probe restarts and is not ready for 3 s (NaN, status 256: bad quality);
+# expansion: pH falls to 6.72, past the action limit (6.8) for longer than its on-delay;
+# harvest: the pH sensor stops answering for 5 s (comm-loss).
+CO2_FAULTS = ("startup,after=20s,for=3s",)
+PH_FAULTS = ("set,point=ph,value=6.72,after=47s,for=11s", "silence,after=63s,for=5s")
 
 
 def _free_port(preferred: int = 8470) -> int:
@@ -121,7 +136,7 @@ def _shipped_protocols() -> Path:
     raise FileNotFoundError("the example protocols are not installed")
 
 
-def write_demo_site(data_dir: Path) -> Path:
+def write_demo_site(data_dir: Path, *, co2_port: int, ph_port: str) -> Path:
     """Write the demo's site config and protocols into `data_dir`; returns the config path."""
     data_dir.mkdir(parents=True, exist_ok=True)
     protocols = data_dir / "protocols"
@@ -129,8 +144,34 @@ def write_demo_site(data_dir: Path) -> Path:
     for path in _shipped_protocols().glob("*.toml"):
         shutil.copyfile(path, protocols / path.name)
     config = data_dir / "pocd.toml"
-    config.write_text(SITE_TOML.format(port=_free_port()))
+    config.write_text(SITE_TOML.format(port=_free_port(), co2_port=co2_port, ph_port=ph_port))
     return config
+
+
+async def start_simulators(stack: contextlib.AsyncExitStack, data_dir: Path) -> dict[str, Any]:
+    """Start the simulated devices the demo's site talks to over real protocols; they stop
+    with `stack`. Returns where they listen, for `write_demo_site`."""
+    co2 = ModbusSimulator(
+        [unit_from_driver("vaisala-gmp251")], faults=[parse_fault(f) for f in CO2_FAULTS]
+    )
+    await stack.enter_async_context(co2)
+    co2_port = await co2.start_tcp("127.0.0.1", 0)
+
+    ph_link = str((data_dir / "ph-probe.pty").resolve())
+    sim_end = stack.enter_context(pty_pair(ph_link))
+    line = ModbusSettings.model_validate(load_driver("hamilton-arc-ph").defaults)
+    ph = ModbusSimulator(
+        [unit_from_driver("hamilton-arc-ph")], faults=[parse_fault(f) for f in PH_FAULTS]
+    )
+    await stack.enter_async_context(ph)
+    await ph.start_rtu(
+        sim_end,
+        baudrate=line.baudrate,
+        bytesize=line.bytesize,
+        parity=line.parity,
+        stopbits=line.stopbits,
+    )
+    return {"co2_port": co2_port, "ph_port": ph_link}
 
 
 _STYLE = {"normal": "green", "not-monitored": "dim", "no-run": "dim", "no-data": "yellow"}
@@ -170,6 +211,8 @@ def render(daemon: Daemon, started: float) -> Group:
     for column in ("device", "parameter", "value", "unit", "limits", "state"):
         table.add_column(column, justify="right" if column == "value" else "left")
     for p in daemon.points():
+        if p.parameter is None:  # status words and the like: recorded, not watched
+            continue
         if p.quality is Quality.BAD:
             value = Text("BAD", style="red")
         else:
@@ -184,14 +227,44 @@ def render(daemon: Daemon, started: float) -> Group:
 
 def run_demo(*, seconds: float | None, data_dir: str) -> int:
     folder = Path(data_dir)
-    config = write_demo_site(folder)
-    site = load_site(config)
+    folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "pocd.log"
     console = Console()
+    summary: dict[str, Any] = {}
     with log_path.open("a") as log_file:
         configure_logging("info", json=True, stream=log_file)
-        daemon = Daemon(site)
-        summary: dict[str, str] = {}
+        # Ctrl-C completes the run (see _demo) and stops the daemon cleanly.
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_demo(folder, seconds, console, summary))
+    daemon: Daemon | None = summary.get("daemon")
+    if daemon is None:
+        return 1
+    config = summary["config"]
+    me = Path(sys.argv[0]).name if Path(sys.argv[0]).name == "pocd" else "pocd"
+    prog = sys.argv[0] if "/" in sys.argv[0] else me
+    counts = daemon.counts
+    run = summary.get("run", "<run>")
+    print()
+    print(
+        f"Run {run} (batch {summary.get('batch', '-')}) ended: "
+        f"{counts['samples']} samples, {counts['excursions']} excursions, "
+        f"{counts['deviations']} deviations, {sum(daemon.incident_counts.values())} incidents."
+    )
+    print(f"The data is in {daemon.site.store_path} (log: {log_path}).")
+    print("See it with:")
+    print(f"  {prog} run list -c {config}")
+    print(f"  {prog} run show -c {config} {run}")
+    print(f"  {prog} run show -c {config} {run} --json")
+    return 0
+
+
+async def _demo(
+    folder: Path, seconds: float | None, console: Console, summary: dict[str, Any]
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        config = write_demo_site(folder, **await start_simulators(stack, folder))
+        daemon = Daemon(load_site(config))
+        summary["daemon"], summary["config"] = daemon, config
 
         async def script() -> None:
             if daemon.run_record is not None:  # a demo interrupted earlier: close its run
@@ -212,25 +285,8 @@ def run_demo(*, seconds: float | None, data_dir: str) -> int:
                         live.update(render(daemon, started))
                         await asyncio.sleep(0.25)
                 except asyncio.CancelledError:  # Ctrl-C: complete the run, then stop
-                    summary["interrupted"] = "yes"
+                    summary["interrupted"] = True
                 live.update(render(daemon, started))
             await daemon.stop_run("demo-operator")
 
-        # Ctrl-C completes the run (see script) and stops the daemon cleanly.
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_until(daemon, script))
-    me = Path(sys.argv[0]).name if Path(sys.argv[0]).name == "pocd" else "pocd"
-    prog = sys.argv[0] if "/" in sys.argv[0] else me
-    counts = daemon.counts
-    print()
-    print(
-        f"Run {summary.get('run', '-')} (batch {summary.get('batch', '-')}) ended: "
-        f"{counts['samples']} samples, {counts['excursions']} excursions, "
-        f"{counts['deviations']} deviations, {sum(daemon.incident_counts.values())} incidents."
-    )
-    print(f"The data is in {site.store_path} (log: {log_path}).")
-    print("See it with:")
-    print(f"  {prog} run list -c {config}")
-    print(f"  {prog} run show -c {config} {summary.get('run', '<run>')}")
-    print(f"  {prog} run show -c {config} {summary.get('run', '<run>')} --json")
-    return 0
+        await run_until(daemon, script)

@@ -104,6 +104,21 @@ SCENARIOS: dict[str, tuple[dict[str, Limits], list[tuple[Any, ...]], list[tuple[
         [(0, "v", 5), (1, "down"), (20, "tick"), (21, "up"), (22, "v", 5)],
         [("opened", "comm-loss", 1.0), ("closed", "comm-loss", 1.0, 21.0)],
     ),
+    "BAD readings while the device is lost belong to the comm-loss": (
+        {"a": HIGH},
+        [(0, "v", 5), (1, "down"), (2, "bad"), (3, "bad"), (4, "up"), (5, "bad"), (6, "v", 5)],
+        [
+            ("opened", "comm-loss", 1.0),
+            ("closed", "comm-loss", 1.0, 4.0),
+            ("opened", "bad-quality", 5.0),
+            ("closed", "bad-quality", 5.0, 6.0),
+        ],
+    ),
+    "a valid reading ends a comm-loss the transport did not close": (
+        {"a": HIGH},
+        [(0, "v", 5), (1, "down"), (2, "bad"), (3, "v", 5)],
+        [("opened", "comm-loss", 1.0), ("closed", "comm-loss", 1.0, 3.0)],
+    ),
     "critical data loss beyond max_data_loss opens a deviation": (
         {"a": Limits(max_data_loss=10.0, stale_after=2.0)},
         [(0, "v", 5), (1, "down"), (5, "tick"), (12, "tick"), (20, "tick"), (21, "v", 5)],

@@ -428,14 +428,16 @@ class Engine:
         if monitored:
             self._advance(param, t, events)
             self._close_data(param, ExcursionKind.STALE, t, events)
-            self._close_data(param, ExcursionKind.COMM_LOSS, t, events)
         param.seen_t = t
         if sample.quality is Quality.BAD:
             param.quality = Quality.BAD
             param.value, param.value_t = None, t
-            if monitored:
+            # While the device is lost, its BAD readings are the loss itself, not a new fault.
+            if monitored and ExcursionKind.COMM_LOSS not in param.data:
                 self._open_data(param, ExcursionKind.BAD_QUALITY, t, events)
             return events
+        if monitored:
+            self._close_data(param, ExcursionKind.COMM_LOSS, t, events)
         value = sample.value
         if monitored:
             self._close_data(param, ExcursionKind.BAD_QUALITY, t, events)

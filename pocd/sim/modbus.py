@@ -15,15 +15,13 @@ import argparse
 import asyncio
 import contextlib
 import math
-import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +35,7 @@ from pymodbus.simulator import SimData, SimDevice
 
 from pocd.configtypes import parse_duration
 from pocd.settings import Driver, load_driver
+from pocd.sim.pty import pty_pair
 from pocd.transports import Device
 from pocd.transports.modbus.codec import encode
 from pocd.transports.modbus.config import (
@@ -520,7 +519,7 @@ async def _serve(
         else:
             serial_port = args.serial_port
             if args.pty_link:
-                serial_port = stack.enter_context(_pty_pair(args.pty_link))
+                serial_port = stack.enter_context(pty_pair(args.pty_link))
             if not serial_port:
                 raise SystemExit("--transport rtu needs --serial-port or --pty-link")
             await simulator.start_rtu(serial_port, **line)
@@ -528,27 +527,6 @@ async def _serve(
             settings = f"{line['baudrate']} {line['bytesize']}{line['parity']}{line['stopbits']}"
             print(f"modbus rtu simulator on {where} {settings}: {names}", flush=True)
         await stop.wait()
-
-
-@contextlib.contextmanager
-def _pty_pair(link: str) -> Iterator[str]:
-    """A socat pty pair: yields the simulator's end; the other end is linked at `link`."""
-    ours = f"{link}.sim"
-    proc = subprocess.Popen(
-        ["socat", f"pty,raw,echo=0,link={ours}", f"pty,raw,echo=0,link={link}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 5
-        while not (os.path.exists(ours) and os.path.exists(link)):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"socat could not make a pty pair at {link}")
-            time.sleep(0.02)
-        yield ours
-    finally:
-        proc.terminate()
-        proc.wait(timeout=5)
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
