@@ -117,6 +117,10 @@ class _Parameter:
     rate_per_ns: float = math.inf  # max_rate in unit/ns, inf when unlimited
     quiet: bool = True  # nothing pending or open: see Engine._settle
 
+    def checks(self) -> list[_Condition]:
+        """The threshold conditions and the rate condition."""
+        return self.conditions if self.rate is None else [*self.conditions, self.rate]
+
 
 @dataclass(frozen=True, slots=True)
 class ParameterView:
@@ -322,9 +326,7 @@ class Engine:
                 limits=p.limits,
                 open=tuple(e.snapshot.kind for e in self._param_open(p)),
                 pending=tuple(
-                    c.kind
-                    for c in [*p.conditions, *([p.rate] if p.rate else [])]
-                    if c.breach_since is not None and c.excursion is None
+                    c.kind for c in p.checks() if c.breach_since is not None and c.excursion is None
                 ),
             )
             for p in self._params.values()
@@ -362,40 +364,37 @@ class Engine:
     @staticmethod
     def _settle(param: _Parameter) -> None:
         """Recompute whether the fast path may take this parameter's next sample."""
-        param.quiet = not param.data and all(
-            c.breach_since is None
-            for c in [*param.conditions, *([param.rate] if param.rate else [])]
-        )
+        param.quiet = not param.data and all(c.breach_since is None for c in param.checks())
 
     def _open_excursions(self) -> list[_Open]:
         return [e for p in self._params.values() for e in self._param_open(p)]
 
     @staticmethod
     def _param_open(param: _Parameter) -> list[_Open]:
-        found = [c.excursion for c in param.conditions if c.excursion is not None]
-        if param.rate is not None and param.rate.excursion is not None:
-            found.append(param.rate.excursion)
+        found = [c.excursion for c in param.checks() if c.excursion is not None]
         return found + list(param.data.values())
 
-    def _close_all(self, t: int, events: list[EngineEvent]) -> set[tuple[str, ExcursionKind, bool]]:
+    def _close_all(
+        self, t: int, events: list[EngineEvent]
+    ) -> list[tuple[str, ExcursionKind, bool]]:
         """Close every open excursion at `t`; returns what was open (parameter, kind, deviated)
         so that a condition that still holds in the next phase can reopen at once."""
-        carried: set[tuple[str, ExcursionKind, bool]] = set()
+        carried: list[tuple[str, ExcursionKind, bool]] = []
         for param in self._params.values():
             if param.limits.monitored:
                 self._advance(param, t, events)
-            for cond in [*param.conditions, *([param.rate] if param.rate else [])]:
+            for cond in param.checks():
                 if cond.excursion is not None:
-                    carried.add((param.id, cond.kind, cond.excursion.deviated))
+                    carried.append((param.id, cond.kind, cond.excursion.deviated))
                     self._close(param, cond.excursion, cond.clear_since or t, events)
                 cond.excursion, cond.breach_since, cond.clear_since = None, None, None
             for kind, exc in list(param.data.items()):
-                carried.add((param.id, kind, exc.deviated))
+                carried.append((param.id, kind, exc.deviated))
                 self._close_data(param, kind, t, events)
         return carried
 
     def _reopen(
-        self, carried: set[tuple[str, ExcursionKind, bool]], t: int, events: list[EngineEvent]
+        self, carried: list[tuple[str, ExcursionKind, bool]], t: int, events: list[EngineEvent]
     ) -> None:
         for name, kind, deviated in carried:
             param = self._params[name]
@@ -496,7 +495,7 @@ class Engine:
             return
         dt = (t - param.now) / NS
         fresh = param.value is not None and not param.data
-        for cond in [*param.conditions, *([param.rate] if param.rate else [])]:
+        for cond in param.checks():
             if fresh and cond.breach_since is not None and cond.clear_since is None:
                 excess = max(0.0, cond.beyond(cond.held)) * dt
                 if cond.excursion is None:
@@ -507,7 +506,7 @@ class Engine:
                 self._timers(param, cond, t, events)
         for kind, exc in param.data.items():
             self._add_time(param.id, kind, exc.snapshot.start, param.now, t)
-        for cond in [*param.conditions, *([param.rate] if param.rate else [])]:
+        for cond in param.checks():
             if cond.excursion is not None:
                 self._add_time(param.id, cond.kind, cond.excursion.snapshot.start, param.now, t)
         param.now = t
