@@ -225,6 +225,13 @@ def _simulate(args: argparse.Namespace) -> int:
     return code
 
 
+def _certs(args: argparse.Namespace) -> int:
+    """`pocd certs create ...`: OPC UA client certificates (pocd.transports.opcua.certs)."""
+    from pocd.transports.opcua.certs import main as certs_main
+
+    return certs_main(list(args.options))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pocd.demo import run_demo
 
@@ -303,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("driver", help="driver name (drivers/NAME.toml) or path to a .toml")
     simulate.add_argument("options", nargs=argparse.REMAINDER)
     simulate.set_defaults(func=_simulate)
+
+    certs = sub.add_parser(
+        "certs",
+        help="make an OPC UA client certificate: pocd certs create --help",
+        description="Options after `certs` belong to pocd.transports.opcua.certs.",
+    )
+    certs.add_argument("options", nargs=argparse.REMAINDER)
+    certs.set_defaults(func=_certs)
 
     demo = sub.add_parser("demo", help="a simulated CAR-T run with a live view")
     demo.add_argument(

@@ -99,6 +99,7 @@ class TransportSpec:
 TRANSPORTS: Mapping[str, str] = {
     "sim": "pocd.transports.sim",
     "modbus": "pocd.transports.modbus",
+    "opcua": "pocd.transports.opcua",
 }
 
 
