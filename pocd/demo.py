@@ -1,10 +1,10 @@
 """`pocd demo`: a simulated CAR-T run on the embedded store, with a live terminal view.
 
-It starts simulated devices in process (a Modbus TCP CO2 probe, a Modbus RTU pH sensor on a
-socat pty pair, and `sim` devices), writes a site config for them to DATA_DIR/pocd.toml with
-the example protocol, runs the daemon, starts a run, advances a phase every 15 s and lets
-scripted faults provoke an alert excursion, an action deviation, a comm-loss and a
-bad-quality stretch. The
+It starts simulated devices in process (a Thermo CTS Rotea over OPC UA, a Modbus TCP CO2
+probe, a Modbus RTU pH sensor on a socat pty pair, and `sim` devices), writes a site config
+for them to DATA_DIR/pocd.toml with the example protocol, runs the daemon and starts a run.
+The Rotea's step number moves the run to the next phase every 15 s, and scripted faults
+provoke an alert excursion, an action deviation, a comm-loss and a bad-quality stretch. The
 config stays behind so that `pocd run list -c DATA_DIR/pocd.toml` works afterwards.
 """
 
@@ -30,6 +30,7 @@ from pocd.logs import configure_logging
 from pocd.model import Quality
 from pocd.settings import load_driver, load_site
 from pocd.sim.modbus import ModbusSimulator, parse_fault, unit_from_driver
+from pocd.sim.opcua import OpcuaSimulator
 from pocd.sim.pty import pty_pair
 from pocd.transports.modbus import ModbusSettings
 
@@ -90,6 +91,25 @@ unit = "rocks/min"
 base = 12.0
 step = 1.0
 
+# A Thermo CTS Rotea over OPC UA (a simulator in this process): its protocol step number
+# drives the run's phase.
+[[devices]]
+id = "rotea"
+driver = "thermo-rotea"
+serial_number = "SIM-0005"
+transport = {{ endpoint = "{rotea_endpoint}" }}
+
+[run.phase_source]
+device = "rotea"
+point = "protocol_step_number"
+[run.phase_source.phases]
+"1" = "enrichment"
+"2" = "activation"
+"3" = "transduction"
+"4" = "expansion"
+"5" = "harvest"
+"6" = "formulation"
+
 # A Vaisala GMP251 CO2 probe over Modbus TCP (a simulator in this process, see FAULTS).
 [[devices]]
 id = "co2-probe"
@@ -136,7 +156,7 @@ def _shipped_protocols() -> Path:
     raise FileNotFoundError("the example protocols are not installed")
 
 
-def write_demo_site(data_dir: Path, *, co2_port: int, ph_port: str) -> Path:
+def write_demo_site(data_dir: Path, *, co2_port: int, ph_port: str, rotea_endpoint: str) -> Path:
     """Write the demo's site config and protocols into `data_dir`; returns the config path."""
     data_dir.mkdir(parents=True, exist_ok=True)
     protocols = data_dir / "protocols"
@@ -144,13 +164,28 @@ def write_demo_site(data_dir: Path, *, co2_port: int, ph_port: str) -> Path:
     for path in _shipped_protocols().glob("*.toml"):
         shutil.copyfile(path, protocols / path.name)
     config = data_dir / "pocd.toml"
-    config.write_text(SITE_TOML.format(port=_free_port(), co2_port=co2_port, ph_port=ph_port))
+    config.write_text(
+        SITE_TOML.format(
+            port=_free_port(), co2_port=co2_port, ph_port=ph_port, rotea_endpoint=rotea_endpoint
+        )
+    )
     return config
 
 
 async def start_simulators(stack: contextlib.AsyncExitStack, data_dir: Path) -> dict[str, Any]:
     """Start the simulated devices the demo's site talks to over real protocols; they stop
     with `stack`. Returns where they listen, for `write_demo_site`."""
+    # The Rotea first: its server takes a few seconds to start, and the step schedule counts
+    # from when it listens, like the Modbus faults from their simulators' creation just after.
+    steps = [(i * PHASE_SECONDS, i + 1) for i in range(6)]
+    rotea = OpcuaSimulator(
+        load_driver("thermo-rotea"),
+        "opc.tcp://127.0.0.1:0",
+        schedule={"protocol_step_number": steps},
+        interval=0.5,
+    )
+    await stack.enter_async_context(rotea)
+
     co2 = ModbusSimulator(
         [unit_from_driver("vaisala-gmp251")], faults=[parse_fault(f) for f in CO2_FAULTS]
     )
@@ -171,7 +206,7 @@ async def start_simulators(stack: contextlib.AsyncExitStack, data_dir: Path) -> 
         parity=line.parity,
         stopbits=line.stopbits,
     )
-    return {"co2_port": co2_port, "ph_port": ph_link}
+    return {"co2_port": co2_port, "ph_port": ph_link, "rotea_endpoint": rotea.endpoint}
 
 
 _STYLE = {"normal": "green", "not-monitored": "dim", "no-run": "dim", "no-data": "yellow"}
@@ -238,7 +273,8 @@ def run_demo(*, seconds: float | None, data_dir: str) -> int:
             asyncio.run(_demo(folder, seconds, console, summary))
     daemon: Daemon | None = summary.get("daemon")
     if daemon is None:
-        return 1
+        print("The demo stopped before its devices were up; nothing was recorded.")
+        return 0
     config = summary["config"]
     me = Path(sys.argv[0]).name if Path(sys.argv[0]).name == "pocd" else "pocd"
     prog = sys.argv[0] if "/" in sys.argv[0] else me
@@ -273,15 +309,10 @@ async def _demo(
             run = await daemon.start_run(batch, PROTOCOL, None, "demo-operator")
             summary["run"], summary["batch"] = run.id, batch
             started = time.monotonic()
-            phases = [p.id for p in daemon.site.protocol(PROTOCOL).phases]
+            # The phases follow the Rotea's step number (run.phase_source), not this loop.
             with Live(render(daemon, started), console=console, refresh_per_second=4) as live:
                 try:
                     while seconds is None or time.monotonic() - started < seconds:
-                        elapsed = time.monotonic() - started
-                        due = min(int(elapsed // PHASE_SECONDS), len(phases) - 1)
-                        engine = daemon.engine
-                        if engine is not None and engine.phase != phases[due]:
-                            await daemon.advance_phase(phases[due], "demo-operator")
                         live.update(render(daemon, started))
                         await asyncio.sleep(0.25)
                 except asyncio.CancelledError:  # Ctrl-C: complete the run, then stop

@@ -46,7 +46,15 @@ def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(4)
+    store = data / "pocd.sqlite"
+    deadline = time.monotonic() + 30
+    while not (
+        store.exists()
+        and json.loads(cli("run", "list", "-c", str(data / "pocd.toml"), "--json").stdout or "[]")
+    ):
+        assert time.monotonic() < deadline, "the demo's run did not start"
+        time.sleep(0.5)
+    time.sleep(2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
