@@ -100,6 +100,7 @@ TRANSPORTS: Mapping[str, str] = {
     "sim": "pocd.transports.sim",
     "modbus": "pocd.transports.modbus",
     "opcua": "pocd.transports.opcua",
+    "serial": "pocd.transports.serial",
 }
 
 
