@@ -1,7 +1,8 @@
 """`pocd demo`: a simulated CAR-T run on the embedded store, with a live terminal view.
 
 It starts simulated devices in process (a Thermo CTS Rotea over OPC UA, a Modbus TCP CO2
-probe, a Modbus RTU pH sensor on a socat pty pair, and `sim` devices), writes a site config
+probe, a Modbus RTU pH sensor, a Heracell incubator and an MT-SICS balance over serial, each
+serial device on a socat pty pair, and `sim` devices), writes a site config
 for them to DATA_DIR/pocd.toml with the example protocol, runs the daemon and starts a run.
 The Rotea's step number moves the run to the next phase every 15 s, and scripted faults
 provoke an alert excursion, an action deviation, a comm-loss and a bad-quality stretch. The
@@ -32,6 +33,7 @@ from pocd.settings import load_driver, load_site
 from pocd.sim.modbus import ModbusSimulator, parse_fault, unit_from_driver
 from pocd.sim.opcua import OpcuaSimulator
 from pocd.sim.pty import pty_pair
+from pocd.sim.serial import serve as serve_serial
 from pocd.transports.modbus import ModbusSettings
 
 __all__ = ["PHASE_SECONDS", "run_demo", "write_demo_site"]
@@ -110,6 +112,20 @@ point = "protocol_step_number"
 "5" = "harvest"
 "6" = "formulation"
 
+# A Heracell incubator (serial ASCII with checksums) and an MT-SICS balance, each on a socat
+# pty pair (simulators in this process). Their readings are recorded beside the protocol's.
+[[devices]]
+id = "heracell"
+driver = "thermo-heracell"
+serial_number = "SIM-0006"
+transport = {{ port = "{heracell_port}" }}
+
+[[devices]]
+id = "balance"
+driver = "mettler-sics"
+serial_number = "SIM-0007"
+transport = {{ port = "{balance_port}" }}
+
 # A Vaisala GMP251 CO2 probe over Modbus TCP (a simulator in this process, see FAULTS).
 [[devices]]
 id = "co2-probe"
@@ -156,7 +172,7 @@ def _shipped_protocols() -> Path:
     raise FileNotFoundError("the example protocols are not installed")
 
 
-def write_demo_site(data_dir: Path, *, co2_port: int, ph_port: str, rotea_endpoint: str) -> Path:
+def write_demo_site(data_dir: Path, **endpoints: object) -> Path:
     """Write the demo's site config and protocols into `data_dir`; returns the config path."""
     data_dir.mkdir(parents=True, exist_ok=True)
     protocols = data_dir / "protocols"
@@ -164,11 +180,7 @@ def write_demo_site(data_dir: Path, *, co2_port: int, ph_port: str, rotea_endpoi
     for path in _shipped_protocols().glob("*.toml"):
         shutil.copyfile(path, protocols / path.name)
     config = data_dir / "pocd.toml"
-    config.write_text(
-        SITE_TOML.format(
-            port=_free_port(), co2_port=co2_port, ph_port=ph_port, rotea_endpoint=rotea_endpoint
-        )
-    )
+    config.write_text(SITE_TOML.format(port=_free_port(), **endpoints))
     return config
 
 
@@ -206,7 +218,21 @@ async def start_simulators(stack: contextlib.AsyncExitStack, data_dir: Path) -> 
         parity=line.parity,
         stopbits=line.stopbits,
     )
-    return {"co2_port": co2_port, "ph_port": ph_link, "rotea_endpoint": rotea.endpoint}
+    ports: dict[str, Any] = {"co2_port": co2_port, "ph_port": ph_link}
+    for name in ("heracell", "balance"):
+        link = str((data_dir / f"{name}.pty").resolve())
+        sim_end = stack.enter_context(pty_pair(link))
+        driver = "thermo-heracell" if name == "heracell" else "mettler-sics"
+        task = asyncio.create_task(serve_serial(load_driver(driver), sim_end), name=f"sim:{name}")
+        stack.push_async_callback(_cancel, task)
+        ports[f"{name}_port"] = link
+    return {**ports, "rotea_endpoint": rotea.endpoint}
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 _STYLE = {"normal": "green", "not-monitored": "dim", "no-run": "dim", "no-data": "yellow"}
@@ -245,8 +271,10 @@ def render(daemon: Daemon, started: float) -> Group:
     table = Table(expand=False)
     for column in ("device", "parameter", "value", "unit", "limits", "state"):
         table.add_column(column, justify="right" if column == "value" else "left")
-    for p in daemon.points():
-        if p.parameter is None:  # status words and the like: recorded, not watched
+    points = daemon.points()
+    feeding = {p.device for p in points if p.parameter}
+    for p in points:
+        if p.parameter is None and p.device in feeding:  # status words: recorded, not shown
             continue
         if p.quality is Quality.BAD:
             value = Text("BAD", style="red")
