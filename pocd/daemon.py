@@ -336,10 +336,15 @@ class Daemon:
         async with self._flush_lock:
             batch_size = self.site.config.store.batch_size
             failures = 0
-            while self._pending and self.store is not None:
-                batch, self._pending = self._pending[:batch_size], self._pending[batch_size:]
+            # Only what is pending now: readings that arrive meanwhile wait for the next flush,
+            # so a busy daemon commits full batches instead of one fsync per few records.
+            due = len(self._pending)
+            while due > 0 and self.store is not None:
+                size = min(due, batch_size)
+                batch, self._pending = self._pending[:size], self._pending[size:]
                 try:
                     await self._write(batch)
+                    due -= size
                 except Exception as exc:  # disk full, I/O error: keep the data, retry
                     self._pending[:0] = batch
                     failures += 1
