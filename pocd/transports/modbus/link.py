@@ -7,9 +7,9 @@ path of the port)` or `("tcp", host, port)`): the first to `join` opens it, the 
 closes it. Devices on one serial port must agree on the line settings and use distinct unit
 ids; a conflict is a ConfigError when the second device joins.
 
-Reconnection has one owner. pymodbus's reconnect task and its retry loop are switched off
-(reconnect_delay=0, retries=0, a backstop timeout longer than ours); the link connects on
-demand when a read finds it closed, and the runners pace those reads with jittered backoff.
+Reconnection has one owner. pymodbus's reconnect task, its retry loop and its own timeouts
+are switched off (reconnect_delay=0, retries=0, timeout=None); the link connects on demand
+when a read finds it closed, and the runners pace those reads with jittered backoff.
 A read either returns registers or bits, or raises `ModbusReadError` with a fault code:
 "timeout", "crc", "short-response", "garbled", "connection", "modbus-exception-N".
 Nothing here decodes values or builds records.
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Literal
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
@@ -34,9 +36,11 @@ from pocd.transports.modbus.plan import FUNCTION_CODES, Read
 
 __all__ = ["Endpoint", "Link", "ModbusReadError", "Reply", "join", "leave", "links"]
 
-# pymodbus still runs its own wait for every request and connect; ours is always shorter, so
-# this one only matters if ours were bypassed.
-_BACKSTOP = 3600.0
+# pymodbus's own timeout for a response or a connection: none, as every wait here has ours.
+# pymodbus waits with asyncio.wait_for, which with no timeout is a plain await; any timeout,
+# however long, would cost a timer per request (a fifth of the per-read CPU on loopback).
+# pymodbus types it float; None is what wait_for (and pyserial) take for "no timeout".
+_NO_TIMEOUT: Any = None
 # A TCP connection that stays silent for this many requests in a row is closed and reopened:
 # a half-open socket never recovers by itself (pymodbus closes after retries + 3).
 _TCP_SILENT_LIMIT = 3
@@ -121,6 +125,71 @@ class Endpoint:
         return f"rtu {self.address} {self.baudrate} {self.bytesize}{self.parity}{self.stopbits}"
 
 
+class _Timeout:
+    """`with timeout(seconds):` around one attempt, as `asyncio.timeout` but with far fewer
+    timers: the attempt in flight is cancelled when its time is up, and TimeoutError raised.
+
+    A link makes one attempt at a time, and an attempt that answers takes much less than its
+    timeout, so one timer serves many attempts: when it fires before the attempt in flight is
+    due, it is set again for that attempt's deadline. Back-to-back polls on loopback make
+    thousands of attempts a second, and a timer each was about a tenth of the CPU per read.
+    """
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[Any] | None = None  # the attempt in flight
+        self._deadline = 0.0
+        self._cancelling = 0  # the task's pending cancellations when the attempt started
+        self._expired = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    def __call__(self, task: asyncio.Task[Any], seconds: float) -> _Timeout:
+        loop = task.get_loop()
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._deadline = deadline = loop.time() + seconds
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_at = loop.call_at(deadline, self._fire), deadline
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task, self._task = self._task, None
+        if self._expired:
+            self._expired = False
+            assert task is not None
+            # Ours if no one else cancelled the task meanwhile (as asyncio.timeout decides).
+            if task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+                raise TimeoutError from exc
+
+    def release(self) -> None:
+        """Drop the timer, unless an attempt is in flight: that one still needs it."""
+        if self._timer is not None and self._task is None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        task = self._task
+        if task is None:  # between attempts: the next one sets the timer
+            return
+        if self._deadline > self._timer_at:  # set for an attempt that has ended: this one later
+            loop = task.get_loop()
+            self._timer, self._timer_at = loop.call_at(self._deadline, self._fire), self._deadline
+            return
+        self._expired = True
+        task.cancel()
+
+
 class Link:
     """One pymodbus client with its lock; see the module docstring."""
 
@@ -128,6 +197,7 @@ class Link:
         self.endpoint = endpoint
         self.members: dict[str, int] = {}  # device id -> unit id
         self._lock = asyncio.Lock()
+        self._timeout = _Timeout()  # per attempt
         self._pause = endpoint.pause
         self._quiet_until = 0.0
         self._rx = b""  # what arrived during the current attempt, to classify a failed one
@@ -139,7 +209,7 @@ class Link:
                 port=endpoint.port,
                 name=f"pocd {endpoint}",
                 reconnect_delay=0,
-                timeout=_BACKSTOP,
+                timeout=_NO_TIMEOUT,
                 retries=0,
                 trace_packet=self._trace,
             )
@@ -153,16 +223,24 @@ class Link:
                 stopbits=endpoint.stopbits,
                 name=f"pocd {endpoint}",
                 reconnect_delay=0,
-                timeout=_BACKSTOP,
+                timeout=_NO_TIMEOUT,
                 retries=0,
                 trace_packet=self._trace,
             )
+        client = self._client
+        self._calls: dict[str, Callable[..., Any]] = {
+            "holding": client.read_holding_registers,
+            "input": client.read_input_registers,
+            "coil": client.read_coils,
+            "discrete": client.read_discrete_inputs,
+        }
 
     @property
     def connected(self) -> bool:
         return bool(self._client.connected)
 
     def close(self) -> None:
+        self._timeout.release()
         self._client.close()
 
     def _trace(self, sending: bool, data: bytes) -> bytes:
@@ -178,51 +256,52 @@ class Link:
 
         The lock is held across the retries so that a unit's retry is not overtaken on the bus.
         """
-        where = f"{read} unit {unit}"
         faults: list[ModbusReadError] = []
         async with self._lock:
             for attempt in range(retries + 1):
                 try:
-                    values = await self._attempt(device, unit, read, answer_within, where)
+                    values = await self._attempt(device, unit, read, answer_within)
                 except ModbusReadError as fault:
                     faults.append(fault)
                     if fault.retryable and attempt < retries:
                         continue
                     fault.earlier = tuple(faults[:-1])
                     raise
-                return Reply(values, now_ns(), tuple(faults))
+                return Reply(values, now_ns(), tuple(faults) if faults else ())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _attempt(
-        self, device: str, unit: int, read: Read, answer_within: float, where: str
+        self, device: str, unit: int, read: Read, answer_within: float
     ) -> list[int] | list[bool]:
         if not self._client.connected:
-            await self._connect(device, answer_within, where)
+            await self._connect(device, answer_within, _where(read, unit))
         if self._pause:
             wait = self._quiet_until - asyncio.get_running_loop().time()
             if wait > 0:
                 await asyncio.sleep(wait)
         self._rx = b""
+        task = asyncio.current_task()
+        assert task is not None
         try:
-            async with asyncio.timeout(answer_within):
+            with self._timeout(task, answer_within):
                 response = await self._call(read, unit)
         except TimeoutError:
-            raise self._no_answer(device, unit, read, answer_within, where) from None
+            raise self._no_answer(device, unit, read, answer_within) from None
         except ModbusException as exc:  # pymodbus found the connection closed under it
             raise ModbusReadError(
-                f"pymodbus: {exc}", device=device, address=where, code="connection"
+                f"pymodbus: {exc}", device=device, address=_where(read, unit), code="connection"
             ) from None
         finally:
             if self._pause:
                 self._quiet_until = asyncio.get_running_loop().time() + self._pause
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
+        if task.cancelling():
             # pymodbus awaits the response with asyncio.wait_for, which before Python 3.12
             # can swallow a cancellation that arrives with the response (CPython gh-86296):
-            # the runner would then poll on after the daemon cancelled it.
+            # the runner would then poll on after the daemon cancelled it. With no timeout
+            # (_NO_TIMEOUT) that wait is a plain await and cannot; this stays as the guard.
             raise asyncio.CancelledError
         self._silent = 0
-        return self._check(device, unit, read, response, where)
+        return self._check(device, unit, read, response)
 
     async def _connect(self, device: str, answer_within: float, where: str) -> None:
         try:
@@ -237,24 +316,15 @@ class Link:
             )
 
     def _call(self, read: Read, unit: int) -> Any:
-        client = self._client
-        if read.function == "holding":
-            return client.read_holding_registers(read.address, count=read.count, device_id=unit)
-        if read.function == "input":
-            return client.read_input_registers(read.address, count=read.count, device_id=unit)
-        if read.function == "coil":
-            return client.read_coils(read.address, count=read.count, device_id=unit)
-        return client.read_discrete_inputs(read.address, count=read.count, device_id=unit)
+        return self._calls[read.function](read.address, count=read.count, device_id=unit)
 
-    def _check(
-        self, device: str, unit: int, read: Read, response: Any, where: str
-    ) -> list[int] | list[bool]:
+    def _check(self, device: str, unit: int, read: Read, response: Any) -> list[int] | list[bool]:
         if response.isError():
             code = int(getattr(response, "exception_code", 0))
             raise ModbusReadError(
                 f"exception response {code:02d}",
                 device=device,
-                address=where,
+                address=_where(read, unit),
                 code=f"modbus-exception-{code}",
                 answered=True,
                 retryable=code == _BUSY,
@@ -264,7 +334,7 @@ class Link:
             raise ModbusReadError(
                 f"answer to function {response.function_code}",
                 device=device,
-                address=where,
+                address=_where(read, unit),
                 code="garbled",
                 answered=True,
                 retryable=True,
@@ -276,7 +346,7 @@ class Link:
             raise ModbusReadError(
                 f"{len(values)} of {read.count} values in the response",
                 device=device,
-                address=where,
+                address=_where(read, unit),
                 code="short-response",
                 answered=True,
                 retryable=True,
@@ -284,9 +354,8 @@ class Link:
             )
         return values[: read.count]
 
-    def _no_answer(
-        self, device: str, unit: int, read: Read, timeout: float, where: str
-    ) -> ModbusReadError:
+    def _no_answer(self, device: str, unit: int, read: Read, timeout: float) -> ModbusReadError:
+        where = _where(read, unit)
         raw = self._rx
         if not self._client.connected:
             return ModbusReadError(
@@ -328,6 +397,10 @@ class Link:
         data = 2 * read.count if read.function in ("holding", "input") else (read.count + 7) // 8
         pdu = 2 + data  # function code, byte count, data
         return pdu + (3 if self.endpoint.kind == "rtu" else 7)  # unit + CRC, or MBAP header
+
+
+def _where(read: Read, unit: int) -> str:
+    return f"{read} unit {unit}"
 
 
 # --- the registry ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import structlog
 from pocd.errors import ConfigError, ConfigProblem
 from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample
 from pocd.transports import Device, Inbox
-from pocd.transports.modbus.codec import decode
+from pocd.transports.modbus.codec import Decoder, decoder
 from pocd.transports.modbus.config import REGISTER_COUNT, ModbusPoint, ModbusSettings, StatusRule
 from pocd.transports.modbus.link import Link, ModbusReadError, Reply, join, leave
 from pocd.transports.modbus.plan import Read, Span, locate, plan_reads
@@ -33,20 +33,56 @@ _NAN = math.nan
 _GIVE_UP = frozenset({"timeout", "connection"})
 
 
+# What a poll needs of a point or a status rule, worked out once: every poll evaluates every
+# point, and this is most of the runner's time when a device answers fast.
 @dataclass(frozen=True, slots=True)
 class _Rule:
     rule: StatusRule
-    read: int
-    offset: int
+    read: int  # index of the read that covers the status register
+    start: int  # its words are values[start:end] of that read
+    end: int
+    decode: Decoder
+
+    @classmethod
+    def of(cls, point: ModbusPoint, rule: StatusRule, reads: list[Read]) -> _Rule:
+        span = _rule_span(point, rule)
+        read, start = locate(reads, span)
+        decode = decoder(rule.type, rule.word_order, rule.byte_order)
+        return cls(rule, read, start, start + span.count, decode)
 
 
 @dataclass(frozen=True, slots=True)
 class _Slot:
     name: str
     point: ModbusPoint
-    read: int
-    offset: int
+    read: int  # index of the read that covers the point
+    start: int  # its words are values[start:end] of that read
+    end: int
+    decode: Decoder
+    scale: float
+    offset: float
+    sentinels: tuple[float, ...]
+    low: float  # valid range of the scaled value; infinite where the point sets no bound
+    high: float
     rules: tuple[_Rule, ...]
+
+    @classmethod
+    def of(cls, name: str, point: ModbusPoint, reads: list[Read]) -> _Slot:
+        read, start = locate(reads, Span(point.function, point.address, point.count))
+        return cls(
+            name,
+            point,
+            read,
+            start,
+            start + point.count,
+            decoder(point.type, point.word_order, point.byte_order, point.bit),
+            point.scale,
+            point.offset,
+            tuple(point.sentinels),
+            -math.inf if point.valid_min is None else point.valid_min,
+            math.inf if point.valid_max is None else point.valid_max,
+            tuple(_Rule.of(point, rule, reads) for rule in point.status),
+        )
 
 
 def check_device(device: Device) -> list[tuple[str, str]]:
@@ -91,15 +127,7 @@ class ModbusRunner:
             max_registers=settings.max_registers,
             blocks=settings.blocks,
         )
-        self._slots = [
-            _Slot(
-                name,
-                point,
-                *locate(self.reads, Span(point.function, point.address, point.count)),
-                tuple(_Rule(r, *locate(self.reads, _rule_span(point, r))) for r in point.status),
-            )
-            for name, point in points.items()
-        ]
+        self._slots = [_Slot.of(name, point, self.reads) for name, point in points.items()]
         self.counts: Counter[str] = Counter()  # faults by code, for status pages and the bench
         self.polls = 0
         self.skipped_ticks = 0  # grid ticks missed because a poll ran past them
@@ -108,6 +136,11 @@ class ModbusRunner:
         self._failing: set[str] = set()  # fault codes of the last poll, to log changes once
         self._rng = random.Random()
         self._log = structlog.get_logger(__name__).bind(device=device.id)
+        # Read on every request: plain attributes, not lookups through the settings model.
+        self._id = device.id
+        self._unit = settings.unit_id
+        self._timeout = settings.timeout
+        self._retries = settings.retries
 
     async def run(self, inbox: Inbox) -> None:
         link = join(self.device.id, self.settings, source=self.device.driver.source)
@@ -125,7 +158,9 @@ class ModbusRunner:
             answered = await self.poll(link, inbox)
             now = loop.time()
             if interval <= 0:  # back to back, as fast as the device answers (the bench)
-                await asyncio.sleep(0 if answered else self._backoff())
+                # An answered poll has waited for the device, so others have had their turn.
+                if not answered:
+                    await asyncio.sleep(self._backoff())
                 continue
             # Polls are due at start + n * interval, so they never drift; a poll that runs
             # late skips the ticks it missed instead of bunching up behind them.
@@ -150,28 +185,33 @@ class ModbusRunner:
         """Make every planned read once and report. True when the unit answered at all."""
         results: list[Reply | ModbusReadError] = []
         given_up: ModbusReadError | None = None
+        faults = False  # any failed attempt, even one a retry made good
         for read in self.reads:
             if given_up is not None:
                 results.append(given_up)
                 continue
             try:
                 reply = await link.read(
-                    device=self.device.id,
-                    unit=self.settings.unit_id,
+                    device=self._id,
+                    unit=self._unit,
                     read=read,
-                    answer_within=self.settings.timeout,
-                    retries=self.settings.retries,
+                    answer_within=self._timeout,
+                    retries=self._retries,
                 )
             except ModbusReadError as fault:
+                faults = True
                 results.append(fault)
                 if not fault.answered and fault.code in _GIVE_UP:
                     given_up = fault
             else:
+                faults = faults or bool(reply.faults)
                 results.append(reply)
         self.polls += 1
         answered = any(isinstance(r, Reply) or r.answered for r in results)
-        await self._report_comm(inbox, answered, results)
-        await self._report_faults(inbox, results)
+        # A clean poll of a unit that is up with no fault going on has nothing to report.
+        if faults or not self.up or self._failing:
+            await self._report_comm(inbox, answered, results)
+            await self._report_faults(inbox, results)
         for slot in self._slots:
             sample, incident = self._evaluate(slot, results)
             if incident is not None:
@@ -232,14 +272,20 @@ class ModbusRunner:
     def _evaluate(
         self, slot: _Slot, results: list[Reply | ModbusReadError]
     ) -> tuple[Sample, Incident | None]:
-        point = slot.point
-        device = self.device.id
+        device = self._id
         result = results[slot.read]
         if isinstance(result, ModbusReadError):
             return Sample(device, slot.name, result.t, _NAN, Quality.BAD, None, result.code), None
-        words = result.values[slot.offset : slot.offset + point.count]
-        raw = decode(words, point.type, point.word_order, point.byte_order, point.bit)
-        value = raw * point.scale + point.offset
+        words = result.values[slot.start : slot.end]
+        raw = slot.decode(words)
+        value = raw * slot.scale + slot.offset
+        if (
+            not slot.rules
+            and slot.low <= value <= slot.high  # False for NaN
+            and raw not in slot.sentinels
+            and not math.isinf(raw)
+        ):
+            return Sample(device, slot.name, result.t, value), None  # the common case, GOOD
         quality = Quality.GOOD
         reasons: list[str] = []
         data_fault = ""
@@ -249,15 +295,13 @@ class ModbusRunner:
         elif math.isinf(raw):
             quality, data_fault, value = Quality.BAD, "inf", _NAN
             reasons.append("inf")
-        elif raw in point.sentinels:
+        elif raw in slot.sentinels:
             # A sentinel says "no value": it must not reach the record as a number.
             quality, data_fault, value = Quality.BAD, "sentinel", _NAN
             reasons.append(f"sentinel {raw:g}")
-        elif (point.valid_min is not None and value < point.valid_min) or (
-            point.valid_max is not None and value > point.valid_max
-        ):
+        elif not slot.low <= value <= slot.high:
             quality, data_fault = Quality.BAD, "out-of-range"
-            reasons.append(f"outside valid range {_range(point)}")
+            reasons.append(f"outside valid range {_range(slot.point)}")
         for judged in slot.rules:
             rule_quality, reason = _judge(judged, results)
             if rule_quality is not Quality.GOOD:
@@ -288,8 +332,7 @@ def _judge(judged: _Rule, results: list[Reply | ModbusReadError]) -> tuple[Quali
     if isinstance(result, ModbusReadError):
         # The value arrived but what the device says about it did not: not BAD, not trusted.
         return Quality.UNCERTAIN, f"{rule.label} unavailable ({result.code})"
-    words = result.values[judged.offset : judged.offset + REGISTER_COUNT[rule.type]]
-    status = int(decode(words, rule.type, rule.word_order, rule.byte_order))
+    status = int(judged.decode(result.values[judged.start : judged.end]))
     if rule.expect is not None and status != rule.expect:
         return Quality.BAD, f"{rule.label} {status:#x}, expected {rule.expect:#x}"
     if status in rule.bad_values or status & rule.bad_mask:

@@ -1,0 +1,432 @@
+"""Modbus TCP throughput: pocd's transport, engine and store against a bare pymodbus client loop.
+
+One Vaisala GMP251 (driver file as shipped, CO2 scaled to % and fed to the CAR-T protocol's
+`co2` and `temperature` parameters) is polled back to back (`interval = 0`) over Modbus TCP:
+- pocd: `ModbusRunner` -> inbox queue -> `Engine.on_sample` -> pending batch -> `Store.write`
+  in a thread every flush interval, as the daemon does;
+- bare: an `AsyncModbusTcpClient` loop making the same reads (function, address, count, unit).
+Both talk to the same server in another process, on a connection of their own. The default
+server is a minimal Modbus TCP responder (a blocking socket, a fixed register image encoded
+from the driver's signal models) so that it costs far less than either client and the figures
+compare the clients; `--server sim` uses pocd's pymodbus simulator instead, which is slower
+than the clients, so both sides then measure the simulator.
+Rounds alternate between the two sides and the best of each is kept (the machine is shared).
+Prints human lines, then as its last line one JSON object. Target: ratio >= 0.9. Exits 1 if
+it is missed.
+
+Run: .venv/bin/python bench/modbus.py [--seconds S] [--rounds N] [--server raw|sim]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path, and bench/serial.py is named like
+# pyserial's package, which pymodbus imports: it would shadow `serial` for everything below.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymodbus.client import AsyncModbusTcpClient
+
+from pocd.daemon import INBOX_SIZE
+from pocd.engine import Engine, EngineEvent
+from pocd.model import CommStatus, Incident, Quality, Run, Sample, now_ns
+from pocd.settings import load_protocol
+from pocd.sim.modbus import device_from_driver
+from pocd.store import Record, Store
+from pocd.transports import Device
+from pocd.transports.modbus import ModbusPoint, ModbusRunner
+from pocd.transports.modbus.codec import encode
+from pocd.transports.modbus.plan import FUNCTION_CODES, Read
+
+__all__ = ["main"]
+
+TARGET_RATIO = 0.9
+DRIVER = "vaisala-gmp251"
+DEVICE = "incubator-co2"
+PROTOCOL = Path(__file__).resolve().parent.parent / "config/protocols/cart-tct-3.1.toml"
+PHASE = "expansion"
+# As a site config would say it: CO2 in % for the protocol (the probe counts ppm).
+POINTS: dict[str, dict[str, Any]] = {
+    "co2": {"parameter": "co2", "unit": "%", "scale": 1e-4, "valid_max": 20.0},
+    "temperature": {"parameter": "temperature"},
+}
+WARM_UP = 0.2  # seconds of each round not measured: connecting, first reads
+FLUSH_INTERVAL = 0.2  # the daemon's default [store] flush_interval
+BATCH_SIZE = 20_000  # and batch_size
+
+
+def bench_device(host: str, port: int) -> Device:
+    return device_from_driver(
+        DEVICE, DRIVER, transport={"host": host, "port": port, "interval": 0}, points=POINTS
+    )
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+def register_image(points: Sequence[ModbusPoint]) -> dict[int, dict[int, int]]:
+    """Function code -> address -> register (or bit), each point at its signal model's base."""
+    image: dict[int, dict[int, int]] = {code: {} for code in FUNCTION_CODES.values()}
+    for point in points:
+        values = image[FUNCTION_CODES[point.function]]
+        base = point.sim.base if point.sim is not None else 0.0
+        if point.function in ("coil", "discrete"):
+            values[point.address] = int(bool(base))
+            continue
+        raw = (base - point.offset) / point.scale if point.scale else base
+        current = values.get(point.address, 0)
+        words = encode(raw, point.type, point.word_order, point.byte_order, point.bit, current)
+        for i, word in enumerate(words):
+            values[point.address + i] = word
+    return image
+
+
+def answer(image: dict[int, dict[int, int]], request: bytes) -> bytes:
+    """The Modbus TCP response to one read request (function 1-4), or an exception response."""
+    transaction, _, _, unit, function, address, count = struct.unpack(">HHHBBHH", request)
+    if function not in image:
+        pdu = struct.pack(">BB", function | 0x80, 1)
+    elif function in (1, 2):
+        bits = image[function]
+        packed = bytearray((count + 7) // 8)
+        for i in range(count):
+            if bits.get(address + i):
+                packed[i // 8] |= 1 << (i % 8)
+        pdu = struct.pack(">BB", function, len(packed)) + bytes(packed)
+    else:
+        words = image[function]
+        registers = [words.get(a, 0) for a in range(address, address + count)]
+        pdu = struct.pack(f">BB{count}H", function, 2 * count, *registers)
+    return struct.pack(">HHHB", transaction, 0, len(pdu) + 1, unit) + pdu
+
+
+def serve(image: dict[int, dict[int, int]]) -> None:
+    """Answer Modbus TCP reads on 127.0.0.1 until killed; prints the port first. A blocking
+    socket per connection (a thread each) is the cheapest Python server there is."""
+    # End with the bench, even if it is killed: it holds the other end of stdin.
+    threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(listener.getsockname()[1], flush=True)
+    cache: dict[bytes, bytes] = {}
+
+    def connection(sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pending = b""
+        with sock, contextlib.suppress(ConnectionError):  # a client may go mid-request
+            while data := sock.recv(65536):
+                pending += data
+                out = []
+                while len(pending) >= 12:  # every read request is 12 bytes long
+                    request, pending = pending[:12], pending[12:]
+                    key = request[2:]  # all but the transaction id
+                    body = cache.get(key)
+                    if body is None:
+                        body = cache[key] = answer(image, request)[2:]
+                    out.append(request[:2] + body)
+                sock.sendall(b"".join(out))
+
+    while True:
+        sock, _ = listener.accept()
+        threading.Thread(target=connection, args=(sock,), daemon=True).start()
+
+
+@dataclass
+class Server:
+    """The server process, and its CPU time as the kernel counts it."""
+
+    process: subprocess.Popen[str]
+    port: int
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(kind: str) -> Server:
+    if kind == "raw":
+        command = [sys.executable, __file__, "--serve"]
+    else:
+        command = [sys.executable, "-m", "pocd.sim.modbus", DRIVER, "--port", "0"]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        raise SystemExit(f"the {kind} server did not start")
+    # The simulator says "... listening on 127.0.0.1:PORT: ...", the raw server only the port.
+    port = int(line.split("127.0.0.1:")[1].split(":")[0]) if ":" in line else int(line)
+    return Server(process, port)
+
+
+# --- the two clients ------------------------------------------------------------------------
+
+
+@dataclass
+class Pipeline:
+    """What the daemon does with a runner's inbox: the engine, then batches into the store."""
+
+    engine: Engine
+    store: Store
+    inbox: asyncio.Queue[Sample | CommStatus | Incident] = field(
+        default_factory=lambda: asyncio.Queue(INBOX_SIZE)
+    )
+    pending: list[Record] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+
+    async def engine_task(self) -> None:
+        while True:
+            record = await self.inbox.get()
+            try:
+                self.take(record)
+            finally:
+                self.inbox.task_done()
+
+    def take(self, record: Sample | CommStatus | Incident) -> None:
+        if isinstance(record, Sample):
+            self.counts["samples"] += 1
+            if record.quality is not Quality.GOOD:
+                self.counts["not-good samples"] += 1
+            self.pending.append(record)
+            self.emit(self.engine.on_sample(record))
+        elif isinstance(record, CommStatus):
+            self.counts["comm-status"] += 1
+            self.emit(self.engine.on_comm(record))
+        else:
+            self.counts["incidents"] += 1
+            self.pending.append(record)
+
+    def emit(self, events: list[EngineEvent]) -> None:
+        self.counts["events"] += len(events)
+        self.pending.extend(events)
+
+    async def writer_task(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Commit what is pending now; what comes in meanwhile waits for the next flush. (A
+        loop until nothing is pending would commit a few records at a time, fsync each, when
+        readings arrive faster than one commit takes.)"""
+        records, self.pending = self.pending, []
+        for i in range(0, len(records), BATCH_SIZE):
+            await asyncio.to_thread(self.store.write, records[i : i + BATCH_SIZE])
+
+
+@dataclass
+class Measure:
+    reads: int
+    seconds: float
+    cpu: float  # seconds of this process's CPU (all threads)
+    server_cpu: float
+
+    @property
+    def reads_per_s(self) -> float:
+        return self.reads / self.seconds
+
+
+async def measure(server: Server, seconds: float, count: Callable[[], int]) -> Measure:
+    """Reads counted over `seconds`, after a warm-up in which the client connects."""
+    await asyncio.sleep(WARM_UP)
+    if not count():
+        raise SystemExit(f"no reads in the first {WARM_UP} s: is the server answering?")
+    reads0, t0, cpu0, server0 = count(), time.perf_counter(), time.process_time(), server.cpu()
+    await asyncio.sleep(seconds)
+    reads1, t1, cpu1, server1 = count(), time.perf_counter(), time.process_time(), server.cpu()
+    return Measure(reads1 - reads0, t1 - t0, cpu1 - cpu0, server1 - server0)
+
+
+async def pocd_round(
+    device: Device, pipeline: Pipeline, server: Server, seconds: float
+) -> tuple[Measure, ModbusRunner]:
+    runner = ModbusRunner(device)
+    task = asyncio.create_task(runner.run(pipeline.inbox), name=f"device:{device.id}")
+    try:
+        result = await measure(server, seconds, lambda: runner.polls * len(runner.reads))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await pipeline.inbox.join()
+    await pipeline.flush()
+    return result, runner
+
+
+async def bare_round(reads: Sequence[Read], unit: int, server: Server, seconds: float) -> Measure:
+    client = AsyncModbusTcpClient("127.0.0.1", port=server.port)
+    calls: dict[str, Callable[..., Awaitable[Any]]] = {
+        "holding": client.read_holding_registers,
+        "input": client.read_input_registers,
+        "coil": client.read_coils,
+        "discrete": client.read_discrete_inputs,
+    }
+    requests = [(calls[r.function], r.address, r.count) for r in reads]
+    done = 0
+    running = True
+
+    async def loop() -> None:
+        nonlocal done
+        await client.connect()
+        while running:
+            for call, address, count in requests:
+                response = await call(address, count=count, device_id=unit)
+                if response.isError():
+                    raise RuntimeError(f"bare read failed: {response}")
+                done += 1
+
+    # Stopped by a flag, not cancelled: pymodbus waits with asyncio.wait_for, which before
+    # Python 3.12 can swallow a cancellation that arrives with a response (CPython gh-86296).
+    task = asyncio.create_task(loop(), name="bare pymodbus")
+    try:
+        return await measure(server, seconds, lambda: done)
+    finally:
+        running = False
+        await task
+        client.close()
+
+
+@dataclass
+class Outcome:
+    pocd: list[Measure]
+    bare: list[Measure]
+    reads: list[Read]  # one poll's
+    points: int  # samples a poll
+    stored: int  # samples in the store at the end
+    events: int  # from the engine
+
+    @property
+    def best_pocd(self) -> Measure:
+        return max(self.pocd, key=lambda m: m.reads_per_s)
+
+    @property
+    def best_bare(self) -> Measure:
+        return max(self.bare, key=lambda m: m.reads_per_s)
+
+
+async def bench(args: argparse.Namespace, server: Server, tmp: Path) -> Outcome:
+    device = bench_device("127.0.0.1", server.port)
+    protocol = load_protocol(PROTOCOL)
+    sources = {name: (device.id, name) for name in POINTS}
+    t0 = now_ns()
+    run = Run(
+        "bench", "B-1", "bench", "UTC", protocol.id, protocol.version, protocol.hash, "op", t0
+    )
+    engine = Engine(run, protocol, sources)
+    store = Store(tmp / "pocd.db")
+    phases = [p.id for p in protocol.phases]
+    start: list[Record] = [run]
+    for name in phases[: phases.index(PHASE) + 1]:
+        start += engine.enter_phase(name, t0, "bench")
+    store.write(start)
+    pipeline = Pipeline(engine, store)
+    workers = [
+        asyncio.create_task(pipeline.engine_task(), name="engine"),
+        asyncio.create_task(pipeline.writer_task(), name="store-writer"),
+    ]
+    pocd: list[Measure] = []
+    bare: list[Measure] = []
+    faults: Counter[str] = Counter()
+    polls = 0
+    reads: list[Read] = []
+    try:
+        for _ in range(args.rounds):
+            result, runner = await pocd_round(device, pipeline, server, args.seconds)
+            pocd.append(result)
+            faults += runner.counts
+            polls += runner.polls
+            reads = runner.reads
+            bare.append(await bare_round(reads, runner.settings.unit_id, server, args.seconds))
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    stored = store.sample_count()
+    store.close()
+    samples_per_poll = sum(isinstance(p, ModbusPoint) for p in device.points.values())
+    if stored != polls * samples_per_poll or pipeline.counts["samples"] != stored:
+        raise SystemExit(
+            f"{polls} polls of {samples_per_poll} points, {pipeline.counts['samples']} samples "
+            f"through the engine, {stored} stored"
+        )
+    if faults or pipeline.counts["not-good samples"]:
+        raise SystemExit(f"faults in a bench run: {dict(faults)} {dict(pipeline.counts)}")
+    return Outcome(pocd, bare, reads, samples_per_poll, stored, pipeline.counts["events"])
+
+
+def cpu_us(m: Measure) -> float:
+    return 1e6 * m.cpu / m.reads
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.5, help="length of one round")
+    parser.add_argument(
+        "--rounds", type=int, default=8, help="alternate pocd and bare this often, keep the best"
+    )
+    parser.add_argument("--server", choices=("raw", "sim"), default="raw")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        # The probe's own points: it serves ppm, whatever scale the site applies.
+        points = device_from_driver(DEVICE, DRIVER, transport={"host": "-"}).points.values()
+        serve(register_image([p for p in points if isinstance(p, ModbusPoint)]))
+        return 0
+
+    server = start_server(args.server)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pocd-bench-") as tmp:
+            result = asyncio.run(bench(args, server, Path(tmp)))
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=5)
+    best_pocd, best_bare, reads = result.best_pocd, result.best_bare, result.reads
+    ratio = best_pocd.reads_per_s / best_bare.reads_per_s
+    plan = ", ".join(str(r) for r in reads)
+    print(f"{DRIVER} over Modbus TCP, {len(reads)} reads a poll ({plan}), server: {args.server}")
+    print(f"{args.rounds} rounds of {args.seconds:g} s a side, alternating; best of each:")
+    for name, rounds in (("pocd", result.pocd), ("bare", result.bare)):
+        rates = " ".join(f"{m.reads_per_s:,.0f}" for m in rounds)
+        print(f"  {name} rounds: {rates} reads/s")
+    for name, m in (("pocd transport+engine+store", best_pocd), ("bare pymodbus loop", best_bare)):
+        print(
+            f"{name:>28}: {m.reads_per_s:>7,.0f} reads/s  client CPU {m.cpu / m.seconds:.2f} core"
+            f" ({cpu_us(m):.0f} us/read)  server CPU {m.server_cpu / m.seconds:.2f} core"
+        )
+    print(f"{result.stored:,} samples stored, {result.events} engine events")
+    output = {
+        "driver": DRIVER,
+        "server": args.server,
+        "reads_per_poll": len(reads),
+        "pocd_reads_per_s": round(best_pocd.reads_per_s),
+        "pocd_samples_per_s": round(best_pocd.reads_per_s / len(reads) * result.points),
+        "bare_reads_per_s": round(best_bare.reads_per_s),
+        "pocd_cpu_us_per_read": round(cpu_us(best_pocd), 1),
+        "bare_cpu_us_per_read": round(cpu_us(best_bare), 1),
+        "server_cpu_core": round(best_bare.server_cpu / best_bare.seconds, 2),
+        "samples_stored": result.stored,
+        "ratio": round(ratio, 3),
+        "target_ratio": TARGET_RATIO,
+    }
+    print(json.dumps(output))
+    return 0 if ratio >= TARGET_RATIO else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
