@@ -1,4 +1,4 @@
-"""The `pocd` command line: check, serve, status, run, site, demo.
+"""The `pocd` command line: check [--connect], serve, status, run, site, demo.
 
 Exit codes: 0 success, 1 an operation was refused or failed, 2 invalid input (config, usage).
 Control commands (run start|phase|stop, site set, status) talk to the running daemon's API;
@@ -14,10 +14,13 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pocd.errors import ConfigError, PocdError
 from pocd.settings import Site, check_files, load_site
+
+if TYPE_CHECKING:
+    from pocd.sinks import Sink
 
 __all__ = ["main"]
 
@@ -38,7 +41,48 @@ def _check(args: argparse.Namespace) -> int:
         return 2
     for path in args.files:
         print(f"{path}: ok")
+    if args.connect:
+        return asyncio.run(_connect(_sinks_of(args.files)))
     return 0
+
+
+def _sinks_of(paths: Sequence[str]) -> list[tuple[str, Sink]]:
+    """(file, sink) of every sink of the site configs among `paths` (all already checked)."""
+    import tomllib
+
+    from pocd.settings import file_kind
+    from pocd.sinks import build_sinks
+
+    found: list[tuple[str, Sink]] = []
+    for path in paths:
+        with open(path, "rb") as fh:
+            if file_kind(tomllib.load(fh)) != "site":
+                continue
+        site = load_site(path)
+        for settings in site.config.sinks.influxdb:
+            if not settings.enabled:
+                print(f"{path}: sink {settings.name}: disabled (enabled = false), not checked")
+        sinks = build_sinks(site)
+        if not sinks and not site.config.sinks.influxdb:
+            print(f"{path}: no sinks to connect to")
+        found += [(path, sink) for sink in sinks]
+    return found
+
+
+async def _connect(sinks: Sequence[tuple[str, Sink]]) -> int:
+    """Run each sink's healthcheck: 1 if one fails, with the reason on stderr."""
+    from pocd.sinks import SinkError
+
+    failed = False
+    for path, sink in sinks:
+        try:
+            detail = await sink.healthcheck()
+        except SinkError as exc:
+            failed = True
+            print(f"{path}: sink {sink.name}: {exc}", file=sys.stderr)
+        else:
+            print(f"{path}: sink {sink.name}: ok: {detail}")
+    return 1 if failed else 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -279,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate site configs, protocols and driver files")
     check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also reach each sink of the site configs (InfluxDB: /ping or /health); "
+        "exit 1 if one cannot be reached or used",
+    )
     check.set_defaults(func=_check)
 
     serve = with_config(sub.add_parser("serve", help="run the daemon"))

@@ -18,13 +18,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from pocd.configtypes import Duration, StrictModel
 from pocd.errors import ConfigError, ConfigProblem
 from pocd.protocol import Limits, Parameter, Phase, Protocol, ProtocolStatus, canonical_hash
+from pocd.sinks.config import InfluxSettings
 from pocd.transports import TRANSPORTS, Device, DriverInfo, get_transport
 
 __all__ = [
@@ -362,8 +363,31 @@ class DeviceSection(StrictModel):
     points: dict[str, dict[str, Any]] = Field(default_factory=dict)  # over/beside the driver's
 
 
+def _table_or_tables(value: object) -> object:
+    """`[sinks.influxdb]` (one table) reads as `[[sinks.influxdb]]` with one entry."""
+    return [value] if isinstance(value, dict) else value
+
+
 class SinksSection(StrictModel):
-    """Forwarders (InfluxDB, notifications) arrive with later releases; none is accepted yet."""
+    """Forwarders that read the store by cursor (pocd.sinks). `[sinks.influxdb]` forwards to
+    one InfluxDB, `[[sinks.influxdb]]` to several, each with its own `name`."""
+
+    influxdb: Annotated[list[InfluxSettings], BeforeValidator(_table_or_tables)] = Field(
+        default_factory=list
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> SinksSection:
+        seen: dict[str, int] = {}
+        for i, sink in enumerate(self.influxdb):
+            if sink.name in seen:
+                raise ValueError(
+                    f"influxdb[{i}].name: sink name {sink.name!r} is also used by "
+                    f"influxdb[{seen[sink.name]}]; give each sink its own name (it keys the "
+                    "sink's cursor in the store)"
+                )
+            seen[sink.name] = i
+        return self
 
 
 class SiteConfig(StrictModel):

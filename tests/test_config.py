@@ -278,10 +278,21 @@ SITE_CASES = {
         "a duration is a number of seconds or a string like '90s', '5m', '1h30m', '250ms' "
         "(got True)",
     ),
-    "sinks-not-accepted-yet": Bad(
+    "influxdb-sink-without-api": Bad(
         ((None, '\n[sinks.influxdb]\nurl = "http://127.0.0.1:8086"\n'),),
-        "sinks.influxdb",
-        "unknown key (this table takes no keys)",
+        "sinks.influxdb[0].api",
+        "required key is missing",
+    ),
+    "influxdb-password-in-the-config-text": Bad(
+        (
+            (
+                None,
+                '\n[sinks.influxdb]\nurl = "http://127.0.0.1:8086"\napi = "v1"\n'
+                'database = "pocd"\nusername = "u"\npassword = "hunter2"\n',
+            ),
+        ),
+        "sinks.influxdb[0].password",
+        "secrets never go in the config text",
     ),
     "device-not-a-table": Bad(
         ((DEVICES, ""), ("[site]", 'devices = ["pump"]\n[site]')),

@@ -5,6 +5,21 @@ Nothing outside this package writes SQL against the store file.
 """
 
 from pocd.store.schema import SCHEMA_VERSION
-from pocd.store.sqlite import AmbiguousRunError, Record, Store
+from pocd.store.sqlite import (
+    SAMPLE_KEY_BITS,
+    AmbiguousRunError,
+    Change,
+    Record,
+    SampleRow,
+    Store,
+)
 
-__all__ = ["SCHEMA_VERSION", "AmbiguousRunError", "Record", "Store"]
+__all__ = [
+    "SAMPLE_KEY_BITS",
+    "SCHEMA_VERSION",
+    "AmbiguousRunError",
+    "Change",
+    "Record",
+    "SampleRow",
+    "Store",
+]

@@ -195,7 +195,49 @@ INSERT INTO sample_blocks (block, t_min, t_max)
     SELECT id >> {BLOCK_BITS}, min(t), max(t) FROM samples GROUP BY id >> {BLOCK_BITS};
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2)
+# v3: what the forwarders (pocd.sinks) need. `cursors` holds each sink's positions; a sink
+# advances them only after the far side confirmed. Samples are cursored by their rowid.
+# Runs and excursions change in place, so a rowid cannot say what changed since a cursor:
+# triggers append to `outbox` in the transaction that inserts or updates a run, phase
+# change, excursion or deviation, and a sink cursors the outbox instead. An outbox row names
+# the record (the phases rowid for a phase change); the sink reads its current state, so
+# several changes of one excursion forward as one point. Existing records are backfilled so a
+# migrated store forwards its history too.
+_V3: Final = """
+CREATE TABLE cursors (
+    sink TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (sink, stream)
+) WITHOUT ROWID;
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    ref TEXT NOT NULL
+);
+CREATE TRIGGER runs_outbox_insert AFTER INSERT ON runs
+BEGIN INSERT INTO outbox (kind, ref) VALUES ('run', NEW.id); END;
+CREATE TRIGGER runs_outbox_update AFTER UPDATE ON runs
+BEGIN INSERT INTO outbox (kind, ref) VALUES ('run', NEW.id); END;
+CREATE TRIGGER phases_outbox_insert AFTER INSERT ON phases
+BEGIN INSERT INTO outbox (kind, ref) VALUES ('phase', NEW.id); END;
+CREATE TRIGGER excursions_outbox_insert AFTER INSERT ON excursions
+BEGIN INSERT INTO outbox (kind, ref) VALUES ('excursion', NEW.id); END;
+CREATE TRIGGER excursions_outbox_update AFTER UPDATE ON excursions
+BEGIN INSERT INTO outbox (kind, ref) VALUES ('excursion', NEW.id); END;
+CREATE TRIGGER deviations_outbox_insert AFTER INSERT ON deviations
+BEGIN INSERT INTO outbox (kind, ref) VALUES ('deviation', NEW.id); END;
+INSERT INTO outbox (kind, ref) SELECT 'run', id FROM runs ORDER BY rowid;
+INSERT INTO outbox (kind, ref) SELECT 'phase', id FROM phases ORDER BY rowid;
+INSERT INTO outbox (kind, ref) SELECT 'excursion', id FROM excursions ORDER BY rowid;
+INSERT INTO outbox (kind, ref) SELECT 'deviation', id FROM deviations ORDER BY rowid;
+CREATE TRIGGER outbox_no_update BEFORE UPDATE ON outbox
+BEGIN SELECT RAISE(ABORT, 'outbox is append-only: UPDATE refused'); END;
+CREATE TRIGGER outbox_no_delete BEFORE DELETE ON outbox
+BEGIN SELECT RAISE(ABORT, 'outbox is append-only: DELETE refused'); END;
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

@@ -17,6 +17,11 @@ forwarders: rows are never deleted, so rowids only grow. There is no index on sa
 windows use the block ranges in `sample_blocks` and the latest sample of each channel is kept
 in `channel_latest`, both updated by each write (see pocd.store.schema).
 
+Forwarders (pocd.sinks) read through their own connection: samples by rowid in the raw shape
+of `sample_rows`, and the changes to runs, phases, excursions and deviations through the
+outbox that triggers append to in the same transaction (`changes`); they keep their cursors
+here (`advance_cursors`, never backwards, with the incidents they raised on the way).
+
 Records read back as they were written, with two exceptions that SQLite imposes: it stores a
 NaN float as NULL, so a NaN limit or worst value reads back as None (a sample value and an
 integral read back as NaN), and -0.0 stored in a REAL column reads back as 0.0.
@@ -31,10 +36,10 @@ import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypeAlias
+from typing import Any, Final, Self, TypeAlias, cast
 
 from pocd.errors import RunError, StoreError
 from pocd.model import (
@@ -55,9 +60,15 @@ from pocd.model import (
 )
 from pocd.store import schema
 
-__all__ = ["AmbiguousRunError", "Record", "Store"]
+__all__ = ["SAMPLE_KEY_BITS", "AmbiguousRunError", "Change", "Record", "SampleRow", "Store"]
 
 Record: TypeAlias = Sample | ExcursionEvent | Deviation | Incident | Run | PhaseChange | AuditEntry
+# What a forwarder reads from the outbox: the current state of a changed record.
+Change: TypeAlias = Run | PhaseChange | Excursion | Deviation
+# A sample as the forwarders read it (see Store.sample_rows): (channel code << 32 | quality
+# code, value or None for NaN, receive time as decimal text).
+SampleRow: TypeAlias = tuple[int, float | None, str]
+SAMPLE_KEY_BITS: Final = 32
 
 # Rows per multi-row INSERT. Measured with 20,000-sample batches: 1 row/statement ~0.5M rows/s,
 # 100 ~0.9M, 500 ~1.0M, 2000 ~1.05M; 500 keeps statements (2,500 parameters) modest.
@@ -416,22 +427,15 @@ class Store:
         )
         return _run(rows[0]) if rows else None
 
-    def phases(self, run_id: str) -> list[PhaseChange]:
-        rows = self._query(
-            f"SELECT {_PHASE_COLUMNS} FROM phases WHERE run_id = ? ORDER BY id", (run_id,)
-        )
-        return [
-            PhaseChange(
-                run_id=r[0],
-                t=r[1],
-                phase=r[2],
-                previous=r[3],
-                actor=r[4],
-                in_order=bool(r[5]),
-                reason=r[6],
+    def phases(self, run_id: str | None = None) -> list[PhaseChange]:
+        """The phase changes of one run, or of every run, in the order they were recorded."""
+        if run_id is None:
+            rows = self._query(f"SELECT {_PHASE_COLUMNS} FROM phases ORDER BY id")
+        else:
+            rows = self._query(
+                f"SELECT {_PHASE_COLUMNS} FROM phases WHERE run_id = ? ORDER BY id", (run_id,)
             )
-            for r in rows
-        ]
+        return [_phase(r) for r in rows]
 
     def excursions(self, run_id: str | None = None) -> list[Excursion]:
         """Excursions in the order they opened, of one run or of all."""
@@ -460,19 +464,7 @@ class Store:
                 f"SELECT {_DEVIATION_COLUMNS} FROM deviations WHERE run_id = ? ORDER BY rowid",
                 (run_id,),
             )
-        return [
-            Deviation(
-                id=r[0],
-                run_id=r[1],
-                t=r[2],
-                cause=DeviationCause(r[3]),
-                phase=r[4],
-                description=r[5],
-                parameter=r[6],
-                excursion_id=r[7],
-            )
-            for r in rows
-        ]
+        return [_deviation(r) for r in rows]
 
     def incidents(self, since: int | None = None) -> list[Incident]:
         """Incidents in the order they were recorded; with `since`, those at t >= since."""
@@ -616,6 +608,156 @@ class Store:
         )
         return {(device, point): t for device, point, t in rows}
 
+    # -- forwarders (pocd.sinks): cursors, raw sample rows, the outbox -----------------------
+
+    def sample_codes(self) -> tuple[dict[int, tuple[str, str]], dict[int, tuple[Quality, str]]]:
+        """The codes of `sample_rows`: channel -> (device, point), quality -> (quality, reason).
+
+        Read afresh from the file, so codes another connection added since are included.
+        """
+        with self._lock:
+            self._check_open()
+            self._load_codes()
+            self._codes_stale = False
+            return dict(self._channels), dict(self._qualities)
+
+    def sample_rows(self, first: int, last: int) -> list[SampleRow]:
+        """The samples with rowid first..last, in rowid order, as the forwarders read them:
+        (channel code << 32 | quality code, value or None for NaN, t as decimal text).
+
+        The forwarders' hot path, shaped for it: three objects per row instead of a `Sample`
+        (which costs more to build than to encode), one key for the channel and quality
+        together (resolved by the caller through `sample_codes`, once per pair), and the time
+        as the text every wire format writes, made by SQLite. Rowids have no gaps (a batch
+        takes max+1 onwards and nothing is deleted), so row i is the sample with rowid
+        first + i.
+        """
+        rows = self._query(
+            f"SELECT ch << {SAMPLE_KEY_BITS} | q, v, CAST(t AS TEXT) FROM samples "
+            "WHERE id BETWEEN ? AND ? ORDER BY id",
+            (first, last),
+        )
+        return cast("list[SampleRow]", rows)
+
+    def sample_time_range(self, first: int, last: int) -> tuple[int, int] | None:
+        """(min t, max t) of the samples with rowid first..last; None if there are none."""
+        low, high = self._query(
+            "SELECT min(t), max(t) FROM samples WHERE id BETWEEN ? AND ?", (first, last)
+        )[0]
+        return None if low is None else (int(low), int(high))
+
+    def sample_time(self, rowid: int) -> int | None:
+        """The receive time of the sample with that rowid; None if there is none (yet)."""
+        rows = self._query("SELECT t FROM samples WHERE id = ?", (rowid,))
+        return int(rows[0][0]) if rows else None
+
+    def change_count(self) -> int:
+        """The id of the latest outbox entry (0 when there is none)."""
+        return int(self._query("SELECT coalesce(max(id), 0) FROM outbox")[0][0])
+
+    def changes(self, after: int, limit: int) -> list[tuple[int, Change]]:
+        """(outbox id, the record as it is now) of up to `limit` changes after outbox id `after`.
+
+        The outbox is appended to by triggers in the transaction that changed the record (see
+        pocd.store.schema, v3). A record changed several times appears once per change, each
+        time in its current state.
+        """
+        rows = self._query(
+            "SELECT id, kind, ref FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        refs: dict[str, set[str]] = {}
+        for _, kind, ref in rows:
+            refs.setdefault(kind, set()).add(str(ref))
+        found: dict[tuple[str, str], Change] = {}
+        for kind, keys in refs.items():
+            ordered = sorted(keys)
+            for i in range(0, len(ordered), _ROWS_PER_INSERT):
+                chunk = ordered[i : i + _ROWS_PER_INSERT]
+                found.update(self._changed(kind, chunk))
+        try:
+            return [(outbox_id, found[(kind, str(ref))]) for outbox_id, kind, ref in rows]
+        except KeyError as e:
+            raise StoreError(f"{self.path}: outbox entry {e.args[0]} names no record") from None
+
+    def _changed(self, kind: str, keys: list[str]) -> dict[tuple[str, str], Change]:
+        marks = ", ".join("?" * len(keys))
+        if kind == "run":
+            rows = self._query(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id IN ({marks})", keys)
+            return {(kind, r[0]): _run(r) for r in rows}
+        if kind == "phase":
+            rows = self._query(
+                f"SELECT id, {_PHASE_COLUMNS} FROM phases WHERE id IN ({marks})",
+                [int(k) for k in keys],
+            )
+            return {(kind, str(r[0])): _phase(r[1:]) for r in rows}
+        if kind == "excursion":
+            rows = self._query(
+                f"SELECT {_EXCURSION_COLUMNS} FROM excursions WHERE id IN ({marks})", keys
+            )
+            return {(kind, r[0]): _excursion(r) for r in rows}
+        if kind == "deviation":
+            rows = self._query(
+                f"SELECT {_DEVIATION_COLUMNS} FROM deviations WHERE id IN ({marks})", keys
+            )
+            return {(kind, r[0]): _deviation(r) for r in rows}
+        raise StoreError(f"{self.path}: outbox entry of unknown kind {kind!r}")
+
+    def cursors(self, sink: str) -> dict[str, int]:
+        """stream -> position of one sink's cursors; a stream never advanced is absent."""
+        rows = self._query("SELECT stream, position FROM cursors WHERE sink = ?", (sink,))
+        return {stream: int(position) for stream, position in rows}
+
+    def advance_cursors(
+        self, sink: str, positions: Mapping[str, int], incidents: Sequence[Incident] = ()
+    ) -> None:
+        """Move a sink's cursors forward and store `incidents` with them, in one transaction.
+
+        A sink calls this only for what the far side confirmed; the incidents are what it set
+        aside on the way (a rejected point), so they cannot be lost while the cursor moves past
+        them. StoreError, and nothing stored, if a cursor would move back.
+        """
+        incident_rows = [_incident_row(i) for i in incidents]
+        with self._lock:
+            self._check_open()
+            if self.readonly:
+                raise StoreError(f"{self.path}: store opened read-only, cannot write")
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                current = db.execute(
+                    "SELECT stream, position FROM cursors WHERE sink = ?", (sink,)
+                ).fetchall()
+                self._refuse_backwards(sink, dict(current), positions)
+                db.executemany(
+                    "INSERT INTO cursors (sink, stream, position) VALUES (?, ?, ?) "
+                    "ON CONFLICT (sink, stream) DO UPDATE SET position = excluded.position",
+                    [(sink, stream, position) for stream, position in positions.items()],
+                )
+                if incident_rows:
+                    db.executemany(_INSERT_INCIDENT, incident_rows)
+                db.execute("COMMIT")
+            except BaseException as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(
+                        f"{self.path}: cursors of sink {sink!r} not stored: {e}"
+                    ) from e
+                raise
+
+    def _refuse_backwards(
+        self, sink: str, current: Mapping[str, int], positions: Mapping[str, int]
+    ) -> None:
+        back = [
+            f"{stream} {current[stream]} -> {position}"
+            for stream, position in positions.items()
+            if position < current.get(stream, position)
+        ]
+        if back:
+            raise StoreError(
+                f"{self.path}: cursors of sink {sink!r} cannot move back: {', '.join(back)}"
+            )
+
 
 def _other_rows(records: list[Record]) -> list[tuple[str, list[Row]]]:
     """The statement and parameter rows of every record that is not a sample."""
@@ -682,8 +824,7 @@ def _other_rows(records: list[Record]) -> list[tuple[str, list[Row]]]:
                     )
                 )
             case Incident():
-                i = record
-                incidents.append((i.t, i.kind.value, i.code, i.source, i.message, bytes(i.raw)))
+                incidents.append(_incident_row(record))
             case AuditEntry():
                 a = record
                 details = json.dumps(a.details, sort_keys=True, ensure_ascii=False)
@@ -725,6 +866,35 @@ def _block_ranges(times: list[Any], first_id: int) -> list[Row]:
         part = times[low:high]
         ranges.append((block, min(part), max(part)))
     return ranges
+
+
+def _phase(r: Row) -> PhaseChange:
+    return PhaseChange(
+        run_id=r[0],
+        t=r[1],
+        phase=r[2],
+        previous=r[3],
+        actor=r[4],
+        in_order=bool(r[5]),
+        reason=r[6],
+    )
+
+
+def _deviation(r: Row) -> Deviation:
+    return Deviation(
+        id=r[0],
+        run_id=r[1],
+        t=r[2],
+        cause=DeviationCause(r[3]),
+        phase=r[4],
+        description=r[5],
+        parameter=r[6],
+        excursion_id=r[7],
+    )
+
+
+def _incident_row(i: Incident) -> Row:
+    return (i.t, i.kind.value, i.code, i.source, i.message, bytes(i.raw))
 
 
 def _run(r: Row) -> Run:

@@ -1,0 +1,290 @@
+"""The InfluxDB line-protocol encoder, the run/phase timeline, and the store's forwarder API
+(cursors, outbox): plain values and real SQLite files, no InfluxDB needed."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pocd.errors import StoreError
+from pocd.model import (
+    NS,
+    Deviation,
+    DeviationCause,
+    Excursion,
+    ExcursionChange,
+    ExcursionEvent,
+    ExcursionKind,
+    Incident,
+    IncidentKind,
+    PhaseChange,
+    Quality,
+    Run,
+    RunStatus,
+    Sample,
+)
+from pocd.sinks.lineprotocol import (
+    SampleEncoder,
+    Timeline,
+    encode_change,
+    field_string,
+    tag_value,
+)
+from pocd.store import SAMPLE_KEY_BITS, SampleRow, Store, schema
+
+T0 = 1_767_225_600 * NS
+
+
+def make_run(run_id: str = "r1", started: int = T0, ended: int | None = None) -> Run:
+    return Run(
+        id=run_id,
+        batch_id=f"B {run_id}",
+        site_id="s",
+        timezone="Europe/London",
+        protocol_id="CART-TCT",
+        protocol_version="3.1",
+        protocol_hash="ab" * 32,
+        operator="alice",
+        started=started,
+        status=RunStatus.RUNNING if ended is None else RunStatus.COMPLETED,
+        ended=ended,
+    )
+
+
+def test_tag_and_string_escaping() -> None:
+    assert tag_value("plain-id_1.2") == "plain-id_1.2"
+    assert tag_value("B 0042,x=y") == "B\\ 0042\\,x\\=y"
+    # a backslash cannot be escaped in a 1.x tag and a trailing one breaks the line
+    assert tag_value("a\\b\n") == "a/b\\ "
+    assert field_string('say "hi"\\\nnext') == '"say \\"hi\\"\\\\\\nnext"'
+
+
+def test_timeline_segments_by_run_and_phase() -> None:
+    runs = [make_run("r1", T0, T0 + 100), make_run("r2", T0 + 200)]
+    phases = [
+        PhaseChange("r1", T0, "enrichment", None, "op"),
+        PhaseChange("r1", T0 + 50, "activation", "enrichment", "op"),
+        PhaseChange("r2", T0 + 200, "enrichment", None, "op"),
+    ]
+    timeline = Timeline(runs, phases)
+    assert timeline.at(T0 - 1) is None
+    first = timeline.at(T0 + 49)
+    assert first is not None
+    assert (first.run, first.batch, first.phase) == ("r1", "B r1", "enrichment")
+    second = timeline.at(T0 + 50)
+    assert second is not None and second.phase == "activation"
+    assert timeline.at(T0 + 100) is None  # the run ended
+    third = timeline.at(T0 + 10**12)
+    assert third is not None and third.run == "r2"  # still running
+    assert timeline.covering(T0, T0 + 49) == (True, first)
+    assert timeline.covering(T0 + 40, T0 + 60) == (False, None)
+    assert timeline.covering(T0 + 120, T0 + 150) == (True, None)  # in the gap
+    assert timeline.covering(T0 + 120, T0 + 250)[0] is False
+
+
+def test_a_run_left_running_by_a_crash_ends_where_the_next_begins() -> None:
+    timeline = Timeline([make_run("r1", T0), make_run("r2", T0 + 100)], [])
+    at = timeline.at(T0 + 99)
+    assert at is not None and at.run == "r1"
+    at = timeline.at(T0 + 100)
+    assert at is not None and at.run == "r2"
+
+
+def row(channel: int, quality: int, value: float | None, t: int) -> SampleRow:
+    return (channel << SAMPLE_KEY_BITS | quality, value, str(t))
+
+
+def test_sample_lines() -> None:
+    encoder = SampleEncoder("site 1", {("bio", "ph"): "ph"})
+    encoder.set_codes(
+        {1: ("bio", "ph"), 2: ("bio", "raw,count")},
+        {0: (Quality.GOOD, ""), 3: (Quality.BAD, "nan"), 4: (Quality.UNCERTAIN, 'say "x"')},
+    )
+    run = make_run("r1", T0)
+    encoder.set_timeline(Timeline([run], [PhaseChange("r1", T0, "expansion", None, "op")]))
+    rows = [row(1, 0, 7.1, T0 - 5), row(1, 0, 7.25, T0 + 5), row(2, 3, None, T0 + 6)]
+    rows.append(row(2, 4, 1e-05, T0 + 7))
+    assert encoder.encode(rows, (T0 - 5, T0 + 7)) == [
+        f"pocd_sample,device=bio,parameter=ph,point=ph,site=site\\ 1 quality=0i,value=7.1 {T0 - 5}",
+        "pocd_sample,batch=B\\ r1,device=bio,parameter=ph,phase=expansion,point=ph,run=r1,"
+        f"site=site\\ 1 quality=0i,value=7.25 {T0 + 5}",
+        "pocd_sample,batch=B\\ r1,device=bio,phase=expansion,point=raw\\,count,run=r1,"
+        f'site=site\\ 1 quality=2i,reason="nan" {T0 + 6}',
+        "pocd_sample,batch=B\\ r1,device=bio,phase=expansion,point=raw\\,count,run=r1,"
+        f'site=site\\ 1 quality=1i,reason="say \\"x\\"",value=1e-05 {T0 + 7}',
+    ]
+    # one segment for the whole batch: the same lines by the fast path
+    assert encoder.encode(rows[1:], (T0 + 5, T0 + 7)) == encoder.encode(rows, (T0 - 5, T0 + 7))[1:]
+    with pytest.raises(KeyError):  # a channel interned since: the caller refreshes the codes
+        encoder.encode([row(9, 0, 1.0, T0)], (T0, T0))
+
+
+def test_values_keep_every_bit() -> None:
+    encoder = SampleEncoder("s", {})
+    encoder.set_codes({1: ("d", "p")}, {0: (Quality.GOOD, "")})
+    values = [0.1 + 0.2, -0.0, 1e300, 5e-324, 123456789.123456789, 37.0, math.pi]
+    rows = [row(1, 0, v, T0 + i) for i, v in enumerate(values)]
+    lines = encoder.encode(rows, (T0, T0 + len(values)))
+    parsed = [float(line.split("value=")[1].split(" ")[0]) for line in lines]
+    assert [math.copysign(1, v) for v in parsed] == [math.copysign(1, v) for v in values]
+    assert parsed == values
+
+
+def test_changes_are_points_keyed_by_what_never_changes() -> None:
+    batches = {"r1": "B-1"}
+    opened = Excursion(
+        "e1",
+        "r1",
+        "temperature",
+        ExcursionKind.ACTION_HIGH,
+        "CART-TCT",
+        "3.1",
+        "expansion",
+        38.0,
+        T0,
+        worst=38.4,
+        integral=math.nan,
+    )
+    closed = Excursion(
+        "e1",
+        "r1",
+        "temperature",
+        ExcursionKind.ACTION_HIGH,
+        "CART-TCT",
+        "3.1",
+        "expansion",
+        38.0,
+        T0,
+        T0 + 90 * NS,
+        38.9,
+        12.5,
+    )
+    line_open = encode_change("s", opened, batches)
+    line_closed = encode_change("s", closed, batches)
+    key = (
+        "pocd_excursion,batch=B-1,kind=action-high,parameter=temperature,phase=expansion,"
+        "run=r1,site=s"
+    )
+    assert line_open == (
+        f'{key} id="e1",open=true,limit=38.0,worst=38.4,protocol="CART-TCT",'
+        f'protocol_version="3.1" {T0}'
+    )
+    assert line_closed.startswith(f'{key} id="e1",open=false,end={T0 + 90 * NS}i,duration_s=90.0,')
+    assert line_closed.endswith(f" {T0}")
+    deviation = Deviation(
+        "d1", "r1", T0 + 5, DeviationCause.PHASE_ORDER, "harvest", 'skipped "expansion"\nby op'
+    )
+    assert encode_change("s", deviation, batches) == (
+        "pocd_deviation,batch=B-1,cause=phase-order,phase=harvest,run=r1,site=s "
+        f'id="d1",status="open",description="skipped \\"expansion\\"\\nby op" {T0 + 5}'
+    )
+    run = make_run("r1", T0, T0 + 10)
+    assert encode_change("s", run, batches) == (
+        "pocd_run,batch=B\\ r1,protocol=CART-TCT,protocol_version=3.1,run=r1,site=s "
+        f'status="completed",operator="alice",protocol_hash="{"ab" * 32}",'
+        f'timezone="Europe/London",ended={T0 + 10}i {T0}'
+    )
+    change = PhaseChange("r1", T0 + 3, "activation", "enrichment", "op", in_order=False, reason="r")
+    assert encode_change("s", change, batches) == (
+        "pocd_phase,batch=B-1,phase=activation,run=r1,site=s "
+        f'previous="enrichment",actor="op",in_order=false,reason="r" {T0 + 3}'
+    )
+
+
+# -- the store's side: outbox, cursors, raw rows ------------------------------------------------
+
+
+def test_the_outbox_records_every_change_in_the_same_transaction(tmp_path: Path) -> None:
+    run = make_run("r1", T0)
+    opened = Excursion(
+        "e1", "r1", "ph", ExcursionKind.BAD_QUALITY, "CART-TCT", "3.1", "expansion", None, T0
+    )
+    deviation = Deviation("d1", "r1", T0, DeviationCause.DATA_LOSS, "expansion", "lost")
+    with Store(tmp_path / "s.db") as store:
+        assert store.change_count() == 0
+        store.write([run, PhaseChange("r1", T0, "expansion", None, "op")])
+        store.write([ExcursionEvent(ExcursionChange.OPENED, opened), Sample("d", "p", T0, 1.0)])
+        closed = replace(opened, end=T0 + NS)
+        store.write([ExcursionEvent(ExcursionChange.CLOSED, closed), deviation])
+        ended = replace(run, status=RunStatus.COMPLETED, ended=T0 + 2 * NS)
+        store.write([ended])
+        changes = store.changes(0, 100)
+        assert [i for i, _ in changes] == [1, 2, 3, 4, 5, 6]
+        # each entry reads the record as it is now
+        assert [c for _, c in changes] == [
+            ended,
+            PhaseChange("r1", T0, "expansion", None, "op"),
+            closed,
+            closed,
+            deviation,
+            ended,
+        ]
+        assert store.changes(4, 1) == [(5, deviation)]
+        assert store.change_count() == 6
+        # a failed batch leaves no outbox entry behind
+        with pytest.raises(StoreError):
+            store.write([deviation])  # duplicate id
+        assert store.change_count() == 6
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            store._db.execute("DELETE FROM outbox")
+
+
+def test_cursors_only_move_forward_and_carry_incidents(tmp_path: Path) -> None:
+    incident = Incident(T0, IncidentKind.DATA, "influx-rejected", "sink:x", "bad", b"m v=inf 1")
+    with Store(tmp_path / "s.db") as store:
+        assert store.cursors("x") == {}
+        store.advance_cursors("x", {"samples": 10, "events": 2}, [incident])
+        store.advance_cursors("y", {"samples": 3})
+        assert store.cursors("x") == {"samples": 10, "events": 2}
+        assert store.incidents() == [incident]
+        with pytest.raises(StoreError, match="cannot move back: samples 10 -> 9"):
+            store.advance_cursors("x", {"samples": 9, "events": 5}, [incident])
+        assert store.cursors("x") == {"samples": 10, "events": 2}  # nothing of it kept
+        assert store.incidents() == [incident]
+
+
+def test_sample_rows_are_the_raw_columns_by_rowid(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        store.write(
+            [
+                Sample("d", "a", T0, 1.5),
+                Sample("d", "b", T0 + 1, math.nan),
+                Sample("e", "a", T0 + 2, 2.0, Quality.UNCERTAIN, None, "drift"),
+            ]
+        )
+        channels, qualities = store.sample_codes()
+        rows = store.sample_rows(2, 3)
+        mask = (1 << SAMPLE_KEY_BITS) - 1
+        assert [
+            (channels[key >> SAMPLE_KEY_BITS], qualities[key & mask], v, t) for key, v, t in rows
+        ] == [
+            (("d", "b"), (Quality.BAD, "nan"), None, str(T0 + 1)),
+            (("e", "a"), (Quality.UNCERTAIN, "drift"), 2.0, str(T0 + 2)),
+        ]
+        assert store.sample_time_range(2, 3) == (T0 + 1, T0 + 2)
+        assert store.sample_time_range(4, 9) is None
+        assert store.sample_time(3) == T0 + 2
+        assert store.sample_time(4) is None
+
+
+def test_a_v2_store_gets_the_outbox_with_its_history(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    schema.migrate(db, path, target=2)
+    db.execute(
+        "INSERT INTO runs VALUES ('r1', 'B', 's', 'UTC', 'P', '1', 'h', 'op', 1, 'running', "
+        "NULL, '')"
+    )
+    db.execute(
+        "INSERT INTO phases (run_id, t, phase, previous, actor, in_order, reason) "
+        "VALUES ('r1', 1, 'a', NULL, 'op', 1, '')"
+    )
+    db.close()
+    with Store(path) as store:
+        kinds = [type(c).__name__ for _, c in store.changes(0, 10)]
+        assert kinds == ["Run", "PhaseChange"]
+        assert store.cursors("influxdb") == {}
