@@ -564,8 +564,13 @@ class Daemon:
             "points": [vars_of(p) for p in self.points()],
             "incidents": dict(self.incident_counts),
             "sinks": {sink.name: sink.status() for sink in self.sinks},
-            "pending_records": len(self._pending),
+            "pending_records": self.pending_count,
         }
+
+    @property
+    def pending_count(self) -> int:
+        """Records taken in and not yet committed to the store."""
+        return len(self._pending)
 
     def points(self) -> list[PointStatus]:
         views = {v.parameter: v for v in self.engine.view()} if self.engine else {}

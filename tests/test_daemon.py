@@ -388,3 +388,42 @@ def test_a_busy_api_port_is_a_clear_fatal_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"the API cannot listen on {host}:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_metrics_expose_counts_and_pending_for_prometheus(tmp_path: Path) -> None:
+    import aiohttp
+
+    site = load_site(write_site(tmp_path))
+    async with running(site) as daemon:
+        await until(lambda: daemon.counts["samples"] >= 10)
+        url = f"http://{site.config.api.listen}/metrics"
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    samples = float(lines['pocd_records_total{kind="samples",site="test-site"}'])
+    assert samples >= 10
+    assert "pocd_store_pending" in lines
+
+
+async def test_metrics_show_a_sinks_backlog_while_influxdb_is_down(tmp_path: Path) -> None:
+    import aiohttp
+
+    from tests.sitekit import free_port
+
+    extra = f"""
+[sinks.influxdb]
+url = "http://127.0.0.1:{free_port()}"
+api = "v1"
+database = "pocd"
+"""
+    site = load_site(write_site(tmp_path, extra=extra))
+    async with running(site) as daemon:
+        await until(lambda: daemon.counts["samples"] >= 20)
+        await asyncio.sleep(1.5)
+        url = f"http://{site.config.api.listen}/metrics"
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            text = await resp.text()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert float(lines['pocd_sink_backlog{sink="influxdb"}']) > 0
+    assert float(lines['pocd_sink_oldest_unsent_age_seconds{sink="influxdb"}']) > 0

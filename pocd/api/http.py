@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from pocd.api.metrics import render_metrics
 from pocd.errors import PocdError, RunError
 from pocd.model import SiteStatus
 from pocd.records import run_detail, run_summary
@@ -55,6 +56,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def status(request: web.Request) -> web.Response:
     return web.json_response(_daemon(request).status())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = render_metrics(_daemon(request))
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
 async def list_runs(request: web.Request) -> web.Response:
@@ -116,6 +122,7 @@ def make_app(daemon: Daemon) -> web.Application:
     app.add_routes(
         [
             web.get("/api/status", status),
+            web.get("/metrics", metrics),
             web.get("/api/runs", list_runs),
             web.get("/api/runs/{run}", show_run),
             web.post("/api/runs", start_run),

@@ -1,0 +1,61 @@
+"""Prometheus metrics for the control API's GET /metrics, built from the daemon's status at
+scrape time (a custom collector: nothing is counted twice, nothing is kept here)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from pocd.daemon import Daemon
+
+__all__ = ["render_metrics"]
+
+
+class _DaemonCollector(Collector):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        daemon = self.daemon
+        site = daemon.site.id
+        counts = CounterMetricFamily(
+            "pocd_records", "Records taken in since the daemon started", labels=["site", "kind"]
+        )
+        for kind in ("samples", "excursions", "deviations"):
+            counts.add_metric([site, kind], daemon.counts[kind])
+        yield counts
+        incidents = CounterMetricFamily(
+            "pocd_incidents", "Incidents since the daemon started", labels=["site", "source"]
+        )
+        for source, n in daemon.incident_counts.items():
+            incidents.add_metric([site, source], n)
+        yield incidents
+        pending = GaugeMetricFamily("pocd_store_pending", "Records waiting to be committed")
+        pending.add_metric([], daemon.pending_count)
+        yield pending
+        backlog = GaugeMetricFamily(
+            "pocd_sink_backlog", "Records not yet confirmed by a sink", labels=["sink"]
+        )
+        age = GaugeMetricFamily(
+            "pocd_sink_oldest_unsent_age_seconds",
+            "Age of the oldest record a sink has not delivered",
+            labels=["sink"],
+        )
+        for sink in daemon.sinks:
+            status = sink.status()
+            backlog.add_metric([sink.name], float(status.get("backlog", 0)))
+            age.add_metric([sink.name], float(status.get("oldest_unsent_age_s", 0.0)))
+        yield backlog
+        yield age
+
+
+def render_metrics(daemon: Daemon) -> bytes:
+    """The Prometheus text exposition of the daemon's metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_DaemonCollector(daemon))
+    return generate_latest(registry)
