@@ -77,33 +77,6 @@ def simulator(
     return SerialSimulator(driver, faults=faults, settings=settings, seed=seed)
 
 
-@contextlib.asynccontextmanager
-async def running(runners: Sequence[SerialRunner], inbox: Inbox) -> AsyncIterator[list[Any]]:
-    """The runners run (as the daemon runs them) while the block runs; yields their tasks."""
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(r.run(inbox), name=f"serial {r.device.id}") for r in runners]
-        try:
-            yield tasks
-        finally:
-            for task in tasks:
-                task.cancel()
-
-
-async def until(
-    inbox: Inbox,
-    seen: list[Record],
-    predicate: Callable[[Record], bool],
-    within: float = 5.0,
-) -> Record:
-    """Collect records into `seen` until one matches; fail after `within` seconds."""
-    async with asyncio.timeout(within):
-        while True:
-            record = await inbox.get()
-            seen.append(record)
-            if predicate(record):
-                return record
-
-
 async def collect(inbox: Inbox, seen: list[Record], count: int, within: float = 5.0) -> None:
     """Collect records into `seen` until `count` samples have come."""
     async with asyncio.timeout(within):

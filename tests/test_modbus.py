@@ -10,13 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import signal
 import socket
 import struct
 import sys
-import termios
-import tty
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -30,6 +27,7 @@ from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample
 from pocd.sim.modbus import ModbusSimulator, device_from_driver, parse_fault, unit_from_driver
 from pocd.transports.modbus import ModbusRunner, ModbusSettings
 from pocd.transports.modbus.link import join, leave, links
+from tests.transportkit import PtyPeer, running, until
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
@@ -67,35 +65,6 @@ async def polling(runner: ModbusRunner) -> AsyncIterator[Poll]:
         leave(link, runner.device.id)
 
 
-@contextlib.asynccontextmanager
-async def running(
-    runners: Sequence[ModbusRunner], inbox: asyncio.Queue[Record]
-) -> AsyncIterator[None]:
-    """The runners run (as the daemon runs them) for as long as the block lasts."""
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(r.run(inbox), name=f"modbus {r.device.id}") for r in runners]
-        try:
-            yield
-        finally:
-            for task in tasks:
-                task.cancel()
-
-
-async def until(
-    queue: asyncio.Queue[Record],
-    seen: list[Record],
-    predicate: Callable[[Record], bool],
-    within: float = 5.0,
-) -> Record:
-    """Collect records into `seen` until one matches."""
-    async with asyncio.timeout(within):
-        while True:
-            record = await queue.get()
-            seen.append(record)
-            if predicate(record):
-                return record
-
-
 def samples(records: Sequence[Record], point: str | None = None) -> list[Sample]:
     return [r for r in records if isinstance(r, Sample) and point in (None, r.point)]
 
@@ -127,39 +96,6 @@ def crc(frame: bytes) -> bytes:
 def lsw_first(fmt: str, value: float) -> bytes:
     raw = struct.pack(fmt, value)
     return b"".join(raw[i : i + 2] for i in reversed(range(0, len(raw), 2)))
-
-
-class PtyPeer:
-    """The far end of a pty pair, read and written byte for byte by the test."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        tty.setraw(self.fd, termios.TCSANOW)
-        self.buffer = bytearray()
-        self._more = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.fd, self._readable)
-
-    def _readable(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            self.buffer += os.read(self.fd, 1024)
-            self._more.set()
-
-    async def read(self, count: int, within: float = 3.0) -> bytes:
-        async with asyncio.timeout(within):
-            while len(self.buffer) < count:
-                self._more.clear()
-                await self._more.wait()
-        data = bytes(self.buffer[:count])
-        del self.buffer[:count]
-        return data
-
-    def write(self, data: bytes) -> None:
-        os.write(self.fd, data)
-
-    def close(self) -> None:
-        self._loop.remove_reader(self.fd)
-        os.close(self.fd)
 
 
 @pytest.fixture

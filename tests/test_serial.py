@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import termios
-import tty
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,12 +34,11 @@ from tests.serialkit import (
     eventually,
     incidents,
     runner,
-    running,
     samples,
     simulating,
     simulator,
-    until,
 )
+from tests.transportkit import PtyPeer, running, until
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
@@ -70,40 +67,6 @@ async def pair(tmp_path: Path) -> AsyncIterator[PtyPair]:
     """A socat pty pair: pocd opens `pair.host`, the simulator `pair.device`."""
     async with PtyPair(str(tmp_path / "tty")) as made:
         yield made
-
-
-class PtyPeer:
-    """The far end of a pty pair, read and written byte for byte by the test."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        tty.setraw(self.fd, termios.TCSANOW)
-        self.buffer = bytearray()
-        self._more = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.fd, self._readable)
-
-    def _readable(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            self.buffer += os.read(self.fd, 1024)
-            self._more.set()
-
-    async def read_until(self, end: bytes, within: float = 3.0) -> bytes:
-        async with asyncio.timeout(within):
-            while end not in self.buffer:
-                self._more.clear()
-                await self._more.wait()
-        cut = self.buffer.index(end) + len(end)
-        data = bytes(self.buffer[:cut])
-        del self.buffer[:cut]
-        return data
-
-    def write(self, data: bytes) -> None:
-        os.write(self.fd, data)
-
-    def close(self) -> None:
-        self._loop.remove_reader(self.fd)
-        os.close(self.fd)
 
 
 def sealed(body: bytes) -> bytes:
