@@ -72,7 +72,7 @@ transport = {{ interval = 1.0, seed = 1, repeat = 90 }}
 parameter = "temperature"
 unit = "C"
 base = 37.0
-noise = 0.02
+noise = 0.005
 # transduction: 37.65 C, past the alert limit (37.5) for longer than the on-delay
 script = [{{ start = 31, duration = 13, action = "offset", value = 0.65 }}]
 

@@ -21,6 +21,13 @@ def configure_logging(
     stream = stream or sys.stderr
     if json is None:
         json = not stream.isatty()
+    # Libraries (asyncua, pymodbus) log through the standard library: same stream, warnings up.
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=stream,
+        force=True,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )
