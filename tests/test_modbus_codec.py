@@ -264,3 +264,20 @@ transport = {{ host = "127.0.0.1" }}
         "devices[1].points (device 'generic'): a Modbus device needs at least one point "
         "(list them in the site config)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("tick", "now", "wait", "expected"),
+    [
+        (0, 0.3, None, (1, 0)),  # on time: the next tick
+        (0, 2.5, None, (3, 2)),  # ran late: ticks 1 and 2 are skipped, not bunched up
+        (0, 0.3, 2.2, (3, 0)),  # no answer: wait 2.2 s, those ticks are not "skipped"
+        (4, 4.2, 0.1, (5, 0)),  # a short wait keeps the grid
+    ],
+)
+def test_next_poll_keeps_the_grid(
+    tick: int, now: float, wait: float | None, expected: tuple[int, int]
+) -> None:
+    from pocd.transports import next_poll
+
+    assert next_poll(tick, 0.0, now, 1.0, wait) == expected

@@ -13,6 +13,7 @@ sample with a reason, a lost device is a `CommStatus(ok=False)`.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -31,6 +32,7 @@ __all__ = [
     "TransportSettings",
     "TransportSpec",
     "get_transport",
+    "next_poll",
 ]
 
 
@@ -108,3 +110,17 @@ def get_transport(name: str) -> TransportSpec:
     """The transport of that name. Raises KeyError for an unknown one."""
     spec: TransportSpec = importlib.import_module(TRANSPORTS[name]).TRANSPORT
     return spec
+
+
+def next_poll(
+    tick: int, start: float, now: float, interval: float, wait: float | None
+) -> tuple[int, int]:
+    """The tick of the next poll on the grid start + n * interval, after poll `tick` ended at
+    `now`, and how many ticks it skips. Polls never drift; one that ran late skips the ticks it
+    missed instead of bunching up behind them; after a poll the device did not answer, the
+    next waits at least `wait` s (those ticks are not counted as skipped)."""
+    following = tick + 1
+    if wait is not None:
+        following = max(following, math.ceil((now + wait - start) / interval))
+    late = math.floor((now - start) / interval) + 1
+    return max(following, late), max(0, late - following)

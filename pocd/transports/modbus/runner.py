@@ -19,7 +19,7 @@ import structlog
 
 from pocd.errors import ConfigError, ConfigProblem
 from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample
-from pocd.transports import Device, Inbox
+from pocd.transports import Device, Inbox, next_poll
 from pocd.transports.modbus.codec import Decoder, decoder
 from pocd.transports.modbus.config import REGISTER_COUNT, ModbusPoint, ModbusSettings, StatusRule
 from pocd.transports.modbus.link import Link, ModbusReadError, Reply, join, leave
@@ -162,17 +162,9 @@ class ModbusRunner:
                 if not answered:
                     await asyncio.sleep(self._backoff())
                 continue
-            # Polls are due at start + n * interval, so they never drift; a poll that runs
-            # late skips the ticks it missed instead of bunching up behind them.
-            next_tick = tick + 1
-            if not answered:
-                ready = now + self._backoff()
-                next_tick = max(next_tick, math.ceil((ready - start) / interval))
-            late = math.floor((now - start) / interval) + 1
-            if late > next_tick:
-                self.skipped_ticks += late - next_tick
-                next_tick = late
-            tick = next_tick
+            wait = None if answered else self._backoff()
+            tick, skipped = next_poll(tick, start, now, interval, wait)
+            self.skipped_ticks += skipped
             await asyncio.sleep(start + tick * interval - loop.time())
 
     def _backoff(self) -> float:

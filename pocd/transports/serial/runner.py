@@ -21,7 +21,7 @@ import structlog
 
 from pocd.errors import ConfigError, ConfigProblem
 from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample, now_ns
-from pocd.transports import Device, Inbox
+from pocd.transports import Device, Inbox, next_poll
 from pocd.transports.serial.codec import Codec, Frame, PointReader, Rejected, Reply
 from pocd.transports.serial.config import SerialPoint, SerialSettings
 from pocd.transports.serial.port import Port, PortError, join, leave
@@ -202,17 +202,9 @@ class SerialRunner:
                     await asyncio.sleep(self._backoff())
                 continue  # the exchange itself waited on the loop: nothing is starved
             now = loop.time()
-            # Polls are due at start + n * interval, so they never drift; a poll that runs
-            # late skips the ticks it missed instead of bunching up behind them.
-            next_tick = tick + 1
-            if not answered:
-                ready = now + self._backoff()
-                next_tick = max(next_tick, math.ceil((ready - start) / interval))
-            late = math.floor((now - start) / interval) + 1
-            if late > next_tick:
-                self.skipped_ticks += late - next_tick
-                next_tick = late
-            tick = next_tick
+            wait = None if answered else self._backoff()
+            tick, skipped = next_poll(tick, start, now, interval, wait)
+            self.skipped_ticks += skipped
             await asyncio.sleep(start + tick * interval - loop.time())
 
     async def poll(self, port: Port, inbox: Inbox) -> bool:
