@@ -2,8 +2,8 @@
 
 One Vaisala GMP251 (driver file as shipped, CO2 scaled to % and fed to the CAR-T protocol's
 `co2` and `temperature` parameters) is polled back to back (`interval = 0`) over Modbus TCP:
-- pocd: `ModbusRunner` -> inbox queue -> `Engine.on_sample` -> pending batch -> `Store.write`
-  in a thread every flush interval, as the daemon does;
+- pocd: the daemon itself (`Daemon.serve` on a site config written for the bench, with its
+  engine, store writer, clock and API), a run of the CAR-T protocol in its expansion phase;
 - bare: an `AsyncModbusTcpClient` loop making the same reads (function, address, count, unit).
 Both talk to the same server in another process, on a connection of their own. The default
 server is a minimal Modbus TCP responder (a blocking socket, a fixed register image encoded
@@ -40,19 +40,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient
 
-from pocd.daemon import INBOX_SIZE
-from pocd.engine import Engine, EngineEvent
-from pocd.model import CommStatus, Incident, Quality, Run, Sample, now_ns
-from pocd.settings import load_protocol
+from pocd.daemon import Daemon
+from pocd.logs import configure_logging
+from pocd.settings import Site, load_site
 from pocd.sim.modbus import device_from_driver
-from pocd.store import Record, Store
-from pocd.transports import Device
-from pocd.transports.modbus import ModbusPoint, ModbusRunner
+from pocd.store import Store
+from pocd.transports.modbus import ModbusPoint, ModbusRunner, ModbusSettings
 from pocd.transports.modbus.codec import encode
 from pocd.transports.modbus.plan import FUNCTION_CODES, Read
 
@@ -69,14 +67,6 @@ POINTS: dict[str, dict[str, Any]] = {
     "temperature": {"parameter": "temperature"},
 }
 WARM_UP = 0.2  # seconds of each round not measured: connecting, first reads
-FLUSH_INTERVAL = 0.2  # the daemon's default [store] flush_interval
-BATCH_SIZE = 20_000  # and batch_size
-
-
-def bench_device(host: str, port: int) -> Device:
-    return device_from_driver(
-        DEVICE, DRIVER, transport={"host": host, "port": port, "interval": 0}, points=POINTS
-    )
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -178,56 +168,42 @@ def start_server(kind: str) -> Server:
 # --- the two clients ------------------------------------------------------------------------
 
 
-@dataclass
-class Pipeline:
-    """What the daemon does with a runner's inbox: the engine, then batches into the store."""
-
-    engine: Engine
-    store: Store
-    inbox: asyncio.Queue[Sample | CommStatus | Incident] = field(
-        default_factory=lambda: asyncio.Queue(INBOX_SIZE)
+def write_site(folder: Path, port: int) -> Path:
+    """A site config for the daemon: the probe, its points as above, the CAR-T protocol."""
+    folder.mkdir(parents=True, exist_ok=True)
+    protocols = folder / "protocols"
+    protocols.mkdir(exist_ok=True)
+    (protocols / PROTOCOL.name).write_bytes(PROTOCOL.read_bytes())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        api_port = sock.getsockname()[1]
+    points = "\n".join(
+        f"points.{name} = {{ {', '.join(f'{k} = {json.dumps(v)}' for k, v in body.items())} }}"
+        for name, body in POINTS.items()
     )
-    pending: list[Record] = field(default_factory=list)
-    counts: Counter[str] = field(default_factory=Counter)
+    config = folder / "pocd.toml"
+    config.write_text(
+        f"""
+[site]
+id = "bench"
+name = "Bench"
+timezone = "UTC"
+control_site = "bench"
 
-    async def engine_task(self) -> None:
-        while True:
-            record = await self.inbox.get()
-            try:
-                self.take(record)
-            finally:
-                self.inbox.task_done()
+[store]
+data_dir = "data"
 
-    def take(self, record: Sample | CommStatus | Incident) -> None:
-        if isinstance(record, Sample):
-            self.counts["samples"] += 1
-            if record.quality is not Quality.GOOD:
-                self.counts["not-good samples"] += 1
-            self.pending.append(record)
-            self.emit(self.engine.on_sample(record))
-        elif isinstance(record, CommStatus):
-            self.counts["comm-status"] += 1
-            self.emit(self.engine.on_comm(record))
-        else:
-            self.counts["incidents"] += 1
-            self.pending.append(record)
+[api]
+listen = "127.0.0.1:{api_port}"
 
-    def emit(self, events: list[EngineEvent]) -> None:
-        self.counts["events"] += len(events)
-        self.pending.extend(events)
-
-    async def writer_task(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
-            await self.flush()
-
-    async def flush(self) -> None:
-        """Commit what is pending now; what comes in meanwhile waits for the next flush. (A
-        loop until nothing is pending would commit a few records at a time, fsync each, when
-        readings arrive faster than one commit takes.)"""
-        records, self.pending = self.pending, []
-        for i in range(0, len(records), BATCH_SIZE):
-            await asyncio.to_thread(self.store.write, records[i : i + BATCH_SIZE])
+[[devices]]
+id = "{DEVICE}"
+driver = "{DRIVER}"
+transport = {{ host = "127.0.0.1", port = {port}, interval = 0 }}
+{points}
+"""
+    )
+    return config
 
 
 @dataclass
@@ -254,19 +230,26 @@ async def measure(server: Server, seconds: float, count: Callable[[], int]) -> M
 
 
 async def pocd_round(
-    device: Device, pipeline: Pipeline, server: Server, seconds: float
-) -> tuple[Measure, ModbusRunner]:
-    runner = ModbusRunner(device)
-    task = asyncio.create_task(runner.run(pipeline.inbox), name=f"device:{device.id}")
+    site: Site, server: Server, seconds: float, reads_per_sample: float
+) -> tuple[Measure, Daemon]:
+    """The daemon from start to stop, with a run in the bench phase; counted while it runs."""
+    daemon = Daemon(site)
+    serving = asyncio.create_task(daemon.serve(handle_signals=False), name="daemon")
+    await daemon.started.wait()
+    protocol = next(iter(site.protocols.values()))
+    await daemon.start_run("B-1", protocol.id, protocol.version, "bench")
+    phases = [p.id for p in protocol.phases]
+    for phase in phases[1 : phases.index(PHASE) + 1]:
+        await daemon.advance_phase(phase, "bench")
     try:
-        result = await measure(server, seconds, lambda: runner.polls * len(runner.reads))
+        result = await measure(
+            server, seconds, lambda: round(daemon.counts["samples"] * reads_per_sample)
+        )
+        await daemon.stop_run("bench")
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await pipeline.inbox.join()
-    await pipeline.flush()
-    return result, runner
+        daemon.stop()
+        await serving
+    return result, daemon
 
 
 async def bare_round(reads: Sequence[Read], unit: int, server: Server, seconds: float) -> Measure:
@@ -309,7 +292,7 @@ class Outcome:
     reads: list[Read]  # one poll's
     points: int  # samples a poll
     stored: int  # samples in the store at the end
-    events: int  # from the engine
+    events: int  # excursions and deviations from the engine
 
     @property
     def best_pocd(self) -> Measure:
@@ -321,53 +304,29 @@ class Outcome:
 
 
 async def bench(args: argparse.Namespace, server: Server, tmp: Path) -> Outcome:
-    device = bench_device("127.0.0.1", server.port)
-    protocol = load_protocol(PROTOCOL)
-    sources = {name: (device.id, name) for name in POINTS}
-    t0 = now_ns()
-    run = Run(
-        "bench", "B-1", "bench", "UTC", protocol.id, protocol.version, protocol.hash, "op", t0
-    )
-    engine = Engine(run, protocol, sources)
-    store = Store(tmp / "pocd.db")
-    phases = [p.id for p in protocol.phases]
-    start: list[Record] = [run]
-    for name in phases[: phases.index(PHASE) + 1]:
-        start += engine.enter_phase(name, t0, "bench")
-    store.write(start)
-    pipeline = Pipeline(engine, store)
-    workers = [
-        asyncio.create_task(pipeline.engine_task(), name="engine"),
-        asyncio.create_task(pipeline.writer_task(), name="store-writer"),
-    ]
+    site = load_site(write_site(tmp, server.port))
+    device = site.devices[DEVICE]
+    assert isinstance(device.settings, ModbusSettings)
+    reads = ModbusRunner(device).reads
+    points = sum(isinstance(p, ModbusPoint) for p in device.points.values())
     pocd: list[Measure] = []
     bare: list[Measure] = []
-    faults: Counter[str] = Counter()
-    polls = 0
-    reads: list[Read] = []
-    try:
-        for _ in range(args.rounds):
-            result, runner = await pocd_round(device, pipeline, server, args.seconds)
-            pocd.append(result)
-            faults += runner.counts
-            polls += runner.polls
-            reads = runner.reads
-            bare.append(await bare_round(reads, runner.settings.unit_id, server, args.seconds))
-    finally:
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-    stored = store.sample_count()
-    store.close()
-    samples_per_poll = sum(isinstance(p, ModbusPoint) for p in device.points.values())
-    if stored != polls * samples_per_poll or pipeline.counts["samples"] != stored:
+    counts: Counter[str] = Counter()
+    for _ in range(args.rounds):
+        result, daemon = await pocd_round(site, server, args.seconds, len(reads) / points)
+        pocd.append(result)
+        counts += daemon.counts
+        counts["incidents"] += sum(daemon.incident_counts.values())
+        bare.append(await bare_round(reads, device.settings.unit_id, server, args.seconds))
+    with Store(site.store_path) as store:
+        stored = store.sample_count()
+    if counts["incidents"] or stored != counts["samples"]:
         raise SystemExit(
-            f"{polls} polls of {samples_per_poll} points, {pipeline.counts['samples']} samples "
-            f"through the engine, {stored} stored"
+            f"{counts['samples']} samples through the engine, {stored} stored, "
+            f"{counts['incidents']} incidents: see the log"
         )
-    if faults or pipeline.counts["not-good samples"]:
-        raise SystemExit(f"faults in a bench run: {dict(faults)} {dict(pipeline.counts)}")
-    return Outcome(pocd, bare, reads, samples_per_poll, stored, pipeline.counts["events"])
+    events = counts["excursions"] + counts["deviations"]
+    return Outcome(pocd, bare, reads, points, stored, events)
 
 
 def cpu_us(m: Measure) -> float:
@@ -389,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve(register_image([p for p in points if isinstance(p, ModbusPoint)]))
         return 0
 
+    configure_logging("warning")  # the daemon's info lines would bury the figures
     server = start_server(args.server)
     try:
         with tempfile.TemporaryDirectory(prefix="pocd-bench-") as tmp:

@@ -27,6 +27,7 @@ import structlog
 from pocd.clock import ClockWatch
 from pocd.engine import Engine, EngineEvent
 from pocd.errors import ConfigError, RunError, StoreError
+from pocd.inbox import Inbox, Reading
 from pocd.model import (
     NS,
     AuditEntry,
@@ -56,6 +57,10 @@ __all__ = ["Daemon", "PointStatus"]
 log = structlog.get_logger("pocd.daemon")
 
 INBOX_SIZE = 100_000  # readings waiting for the engine; runners block when it is full
+# The engine takes the inbox at most this often, so that a burst of readings costs it one
+# wake-up, not one per poll. Readings carry their own receive time: only the live view and the
+# alerts wait, by at most this long.
+ENGINE_WINDOW = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +84,14 @@ class Daemon:
         self.store: Store | None = None
         self.engine: Engine | None = None
         self.run_record: Run | None = None
-        self.inbox: asyncio.Queue[Sample | CommStatus | Incident] = asyncio.Queue(INBOX_SIZE)
+        self.inbox = Inbox(INBOX_SIZE)
         self.latest: dict[tuple[str, str], Sample] = {}
         self.incident_counts: defaultdict[str, int] = defaultdict(int)
         self.counts: Counter[str] = Counter()  # samples, excursions, deviations since start
         self.started = asyncio.Event()  # set once the store is open and the API listens
         self._pending: list[Record] = []
         self._flush_lock = asyncio.Lock()
+        self._flushes: set[asyncio.Task[None]] = set()  # a task must be referenced while it runs
         self._stop = asyncio.Event()
         self._sources = site.parameter_source()
         self.sinks = build_sinks(site)
@@ -277,22 +283,36 @@ class Daemon:
 
     async def _engine_task(self) -> None:
         while True:
-            record = await self.inbox.get()
+            readings = await self.inbox.take()
             try:
-                self._take(record)
+                self._take(readings)
             finally:
-                self.inbox.task_done()
+                self.inbox.done(len(readings))
+            await asyncio.sleep(ENGINE_WINDOW)
 
-    def _take(self, record: Sample | CommStatus | Incident) -> None:
-        if isinstance(record, Sample):
-            self.counts["samples"] += 1
-            self._pending.append(record)
-            self.latest[(record.device, record.point)] = record
-            if self.engine is not None:
-                self._emit(self.engine.on_sample(record))
-                if self._phase_source is not None:
-                    self._phase_from_device(record)
-        elif isinstance(record, CommStatus):
+    def _take(self, readings: list[Reading]) -> None:
+        """Readings in the order they came: samples to the engine and the pending batch."""
+        engine = self.engine
+        pending = self._pending
+        latest = self.latest
+        samples = 0
+        for record in readings:
+            if isinstance(record, Sample):
+                samples += 1
+                pending.append(record)
+                latest[record.device, record.point] = record
+                if engine is not None:
+                    events = engine.on_sample(record)
+                    if events:
+                        self._emit(events)
+                    if self._phase_source is not None:
+                        self._phase_from_device(record)
+            else:
+                self._take_other(record)
+        self.counts["samples"] += samples
+
+    def _take_other(self, record: CommStatus | Incident) -> None:
+        if isinstance(record, CommStatus):
             if record.ok:
                 log.info("device answering", device=record.device)
             else:
@@ -332,7 +352,17 @@ class Daemon:
             await self.flush()
 
     async def flush(self) -> None:
-        """Commit everything pending. On a store error the batch is kept and retried."""
+        """Commit everything pending. On a store error the batch is kept and retried.
+
+        Cancelling the caller does not cancel the commit: a batch taken off the pending list is
+        in a thread's hands, and a cancelled thread job would lose it. The commit goes on in
+        its own task, and the next flush waits for it (the lock)."""
+        commit = asyncio.create_task(self._flush(), name="store-flush")
+        self._flushes.add(commit)
+        commit.add_done_callback(self._flushes.discard)
+        await asyncio.shield(commit)
+
+    async def _flush(self) -> None:
         async with self._flush_lock:
             batch_size = self.site.config.store.batch_size
             failures = 0

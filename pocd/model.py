@@ -1,15 +1,16 @@
 """The records that flow through pocd: samples, excursions, deviations, incidents, runs, audit.
 
-Every record is a frozen, slotted dataclass. Times are integers: nanoseconds since the Unix
-epoch, UTC. Nothing here does I/O or knows how it is stored.
+Every record is immutable: a frozen, slotted dataclass, or for `Sample` a NamedTuple. Times
+are integers: nanoseconds since the Unix epoch, UTC. Nothing here does I/O or knows how it is
+stored.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+from typing import NamedTuple
 
 __all__ = [
     "NS",
@@ -48,13 +49,7 @@ class Quality(IntEnum):
     BAD = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One original reading of one device point.
-
-    `value` is NaN when the device gave no number; such a sample is always BAD quality.
-    """
-
+class _SampleFields(NamedTuple):
     device: str
     point: str
     t: int  # receive time
@@ -63,10 +58,32 @@ class Sample:
     device_t: int | None = None  # the device's own timestamp, where it gives one
     reason: str = ""  # why the quality is not GOOD, e.g. "nan", "overload", "status 256"
 
-    def __post_init__(self) -> None:
-        if math.isnan(self.value):
-            object.__setattr__(self, "quality", Quality.BAD)
-            object.__setattr__(self, "reason", self.reason or "nan")
+
+class Sample(_SampleFields):
+    """One original reading of one device point.
+
+    `value` is NaN when the device gave no number; such a sample is always BAD quality.
+    The one record that is not a dataclass: every reading makes one, and an immutable tuple is
+    built four times faster than a frozen dataclass (measured, bench/modbus.py).
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        device: str,
+        point: str,
+        t: int,
+        value: float,
+        quality: Quality = Quality.GOOD,
+        device_t: int | None = None,
+        reason: str = "",
+    ) -> Sample:
+        if value != value:  # NaN  # noqa: PLR0124
+            return tuple.__new__(
+                cls, (device, point, t, value, Quality.BAD, device_t, reason or "nan")
+            )
+        return tuple.__new__(cls, (device, point, t, value, quality, device_t, reason))
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,9 @@ import json
 import math
 import os
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -345,6 +347,35 @@ async def test_a_record_the_store_rejects_is_set_aside_and_the_rest_is_kept(tmp_
         assert incident.code == "record-rejected"
         assert "Deviation" in incident.message
     finally:
+        daemon.store.close()
+
+
+async def test_a_cancelled_flush_still_commits_its_batch(tmp_path: Path) -> None:
+    """A flush hands its batch to a thread; cancelling the flush (the writer task at shutdown,
+    an API request that goes away) must not cancel a thread job that has not started yet."""
+    from pocd.daemon import Daemon
+    from pocd.model import Sample
+
+    site = load_site(write_site(tmp_path, devices=""))
+    daemon = Daemon(site)
+    daemon.store = Store(site.store_path)
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(1))
+    gate = threading.Event()
+    busy = loop.run_in_executor(None, gate.wait)  # the one worker: the flush's job must queue
+    try:
+        daemon._pending.extend(Sample("dev", "p", i + 10, float(i)) for i in range(10))
+        flush = asyncio.create_task(daemon.flush())
+        await asyncio.sleep(0.05)
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        gate.set()
+        await busy
+        await daemon.flush()  # waits for the commit the cancelled flush began
+        assert daemon.store.sample_count() == 10
+    finally:
+        gate.set()
         daemon.store.close()
 
 

@@ -42,13 +42,26 @@ class _Rule:
     start: int  # its words are values[start:end] of that read
     end: int
     decode: Decoder
+    # Whatever makes the status not GOOD, for the quick test of the common case (`_all_fine`).
+    flag_mask: int
+    flag_values: frozenset[int]
+    expect: int | None
 
     @classmethod
     def of(cls, point: ModbusPoint, rule: StatusRule, reads: list[Read]) -> _Rule:
         span = _rule_span(point, rule)
         read, start = locate(reads, span)
         decode = decoder(rule.type, rule.word_order, rule.byte_order)
-        return cls(rule, read, start, start + span.count, decode)
+        return cls(
+            rule,
+            read,
+            start,
+            start + span.count,
+            decode,
+            rule.bad_mask | rule.uncertain_mask,
+            frozenset(rule.bad_values) | frozenset(rule.uncertain_values),
+            rule.expect,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,10 +285,10 @@ class ModbusRunner:
         raw = slot.decode(words)
         value = raw * slot.scale + slot.offset
         if (
-            not slot.rules
-            and slot.low <= value <= slot.high  # False for NaN
+            slot.low <= value <= slot.high  # False for NaN
             and raw not in slot.sentinels
             and not math.isinf(raw)
+            and (not slot.rules or _all_fine(slot.rules, results))
         ):
             return Sample(device, slot.name, result.t, value), None  # the common case, GOOD
         quality = Quality.GOOD
@@ -316,6 +329,23 @@ class ModbusRunner:
 def _rule_span(point: ModbusPoint, rule: StatusRule) -> Span:
     function = rule.function or point.function
     return Span(function, rule.address, REGISTER_COUNT[rule.type])
+
+
+def _all_fine(rules: tuple[_Rule, ...], results: list[Reply | ModbusReadError]) -> bool:
+    """Whether every status rule reads GOOD: `_judge` for the common case, in a fraction of
+    its time (every status rule of every point is tested on every poll)."""
+    for judged in rules:
+        result = results[judged.read]
+        if not isinstance(result, Reply):
+            return False
+        status = int(judged.decode(result.values[judged.start : judged.end]))
+        if (
+            status & judged.flag_mask
+            or status in judged.flag_values
+            or (judged.expect is not None and status != judged.expect)
+        ):
+            return False
+    return True
 
 
 def _judge(judged: _Rule, results: list[Reply | ModbusReadError]) -> tuple[Quality, str]:
