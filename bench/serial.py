@@ -4,8 +4,8 @@ Both ask `SI` and read `S S      100.00 g` over the same socat pty pair, in one 
 turns in short slices. The far end is a small responder in its own process (blocking reads
 and writes: as fast as a pty goes), so that what is measured is the asking side. "Through
 pocd" is the `SerialRunner` with interval 0, as the daemon runs it: the shared port with its
-lock and timeout, framing, reply shapes, quality, one `Sample` into an asyncio.Queue per
-reply. The bare loop writes, `readuntil`s the line and converts the weight. The machine is
+lock and timeout, framing, reply shapes, quality, one `Sample` per reply into the daemon's
+inbox. The bare loop writes, `readuntil`s the line and converts the weight. The machine is
 shared, so the ratio is the median of the ratios of neighbouring slices, and each client's
 CPU time per round trip is printed too (other programs hardly move it). A pty ignores the
 baud rate, so the rate a real 9600-baud 8N1 line allows is printed as well. Prints one JSON
@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import serial_asyncio_fast
 
+from pocd.daemon import INBOX_SIZE
+from pocd.inbox import Inbox
 from pocd.model import Sample
 from pocd.settings import load_driver
 from pocd.sim.serial import PtyPair
@@ -111,12 +113,10 @@ async def through_pocd(port: str, seconds: float) -> Slice:
     runner = SerialRunner(
         Device(id="balance", driver=driver.info, settings=settings, points=points)
     )
-    inbox: asyncio.Queue[object] = asyncio.Queue()
+    inbox = Inbox(INBOX_SIZE)
     task = asyncio.create_task(runner.run(inbox), name="serial bench")
-    first = await asyncio.wait_for(inbox.get(), 5)  # the port is open and answering
+    first = (await asyncio.wait_for(inbox.take(), 5))[0]  # the port is open and answering
     assert isinstance(first, Sample) and first.value == 100.0, first
-    while not inbox.empty():
-        inbox.get_nowait()
     loop = asyncio.get_running_loop()
     cpu = time.process_time()
     start = loop.time()
@@ -125,7 +125,7 @@ async def through_pocd(port: str, seconds: float) -> Slice:
     elapsed, cpu = loop.time() - start, time.process_time() - cpu
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    records = [inbox.get_nowait() for _ in range(inbox.qsize())]
+    records = await inbox.take() if inbox.qsize() else []
     good = [r for r in records if isinstance(r, Sample) and r.value == 100.0]
     assert len(good) == len(records), f"not every record was a good sample: {records[:3]}"
     return Slice(count / elapsed, 1e6 * cpu / count)

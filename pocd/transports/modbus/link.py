@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
+from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsRequest, ReadDiscreteInputsRequest
+from pymodbus.pdu.register_message import ReadHoldingRegistersRequest, ReadInputRegistersRequest
 
 from pocd.errors import ConfigError, ConfigProblem, DeviceReadError
 from pocd.model import IncidentKind, now_ns
@@ -44,6 +46,12 @@ _NO_TIMEOUT: Any = None
 # A TCP connection that stays silent for this many requests in a row is closed and reopened:
 # a half-open socket never recovers by itself (pymodbus closes after retries + 3).
 _TCP_SILENT_LIMIT = 3
+_REQUESTS: dict[str, type[ModbusPDU]] = {
+    "holding": ReadHoldingRegistersRequest,
+    "input": ReadInputRegistersRequest,
+    "coil": ReadCoilsRequest,
+    "discrete": ReadDiscreteInputsRequest,
+}
 # Exception 06 "server device busy" is worth an immediate retry (as Telegraf does); others not.
 _BUSY = 6
 
@@ -74,10 +82,9 @@ class ModbusReadError(DeviceReadError):
         self.earlier: tuple[ModbusReadError, ...] = ()  # attempts before this one, same read
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     """The registers (or bits) of one read, received at `t`; `faults` are the failed attempts
-    that a retry made good (they are incidents too)."""
+    that a retry made good (they are incidents too). A tuple: one is made per read."""
 
     values: list[int] | list[bool]
     t: int
@@ -227,13 +234,8 @@ class Link:
                 retries=0,
                 trace_packet=self._trace,
             )
-        client = self._client
-        self._calls: dict[str, Callable[..., Any]] = {
-            "holding": client.read_holding_registers,
-            "input": client.read_input_registers,
-            "coil": client.read_coils,
-            "discrete": client.read_discrete_inputs,
-        }
+        # The request PDU of each (read, unit), made once: a read is the same every poll.
+        self._requests: dict[tuple[Read, int], ModbusPDU] = {}
 
     @property
     def connected(self) -> bool:
@@ -316,7 +318,11 @@ class Link:
             )
 
     def _call(self, read: Read, unit: int) -> Any:
-        return self._calls[read.function](read.address, count=read.count, device_id=unit)
+        request = self._requests.get((read, unit))
+        if request is None:
+            request = _REQUESTS[read.function](address=read.address, count=read.count, dev_id=unit)
+            self._requests[read, unit] = request
+        return self._client.execute(False, request)
 
     def _check(self, device: str, unit: int, read: Read, response: Any) -> list[int] | list[bool]:
         if response.isError():

@@ -191,6 +191,7 @@ class ModbusRunner:
         results: list[Reply | ModbusReadError] = []
         given_up: ModbusReadError | None = None
         faults = False  # any failed attempt, even one a retry made good
+        answered = False
         for read in self.reads:
             if given_up is not None:
                 results.append(given_up)
@@ -205,19 +206,34 @@ class ModbusRunner:
                 )
             except ModbusReadError as fault:
                 faults = True
+                answered = answered or fault.answered
                 results.append(fault)
                 if not fault.answered and fault.code in _GIVE_UP:
                     given_up = fault
             else:
-                faults = faults or bool(reply.faults)
+                answered = True
+                if reply.faults:
+                    faults = True
                 results.append(reply)
         self.polls += 1
-        answered = any(isinstance(r, Reply) or r.answered for r in results)
         # A clean poll of a unit that is up with no fault going on has nothing to report.
         if faults or not self.up or self._failing:
             await self._report_comm(inbox, answered, results)
             await self._report_faults(inbox, results)
+        device = self._id
         for slot in self._slots:
+            result = results[slot.read]
+            if isinstance(result, Reply):  # the common case inline: a GOOD value
+                raw = slot.decode(result.values[slot.start : slot.end])
+                value = raw * slot.scale + slot.offset
+                if (
+                    slot.low <= value <= slot.high  # False for NaN
+                    and raw not in slot.sentinels
+                    and not math.isinf(raw)
+                    and (not slot.rules or _all_fine(slot.rules, results))
+                ):
+                    await inbox.put(Sample(device, slot.name, result.t, value))
+                    continue
             sample, incident = self._evaluate(slot, results)
             if incident is not None:
                 await self._incident(inbox, incident)
@@ -277,6 +293,8 @@ class ModbusRunner:
     def _evaluate(
         self, slot: _Slot, results: list[Reply | ModbusReadError]
     ) -> tuple[Sample, Incident | None]:
+        """The sample of a point that is not plainly GOOD (`poll` does that case), with the
+        incident a data fault makes."""
         device = self._id
         result = results[slot.read]
         if isinstance(result, ModbusReadError):
@@ -284,13 +302,6 @@ class ModbusRunner:
         words = result.values[slot.start : slot.end]
         raw = slot.decode(words)
         value = raw * slot.scale + slot.offset
-        if (
-            slot.low <= value <= slot.high  # False for NaN
-            and raw not in slot.sentinels
-            and not math.isinf(raw)
-            and (not slot.rules or _all_fine(slot.rules, results))
-        ):
-            return Sample(device, slot.name, result.t, value), None  # the common case, GOOD
         quality = Quality.GOOD
         reasons: list[str] = []
         data_fault = ""
