@@ -2,8 +2,8 @@
 
 A bounded FIFO, like `asyncio.Queue`, with one difference: the consumer takes everything that
 is waiting at once. Runners put one record at a time; a poll that reads ten points then costs
-the engine task one wake-up, not ten, and no per-record get or task_done. At a few thousand
-reads a second that is a tenth of the daemon's CPU (measured with bench/modbus.py).
+the engine task one wake-up, not ten, and no per-record get or task_done: at the thousands of
+readings a second of bench/modbus.py, those were most of the engine task's time.
 
 Nothing is dropped: a runner that finds the inbox full waits until the consumer has taken.
 """
