@@ -37,7 +37,9 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.subscription import DataChangeEvent
 
-from pocd.model import CommStatus, Incident, Sample
+from pocd.daemon import INBOX_SIZE
+from pocd.inbox import Inbox
+from pocd.model import CommStatus, Sample
 from pocd.settings import Driver
 from pocd.sim.opcua import OpcuaSimulator
 from pocd.store import Store
@@ -157,18 +159,17 @@ async def through_pocd(
     info = DriverInfo(id="bench", transport="opcua")
     device = Device(id="bench", driver=info, settings=settings, points=points)
     runner = OpcuaRunner(device)
-    inbox: asyncio.Queue[Sample | CommStatus | Incident] = asyncio.Queue(100_000)
+    inbox = Inbox(INBOX_SIZE)
     stored = [0]
     store = Store(folder / "pocd.sqlite")
 
     async def writer() -> None:
         while True:
             await asyncio.sleep(0.2)  # the daemon's flush interval
-            batch: list[Sample | Incident] = []
-            while not inbox.empty():
-                record = inbox.get_nowait()
-                if not isinstance(record, CommStatus):  # the engine's business, not stored
-                    batch.append(record)
+            records = await inbox.take() if inbox.qsize() else []
+            inbox.done(len(records))
+            # CommStatus is the engine's business, not stored
+            batch = [r for r in records if not isinstance(r, CommStatus)]
             if batch:
                 await asyncio.to_thread(store.write, batch)
                 stored[0] += sum(1 for r in batch if type(r) is Sample)
