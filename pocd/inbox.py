@@ -59,8 +59,9 @@ class Inbox:
         if len(self._items) >= self.maxsize:
             raise asyncio.QueueFull
         self._items.append(record)
+        if not self._unfinished:
+            self._idle.clear()
         self._unfinished += 1
-        self._idle.clear()
         taker = self._taker
         if taker is not None and not taker.done():
             taker.set_result(None)

@@ -28,6 +28,9 @@ class RecordingInbox:
     async def put(self, record: Record, /) -> None:
         self.records.append(record)
 
+    def put_nowait(self, record: Record, /) -> None:
+        self.records.append(record)
+
     def samples(self, point: str | None = None) -> list[Sample]:
         return [
             r for r in self.records if isinstance(r, Sample) and (point is None or r.point == point)

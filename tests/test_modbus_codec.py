@@ -17,8 +17,8 @@ from pocd.settings import load_driver, load_site
 from pocd.sim.modbus import device_from_driver, parse_fault
 from pocd.transports import get_transport
 from pocd.transports.modbus import ModbusPoint, ModbusRunner, ModbusSettings
-from pocd.transports.modbus.codec import crc16, decode, encode
-from pocd.transports.modbus.config import Block
+from pocd.transports.modbus.codec import Item, crc16, decode, encode, read_decoder
+from pocd.transports.modbus.config import REGISTER_COUNT, Block
 from pocd.transports.modbus.plan import Read, Span, locate, plan_reads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +71,28 @@ def test_every_type_in_every_order(
         words = [((w & 0xFF) << 8) | (w >> 8) for w in words]
     assert encode(value, type_, word_order, byte_order) == words  # type: ignore[arg-type]
     assert decode(words, type_, word_order, byte_order) == pytest.approx(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("byte_orders", [("big",), ("little",), ("big", "little")])
+def test_a_read_decodes_all_its_values_at_once_as_each_alone(byte_orders: tuple[str, ...]) -> None:
+    """One read's block with every type in both word orders (and a bit where byte orders mix,
+    which takes the one-by-one path): read_decoder gives what decode gives for each."""
+    block: list[int] = []
+    items: list[Item] = []
+    for i, (type_, value, _) in enumerate(CASES * 2):
+        word_order = "little" if i % 2 else "big"
+        byte_order = byte_orders[i % len(byte_orders)]
+        items.append((len(block), type_, word_order, byte_order, None))  # type: ignore[arg-type]
+        block += encode(value, type_, word_order, byte_order)  # type: ignore[arg-type]
+    if len(byte_orders) > 1:
+        items.append((0, "bit", "big", "big", 2))
+    values = read_decoder(items)(block)
+    assert len(values) == len(items)
+    for (start, type_, word_order, byte_order, bit), value in zip(items, values, strict=True):
+        words = block[start : start + REGISTER_COUNT[type_]]
+        assert value == decode(words, type_, word_order, byte_order, bit)
+    # Values may repeat registers and come in any order.
+    assert read_decoder([items[1], items[0], items[1]])(block) == (values[1], values[0], values[1])
 
 
 def test_bits_and_bools() -> None:

@@ -76,7 +76,12 @@ class Device:
 
 
 class Inbox(Protocol):
+    """Where a runner puts its records (the daemon's is `pocd.inbox.Inbox`)."""
+
     async def put(self, record: Sample | CommStatus | Incident, /) -> None: ...
+
+    def put_nowait(self, record: Sample | CommStatus | Incident, /) -> None:
+        """Put without waiting; asyncio.QueueFull when there is no room."""
 
 
 class DeviceRunner(Protocol):

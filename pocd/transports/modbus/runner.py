@@ -13,6 +13,7 @@ import asyncio
 import math
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -20,7 +21,7 @@ import structlog
 from pocd.errors import ConfigError, ConfigProblem
 from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample
 from pocd.transports import Device, Inbox, next_poll
-from pocd.transports.modbus.codec import Decoder, decoder
+from pocd.transports.modbus.codec import Decoder, Item, decoder, read_decoder
 from pocd.transports.modbus.config import REGISTER_COUNT, ModbusPoint, ModbusSettings, StatusRule
 from pocd.transports.modbus.link import Link, ModbusReadError, Reply, join, leave
 from pocd.transports.modbus.plan import Read, Span, locate, plan_reads
@@ -28,9 +29,15 @@ from pocd.transports.modbus.plan import Read, Span, locate, plan_reads
 __all__ = ["ModbusRunner"]
 
 _NAN = math.nan
+_GOOD = Quality.GOOD
+_new = tuple.__new__
 # Faults after which the rest of a poll is not attempted: the unit (or the link) is gone, and
 # every further read would hold the bus for another timeout.
 _GIVE_UP = frozenset({"timeout", "connection"})
+
+
+# The index of a value (an Item) in the decoded values of read number `read`.
+_Index = Callable[[int, Item], int]
 
 
 # What a poll needs of a point or a status rule, worked out once: every poll evaluates every
@@ -42,13 +49,14 @@ class _Rule:
     start: int  # its words are values[start:end] of that read
     end: int
     decode: Decoder
+    index: int  # of its value in the read's decoded values (`read_decoder`)
     # Whatever makes the status not GOOD, for the quick test of the common case (`_all_fine`).
     flag_mask: int
     flag_values: frozenset[int]
     expect: int | None
 
     @classmethod
-    def of(cls, point: ModbusPoint, rule: StatusRule, reads: list[Read]) -> _Rule:
+    def of(cls, point: ModbusPoint, rule: StatusRule, reads: list[Read], index: _Index) -> _Rule:
         span = _rule_span(point, rule)
         read, start = locate(reads, span)
         decode = decoder(rule.type, rule.word_order, rule.byte_order)
@@ -58,6 +66,7 @@ class _Rule:
             start,
             start + span.count,
             decode,
+            index(read, (start, rule.type, rule.word_order, rule.byte_order, None)),
             rule.bad_mask | rule.uncertain_mask,
             frozenset(rule.bad_values) | frozenset(rule.uncertain_values),
             rule.expect,
@@ -72,6 +81,7 @@ class _Slot:
     start: int  # its words are values[start:end] of that read
     end: int
     decode: Decoder
+    index: int  # of its value in the read's decoded values (`read_decoder`)
     scale: float
     offset: float
     sentinels: tuple[float, ...]
@@ -80,8 +90,9 @@ class _Slot:
     rules: tuple[_Rule, ...]
 
     @classmethod
-    def of(cls, name: str, point: ModbusPoint, reads: list[Read]) -> _Slot:
+    def of(cls, name: str, point: ModbusPoint, reads: list[Read], index: _Index) -> _Slot:
         read, start = locate(reads, Span(point.function, point.address, point.count))
+        item = (start, point.type, point.word_order, point.byte_order, point.bit)
         return cls(
             name,
             point,
@@ -89,12 +100,13 @@ class _Slot:
             start,
             start + point.count,
             decoder(point.type, point.word_order, point.byte_order, point.bit),
+            index(read, item),
             point.scale,
             point.offset,
             tuple(point.sentinels),
             -math.inf if point.valid_min is None else point.valid_min,
             math.inf if point.valid_max is None else point.valid_max,
-            tuple(_Rule.of(point, rule, reads) for rule in point.status),
+            tuple(_Rule.of(point, rule, reads, index) for rule in point.status),
         )
 
 
@@ -140,7 +152,15 @@ class ModbusRunner:
             max_registers=settings.max_registers,
             blocks=settings.blocks,
         )
-        self._slots = [_Slot.of(name, point, self.reads) for name, point in points.items()]
+        # Every value a read carries (points and status registers, each once), decoded in one
+        # call per read on each poll; slots and rules know their index in it.
+        items: list[dict[Item, int]] = [{} for _ in self.reads]
+
+        def index(read: int, item: Item) -> int:
+            return items[read].setdefault(item, len(items[read]))
+
+        self._slots = [_Slot.of(n, point, self.reads, index) for n, point in points.items()]
+        self._decoders = [read_decoder(list(table)) for table in items]
         self.counts: Counter[str] = Counter()  # faults by code, for status pages and the bench
         self.polls = 0
         self.skipped_ticks = 0  # grid ticks missed because a poll ran past them
@@ -221,18 +241,29 @@ class ModbusRunner:
             await self._report_comm(inbox, answered, results)
             await self._report_faults(inbox, results)
         device = self._id
+        decoded = [
+            decode(result.values) if isinstance(result, Reply) else None
+            for decode, result in zip(self._decoders, results, strict=True)
+        ]
+        put = inbox.put_nowait
         for slot in self._slots:
-            result = results[slot.read]
-            if isinstance(result, Reply):  # the common case inline: a GOOD value
-                raw = slot.decode(result.values[slot.start : slot.end])
+            raws = decoded[slot.read]
+            if raws is not None:  # the common case inline: a GOOD value
+                raw = raws[slot.index]
                 value = raw * slot.scale + slot.offset
                 if (
                     slot.low <= value <= slot.high  # False for NaN
                     and raw not in slot.sentinels
                     and not math.isinf(raw)
-                    and (not slot.rules or _all_fine(slot.rules, results))
+                    and (not slot.rules or _all_fine(slot.rules, decoded))
                 ):
-                    await inbox.put(Sample(device, slot.name, result.t, value))
+                    t = results[slot.read].t
+                    # A number (NaN fails the range test): Sample's NaN rule has nothing to do.
+                    sample = _new(Sample, (device, slot.name, t, value, _GOOD, None, ""))
+                    try:
+                        put(sample)
+                    except asyncio.QueueFull:
+                        await inbox.put(sample)
                     continue
             sample, incident = self._evaluate(slot, results)
             if incident is not None:
@@ -342,14 +373,14 @@ def _rule_span(point: ModbusPoint, rule: StatusRule) -> Span:
     return Span(function, rule.address, REGISTER_COUNT[rule.type])
 
 
-def _all_fine(rules: tuple[_Rule, ...], results: list[Reply | ModbusReadError]) -> bool:
+def _all_fine(rules: tuple[_Rule, ...], decoded: list[tuple[float, ...] | None]) -> bool:
     """Whether every status rule reads GOOD: `_judge` for the common case, in a fraction of
     its time (every status rule of every point is tested on every poll)."""
     for judged in rules:
-        result = results[judged.read]
-        if not isinstance(result, Reply):
+        raws = decoded[judged.read]
+        if raws is None:
             return False
-        status = int(judged.decode(result.values[judged.start : judged.end]))
+        status = int(raws[judged.index])
         if (
             status & judged.flag_mask
             or status in judged.flag_values
