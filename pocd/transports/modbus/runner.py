@@ -160,7 +160,9 @@ class ModbusRunner:
             return items[read].setdefault(item, len(items[read]))
 
         self._slots = [_Slot.of(n, point, self.reads, index) for n, point in points.items()]
-        self._decoders = [read_decoder(list(table)) for table in items]
+        self._plan = [
+            (read, read_decoder(list(table))) for read, table in zip(self.reads, items, strict=True)
+        ]
         self.counts: Counter[str] = Counter()  # faults by code, for status pages and the bench
         self.polls = 0
         self.skipped_ticks = 0  # grid ticks missed because a poll ran past them
@@ -189,12 +191,12 @@ class ModbusRunner:
         tick = 0
         while True:
             answered = await self.poll(link, inbox)
-            now = loop.time()
             if interval <= 0:  # back to back, as fast as the device answers (the bench)
                 # An answered poll has waited for the device, so others have had their turn.
                 if not answered:
                     await asyncio.sleep(self._backoff())
                 continue
+            now = loop.time()
             wait = None if answered else self._backoff()
             tick, skipped = next_poll(tick, start, now, interval, wait)
             self.skipped_ticks += skipped
@@ -209,12 +211,14 @@ class ModbusRunner:
     async def poll(self, link: Link, inbox: Inbox) -> bool:
         """Make every planned read once and report. True when the unit answered at all."""
         results: list[Reply | ModbusReadError] = []
+        decoded: list[tuple[float, ...] | None] = []  # each read's values, None if it failed
         given_up: ModbusReadError | None = None
         faults = False  # any failed attempt, even one a retry made good
         answered = False
-        for read in self.reads:
+        for read, decode in self._plan:
             if given_up is not None:
                 results.append(given_up)
+                decoded.append(None)
                 continue
             try:
                 reply = await link.read(
@@ -228,6 +232,7 @@ class ModbusRunner:
                 faults = True
                 answered = answered or fault.answered
                 results.append(fault)
+                decoded.append(None)
                 if not fault.answered and fault.code in _GIVE_UP:
                     given_up = fault
             else:
@@ -235,16 +240,13 @@ class ModbusRunner:
                 if reply.faults:
                     faults = True
                 results.append(reply)
+                decoded.append(decode(reply.values))
         self.polls += 1
         # A clean poll of a unit that is up with no fault going on has nothing to report.
         if faults or not self.up or self._failing:
             await self._report_comm(inbox, answered, results)
             await self._report_faults(inbox, results)
         device = self._id
-        decoded = [
-            decode(result.values) if isinstance(result, Reply) else None
-            for decode, result in zip(self._decoders, results, strict=True)
-        ]
         put = inbox.put_nowait
         for slot in self._slots:
             raws = decoded[slot.read]

@@ -222,9 +222,11 @@ class SerialRunner:
                     reading = self._lone.take(result)
                     if reading is not None and not reading.fault:
                         value, quality, reason, _ = reading
-                        await inbox.put(
-                            Sample(self._id, self._lone.name, t, value, quality, None, reason)
-                        )
+                        sample = Sample(self._id, self._lone.name, t, value, quality, None, reason)
+                        try:
+                            inbox.put_nowait(sample)
+                        except asyncio.QueueFull:
+                            await inbox.put(sample)
                         return True
                 for record in self._reply_records(result, request.readers, t, asked=True):
                     if type(record) is Incident:
