@@ -259,12 +259,40 @@ class Link:
         The lock is held across the retries so that a unit's retry is not overtaken on the bus.
         """
         faults: list[ModbusReadError] = []
+        task = asyncio.current_task()
+        assert task is not None
         lock = self._lock
         await lock.acquire()  # not `async with`: two calls fewer on every read
         try:
             for attempt in range(retries + 1):
+                # One attempt, written out here rather than in a coroutine of its own: every
+                # read, and every resumption when its answer comes, goes through one frame less.
                 try:
-                    values = await self._attempt(device, unit, read, answer_within)
+                    if self._pause or not self._client.connected:
+                        await self._get_ready(device, unit, read, answer_within)
+                    self._rx = b""
+                    try:
+                        with self._timeout(task, answer_within):
+                            response = await self._call(read, unit)
+                    except TimeoutError:
+                        raise self._no_answer(device, unit, read, answer_within) from None
+                    except ModbusException as exc:  # pymodbus found the connection closed
+                        where = _where(read, unit)
+                        raise ModbusReadError(
+                            f"pymodbus: {exc}", device=device, address=where, code="connection"
+                        ) from None
+                    finally:
+                        if self._pause:
+                            self._quiet_until = asyncio.get_running_loop().time() + self._pause
+                    if task.cancelling():
+                        # pymodbus awaits the response with asyncio.wait_for, which before
+                        # Python 3.12 can swallow a cancellation that arrives with the response
+                        # (CPython gh-86296): the runner would then poll on after the daemon
+                        # cancelled it. With no timeout (_NO_TIMEOUT) that wait is a plain
+                        # await and cannot; this stays as the guard.
+                        raise asyncio.CancelledError
+                    self._silent = 0
+                    values = self._check(device, unit, read, response)
                 except ModbusReadError as fault:
                     faults.append(fault)
                     if fault.retryable and attempt < retries:
@@ -276,38 +304,14 @@ class Link:
             lock.release()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _attempt(
-        self, device: str, unit: int, read: Read, answer_within: float
-    ) -> list[int] | list[bool]:
+    async def _get_ready(self, device: str, unit: int, read: Read, answer_within: float) -> None:
+        """Connect if the link is closed; keep the pause since the last frame on the bus."""
         if not self._client.connected:
             await self._connect(device, answer_within, _where(read, unit))
         if self._pause:
             wait = self._quiet_until - asyncio.get_running_loop().time()
             if wait > 0:
                 await asyncio.sleep(wait)
-        self._rx = b""
-        task = asyncio.current_task()
-        assert task is not None
-        try:
-            with self._timeout(task, answer_within):
-                response = await self._call(read, unit)
-        except TimeoutError:
-            raise self._no_answer(device, unit, read, answer_within) from None
-        except ModbusException as exc:  # pymodbus found the connection closed under it
-            raise ModbusReadError(
-                f"pymodbus: {exc}", device=device, address=_where(read, unit), code="connection"
-            ) from None
-        finally:
-            if self._pause:
-                self._quiet_until = asyncio.get_running_loop().time() + self._pause
-        if task.cancelling():
-            # pymodbus awaits the response with asyncio.wait_for, which before Python 3.12
-            # can swallow a cancellation that arrives with the response (CPython gh-86296):
-            # the runner would then poll on after the daemon cancelled it. With no timeout
-            # (_NO_TIMEOUT) that wait is a plain await and cannot; this stays as the guard.
-            raise asyncio.CancelledError
-        self._silent = 0
-        return self._check(device, unit, read, response)
 
     async def _connect(self, device: str, answer_within: float, where: str) -> None:
         try:
