@@ -214,6 +214,7 @@ class Measure:
     reads: int
     seconds: float
     cpu: float  # seconds of this process's CPU (all threads)
+    main_cpu: float  # of the event loop's thread alone (pocd's store writes in another)
     server_cpu: float
 
     @property
@@ -227,9 +228,11 @@ async def measure(server: Server, seconds: float, count: Callable[[], int]) -> M
     if not count():
         raise SystemExit(f"no reads in the first {WARM_UP} s: is the server answering?")
     reads0, t0, cpu0, server0 = count(), time.perf_counter(), time.process_time(), server.cpu()
+    main0 = time.thread_time()
     await asyncio.sleep(seconds)
     reads1, t1, cpu1, server1 = count(), time.perf_counter(), time.process_time(), server.cpu()
-    return Measure(reads1 - reads0, t1 - t0, cpu1 - cpu0, server1 - server0)
+    main1 = time.thread_time()
+    return Measure(reads1 - reads0, t1 - t0, cpu1 - cpu0, main1 - main0, server1 - server0)
 
 
 async def pocd_round(
@@ -394,6 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pocd_cpu_us_per_read": round(cpu_pocd, 1),
         "bare_cpu_us_per_read": round(cpu_bare, 1),
         "cpu_ratio": round(cpu_bare / cpu_pocd, 3),
+        "pocd_main_thread_cpu_us_per_read": round(
+            statistics.median(1e6 * m.main_cpu / m.reads for m in result.pocd), 1
+        ),
         "server_cpu_core": round(best_bare.server_cpu / best_bare.seconds, 2),
         "samples_stored": result.stored,
         "ratio": round(ratio, 3),
