@@ -253,7 +253,7 @@ async def test_polls_keep_to_their_grid(vaisala_tcp: tuple[ModbusSimulator, int]
     # accumulates, and no poll starts before the previous one ended.
     offsets = [(t - times[0]) / 1e9 - k * 0.05 for k, t in enumerate(times)]
     assert max(abs(o) for o in offsets) < 0.025, offsets
-    assert runner.polls == len(times) and runner.skipped_ticks == 0
+    assert runner.polls == len(times) and runner.grid.skipped == 0
 
 
 async def test_cancel_stops_a_runner_at_once(vaisala_tcp: tuple[ModbusSimulator, int]) -> None:

@@ -12,9 +12,11 @@ sample with a reason, a lost device is a `CommStatus(ok=False)`.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import math
-from collections.abc import Callable, Mapping
+import random
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Protocol
@@ -29,9 +31,11 @@ __all__ = [
     "DriverInfo",
     "Inbox",
     "PointSettings",
+    "PollGrid",
     "TransportSettings",
     "TransportSpec",
     "get_transport",
+    "jittered_backoff",
     "next_poll",
 ]
 
@@ -129,3 +133,37 @@ def next_poll(
         following = max(following, math.ceil((now + wait - start) / interval))
     late = math.floor((now - start) / interval) + 1
     return max(following, late), max(0, late - following)
+
+
+class PollGrid:
+    """A runner's polls on the grid start + n * interval (see `next_poll`); with interval 0,
+    back to back. After a poll the device did not answer, the next waits `backoff()`."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.skipped = 0  # grid ticks missed because a poll ran past them
+
+    async def run(self, poll: Callable[[], Awaitable[bool]], backoff: Callable[[], float]) -> None:
+        """Poll until cancelled; `poll` says whether the device answered."""
+        loop = asyncio.get_running_loop()
+        interval = self.interval
+        start = loop.time()
+        tick = 0
+        while True:
+            answered = await poll()
+            if interval <= 0:  # back to back, as fast as the device answers (the benches)
+                # An answered poll has waited for the device, so others have had their turn.
+                if not answered:
+                    await asyncio.sleep(backoff())
+                continue
+            wait = None if answered else backoff()
+            tick, skipped = next_poll(tick, start, loop.time(), interval, wait)
+            self.skipped += skipped
+            await asyncio.sleep(start + tick * interval - loop.time())
+
+
+def jittered_backoff(failures: int, first: float, most: float, rng: random.Random) -> float:
+    """The wait after `failures` failed attempts in a row: exponential from `first`, at most
+    `most`, with "equal jitter" (half of it fixed, half random) so devices do not retry in step."""
+    ceiling = min(most, first * 2.0 ** max(0, failures - 1))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)

@@ -20,7 +20,7 @@ import structlog
 
 from pocd.errors import ConfigError, ConfigProblem
 from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample
-from pocd.transports import Device, Inbox, next_poll
+from pocd.transports import Device, Inbox, PollGrid, jittered_backoff
 from pocd.transports.modbus.codec import Decoder, Item, decoder, read_decoder
 from pocd.transports.modbus.config import REGISTER_COUNT, ModbusPoint, ModbusSettings, StatusRule
 from pocd.transports.modbus.link import Link, ModbusReadError, Reply, join, leave
@@ -165,7 +165,7 @@ class ModbusRunner:
         ]
         self.counts: Counter[str] = Counter()  # faults by code, for status pages and the bench
         self.polls = 0
-        self.skipped_ticks = 0  # grid ticks missed because a poll ran past them
+        self.grid = PollGrid(settings.interval)
         self.up = True  # as far as anyone has said: no CommStatus until the first failure
         self._failures = 0  # polls in a row that got no answer
         self._failing: set[str] = set()  # fault codes of the last poll, to log changes once
@@ -180,33 +180,13 @@ class ModbusRunner:
     async def run(self, inbox: Inbox) -> None:
         link = join(self.device.id, self.settings, source=self.device.driver.source)
         try:
-            await self._poll_on_grid(link, inbox)
+            await self.grid.run(lambda: self.poll(link, inbox), self._backoff)
         finally:
             leave(link, self.device.id)
 
-    async def _poll_on_grid(self, link: Link, inbox: Inbox) -> None:
-        loop = asyncio.get_running_loop()
-        interval = self.settings.interval
-        start = loop.time()
-        tick = 0
-        while True:
-            answered = await self.poll(link, inbox)
-            if interval <= 0:  # back to back, as fast as the device answers (the bench)
-                # An answered poll has waited for the device, so others have had their turn.
-                if not answered:
-                    await asyncio.sleep(self._backoff())
-                continue
-            now = loop.time()
-            wait = None if answered else self._backoff()
-            tick, skipped = next_poll(tick, start, now, interval, wait)
-            self.skipped_ticks += skipped
-            await asyncio.sleep(start + tick * interval - loop.time())
-
     def _backoff(self) -> float:
-        """Jittered exponential backoff for a unit that does not answer ("equal jitter")."""
         first = self.settings.interval or self.settings.timeout
-        ceiling = min(self.settings.backoff_max, first * 2.0 ** (self._failures - 1))
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+        return jittered_backoff(self._failures, first, self.settings.backoff_max, self._rng)
 
     async def poll(self, link: Link, inbox: Inbox) -> bool:
         """Make every planned read once and report. True when the unit answered at all."""

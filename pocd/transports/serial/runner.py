@@ -21,7 +21,7 @@ import structlog
 
 from pocd.errors import ConfigError, ConfigProblem
 from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample, now_ns
-from pocd.transports import Device, Inbox, next_poll
+from pocd.transports import Device, Inbox, PollGrid, jittered_backoff
 from pocd.transports.serial.codec import Codec, Frame, PointReader, Rejected, Reply
 from pocd.transports.serial.config import SerialPoint, SerialSettings
 from pocd.transports.serial.port import Port, PortError, join, leave
@@ -106,7 +106,7 @@ class SerialRunner:
         self.counts: Counter[str] = Counter()  # incidents by code, for status pages and tests
         self.polls = 0
         self.replies = 0  # frames that matched a reply shape
-        self.skipped_ticks = 0
+        self.grid = PollGrid(self.settings.interval)
         self.up = True  # as far as anyone has said: no CommStatus until the first failure
         self._failures = 0  # polls (or silences) in a row without a reply
         self._failing: set[str] = set()  # fault codes of the last poll, to log changes once
@@ -178,34 +178,15 @@ class SerialRunner:
             if self.settings.mode == "stream":
                 await self._listen(port, inbox)
             else:
-                await self._poll_on_grid(port, inbox)
+                await self.grid.run(lambda: self.poll(port, inbox), self._backoff)
         finally:
             if self.settings.mode == "stream" and port.is_open:
                 self._send_all(port, self.settings.stream_stop)  # best effort: leave it quiet
             await leave(port, self.device.id)
 
     def _backoff(self) -> float:
-        """Jittered exponential backoff for a device that does not answer ("equal jitter")."""
         first = self.settings.interval or self.settings.timeout
-        ceiling = min(self.settings.backoff_max, first * 2.0 ** max(0, self._failures - 1))
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
-
-    async def _poll_on_grid(self, port: Port, inbox: Inbox) -> None:
-        loop = asyncio.get_running_loop()
-        interval = self.settings.interval
-        start = loop.time()
-        tick = 0
-        while True:
-            answered = await self.poll(port, inbox)
-            if interval <= 0:  # back to back, as fast as the device answers (the bench)
-                if not answered:
-                    await asyncio.sleep(self._backoff())
-                continue  # the exchange itself waited on the loop: nothing is starved
-            now = loop.time()
-            wait = None if answered else self._backoff()
-            tick, skipped = next_poll(tick, start, now, interval, wait)
-            self.skipped_ticks += skipped
-            await asyncio.sleep(start + tick * interval - loop.time())
+        return jittered_backoff(self._failures, first, self.settings.backoff_max, self._rng)
 
     async def poll(self, port: Port, inbox: Inbox) -> bool:
         """Send every request once and report. True when the device answered at all."""
