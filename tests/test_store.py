@@ -160,14 +160,20 @@ def test_every_record_type_round_trips(store: Store) -> None:
     assert store.excursions("other") == []
 
 
-def test_samples_keep_order_and_fields_across_bulk_and_tail(store: Store) -> None:
-    samples = make_samples(1234)  # two bulk statements of 500 rows and a tail of 234
-    store.write(samples[:1001])
-    store.write(iter(samples[1001:]))  # any iterable, not only lists
+def test_samples_keep_order_and_fields_in_batches_of_any_size(store: Store) -> None:
+    samples = make_samples(3100)
+    # Batches cut into statements of 512, 256, ..., 1 rows: every size up to 1023 is covered
+    # by 1023 itself (all of them), 1 and 512 (one each), 1024 + 540 (two 512s and a mix).
+    sizes = [1, 512, 1023, 1024, 540]
+    start = 0
+    for size in sizes:
+        store.write(iter(samples[start : start + size]))  # any iterable, not only lists
+        start += size
+    assert start == len(samples)
     stored = store.samples()
-    assert [rowid for rowid, _ in stored] == list(range(1, 1235))
+    assert [rowid for rowid, _ in stored] == list(range(1, 3101))
     assert [s for _, s in stored] == samples
-    assert store.sample_count() == 1234
+    assert store.sample_count() == 3100
     assert {s.quality for _, s in stored} == {Quality.GOOD, Quality.BAD}
 
 

@@ -71,13 +71,16 @@ SampleRow: TypeAlias = tuple[int, float | None, str]
 SAMPLE_KEY_BITS: Final = 32
 
 # Rows per multi-row INSERT. Measured with 20,000-sample batches: 1 row/statement ~0.5M rows/s,
-# 100 ~0.9M, 500 ~1.0M, 2000 ~1.05M; 500 keeps statements (2,500 parameters) modest.
-_ROWS_PER_INSERT: Final = 500
+# 100 ~0.9M, 500 ~1.0M, 2000 ~1.05M; 512 keeps statements (2,560 parameters) modest. A batch
+# is cut into statements of 512, 256, ..., 1 rows, so any batch takes at most a few statements
+# (each cached by sqlite3): the writer thread gives up the GIL once a statement, and a tail of
+# single-row statements made it trade the GIL with the event loop hundreds of times a batch.
+_MOST_ROWS_PER_INSERT: Final = 512
 _SAMPLE_COLUMNS: Final = 5
-_INSERT_SAMPLE: Final = "INSERT INTO samples (ch, t, dt, v, q) VALUES (?, ?, ?, ?, ?)"
-_INSERT_SAMPLES: Final = "INSERT INTO samples (ch, t, dt, v, q) VALUES " + ", ".join(
-    ["(?, ?, ?, ?, ?)"] * _ROWS_PER_INSERT
-)
+_INSERT_SAMPLES: Final = {
+    rows: "INSERT INTO samples (ch, t, dt, v, q) VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+    for rows in (_MOST_ROWS_PER_INSERT >> n for n in range(_MOST_ROWS_PER_INSERT.bit_length()))
+}
 # The lookup aids are computed from the batch in Python: the same aggregates in SQL (GROUP BY
 # over the new rows) sort and took as long as the inserts themselves.
 _UPSERT_LATEST: Final = """
@@ -303,14 +306,13 @@ class Store:
             self._intern(samples)
             params = self._sample_params(samples)
         width = _SAMPLE_COLUMNS
-        step = _ROWS_PER_INSERT * width
-        bulk = len(params) - len(params) % step
-        if bulk:
-            db.executemany(_INSERT_SAMPLES, [params[i : i + step] for i in range(0, bulk, step)])
-        if bulk < len(params):  # the tail, in order after the bulk rows
-            db.executemany(
-                _INSERT_SAMPLE, [params[i : i + width] for i in range(bulk, len(params), width)]
-            )
+        start = 0
+        for rows, sql in _INSERT_SAMPLES.items():  # the largest statements first
+            step = rows * width
+            end = start + (len(params) - start) // step * step
+            if end > start:
+                db.executemany(sql, [params[i : i + step] for i in range(start, end, step)])
+                start = end
         # Rowids are max+1 and we hold the write lock, so sample i got before + 1 + i; check
         # it (one B-tree descent) rather than trust it, as the lookup aids depend on it.
         last = db.execute("SELECT max(id) FROM samples").fetchone()[0]
@@ -671,8 +673,8 @@ class Store:
         found: dict[tuple[str, str], Change] = {}
         for kind, keys in refs.items():
             ordered = sorted(keys)
-            for i in range(0, len(ordered), _ROWS_PER_INSERT):
-                chunk = ordered[i : i + _ROWS_PER_INSERT]
+            for i in range(0, len(ordered), _MOST_ROWS_PER_INSERT):
+                chunk = ordered[i : i + _MOST_ROWS_PER_INSERT]
                 found.update(self._changed(kind, chunk))
         try:
             return [(outbox_id, found[(kind, str(ref))]) for outbox_id, kind, ref in rows]
