@@ -8,13 +8,16 @@ ptys. Pure codec and planning tests are in test_modbus_codec.py.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import math
 import signal
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -319,6 +322,47 @@ async def test_timeout_marks_comm_loss_and_recovery(
     [up] = comm(records)
     assert up.ok and up.t > down.t
     assert {s.quality for s in samples(records)} == {Quality.GOOD}
+
+
+@contextlib.contextmanager
+def vaisala_in_a_thread() -> Iterator[tuple[ModbusSimulator, int]]:
+    """The Vaisala simulator on an event loop of its own, in a thread: it answers while the
+    test's loop is held up, as a device does."""
+    simulator = ModbusSimulator([unit_from_driver("vaisala-gmp251")])
+    loop = asyncio.new_event_loop()
+    started: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+    def serve() -> None:
+        port = loop.run_until_complete(simulator.start_tcp("127.0.0.1", 0))
+        started.set_result(port)
+        loop.run_forever()
+        loop.run_until_complete(simulator.stop())
+        loop.close()
+
+    thread = threading.Thread(target=serve, name="simulator")
+    thread.start()
+    try:
+        yield simulator, started.result(5)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+async def test_an_answer_that_came_while_the_loop_was_held_up_is_taken() -> None:
+    """The event loop is held up past the timeout (a long GC pause, a VM stall) while the
+    device answers: the answer is there when the loop runs again, so the read succeeds."""
+    with vaisala_in_a_thread() as (simulator, port):
+        runner = vaisala_over_tcp(port, timeout=0.05, retries=0)
+        async with polling(runner) as poll:
+            await poll()  # connected
+            await asyncio.sleep(0.1)  # the timer of that poll's reads has gone off
+            polled = asyncio.create_task(poll())
+            # The poll's first step sends its first request; then the loop stalls for 0.3 s.
+            asyncio.get_running_loop().call_soon(time.sleep, 0.3)
+            records = await polled
+    assert not incidents(records) and not comm(records)
+    assert {s.quality for s in samples(records)} == {Quality.GOOD}
+    assert simulator.requests[240] == 4  # two polls of two reads, none retried
 
 
 async def test_short_response(vaisala_tcp: tuple[ModbusSimulator, int]) -> None:

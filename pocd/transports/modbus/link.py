@@ -140,10 +140,15 @@ class _Timeout:
     timeout, so one timer serves many attempts: when it fires before the attempt in flight is
     due, it is set again for that attempt's deadline. Back-to-back polls on loopback make
     thousands of attempts a second, and a timer each was about a tenth of the CPU per read.
+
+    A due attempt is cancelled one loop iteration after the timer goes off, not at once: if
+    the loop was held up past the deadline (a long pause, a stalled VM) while the answer came,
+    the answer's callback ran in the timer's iteration and the attempt resumes with it first.
     """
 
     def __init__(self) -> None:
         self._task: asyncio.Task[Any] | None = None  # the attempt in flight
+        self._attempt = 0  # attempts begun, to tell the one a late expiry was meant for
         self._deadline = 0.0
         self._cancelling = 0  # the task's pending cancellations when the attempt started
         self._expired = False
@@ -153,6 +158,7 @@ class _Timeout:
     def __call__(self, task: asyncio.Task[Any], seconds: float) -> _Timeout:
         loop = task.get_loop()
         self._task = task
+        self._attempt += 1
         self._cancelling = task.cancelling()
         self._deadline = deadline = loop.time() + seconds
         if self._timer is None or self._timer_at > deadline:
@@ -192,6 +198,12 @@ class _Timeout:
         if self._deadline > self._timer_at:  # set for an attempt that has ended: this one later
             loop = task.get_loop()
             self._timer, self._timer_at = loop.call_at(self._deadline, self._fire), self._deadline
+            return
+        task.get_loop().call_soon(self._expire, self._attempt)
+
+    def _expire(self, attempt: int) -> None:
+        task = self._task
+        if task is None or attempt != self._attempt:  # it ended with the iteration's answer
             return
         self._expired = True
         task.cancel()
