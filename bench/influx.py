@@ -33,8 +33,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from store import make_samples
-
+from bench.store import make_samples
 from pocd.model import NS, PhaseChange, Run, Sample
 from pocd.settings import Site, load_site
 from pocd.sinks.influxdb import InfluxSink

@@ -12,16 +12,11 @@ register image encoded from the driver's signal models) so that it costs far les
 client and the figures compare the clients; `--server sim` uses pocd's pymodbus simulator
 instead, which is slower than the clients, so both sides then measure the simulator.
 
-The machine is shared and its speed drifts by a quarter within seconds, so the two clients
-never run at the same time, nor in rounds seconds apart: both run all along, and the bench
-lets one run at a time (SIGCONT, then SIGSTOP after `--slice` seconds), in turns, for
-`--seconds` in all. Each side's rate is its reads over the time it was let run, so both are
-measured over the same stretch of the machine's moods. pocd's daemon runs all through, as in
-service: its store writer, flushes and clock run in its own turns (a stopped process does
-nothing). Each side publishes its count to shared memory every 5 ms; the counts at the ends
-of a turn are up to 5 ms stale, which cancels over consecutive turns. Prints human lines, then
-as its last line one JSON object. Target: ratio >= 0.9. Exits 1 if it is missed, or if not
-every sample through the engine was stored.
+The two clients are measured in turns of `--slice` seconds, each in a process of its own, for
+`--seconds` in all (see bench/_turns.py): pocd's daemon runs all through, as in service, and
+its store writer, flushes and clock run in its own turns. Prints human lines, then as its last
+line one JSON object. Target: ratio >= 0.9. Exits 1 if it is missed, or if not every sample
+through the engine was stored.
 
 Run: .venv/bin/python bench/modbus.py [--seconds S] [--slice S] [--server raw|sim]
 """
@@ -50,11 +45,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient
 
+from bench import _turns as turns
+from bench._turns import count_of
 from pocd.daemon import Daemon
 from pocd.logs import configure_logging
 from pocd.settings import Site, load_site
@@ -79,8 +75,6 @@ POINTS: dict[str, dict[str, Any]] = {
 WARM_UP = 0.3  # seconds each client runs before the turns: connecting, first reads
 SLICE = 0.1  # seconds of one turn
 SECONDS = 12.0  # of turns in all, half each side
-COUNTER = struct.Struct("q")  # a side's reads so far, in shared memory
-PUBLISH_EVERY = 0.005  # seconds
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -152,38 +146,12 @@ def serve(image: dict[int, dict[int, int]]) -> None:
         threading.Thread(target=connection, args=(sock,), daemon=True).start()
 
 
-@dataclass
-class Child:
-    """A process of the bench (the server or a client), and its CPU time as the kernel counts
-    it: of the whole process, or of its main thread alone."""
-
-    process: subprocess.Popen[str]
-
-    def cpu(self, *, main_thread: bool = False) -> float:
-        pid = self.process.pid
-        stat = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat")
-        fields = stat.read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    @property
-    def stdout(self) -> IO[str]:
-        assert self.process.stdout is not None
-        return self.process.stdout
-
-    def stop(self) -> None:
-        """End it, stopped or not."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.kill()
-            self.process.wait()
-
-
-def start_server(kind: str) -> tuple[Child, int]:
+def start_server(kind: str) -> tuple[turns.Child, int]:
     if kind == "raw":
         command = [sys.executable, __file__, "--serve"]
     else:
         command = [sys.executable, "-m", "pocd.sim.modbus", DRIVER, "--port", "0"]
-    server = Child(
+    server = turns.Child(
         subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     )
     line = server.stdout.readline()
@@ -243,12 +211,6 @@ def plan(site: Site) -> tuple[list[Read], ModbusSettings, int]:
     return ModbusRunner(device).reads, device.settings, points
 
 
-async def publish(counter: mmap.mmap, count: Callable[[], int]) -> None:
-    while True:
-        COUNTER.pack_into(counter, 0, count())
-        await asyncio.sleep(PUBLISH_EVERY)
-
-
 async def pocd_client(site: Site, counter: mmap.mmap, stop: asyncio.Event) -> dict[str, int]:
     """The daemon, with a run in the bench phase, until `stop`; what it counted and stored."""
     reads, _, points = plan(site)
@@ -262,7 +224,7 @@ async def pocd_client(site: Site, counter: mmap.mmap, stop: asyncio.Event) -> di
         await daemon.advance_phase(phase, "bench")
     counts = daemon.counts
     publisher = asyncio.create_task(
-        publish(counter, lambda: counts["samples"] * len(reads) // points)
+        turns.publish(counter, lambda: counts["samples"] * len(reads) // points)
     )
     try:
         await stop.wait()
@@ -293,7 +255,7 @@ async def bare_client(site: Site, counter: mmap.mmap, stop: asyncio.Event) -> di
     }
     requests = [(calls[r.function], r.address, r.count) for r in reads]
     done = 0
-    publisher = asyncio.create_task(publish(counter, lambda: done))
+    publisher = asyncio.create_task(turns.publish(counter, lambda: done))
     await client.connect()
     try:
         while not stop.is_set():
@@ -319,91 +281,14 @@ def client(side: str, port: int, counter_path: str) -> None:
             go = pocd_client if side == "pocd" else bare_client
             task = asyncio.create_task(go(site, counter, stop))
             await asyncio.sleep(WARM_UP)
-            if not COUNTER.unpack_from(counter)[0]:
+            if not count_of(counter):
                 raise SystemExit(f"{side}: no reads in the first {WARM_UP} s")
             print("ready", flush=True)
             return await task
 
     configure_logging("warning")  # the daemon's info lines would bury the figures
-    with open(counter_path, "r+b") as file, mmap.mmap(file.fileno(), COUNTER.size) as counter:
+    with turns.counter(counter_path) as counter:
         print(json.dumps(asyncio.run(run())), flush=True)
-
-
-# --- the turns ------------------------------------------------------------------------------
-
-
-@dataclass
-class Side:
-    """One client's turns: reads and seconds of each."""
-
-    name: str
-    child: Child
-    counter: mmap.mmap
-    turns: list[tuple[int, float]] = field(default_factory=list)
-    cpu: float = 0.0  # seconds, over all the turns
-    main_cpu: float = 0.0
-
-    @property
-    def count(self) -> int:
-        return int(COUNTER.unpack_from(self.counter)[0])
-
-    @property
-    def reads(self) -> int:
-        return sum(n for n, _ in self.turns)
-
-    @property
-    def reads_per_s(self) -> float:
-        return self.reads / sum(t for _, t in self.turns)
-
-    def cpu_us_per_read(self, cpu: float) -> float:
-        return 1e6 * cpu / self.reads
-
-
-def start_client(name: str, port: int, folder: Path) -> Side:
-    path = folder / f"{name}.count"
-    path.write_bytes(bytes(COUNTER.size))
-    command = [
-        sys.executable,
-        __file__,
-        "--client",
-        name,
-        "--port",
-        str(port),
-        "--counter",
-        str(path),
-    ]
-    child = Child(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
-    with path.open("r+b") as file:
-        return Side(name, child, mmap.mmap(file.fileno(), COUNTER.size))
-
-
-def take_turns(sides: list[Side], seconds: float, slice_: float) -> None:
-    """Let one side run at a time, `slice_` seconds each, in turns, for `seconds` in all."""
-    cpu0 = [(s.child.cpu(), s.child.cpu(main_thread=True)) for s in sides]
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        for side in sides:
-            count = side.count
-            start = time.perf_counter()
-            side.child.process.send_signal(signal.SIGCONT)
-            time.sleep(slice_)
-            side.child.process.send_signal(signal.SIGSTOP)
-            side.turns.append((side.count - count, time.perf_counter() - start))
-    for side, (cpu, main_cpu) in zip(sides, cpu0, strict=True):
-        side.cpu = side.child.cpu() - cpu
-        side.main_cpu = side.child.cpu(main_thread=True) - main_cpu
-
-
-def per_second(pocd: Side, bare: Side, slice_: float) -> list[float]:
-    """The ratio over each second of turns: how much it moved during the bench."""
-    group = max(1, round(1 / slice_))
-    ratios = []
-    for i in range(0, len(pocd.turns) - group + 1, group):
-        p, b = pocd.turns[i : i + group], bare.turns[i : i + group]
-        p_rate = sum(n for n, _ in p) / sum(t for _, t in p)
-        b_rate = sum(n for n, _ in b) / sum(t for _, t in b)
-        ratios.append(round(p_rate / b_rate, 3))
-    return ratios
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -431,24 +316,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def compare(args: argparse.Namespace) -> int:
     """The turns of the two clients against one server; prints the figures."""
     server, port = start_server(args.server)
-    sides: list[Side] = []
+    sides: list[turns.Side] = []
     try:
         with tempfile.TemporaryDirectory(prefix="pocd-bench-") as tmp:
             reads, _, points = plan(load_site(write_site(Path(tmp) / "site", port)))
             for name in ("pocd", "bare"):
-                side = start_client(name, port, Path(tmp))
-                sides.append(side)
-                if side.child.stdout.readline().strip() != "ready":
-                    raise SystemExit(f"the {name} client did not start")
-                side.child.process.send_signal(signal.SIGSTOP)
+                command = [sys.executable, __file__, "--client", name, "--port", str(port)]
+                sides.append(turns.start(name, command, Path(tmp)))
             server_cpu = server.cpu()
             started = time.perf_counter()
-            take_turns(sides, args.seconds, args.slice)
+            turns.take_turns(sides, args.seconds, args.slice)
             server_cpu = (server.cpu() - server_cpu) / (time.perf_counter() - started)
-            for side in sides:  # both at once: a client stopped for seconds would time out
-                side.child.process.send_signal(signal.SIGCONT)
-                side.child.process.terminate()
-            results = [json.loads(s.child.stdout.read().splitlines()[-1]) for s in sides]
+            results = turns.finish(sides)
     finally:
         for side in sides:
             side.child.stop()
@@ -460,26 +339,26 @@ def compare(args: argparse.Namespace) -> int:
             f"{counts['samples']} samples through the engine, {counts['stored']} stored, "
             f"{counts['incidents']} incidents: see the log"
         )
-    ratio = pocd.reads_per_s / bare.reads_per_s
-    cpu = {s.name: s.cpu_us_per_read(s.cpu) for s in sides}
-    seconds = per_second(pocd, bare, args.slice)
+    ratio = pocd.rate / bare.rate
+    cpu = {s.name: s.cpu_us_each() for s in sides}
+    seconds = turns.per_second(pocd, bare, args.slice)
     print(f"{DRIVER} over Modbus TCP, {len(reads)} reads a poll ({', '.join(map(str, reads))})")
     print(f"server: {args.server}; turns of {args.slice:g} s, {args.seconds:g} s in all")
     for name, side in (("pocd transport+engine+store", pocd), ("bare pymodbus loop", bare)):
-        print(f"{name:>28}: {side.reads_per_s:>7,.0f} reads/s, {cpu[side.name]:.0f} us CPU a read")
+        print(f"{name:>28}: {side.rate:>7,.0f} reads/s, {cpu[side.name]:.0f} us CPU a read")
     print(f"ratio {ratio:.3f}; over each second of turns: {' '.join(map(str, seconds))}")
     print(f"{counts['stored']:,} samples stored, {counts['events']} engine events")
     output = {
         "driver": DRIVER,
         "server": args.server,
         "reads_per_poll": len(reads),
-        "pocd_reads_per_s": round(pocd.reads_per_s),
-        "pocd_samples_per_s": round(pocd.reads_per_s / len(reads) * points),
-        "bare_reads_per_s": round(bare.reads_per_s),
+        "pocd_reads_per_s": round(pocd.rate),
+        "pocd_samples_per_s": round(pocd.rate / len(reads) * points),
+        "bare_reads_per_s": round(bare.rate),
         "pocd_cpu_us_per_read": round(cpu["pocd"], 1),
         "bare_cpu_us_per_read": round(cpu["bare"], 1),
         "cpu_ratio": round(cpu["bare"] / cpu["pocd"], 3),
-        "pocd_main_thread_cpu_us_per_read": round(pocd.cpu_us_per_read(pocd.main_cpu), 1),
+        "pocd_main_thread_cpu_us_per_read": round(pocd.cpu_us_each(pocd.main_cpu), 1),
         "server_cpu_core": round(server_cpu, 2),
         "samples_stored": counts["stored"],
         "ratio_per_second": seconds,
