@@ -39,6 +39,7 @@ __all__ = [
     "publish",
     "start",
     "take_turns",
+    "warm_up",
 ]
 
 _COUNTER = struct.Struct("q")
@@ -54,6 +55,18 @@ def counter(path: str | Path) -> Iterator[mmap.mmap]:
 
 def count_of(mapped: mmap.mmap) -> int:
     return int(_COUNTER.unpack_from(mapped)[0])
+
+
+async def warm_up(mapped: mmap.mmap, name: str, seconds: float, *, patience: float = 5.0) -> None:
+    """In a client: wait for its first counts, then `seconds` more, and say "ready"."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + patience
+    while not count_of(mapped):
+        if loop.time() > give_up:
+            raise SystemExit(f"{name}: nothing done in the first {patience:g} s")
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(seconds)
+    print("ready", flush=True)
 
 
 async def publish(mapped: mmap.mmap, count: Callable[[], int]) -> None:
@@ -114,7 +127,9 @@ class Side:
 
 
 def start(name: str, command: list[str], folder: Path) -> Side:
-    """Start a client (`command` plus `--counter PATH`), wait until it is ready, stop it."""
+    """Start a client (`command` plus `--counter PATH`) and wait until it is ready. It runs on
+    until the turns begin: a client stopped for long (while another one starts) would find
+    its requests timed out when let go."""
     path = folder / f"{name}.count"
     path.write_bytes(bytes(_COUNTER.size))
     process = subprocess.Popen(
@@ -126,12 +141,13 @@ def start(name: str, command: list[str], folder: Path) -> Side:
     if child.stdout.readline().strip() != "ready":
         child.stop()
         raise SystemExit(f"the {name} client did not start")
-    process.send_signal(signal.SIGSTOP)
     return side
 
 
 def take_turns(sides: list[Side], seconds: float, slice_: float) -> None:
     """Let one side run at a time, `slice_` seconds each, in turns, for `seconds` in all."""
+    for side in sides:
+        side.child.process.send_signal(signal.SIGSTOP)
     cpu0 = [(s.child.cpu(), s.child.cpu(main_thread=True)) for s in sides]
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:

@@ -50,7 +50,6 @@ from typing import Any
 from pymodbus.client import AsyncModbusTcpClient
 
 from bench import _turns as turns
-from bench._turns import count_of
 from pocd.daemon import Daemon
 from pocd.logs import configure_logging
 from pocd.settings import Site, load_site
@@ -280,10 +279,7 @@ def client(side: str, port: int, counter_path: str) -> None:
             site = load_site(write_site(Path(tmp), port))
             go = pocd_client if side == "pocd" else bare_client
             task = asyncio.create_task(go(site, counter, stop))
-            await asyncio.sleep(WARM_UP)
-            if not count_of(counter):
-                raise SystemExit(f"{side}: no reads in the first {WARM_UP} s")
-            print("ready", flush=True)
+            await turns.warm_up(counter, side, WARM_UP)
             return await task
 
     configure_logging("warning")  # the daemon's info lines would bury the figures

@@ -29,7 +29,8 @@ from pocd.errors import ConfigError
 from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample
 from pocd.sim.modbus import ModbusSimulator, device_from_driver, parse_fault, unit_from_driver
 from pocd.transports.modbus import ModbusRunner, ModbusSettings
-from pocd.transports.modbus.link import join, leave, links
+from pocd.transports.modbus.link import Link, join, leave, links
+from pocd.transports.modbus.plan import Read
 from tests.transportkit import PtyPeer, running, until
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
@@ -360,6 +361,32 @@ async def test_an_answer_that_came_while_the_loop_was_held_up_is_taken() -> None
             # The poll's first step sends its first request; then the loop stalls for 0.3 s.
             asyncio.get_running_loop().call_soon(time.sleep, 0.3)
             records = await polled
+    assert not incidents(records) and not comm(records)
+    assert {s.quality for s in samples(records)} == {Quality.GOOD}
+    assert simulator.requests[240] == 4  # two polls of two reads, none retried
+
+
+async def test_a_stall_before_the_request_goes_out_is_not_a_timeout(
+    vaisala_tcp: tuple[ModbusSimulator, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process is held up (a pause, a stalled VM) after an attempt began but before its
+    request is written: the answer's time is counted from the write."""
+    simulator, port = vaisala_tcp
+    call = Link._call
+    stalls = []
+
+    def stalled_call(link: Link, read: Read, unit: int) -> Any:
+        if not stalls:
+            stalls.append(read)
+            time.sleep(0.3)  # six times the timeout
+        return call(link, read, unit)
+
+    runner = vaisala_over_tcp(port, timeout=0.05, retries=0)
+    async with polling(runner) as poll:
+        await poll()  # connected
+        monkeypatch.setattr(Link, "_call", stalled_call)
+        records = await poll()
+    assert len(stalls) == 1
     assert not incidents(records) and not comm(records)
     assert {s.quality for s in samples(records)} == {Quality.GOOD}
     assert simulator.requests[240] == 4  # two polls of two reads, none retried

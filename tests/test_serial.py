@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from pocd.model import CommStatus, Incident, Quality, Sample
 from pocd.sim.serial import PtyPair, parse_fault
 from pocd.transports.serial import SerialRunner
 from pocd.transports.serial.codec import Rejected, make_framer
-from pocd.transports.serial.port import join, leave, ports
+from pocd.transports.serial.port import Port, join, leave, ports
 from tests.serialkit import (
     Inbox,
     Record,
@@ -299,6 +300,33 @@ async def test_no_reply_is_comm_loss_then_resumes(pair: PtyPair) -> None:
     dark = [s for s in samples(seen) if s.quality is Quality.BAD]
     assert dark and all(s.reason == "timeout" for s in dark)
     assert len(incidents(seen, "timeout")) >= 2  # the first try and its retry
+
+
+async def test_a_stall_before_the_request_goes_out_is_not_a_timeout(
+    pair: PtyPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process is held up (a pause, a stalled VM) just before a request is written: the
+    reply's time is counted from the write, so the device has its whole timeout."""
+    write = Port.write
+    stalls = []
+
+    def stalled_write(port: Port, data: bytes, device: str) -> None:
+        if not stalls:
+            stalls.append(data)
+            time.sleep(0.5)  # twice the timeout (FAST: 0.25 s)
+        write(port, data, device)
+
+    monkeypatch.setattr(Port, "write", stalled_write)
+    inbox: Inbox = asyncio.Queue()
+    seen: list[Record] = []
+    async with (
+        simulating(pair, simulator("mettler-sics")),
+        running([runner("mettler-sics", pair.host)], inbox),
+    ):
+        await collect(inbox, seen, 3)
+    assert stalls == [b"SI\r\n"]
+    assert not incidents(seen) and not comm(seen)
+    assert [s.quality for s in samples(seen)][:3] == [Quality.GOOD] * 3
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, NamedTuple
@@ -144,12 +145,16 @@ class _Timeout:
     A due attempt is cancelled one loop iteration after the timer goes off, not at once: if
     the loop was held up past the deadline (a long pause, a stalled VM) while the answer came,
     the answer's callback ran in the timer's iteration and the attempt resumes with it first.
+    And the time runs again from when the request is written (`sent`), so a stall before the
+    write is not the device's either.
     """
 
     def __init__(self) -> None:
         self._task: asyncio.Task[Any] | None = None  # the attempt in flight
         self._attempt = 0  # attempts begun, to tell the one a late expiry was meant for
         self._deadline = 0.0
+        self._seconds = 0.0
+        self._time = time.monotonic  # the running loop's clock, once an attempt has begun
         self._cancelling = 0  # the task's pending cancellations when the attempt started
         self._expired = False
         self._timer: asyncio.TimerHandle | None = None
@@ -160,6 +165,8 @@ class _Timeout:
         self._task = task
         self._attempt += 1
         self._cancelling = task.cancelling()
+        self._time = loop.time
+        self._seconds = seconds
         self._deadline = deadline = loop.time() + seconds
         if self._timer is None or self._timer_at > deadline:
             if self._timer is not None:
@@ -183,6 +190,12 @@ class _Timeout:
             # Ours if no one else cancelled the task meanwhile (as asyncio.timeout decides).
             if task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
                 raise TimeoutError from exc
+
+    def sent(self) -> None:
+        """The request of the attempt in flight is being written: its time runs from now.
+        (A later deadline than the timer's is fine: the timer sets itself again.)"""
+        if self._task is not None:
+            self._deadline = self._time() + self._seconds
 
     def release(self) -> None:
         """Drop the timer, unless an attempt is in flight: that one still needs it."""
@@ -258,9 +271,11 @@ class Link:
         self._client.close()
 
     def _trace(self, sending: bool, data: bytes) -> bytes:
+        if sending:  # pymodbus writes the request right after this call
+            self._timeout.sent()
+            return data
         # pymodbus hands over its whole receive buffer each time, not only the new bytes.
-        if not sending:
-            self._rx = data if data.startswith(self._rx) else self._rx + data
+        self._rx = data if data.startswith(self._rx) else self._rx + data
         return data
 
     async def read(

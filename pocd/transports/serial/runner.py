@@ -279,11 +279,11 @@ class SerialRunner:
                     if fault is not None:
                         failed.append(fault)
                         return fault
-                loop = port.loop
-                deadline = loop.time() + self._timeout
                 result: Reply | Attempt
                 try:
                     port.write(request.data, device)
+                    # From the write: a stall before it (a stopped process) is not the device's.
+                    deadline = port.loop.time() + self._timeout
                     while True:
                         frame = await port.next_frame(deadline, device)
                         if frame is None:
