@@ -12,9 +12,9 @@ register image encoded from the driver's signal models) so that it costs far les
 client and the figures compare the clients; `--server sim` uses pocd's pymodbus simulator
 instead, which is slower than the clients, so both sides then measure the simulator.
 
-The two clients are measured in turns of `--slice` seconds, each in a process of its own, for
-`--seconds` in all (see bench/_turns.py): pocd's daemon runs all through, as in service, and
-its store writer, flushes and clock run in its own turns. Prints human lines, then as its last
+The two are measured in turns of `--slice` seconds for `--seconds` in all (see
+bench/_turns.py): pocd's daemon runs all through, as in service, and its store writer, flushes
+and clock run in its own turns. Prints human lines, then as its last
 line one JSON object. Target: ratio >= 0.9. Exits 1 if it is missed, or if not every sample
 through the engine was stored.
 

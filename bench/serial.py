@@ -39,6 +39,7 @@ import serial_asyncio_fast
 from bench import _turns as turns
 from pocd.daemon import ENGINE_WINDOW, INBOX_SIZE
 from pocd.inbox import Inbox
+from pocd.logs import configure_logging
 from pocd.model import Sample
 from pocd.settings import load_driver
 from pocd.sim.serial import PtyPair
@@ -154,6 +155,7 @@ def client(side: str, counter_path: str) -> None:
                     responder.terminate()
                     await responder.wait()
 
+    configure_logging("warning")  # to stderr: stdout carries "ready" and the result
     with turns.counter(counter_path) as counter:
         print(json.dumps(asyncio.run(run())), flush=True)
 
