@@ -32,7 +32,6 @@ from typing import IO, Any
 __all__ = [
     "Child",
     "Side",
-    "count_of",
     "counter",
     "finish",
     "per_second",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, NamedTuple
@@ -154,7 +153,6 @@ class _Timeout:
         self._attempt = 0  # attempts begun, to tell the one a late expiry was meant for
         self._deadline = 0.0
         self._seconds = 0.0
-        self._time = time.monotonic  # the running loop's clock, once an attempt has begun
         self._cancelling = 0  # the task's pending cancellations when the attempt started
         self._expired = False
         self._timer: asyncio.TimerHandle | None = None
@@ -165,7 +163,6 @@ class _Timeout:
         self._task = task
         self._attempt += 1
         self._cancelling = task.cancelling()
-        self._time = loop.time
         self._seconds = seconds
         self._deadline = deadline = loop.time() + seconds
         if self._timer is None or self._timer_at > deadline:
@@ -195,7 +192,7 @@ class _Timeout:
         """The request of the attempt in flight is being written: its time runs from now.
         (A later deadline than the timer's is fine: the timer sets itself again.)"""
         if self._task is not None:
-            self._deadline = self._time() + self._seconds
+            self._deadline = self._task.get_loop().time() + self._seconds
 
     def release(self) -> None:
         """Drop the timer, unless an attempt is in flight: that one still needs it."""

@@ -358,18 +358,16 @@ class OpcuaRunner:
         await self._inbox.put(sample)
 
     async def _put_all(self, samples: list[Sample]) -> None:
-        """Put a publish response's samples. An asyncio.Queue inbox (the daemon's) takes them
-        without a coroutine per sample while it has room; a full one is waited on, in order."""
+        """Put a publish response's samples: without a coroutine per sample while the inbox has
+        room; a full one is waited on, in order."""
         inbox = self._inbox
         assert inbox is not None
         self.counts["samples"] += len(samples)
         taken = 0
-        put_nowait = getattr(inbox, "put_nowait", None)
-        if put_nowait is not None:
-            with contextlib.suppress(asyncio.QueueFull):
-                for sample in samples:
-                    put_nowait(sample)
-                    taken += 1
+        with contextlib.suppress(asyncio.QueueFull):
+            for sample in samples:
+                inbox.put_nowait(sample)
+                taken += 1
         for sample in samples[taken:]:
             await inbox.put(sample)
 
