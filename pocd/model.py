@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 __all__ = [
     "NS",
+    "STALE_REASON",
     "AuditEntry",
     "CommStatus",
     "Deviation",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 NS = 1_000_000_000
+# The reason of a BAD sample a transport makes when a device's value stopped being fresh (its
+# source timestamp no longer moves): the engine records it as stale data, not bad quality.
+STALE_REASON = "stale"
 
 
 # Wall-clock UTC time in nanoseconds (the function itself: every reading is stamped with it).

@@ -92,6 +92,8 @@ def apply(eng: Engine, step: tuple[Any, ...]) -> list[EngineEvent]:
         return eng.on_sample(Sample("dev", "x", at(t), float(args[0]), Quality.UNCERTAIN))
     if what == "bad":
         return eng.on_sample(Sample("dev", "x", at(t), 1.0, Quality.BAD, reason="test"))
+    if what == "stale":
+        return eng.on_sample(Sample("dev", "x", at(t), math.nan, Quality.BAD, reason="stale"))
     if what == "nan":
         return eng.on_sample(Sample("dev", "x", at(t), math.nan))
     if what == "tick":

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from pocd.errors import RunError
-from pocd.model import ExcursionKind
+from pocd.model import NS, ExcursionKind
 from pocd.protocol import Limits, ProtocolStatus
 from tests.enginekit import apply, at, compact, engine, protocol
 
@@ -33,6 +33,16 @@ SCENARIOS: dict[str, tuple[dict[str, Limits], list[tuple[Any, ...]], list[tuple[
         {"a": Limits(alert_high=10.0, on_delay=5.0)},
         [(1, "v", 11), (3, "v", 11), (4, "v", 9), (5, "v", 11), (8, "v", 11), (10, "v", 11)],
         [("opened", "alert-high", 5.0)],
+    ),
+    "on-delay: a breach pending across a phase change keeps its start and opens in the new phase": (
+        {"a": Limits(alert_high=10.0, on_delay=5.0), "b": Limits(alert_high=10.0, on_delay=5.0)},
+        [(1, "v", 12), (3, "phase", "b"), (4, "v", 12), (6, "tick")],
+        [("phase", "b", True), ("opened", "alert-high", 3.0)],
+    ),
+    "a transport's stale marker is a stale excursion, closed by the next fresh value": (
+        {"a": HIGH},
+        [(0, "v", 5), (2, "stale"), (3, "stale"), (5, "v", 5)],
+        [("opened", "stale", 2.0), ("closed", "stale", 2.0, 5.0)],
     ),
     "on-delay elapses on a clock tick": (
         {"a": Limits(alert_high=10.0, on_delay=5.0)},
@@ -272,3 +282,51 @@ def test_view_shows_open_and_pending_excursions() -> None:
     assert set(view.open) == {ExcursionKind.ALERT_HIGH, ExcursionKind.ACTION_HIGH}
     assert view.pending == ()
     assert view.value == 13.0
+
+
+def test_a_phase_change_stamped_before_a_breach_began_never_closes_it_before_its_start() -> None:
+    eng = engine(protocol({"a": HIGH, "b": HIGH}))
+    eng.enter_phase("a", at(0), "op")
+    apply(eng, (10, "v", 12))
+    events = apply(eng, (4, "phase", "b"))  # a device's phase value, stamped earlier
+    change, closed, reopened = events
+    assert compact(change) == ("phase", "b", True)
+    assert compact(closed) == ("closed", "alert-high", 10.0, 10.0)
+    assert compact(reopened) == ("opened", "alert-high", 10.0)
+    assert eng.cumulative("x", "a") == 0.0
+    apply(eng, (12, "v", 5))
+    assert eng.cumulative("x", "b") == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("jump", [3600.0, -3600.0])
+def test_a_wall_clock_jump_is_neither_a_gap_nor_negative_time(jump: float) -> None:
+    limits = Limits(alert_high=10.0, stale_after=5.0, max_data_loss=30.0, on_delay=4.0)
+    eng = engine(protocol({"a": limits}))
+    eng.enter_phase("a", at(0), "op")
+    events = []
+    for s in range(10):  # a breach from 8 s, its on-delay running
+        events += apply(eng, (s, "v", 12 if s >= 8 else 5))
+    eng.shift(round(jump * NS))  # what the daemon does when it sees the jump
+    for s in range(10, 20):
+        events += apply(eng, (s + jump, "v", 12 if s < 15 else 5))
+    events += apply(eng, (20 + jump, "end"))
+    kinds = [compact(e)[:2] for e in events]
+    assert kinds == [("opened", "alert-high"), ("closed", "alert-high")], kinds
+    _, closed = events
+    # It opened after the jump: its true start, told on the clock of its records (the new one)
+    assert compact(closed)[2:] == (8.0 + jump, 15.0 + jump)
+    # 8 s to 15 s on the monotonic clock, whatever the wall clock did
+    assert eng.cumulative("x", "a", [ExcursionKind.ALERT_HIGH]) == pytest.approx(7.0)
+
+
+@pytest.mark.parametrize("jump", [3600.0, -3600.0])
+def test_an_excursion_open_across_a_clock_jump_counts_monotonic_time(jump: float) -> None:
+    eng = engine(protocol({"a": HIGH}))
+    eng.enter_phase("a", at(0), "op")
+    apply(eng, (2, "v", 12))
+    eng.shift(round(jump * NS))
+    (closed,) = apply(eng, (15 + jump, "v", 5))
+    start, end = compact(closed)[2:]
+    assert start == 2.0
+    assert end == max(start, 15.0 + jump)  # a record never ends before it began
+    assert eng.cumulative("x", "a") == pytest.approx(13.0)

@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pocd.model import Excursion, ExcursionChange, ExcursionEvent, ExcursionKind
+from pocd.model import NS, Excursion, ExcursionChange, ExcursionEvent, ExcursionKind
 from pocd.protocol import Limits
 from tests.enginekit import apply, at, engine, protocol
 
@@ -33,25 +33,39 @@ PHASES = {
 step = st.one_of(
     st.tuples(st.just("v"), st.floats(min_value=0.0, max_value=10.0)),
     st.tuples(st.just("v"), st.floats(min_value=4.6, max_value=5.4)),
-    st.tuples(st.sampled_from(["bad", "nan", "tick", "down", "up", "phase"])),
+    st.tuples(st.sampled_from(["bad", "nan", "stale", "tick", "down", "up", "phase"])),
+    # a device's phase value stamped up to 5 s before the engine's latest time
+    st.tuples(st.just("late-phase"), st.floats(min_value=0.0, max_value=5.0)),
+    # the wall clock steps (NTP, a manual change) and the daemon tells the engine
+    st.tuples(st.just("jump"), st.sampled_from([-7200.0, -30.0, 30.0, 7200.0])),
 )
 
 
-def run_random(gaps: list[float], actions: list[tuple[Any, ...]]) -> tuple[Any, list[Any]]:
+def run_random(
+    gaps: list[float], actions: list[tuple[Any, ...]], *, jumps: bool = True
+) -> tuple[Any, list[Any]]:
+    """Apply the actions at the gaps; with `jumps` False the clock jumps are left out (the
+    run then sees the same monotonic time without them)."""
     eng = engine(protocol(PHASES))
     events: list[Any] = list(eng.enter_phase("a", at(0), "op"))
     order = list(PHASES)
     t = 0.0
+    offset = 0.0  # the wall clock's jumps so far
     for gap, action in zip(gaps, actions, strict=False):
         t += gap
-        if action[0] == "phase":
+        if action[0] in ("phase", "late-phase"):
             following = order.index(eng.phase or "a") + 1
             if following >= len(order):
                 continue
-            events += apply(eng, (t, "phase", order[following]))
+            back = action[1] if action[0] == "late-phase" else 0.0
+            events += apply(eng, (t + offset - back, "phase", order[following]))
+        elif action[0] == "jump":
+            if jumps:
+                offset += action[1]
+                eng.shift(round(action[1] * NS))
         else:
-            events += apply(eng, (t, *action))
-    events += apply(eng, (t + 1.0, "end"))
+            events += apply(eng, (t + offset, *action))
+    events += apply(eng, (t + offset + 1.0, "end"))
     return eng, events
 
 
@@ -101,8 +115,40 @@ def test_no_excursion_without_a_breach(gaps: list[float], actions: list[tuple[An
             assert exc.limit is not None and exc.worst is not None and exc.worst > exc.limit
         elif exc.kind in (ExcursionKind.ALERT_LOW, ExcursionKind.ACTION_LOW):
             assert exc.limit is not None and exc.worst is not None and exc.worst < exc.limit
-        elif exc.kind is ExcursionKind.STALE:
-            assert limits.stale_after is not None
+        elif exc.kind is ExcursionKind.STALE:  # the protocol's timeout, or a transport's marker
+            assert limits.stale_after is not None or ("stale",) in actions
+
+
+@settings(max_examples=300, deadline=None)
+@random_runs
+def test_clock_jumps_change_no_decision_and_no_counted_time(
+    gaps: list[float], actions: list[tuple[Any, ...]]
+) -> None:
+    jumped, jumped_events = run_random(gaps, actions)
+    steady, steady_events = run_random(gaps, actions, jumps=False)
+    shape = [
+        (
+            type(e).__name__,
+            getattr(getattr(e, "excursion", e), "kind", None),
+            getattr(e, "change", None),
+        )
+        for e in jumped_events
+    ]
+    assert shape == [
+        (
+            type(e).__name__,
+            getattr(getattr(e, "excursion", e), "kind", None),
+            getattr(e, "change", None),
+        )
+        for e in steady_events
+    ]
+    for phase in PHASES:
+        for kind in ExcursionKind:
+            counted = jumped.cumulative("x", phase, [kind])
+            assert counted >= 0.0
+            assert abs(counted - steady.cumulative("x", phase, [kind])) < 1e-6, (phase, kind)
+    _, closed = excursions(jumped_events)
+    assert all(exc.end is not None and exc.end >= exc.start for exc in closed.values())
 
 
 @settings(max_examples=300, deadline=None)
@@ -110,7 +156,8 @@ def test_no_excursion_without_a_breach(gaps: list[float], actions: list[tuple[An
 def test_excursion_durations_sum_to_cumulative_time(
     gaps: list[float], actions: list[tuple[Any, ...]]
 ) -> None:
-    eng, events = run_random(gaps, actions)
+    # Without jumps: a record's duration is wall-clock time, the count is monotonic time.
+    eng, events = run_random(gaps, actions, jumps=False)
     _, closed = excursions(events)
     durations: dict[tuple[str, str, ExcursionKind], float] = defaultdict(float)
     for exc in closed.values():

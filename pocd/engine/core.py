@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pocd.errors import RunError
 from pocd.model import (
     NS,
+    STALE_REASON,
     CommStatus,
     Deviation,
     DeviationCause,
@@ -51,14 +52,21 @@ _THRESHOLDS = (
 
 @dataclass(slots=True)
 class _Open:
-    """An excursion being built: the mutable twin of `model.Excursion`."""
+    """An excursion being built: the mutable twin of `model.Excursion`.
+
+    `since` is its start on the engine's clock, which a wall-clock jump moves (`shift`); the
+    record keeps the wall time it began (`snapshot.start`). Durations count from `since`.
+    """
 
     snapshot: Excursion
+    since: int
     worst: float | None = None
     integral: float = 0.0
     deviated: bool = False  # a deviation was raised for it (action, data loss)
 
     def event(self, change: ExcursionChange, end: int | None = None) -> ExcursionEvent:
+        # A record never ends before it began, whatever the clocks did in between.
+        end = None if end is None else max(end, self.snapshot.start)
         snap = replace(self.snapshot, end=end, worst=self.worst, integral=self.integral)
         return ExcursionEvent(change, snap)
 
@@ -187,10 +195,13 @@ class Engine:
                 f"phase {phase_id!r} is out of protocol order (next is {want}): "
                 "an override needs a reason and is recorded as a deviation"
             )
+        # Not before what the engine has already judged under the old phase (a device's phase
+        # value can arrive stamped earlier than another device's sample already taken).
+        t = max([t, *(p.now for p in self._params.values())])
         events: list[EngineEvent] = [
             PhaseChange(self.run.id, t, phase_id, self.phase, actor, in_order, reason)
         ]
-        carried = self._close_all(t, events)
+        carried, pending = self._close_all(t, events)
         if not in_order:
             events.append(
                 self._deviation(
@@ -202,7 +213,7 @@ class Engine:
                 )
             )
         self._set_phase(phase_id, t)
-        self._reopen(carried, t, events)
+        self._reopen(carried, pending, t, events)
         return events
 
     def resume(
@@ -237,6 +248,28 @@ class Engine:
         self.ended = True
         self._fast = {}
         return events
+
+    def shift(self, delta: int) -> None:
+        """The wall clock jumped by `delta` ns (an NTP step, a manual change, a VM resume)
+        while no time passed: move every time the engine measures from by as much, so the
+        jump is neither a gap (stale data, data loss, budget spent) nor negative time. The
+        records keep the wall times they were made at; a jump is an incident, not a
+        deviation."""
+        if self.phase_started is not None:
+            self.phase_started += delta
+        for param in self._params.values():
+            param.now += delta
+            param.seen_t += delta
+            param.value_t += delta
+            for cond in param.checks():
+                if cond.breach_since is not None:
+                    cond.breach_since += delta
+                if cond.clear_since is not None:
+                    cond.clear_since += delta
+                if cond.excursion is not None:
+                    cond.excursion.since += delta
+            for exc in param.data.values():
+                exc.since += delta
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -376,10 +409,12 @@ class Engine:
 
     def _close_all(
         self, t: int, events: list[EngineEvent]
-    ) -> list[tuple[str, ExcursionKind, bool]]:
-        """Close every open excursion at `t`; returns what was open (parameter, kind, deviated)
-        so that a condition that still holds in the next phase can reopen at once."""
+    ) -> tuple[list[tuple[str, ExcursionKind, bool]], dict[tuple[str, ExcursionKind], int]]:
+        """Close every open excursion at `t`. Returns what was open (parameter, kind, deviated)
+        so that a condition that still holds in the next phase can reopen at once, and when
+        each pending breach (on-delay running) began, so that its on-delay goes on."""
         carried: list[tuple[str, ExcursionKind, bool]] = []
+        pending: dict[tuple[str, ExcursionKind], int] = {}
         for param in self._params.values():
             if param.limits.monitored:
                 self._advance(param, t, events)
@@ -387,14 +422,20 @@ class Engine:
                 if cond.excursion is not None:
                     carried.append((param.id, cond.kind, cond.excursion.deviated))
                     self._close(param, cond.excursion, cond.clear_since or t, events)
+                elif cond.breach_since is not None:
+                    pending[(param.id, cond.kind)] = cond.breach_since
                 cond.excursion, cond.breach_since, cond.clear_since = None, None, None
             for kind, exc in list(param.data.items()):
                 carried.append((param.id, kind, exc.deviated))
                 self._close_data(param, kind, t, events)
-        return carried
+        return carried, pending
 
     def _reopen(
-        self, carried: list[tuple[str, ExcursionKind, bool]], t: int, events: list[EngineEvent]
+        self,
+        carried: list[tuple[str, ExcursionKind, bool]],
+        pending: Mapping[tuple[str, ExcursionKind], int],
+        t: int,
+        events: list[EngineEvent],
     ) -> None:
         for name, kind, deviated in carried:
             param = self._params[name]
@@ -414,7 +455,10 @@ class Engine:
             if param.limits.monitored and param.value is not None and not param.data:
                 for cond in param.conditions:
                     if cond.breach_since is None and cond.breached(param.value):
-                        cond.breach_since, cond.held = t, param.value
+                        # A breach already pending goes on with its on-delay; it opens in this
+                        # phase (see `_timers`), with what it accrued here.
+                        cond.breach_since = pending.get((param.id, cond.kind), t)
+                        cond.held = param.value
                         cond.pending_worst, cond.pending_integral = param.value, 0.0
                         self._timers(param, cond, t, events)
         for param in self._params.values():
@@ -424,16 +468,22 @@ class Engine:
         events: list[EngineEvent] = []
         t = max(sample.t, param.now)
         monitored = param.limits.monitored
+        # The transport's word that the device's value stopped being fresh (an OPC UA source
+        # timestamp that does not move): no new data, so a stale excursion, not bad quality.
+        stale = sample.quality is Quality.BAD and sample.reason == STALE_REASON
         if monitored:
             self._advance(param, t, events)
-            self._close_data(param, ExcursionKind.STALE, t, events)
-        param.seen_t = t
+            if not stale:
+                self._close_data(param, ExcursionKind.STALE, t, events)
+        if not stale:
+            param.seen_t = t
         if sample.quality is Quality.BAD:
             param.quality = Quality.BAD
             param.value, param.value_t = None, t
             # While the device is lost, its BAD readings are the loss itself, not a new fault.
             if monitored and ExcursionKind.COMM_LOSS not in param.data:
-                self._open_data(param, ExcursionKind.BAD_QUALITY, t, events)
+                kind = ExcursionKind.STALE if stale else ExcursionKind.BAD_QUALITY
+                self._open_data(param, kind, t, events)
             return events
         if monitored:
             self._close_data(param, ExcursionKind.COMM_LOSS, t, events)
@@ -482,9 +532,10 @@ class Engine:
         if cond.excursion is None:
             if cond.breach_since is not None and (t - cond.breach_since) / NS >= limits.on_delay:
                 worst, integral = cond.pending_worst, cond.pending_integral
-                cond.excursion = self._open(
-                    param, cond, cond.breach_since, t, events, worst, integral
-                )
+                # An excursion belongs to one phase: a breach pending across a phase change
+                # opens at the change, once its on-delay (counted from its true start) is up.
+                start = max(cond.breach_since, self.phase_started or cond.breach_since)
+                cond.excursion = self._open(param, cond, start, t, events, worst, integral)
         elif cond.clear_since is not None and (t - cond.clear_since) / NS >= limits.off_delay:
             self._close(param, cond.excursion, cond.clear_since, events)
             cond.excursion, cond.breach_since, cond.clear_since = None, None, None
@@ -505,10 +556,10 @@ class Engine:
             if fresh or cond.excursion is not None:
                 self._timers(param, cond, t, events)
         for kind, exc in param.data.items():
-            self._add_time(param.id, kind, exc.snapshot.start, param.now, t)
+            self._add_time(param.id, kind, exc.since, param.now, t)
         for cond in param.checks():
             if cond.excursion is not None:
-                self._add_time(param.id, cond.kind, cond.excursion.snapshot.start, param.now, t)
+                self._add_time(param.id, cond.kind, cond.excursion.since, param.now, t)
         param.now = t
         limits = param.limits
         if (
@@ -555,7 +606,7 @@ class Engine:
             return
         for kind in (ExcursionKind.STALE, ExcursionKind.COMM_LOSS):
             exc = param.data.get(kind)
-            if exc is not None and not exc.deviated and (t - exc.snapshot.start) / NS > allowed:
+            if exc is not None and not exc.deviated and (t - exc.since) / NS > allowed:
                 exc.deviated = True
                 events.append(
                     self._deviation(
@@ -580,7 +631,7 @@ class Engine:
         deviated: bool = False,
     ) -> _Open:
         snapshot = self._snapshot(param, cond.kind, cond.limit, start)
-        exc = _Open(snapshot, worst=worst, integral=integral, deviated=deviated)
+        exc = _Open(snapshot, start, worst=worst, integral=integral, deviated=deviated)
         # the time between the true start and the parameter's clock was pending: count it
         self._add_time(param.id, cond.kind, start, start, param.now)
         events.append(exc.event(ExcursionChange.OPENED))
@@ -599,21 +650,25 @@ class Engine:
         return exc
 
     def _close(self, param: _Parameter, exc: _Open, end: int, events: list[EngineEvent]) -> None:
-        # off-delay time after the true end was counted while waiting: give it back
-        kind = exc.snapshot.kind
-        assert self.phase is not None
-        overshoot = (param.now - end) / NS
-        if overshoot > 0:
-            key = (param.id, self.phase, kind)
-            self._cumulative[key] = self._cumulative.get(key, 0.0) - overshoot
+        self._give_back(param, exc, end)
         events.append(exc.event(ExcursionChange.CLOSED, end))
+
+    def _give_back(self, param: _Parameter, exc: _Open, end: int) -> None:
+        """Time was counted up to the parameter's clock; an excursion that ended earlier (the
+        true end of an off-delay, a phase change stamped earlier) gives the rest back. Never
+        more than was counted: the end is no earlier than the start."""
+        assert self.phase is not None
+        overshoot = (param.now - max(end, exc.since)) / NS
+        if overshoot > 0:
+            key = (param.id, self.phase, exc.snapshot.kind)
+            self._cumulative[key] = self._cumulative.get(key, 0.0) - overshoot
 
     def _open_data(
         self, param: _Parameter, kind: ExcursionKind, start: int, events: list[EngineEvent]
     ) -> None:
         if kind in param.data:
             return
-        exc = _Open(self._snapshot(param, kind, None, start))
+        exc = _Open(self._snapshot(param, kind, None, start), start)
         param.data[kind] = exc
         events.append(exc.event(ExcursionChange.OPENED))
 
@@ -622,7 +677,8 @@ class Engine:
     ) -> None:
         exc = param.data.pop(kind, None)
         if exc is not None:
-            events.append(exc.event(ExcursionChange.CLOSED, max(t, exc.snapshot.start)))
+            self._give_back(param, exc, t)
+            events.append(exc.event(ExcursionChange.CLOSED, t))
 
     def _snapshot(
         self, param: _Parameter, kind: ExcursionKind, limit: float | None, start: int
