@@ -1,33 +1,35 @@
-"""Detecting wall-clock jumps against the monotonic clock. Pure: the caller reads the clocks."""
+"""Detecting wall-clock jumps against a steady clock. Pure: the caller reads the clocks."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
-from pocd.model import NS, Incident, IncidentKind
+from pocd.model import NS
 
-__all__ = ["ClockWatch"]
+__all__ = ["ClockWatch", "steady_ns"]
+
+# The steady clock: CLOCK_BOOTTIME where there is one (Linux), which goes on through a suspend
+# of the machine, unlike CLOCK_MONOTONIC. Time that really passed while suspended is then a gap
+# in the data, as it should be, not a jump of the wall clock.
+_STEADY = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def steady_ns() -> int:
+    return time.clock_gettime_ns(_STEADY)
 
 
 @dataclass(slots=True)
 class ClockWatch:
-    """Feed it (wall, monotonic) readings in ns; a wall step that the monotonic clock did not
-    take is a jump (NTP step, manual change, VM resume) and comes back as an incident."""
+    """Feed it (wall, steady) readings in ns; a wall step that the steady clock did not take
+    (an NTP step, a manual change) is a jump, returned in ns (0 when there is none)."""
 
     threshold_s: float = 2.0
     _last: tuple[int, int] | None = None
 
-    def check(self, wall_ns: int, mono_ns: int) -> Incident | None:
-        last, self._last = self._last, (wall_ns, mono_ns)
+    def check(self, wall_ns: int, steady: int) -> int:
+        last, self._last = self._last, (wall_ns, steady)
         if last is None:
-            return None
-        jump = ((wall_ns - last[0]) - (mono_ns - last[1])) / NS
-        if abs(jump) < self.threshold_s:
-            return None
-        return Incident(
-            t=wall_ns,
-            kind=IncidentKind.CLOCK,
-            code="clock-jump",
-            source="daemon",
-            message=f"wall clock jumped {jump:+.3f} s against the monotonic clock",
-        )
+            return 0
+        jump = (wall_ns - last[0]) - (steady - last[1])
+        return 0 if abs(jump) < self.threshold_s * NS else jump

@@ -7,12 +7,14 @@ become incidents; only fatal errors end the daemon.
 from __future__ import annotations
 
 __all__ = [
+    "CommitTimeout",
     "ConfigError",
     "ConfigProblem",
     "DeviceError",
     "DeviceReadError",
     "FrameError",
     "PocdError",
+    "RecordRejected",
     "RunError",
     "StoreError",
 ]
@@ -56,7 +58,18 @@ class RunError(PocdError):
 
 
 class StoreError(PocdError):
-    """The embedded store cannot be opened or is not a pocd store of a known version."""
+    """The embedded store cannot be opened, read or written (a full disk, an I/O error), or is
+    not a pocd store of a known version."""
+
+
+class RecordRejected(StoreError):
+    """A batch was not stored because of what one of its records holds (a constraint, a value
+    SQLite cannot hold), not because of the store: retrying the same batch fails again."""
+
+
+class CommitTimeout(PocdError):
+    """What an operation recorded is not committed yet: the store has not answered in time.
+    The records wait, in order, and are committed once it does."""
 
 
 class DeviceError(PocdError):

@@ -26,6 +26,7 @@ __all__ = [
     "Incident",
     "IncidentKind",
     "PhaseChange",
+    "ProtocolText",
     "Quality",
     "Run",
     "RunStatus",
@@ -182,6 +183,7 @@ class DeviationCause(StrEnum):
     BUDGET_SPENT = "budget-spent"
     PHASE_ORDER = "phase-order"
     DATA_LOSS = "data-loss"
+    PROTOCOL_MISSING = "protocol-missing"  # a running run's protocol can no longer be found
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +233,19 @@ class PhaseChange:
     actor: str
     in_order: bool = True
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolText:
+    """The text of a protocol file as it was loaded, by the hash that identifies the protocol.
+
+    Kept in the store so that a run always finds the exact protocol it started with, whatever
+    becomes of the file (document control supersedes it, which changes its hash)."""
+
+    hash: str
+    id: str
+    version: str
+    text: str
 
 
 class SiteStatus(StrEnum):

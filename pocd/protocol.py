@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -72,6 +72,9 @@ class Protocol:
     parameters: Mapping[str, Parameter]
     phases: tuple[Phase, ...]
     source: str = ""  # the file it was loaded from
+    # The file's text as loaded: the store keeps it by hash, so a run resumes on the exact
+    # protocol it started with whatever becomes of the file (superseded, edited, removed).
+    text: str = field(default="", repr=False, compare=False)
 
     def phase(self, phase_id: str) -> Phase:
         for phase in self.phases:

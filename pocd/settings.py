@@ -36,6 +36,7 @@ __all__ = [
     "load_driver",
     "load_protocol",
     "load_site",
+    "protocol_from_text",
 ]
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -184,7 +185,13 @@ def _protocol_problems(path: str, spec: ProtocolFile) -> list[ConfigProblem]:
 def load_protocol(path: str | Path) -> Protocol:
     """Load, validate and resolve one protocol file. Raises ConfigError."""
     name = str(path)
-    doc = _read_toml(name)
+    return protocol_from_text(_read_text(name), name)
+
+
+def protocol_from_text(text: str, name: str) -> Protocol:
+    """Validate and resolve a protocol from the text of its file (as the store keeps it);
+    `name` says where it came from in messages. Raises ConfigError."""
+    doc = _parse_toml(text, name)
     spec = _validate(ProtocolFile, doc, name)
     problems = _protocol_problems(name, spec)
     if problems:
@@ -212,6 +219,7 @@ def load_protocol(path: str | Path) -> Protocol:
         },
         phases=phases,
         source=name,
+        text=text,
     )
 
 
@@ -256,7 +264,8 @@ def load_driver(name: str, dirs: Iterable[Path] = ()) -> Driver:
         known = sorted({p.stem for d in driver_dirs(dirs) for p in d.glob("*.toml")})
         raise KeyError(f"unknown driver {name!r} (known: {', '.join(known)})")
     file = str(path)
-    spec = _validate(DriverFile, _read_toml(file), file)
+    doc = _read_toml(file)
+    spec = _validate(DriverFile, doc, file)
     if spec.driver.transport not in TRANSPORTS:
         raise ConfigError(
             [ConfigProblem(file, "driver.transport", _unknown("transport", spec.driver.transport))]
@@ -272,6 +281,7 @@ def load_driver(name: str, dirs: Iterable[Path] = ()) -> Driver:
         model=spec.driver.model,
         description=spec.driver.description,
         source=file,
+        hash=canonical_hash(doc),
     )
     return Driver(info=info, defaults=spec.defaults, points=spec.points)
 
@@ -725,18 +735,29 @@ def check_files(paths: Iterable[str]) -> list[ConfigProblem]:
 
 
 def _read_toml(path: str) -> dict[str, Any]:
+    return _parse_toml(_read_text(path), path)
+
+
+def _read_text(path: str) -> str:
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read()
     except FileNotFoundError:
         raise ConfigError([ConfigProblem(path, "", "no such file")]) from None
     except OSError as exc:
         raise ConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror}")]) from None
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError([ConfigProblem(path, "", f"not UTF-8 text (line {line})")]) from None
+
+
+def _parse_toml(text: str, path: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigProblem(path, "", f"not valid TOML: {exc}")]) from None
-    except UnicodeDecodeError as exc:
-        line = exc.object[: exc.start].count(b"\n") + 1
-        raise ConfigError([ConfigProblem(path, "", f"not UTF-8 text (line {line})")]) from None
 
 
 def _validate(

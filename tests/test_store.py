@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pocd.errors import StoreError
+from pocd.errors import RecordRejected, StoreError
 from pocd.model import (
     NS,
     AuditEntry,
@@ -297,9 +297,26 @@ def test_run_is_upserted_and_final_once_ended(store: Store) -> None:
 
 
 def test_write_refuses_unknown_record_types(store: Store) -> None:
-    with pytest.raises(TypeError, match="cannot store a str"):
+    with pytest.raises(RecordRejected, match="cannot store a str"):
         store.write([Sample("d", "p", T0, 1.0), "not a record"])  # type: ignore[list-item]
     assert store.sample_count() == 0
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        Sample("d", "p", T0, 1.0, device_t=2**64),  # DateTime.MaxValue in ns: beyond int64
+        Sample("d", "p", 2**63, 1.0),
+        Incident(T0, IncidentKind.DATA, "x", "d", "message", raw="not bytes"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_record_that_cannot_be_stored_is_rejected_as_such(store: Store, record: Record) -> None:
+    """Not an I/O error: the daemon sets such a record aside instead of retrying for ever."""
+    with pytest.raises(RecordRejected):
+        store.write([Sample("d", "p", T0, 2.0), record])
+    assert store.sample_count() == 0
+    store.write([Sample("d", "p", T0, 2.0)])  # the store is unharmed
+    assert store.sample_count() == 1
 
 
 def test_writes_from_several_threads_are_serialised(store: Store) -> None:

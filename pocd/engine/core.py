@@ -225,9 +225,14 @@ class Engine:
         last_seen: Mapping[str, int],
         cumulative: Mapping[tuple[str, str, ExcursionKind], float] = {},
         budget_spent: Iterable[tuple[str, str]] = (),
+        ongoing: Mapping[str, tuple[Excursion, bool]] = {},
     ) -> list[EngineEvent]:
         """Take over a run after a restart at `t`. The time since each parameter's last stored
-        sample is a gap: it opens as comm-loss and closes with the first fresh sample."""
+        sample is a gap: it opens as comm-loss and closes with the first fresh sample.
+
+        `ongoing` holds, by parameter, a comm-loss excursion of this phase still open when the
+        daemon stopped, and whether a data-loss deviation was raised for it: the outage goes
+        on, as the same excursion, instead of a second one opening beside it."""
         self._cumulative.update(cumulative)
         self._budget_spent.update(budget_spent)
         self._set_phase(phase_id, phase_started)
@@ -236,7 +241,11 @@ class Engine:
             start = max(last_seen.get(param.id, phase_started), phase_started)
             param.seen_t = param.now = start
             if param.limits.monitored:
-                self._open_data(param, ExcursionKind.COMM_LOSS, start, events)
+                if param.id in ongoing:
+                    exc, deviated = ongoing[param.id]
+                    param.data[ExcursionKind.COMM_LOSS] = _Open(exc, exc.start, deviated=deviated)
+                else:
+                    self._open_data(param, ExcursionKind.COMM_LOSS, start, events)
                 self._settle(param)
         self.tick(t, events)
         return events

@@ -237,7 +237,18 @@ CREATE TRIGGER outbox_no_delete BEFORE DELETE ON outbox
 BEGIN SELECT RAISE(ABORT, 'outbox is append-only: DELETE refused'); END;
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3)
+# v4: the text of every protocol loaded, by the hash that identifies it, so that a run resumes
+# on the protocol it started with even after the file was superseded, edited or removed.
+_V4: Final = """
+CREATE TABLE protocols (
+    hash TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    version TEXT NOT NULL,
+    text TEXT NOT NULL
+) WITHOUT ROWID;
+""" + _append_only_triggers(("protocols",))
+
+MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

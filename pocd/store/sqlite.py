@@ -41,7 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeAlias, cast
 
-from pocd.errors import RunError, StoreError
+from pocd.errors import RecordRejected, RunError, StoreError
 from pocd.model import (
     AuditEntry,
     Deviation,
@@ -52,6 +52,7 @@ from pocd.model import (
     Incident,
     IncidentKind,
     PhaseChange,
+    ProtocolText,
     Quality,
     Run,
     RunStatus,
@@ -62,7 +63,9 @@ from pocd.store import schema
 
 __all__ = ["SAMPLE_KEY_BITS", "AmbiguousRunError", "Change", "Record", "SampleRow", "Store"]
 
-Record: TypeAlias = Sample | ExcursionEvent | Deviation | Incident | Run | PhaseChange | AuditEntry
+Record: TypeAlias = (
+    Sample | ExcursionEvent | Deviation | Incident | Run | PhaseChange | AuditEntry | ProtocolText
+)
 # What a forwarder reads from the outbox: the current state of a changed record.
 Change: TypeAlias = Run | PhaseChange | Excursion | Deviation
 # A sample as the forwarders read it (see Store.sample_rows): (channel code << 32 | quality
@@ -128,7 +131,22 @@ _PHASE_COLUMNS: Final = "run_id, t, phase, previous, actor, in_order, reason"
 _INSERT_PHASE: Final = f"INSERT INTO phases ({_PHASE_COLUMNS}) VALUES ({'?, ' * 6}?)"
 _AUDIT_COLUMNS: Final = "t, actor, action, target, reason, old_value, new_value, details"
 _INSERT_AUDIT: Final = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({'?, ' * 7}?)"
+# A protocol's text is the same whenever it is loaded again: kept once.
+_INSERT_PROTOCOL: Final = (
+    "INSERT INTO protocols (hash, id, version, text) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
 
+# What says the store itself failed (a full disk, an I/O error, a lock held too long, a
+# corrupt file: plain sqlite3.DatabaseError), not a record: the batch is kept and tried again.
+# Any other error of a write is a record's, raised as RecordRejected.
+_STORE_FAULTS: Final = (
+    sqlite3.OperationalError,
+    sqlite3.InternalError,
+    sqlite3.NotSupportedError,
+    OSError,
+    MemoryError,
+    StoreError,
+)
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 _BUSY_TIMEOUT_MS: Final = 10_000
@@ -260,14 +278,19 @@ class Store:
     def write(self, records: Iterable[Record]) -> None:
         """Store a batch in one transaction, committed (fsynced) before this returns.
 
-        On any error nothing of the batch is kept and StoreError (TypeError for a record of
-        an unknown type) is raised. Samples keep their order: rowids follow the batch.
+        On any error nothing of the batch is kept: RecordRejected when what a record holds
+        cannot be stored (a constraint, an integer beyond 64 bits, a record of an unknown
+        type), StoreError when the store failed (full disk, I/O error). Samples keep their
+        order: rowids follow the batch.
         """
         batch = records if isinstance(records, list) else list(records)
         # The hot path is a batch of samples only; test the common case before sorting.
         samples = [r for r in batch if type(r) is Sample]
         others = [r for r in batch if type(r) is not Sample] if len(samples) < len(batch) else []
-        rows = _other_rows(others)  # before the transaction: a TypeError leaves nothing behind
+        try:  # before the transaction: a record that cannot be stored leaves nothing behind
+            rows = _other_rows(others)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise RecordRejected(f"{self.path}: {type(e).__name__}: {e}") from e
         with self._lock:
             self._check_open()
             if self.readonly:
@@ -291,11 +314,22 @@ class Store:
                 self._codes_stale = True
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                if isinstance(e, sqlite3.Error):
-                    raise StoreError(
-                        f"{self.path}: batch of {len(batch)} records not stored: {e}"
-                    ) from e
-                raise
+                if (
+                    isinstance(e, _STORE_FAULTS)
+                    or type(e) is sqlite3.DatabaseError  # a corrupt file, not its subclasses
+                    or not isinstance(e, Exception)
+                ):
+                    if isinstance(e, sqlite3.Error):
+                        raise StoreError(
+                            f"{self.path}: batch of {len(batch)} records not stored: {e}"
+                        ) from e
+                    raise
+                # Anything else is about what a record holds: a constraint, an integer beyond
+                # 64 bits, a value of the wrong type. The same batch would fail again.
+                raise RecordRejected(
+                    f"{self.path}: batch of {len(batch)} records not stored: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
 
     def _insert_samples(self, samples: list[Sample]) -> None:
         db = self._db
@@ -503,6 +537,13 @@ class Store:
             )
             for r in rows
         ]
+
+    def protocol_text(self, digest: str) -> ProtocolText | None:
+        """The protocol text kept under that hash, if any."""
+        rows = self._query(
+            "SELECT hash, id, version, text FROM protocols WHERE hash = ?", (digest,)
+        )
+        return ProtocolText(*rows[0]) if rows else None
 
     def site_status(self) -> SiteStatus:
         """The new value of the latest "site.status" audit entry; ACTIVE if there is none."""
@@ -769,6 +810,7 @@ def _other_rows(records: list[Record]) -> list[tuple[str, list[Row]]]:
     deviations: list[Row] = []
     incidents: list[Row] = []
     audit: list[Row] = []
+    protocols: list[Row] = []
     for record in records:
         match record:
             case Run():
@@ -831,6 +873,8 @@ def _other_rows(records: list[Record]) -> list[tuple[str, list[Row]]]:
                 a = record
                 details = json.dumps(a.details, sort_keys=True, ensure_ascii=False)
                 audit.append((a.t, a.actor, a.action, a.target, a.reason, a.old, a.new, details))
+            case ProtocolText():
+                protocols.append((record.hash, record.id, record.version, record.text))
             case _:
                 raise TypeError(f"Store.write cannot store a {type(record).__name__}")
     return [
@@ -840,6 +884,7 @@ def _other_rows(records: list[Record]) -> list[tuple[str, list[Row]]]:
         (_INSERT_DEVIATION, deviations),
         (_INSERT_INCIDENT, incidents),
         (_INSERT_AUDIT, audit),
+        (_INSERT_PROTOCOL, protocols),
     ]
 
 

@@ -62,6 +62,7 @@ class DriverInfo:
     model: str = ""
     description: str = ""
     source: str = ""
+    hash: str = ""  # SHA-256 of the driver file's content (canonical JSON), for the audit trail
 
 
 @dataclass(frozen=True, slots=True)

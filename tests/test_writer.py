@@ -1,0 +1,184 @@
+"""The store writer against a real store: order, groups, records set aside, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from pocd.errors import CommitTimeout
+from pocd.model import (
+    NS,
+    AuditEntry,
+    Deviation,
+    DeviationCause,
+    Incident,
+    PhaseChange,
+    Run,
+    Sample,
+)
+from pocd.store import Store
+from pocd.writer import StoreWriter
+
+T0 = 1_767_225_600 * NS
+
+
+def samples(n: int, start: int = 0) -> list[Sample]:
+    return [Sample("dev", "p", T0 + (start + i) * NS, float(start + i)) for i in range(n)]
+
+
+@pytest.fixture
+async def writer(tmp_path: Path) -> AsyncIterator[StoreWriter]:
+    seen: list[Incident] = []
+    writer = StoreWriter(batch_size=1000, high_water=100, on_incident=seen.append)
+    writer.store = Store(tmp_path / "pocd.sqlite")
+    try:
+        yield writer
+    finally:
+        writer.store.close()
+
+
+async def test_a_record_the_store_rejects_is_set_aside_and_the_rest_is_kept(
+    writer: StoreWriter,
+) -> None:
+    assert writer.store is not None
+    deviation = Deviation("d1", "R", T0, DeviationCause.PHASE_ORDER, "a", "first")
+    writer.add(deviation)
+    await writer.flush()
+    # the same deviation id again violates the store's key; a device time beyond int64 cannot
+    # be stored at all: only those two are refused
+    for record in [*samples(5), deviation, Sample("dev", "p", T0, 1.0, device_t=2**64)]:
+        writer.add(record)
+    for record in samples(5, 5):
+        writer.add(record)
+    await writer.flush()
+    assert writer.store.sample_count() == 10
+    codes = [i.code for i in writer.store.incidents()]
+    assert codes == ["record-rejected", "record-rejected"]
+    assert writer.quarantined == 2
+    refused = writer.store.incidents()[1].message
+    assert "Sample refused by the store (OverflowError" in refused
+    assert "device_t=18446744073709551616" in refused  # the record is kept in the incident
+
+
+async def test_what_a_failing_store_committed_is_not_written_twice(tmp_path: Path) -> None:
+    """A batch halved around a refused record, then the store fails: the halves already
+    committed are not put back (the append-only tables would hold them twice)."""
+    path = tmp_path / "pocd.sqlite"
+    writer = StoreWriter(batch_size=1000, high_water=10_000, on_incident=lambda _: None)
+    writer.store = Store(path)
+    store = writer.store
+    bad = Sample("dev", "p", T0, 1.0, device_t=2**64)
+    batch = [*samples(8), bad, *samples(7, 8)]
+    original = store.write
+    calls = 0
+
+    def fail_once_after_halving(records: list[object]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 4:  # [whole] refused, [first half] ok, [second half] refused -> fail
+            raise_disk_full()
+        original(records)  # type: ignore[arg-type]
+
+    def raise_disk_full() -> None:
+        from pocd.errors import StoreError
+
+        raise StoreError("disk I/O error (a fault made by the test)")
+
+    store.write = fail_once_after_halving  # type: ignore[method-assign]
+    try:
+        for record in batch:
+            writer.add(record)
+        await writer.flush()
+        assert store.sample_count() == 15
+        assert [s.value for _, s in store.samples()] == [float(i) for i in range(15)]
+        assert [i.code for i in store.incidents()] == ["record-rejected"]
+    finally:
+        store.close()
+
+
+async def test_a_group_is_committed_in_one_transaction(writer: StoreWriter) -> None:
+    assert writer.store is not None
+    run = Run("R1", "B1", "S", "UTC", "P", "1", "0" * 64, "op", T0)
+    first = PhaseChange("R1", T0, "a", None, "op")
+    audit = AuditEntry(T0, "op", "run.start", "R1")
+    writer.batch_size = 2  # entries: the group of three is one
+    for record in samples(1):
+        writer.add(record)
+    writer.add_group([run, first, audit])
+    assert len(writer) == 4
+    for record in samples(1, 1):
+        writer.add(record)
+    await writer.flush()
+    assert writer.store.runs() == [run]
+    assert writer.store.phases("R1") == [first]
+    assert len(writer) == 0
+
+
+async def test_a_control_call_waits_for_its_commit_a_bounded_time(tmp_path: Path) -> None:
+    writer = StoreWriter(batch_size=1000, high_water=10_000, on_incident=lambda _: None)
+    writer.store = Store(tmp_path / "pocd.sqlite")
+    store = writer.store
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(1))
+    gate = threading.Event()
+    busy = loop.run_in_executor(None, gate.wait)  # the store's thread is stuck (a dead disk)
+    try:
+        writer.add_group(samples(3))
+        with pytest.raises(CommitTimeout, match=r"not committed within 0\.3 s"):
+            await writer.flush(within=0.3)
+        gate.set()
+        await busy
+        await writer.flush()  # waits for the commit that went on
+        assert store.sample_count() == 3
+    finally:
+        gate.set()
+        store.close()
+
+
+async def test_a_cancelled_flush_still_commits_its_batch(tmp_path: Path) -> None:
+    """A flush hands its batch to a thread; cancelling the flush (the writer task at shutdown,
+    an API request that goes away) must not cancel a thread job that has not started yet."""
+    writer = StoreWriter(batch_size=1000, high_water=10_000, on_incident=lambda _: None)
+    writer.store = Store(tmp_path / "pocd.sqlite")
+    store = writer.store
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(1))
+    gate = threading.Event()
+    busy = loop.run_in_executor(None, gate.wait)  # the one worker: the flush's job must queue
+    try:
+        for record in samples(10):
+            writer.add(record)
+        flush = asyncio.create_task(writer.flush())
+        await asyncio.sleep(0.05)
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        gate.set()
+        await busy
+        await writer.flush()  # waits for the commit the cancelled flush began
+        assert store.sample_count() == 10
+    finally:
+        gate.set()
+        store.close()
+
+
+async def test_the_high_water_mark_holds_readings_back_and_is_on_the_record(
+    writer: StoreWriter,
+) -> None:
+    assert writer.store is not None
+    for record in samples(120):
+        writer.add(record)
+    writer.note_room()
+    assert not writer.room.is_set()
+    await writer.flush()
+    assert writer.room.is_set()
+    await writer.flush()  # the incident that says so
+    incidents = writer.store.incidents()
+    assert [i.code for i in incidents] == ["store-backlog", "store-caught-up"]
+    assert "store not keeping up" in incidents[0].message
+    assert writer.store.sample_count() == 120
