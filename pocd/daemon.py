@@ -100,6 +100,7 @@ class Daemon:
         self.inbox = Inbox(INBOX_SIZE)
         self.latest: dict[tuple[str, str], Sample] = {}
         self.runners: dict[str, DeviceRunner] = {}
+        self.down: set[str] = set()  # devices whose transport says they do not answer
         self.incident_counts: defaultdict[str, int] = defaultdict(int)
         self.counts: Counter[str] = Counter()  # samples, excursions, deviations since start
         self.started = asyncio.Event()  # set once the store is open and the API listens
@@ -439,8 +440,10 @@ class Daemon:
         if isinstance(record, CommStatus):
             if record.ok:
                 log.info("device answering", device=record.device)
+                self.down.discard(record.device)
             else:
                 log.error("device lost", device=record.device, reason=record.reason)
+                self.down.add(record.device)
             if self.engine is not None:
                 try:
                     self._emit(self.engine.on_comm(record))
@@ -585,6 +588,8 @@ class Daemon:
             )
             engine = Engine(run, proto, self._sources)  # refuses a draft or superseded protocol
             events = engine.enter_phase(proto.phases[0].id, t, operator)
+            for device in sorted(self.down):  # lost before the run began: lost in it too
+                events += engine.on_comm(CommStatus(device, t, ok=False, reason="not answering"))
             self.engine, self.run_record = engine, run
             audit = AuditEntry(
                 t,

@@ -52,6 +52,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except RunError as exc:
         return web.json_response({"error": str(exc)}, status=409)
+    except PocdError as exc:  # the store has not committed in time (CommitTimeout)
+        return web.json_response({"error": str(exc)}, status=503)
 
 
 async def status(request: web.Request) -> web.Response:

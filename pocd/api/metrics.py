@@ -38,6 +38,13 @@ class _DaemonCollector(Collector):
         pending = GaugeMetricFamily("pocd_store_pending", "Records waiting to be committed")
         pending.add_metric([], daemon.pending_count)
         yield pending
+        keeping_up = GaugeMetricFamily(
+            "pocd_store_keeping_up",
+            "1 while the store commits what comes in; 0 once its backlog reached the high-water "
+            "mark and readings are held back in the devices' queues",
+        )
+        keeping_up.add_metric([], 1.0 if daemon.writer.room.is_set() else 0.0)
+        yield keeping_up
         backlog = GaugeMetricFamily(
             "pocd_sink_backlog", "Records not yet confirmed by a sink", labels=["sink"]
         )
