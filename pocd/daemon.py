@@ -76,6 +76,7 @@ class PointStatus:
     t: int | None
     limits: dict[str, float | None]
     state: str  # normal, not-monitored, no-run, no-data, or the open excursion kinds
+    text: str | None = None  # the latest text of a text point (an OPC UA String), where set
 
 
 class Daemon:
@@ -655,6 +656,7 @@ def vars_of(point: PointStatus) -> dict[str, Any]:
         "t": point.t,
         "limits": point.limits,
         "state": point.state,
+        "text": point.text,
     }
 
 
