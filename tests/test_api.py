@@ -35,14 +35,16 @@ def strict_json(text: str) -> Any:
 
 
 async def send(
-    site: Site,
+    site: Site | str,
     method: str,
     path: str,
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
-    """One request as given (bytes and headers); the answer must be valid JSON."""
-    url = f"http://{site.config.api.listen}{path}"
+    """One request as given (bytes and headers) to a site's API (or a host:port); the answer
+    must be valid JSON."""
+    listen = site if isinstance(site, str) else site.config.api.listen
+    url = f"http://{listen}{path}"
     async with (
         aiohttp.ClientSession() as session,
         session.request(method, url, data=body, headers=headers or {}) as resp,
@@ -53,7 +55,7 @@ async def send(
 
 
 async def post(
-    site: Site, path: str, body: Any, headers: dict[str, str] | None = None
+    site: Site | str, path: str, body: Any, headers: dict[str, str] | None = None
 ) -> tuple[int, Any]:
     return await send(
         site,
@@ -380,6 +382,8 @@ async def test_run_reads_do_not_wait_for_the_writers_commit(tmp_path: Path) -> N
             await beat
             await asyncio.to_thread(commit.join)
         await post(site, "/api/run/stop", {"operator": "op"})
+    readers = [t.name for t in threading.enumerate() if t.name.startswith("pocd-api-read")]
+    assert readers == [], "the API's reader thread ends with the API"
 
 
 # --- item 18: valid JSON whatever reaches the API ------------------------------------------
@@ -421,3 +425,73 @@ def test_json_bytes_writes_non_finite_numbers_as_null() -> None:
         "ok": 37.659903,
     }
     assert strict_json(json_bytes(data, indent=2).decode())["ok"] == 37.659903
+
+
+# --- run control's errors -------------------------------------------------------------------
+
+
+class FakeRunControlWithoutAStore:
+    """Run control whose store never commits in time (a fake: the daemon's commit deadline
+    belongs to the daemon), and whose phase change has a bug."""
+
+    async def start_run(
+        self, batch_id: str, protocol_id: str, version: str | None, operator: str
+    ) -> Any:
+        from pocd.errors import PocdError
+
+        raise PocdError("the store has not committed the run start within 5 s")
+
+    async def advance_phase(self, phase: str, operator: str, reason: str = "") -> Any:
+        return {}["no such key"]
+
+    async def stop_run(self, operator: str, *, abort: bool = False, reason: str = "") -> Any:
+        from pocd.errors import RunError
+
+        raise RunError("no run is active")
+
+    async def set_site_status(self, status: SiteStatus, operator: str, reason: str) -> None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {"points": [{"value": math.inf}, {"value": math.nan}]}
+
+
+async def test_run_controls_errors_are_409_503_and_a_bug_is_a_json_500(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from pocd.api.authority import Authority
+    from pocd.api.http import make_app
+    from tests.sitekit import free_port
+
+    port = free_port()
+    control = FakeRunControlWithoutAStore()
+    app = make_app(
+        control=control,
+        view=control,
+        store_path=tmp_path / "pocd.sqlite",
+        metrics=lambda: b"",
+        authority=Authority.of_listen(f"127.0.0.1:{port}"),
+    )
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        site = f"127.0.0.1:{port}"
+        start = {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"}
+        status, body = await post(site, "/api/runs", start)
+        assert (status, body) == (
+            503,
+            {"error": "the store has not committed the run start within 5 s"},
+        )
+        status, body = await post(site, "/api/run/stop", {"operator": "op"})
+        assert (status, body) == (409, {"error": "no run is active"})
+        status, body = await post(site, "/api/run/phase", {"phase": "p", "operator": "op"})
+        assert status == 500
+        assert body["error"].startswith("internal error: KeyError")
+        status, live = await send(site, "GET", "/api/status")
+        assert (status, live) == (200, {"points": [{"value": None}, {"value": None}]})
+        status, body = await send(site, "GET", "/api/runs")
+        assert status == 503, "no store yet: the read says so, the API goes on"
+        assert "pocd.sqlite" in body["error"]
+    finally:
+        await runner.cleanup()

@@ -119,7 +119,10 @@ def explain(exc: ValidationError) -> tuple[str, list[str]]:
             message = "is not a field of this request"
         elif kind == "value_error" and not loc:
             # a check across fields: its message starts with the field it is about
-            field, _, message = str(error["ctx"]["error"]).partition(": ")
+            context = error.get("ctx") or {}
+            field, _, message = str(context.get("error", error["msg"])).partition(": ")
+            if not message:
+                field, message = "body", field
         else:
             message = error["msg"].removeprefix("Value error, ")
         clauses.append(f"{field}: {message}")

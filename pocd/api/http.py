@@ -13,7 +13,7 @@ malformed request, naming the field; 403 a foreign Origin; 413 a body over CLIEN
 not complete (the store did not commit in time). Never a 500 for anything a client sent.
 
 It depends on run control, the status view and a read-only store through small interfaces,
-never on the daemon: reads of the record run in a worker thread on their own read-only
+never on the daemon: reads of the record run in a thread of their own on their own read-only
 connection, so a long commit stalls neither them nor the event loop (and so the devices).
 """
 
@@ -23,6 +23,7 @@ import asyncio
 import socket
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -88,17 +89,22 @@ class StatusView(Protocol):
 
 
 class _Records:
-    """The API's own read-only connection to the store. Every read runs in a worker thread:
-    a read neither waits for the writer's lock nor holds up the event loop. The connection is
-    opened at the first read (so the API listens at once) and closed with the app."""
+    """The API's own read-only connection to the store. Every read runs in the API's one
+    reader thread: a read neither waits for the writer's lock nor holds up the event loop,
+    and a burst of reads queues there instead of taking the worker threads the store writer
+    commits in. The connection is opened at the first read (so the API listens at once) and
+    closed with the app."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._store: Store | None = None
         self._opening = threading.Lock()
+        # One thread: the connection serves one query at a time anyway.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="pocd-api-read")
 
     async def read(self, query: Callable[[Store], T]) -> T:
-        return await asyncio.to_thread(self._read, query)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._read, query)
 
     def _read(self, query: Callable[[Store], T]) -> T:
         with self._opening:
@@ -108,6 +114,7 @@ class _Records:
         return query(store)
 
     def close(self) -> None:
+        self._thread.shutdown(wait=True)  # the reads under way finish first
         with self._opening:
             if self._store is not None:
                 self._store.close()
@@ -186,9 +193,10 @@ async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResp
     authority = request.app[PARTS].authority
     host = request.headers.get(hdrs.HOST)
     if not authority.accepts_host(host):
+        said = "no Host header" if host is None else f"Host {host!r}"
         raise _Refusal(
             400,
-            f"Host {host!r} does not name this API (api.listen = {authority.listen}); "
+            f"{said} does not name this API (api.listen = {authority.listen}); "
             "requests are served only to clients that address it as it listens",
             ["Host"],
         )
