@@ -17,12 +17,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pocd.errors import ConfigError, PocdError
+from pocd.records import json_bytes, readable
 from pocd.settings import Site, check_files, load_site
 
 if TYPE_CHECKING:
     from pocd.sinks import Sink
 
-__all__ = ["main"]
+__all__ = ["main", "run_text", "status_text"]
 
 
 class CommandError(PocdError):
@@ -116,7 +117,9 @@ def _api(site: Site, method: str, path: str, body: dict[str, Any] | None = None)
             message = json.load(exc).get("error", exc.reason)
         except (ValueError, AttributeError):
             message = exc.reason
-        raise CommandError(f"refused: {message}") from None
+        if exc.code == 409:
+            raise CommandError(f"refused: {message}") from None
+        raise CommandError(f"the daemon answered {exc.code} {exc.reason}: {message}") from None
     except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
         raise CommandError(
             f"the daemon does not answer at {url} ({getattr(exc, 'reason', exc)}): "
@@ -125,25 +128,35 @@ def _api(site: Site, method: str, path: str, body: dict[str, Any] | None = None)
 
 
 def _print(data: Any, as_json: bool, text: str) -> None:
-    print(json.dumps(data, indent=2) if as_json else text)
+    """`--json`: the full values, as valid JSON (no `Infinity`); else the text for people."""
+    if as_json:
+        print(json_bytes(data, indent=2).decode())
+    else:
+        print(text)
 
 
-def _status(args: argparse.Namespace) -> int:
-    data = _api(_site(args), "GET", "/api/status")
-    lines = []
+def status_text(data: dict[str, Any]) -> str:
+    """`pocd status` for people: the run, then one line per point with its value rounded, or
+    the text of a text point (such as a protocol name), its unit and its state."""
     run = data["run"]
-    lines.append(
+    lines = [
         f"site {data['site']['id']}: "
         + (
             "no run"
             if run is None
             else f"run {run['id']} batch {run['batch_id']} phase {run['phase']}"
         )
-    )
+    ]
     for p in data["points"]:
-        value = "-" if p["value"] is None else f"{p['value']:.4g}"
+        text = p.get("text")
+        value = text if text is not None else readable(p["value"])
         lines.append(f"  {p['device']}.{p['point']:<12} {value:>10} {p['unit']:<10} {p['state']}")
-    _print(data, args.json, "\n".join(lines))
+    return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace) -> int:
+    data = _api(_site(args), "GET", "/api/status")
+    _print(data, args.json, status_text(data))
     return 0
 
 
@@ -209,6 +222,22 @@ def _run_show(args: argparse.Namespace) -> int:
                 f"no run {args.run!r} (give a run id, a unique prefix or a batch id)"
             )
         detail = run_detail(store, run)
+    _print(detail, args.json, run_text(detail))
+    return 0
+
+
+def _excursion_line(e: dict[str, Any]) -> str:
+    duration = "open" if e["duration_s"] is None else f"{e['duration_s']:.1f} s"
+    line = f"  {e['start']}  {e['parameter']:<12} {e['kind']:<12} {e['phase']:<12} {duration}"
+    if e["worst"] is not None:
+        line += f", worst {readable(e['worst'])}"
+    if e["limit"] is not None:
+        line += f" (limit {readable(e['limit'])})"
+    return line
+
+
+def run_text(detail: dict[str, Any]) -> str:
+    """`pocd run show` for people: values rounded (`--json` keeps them whole)."""
     lines = [
         f"run {detail['id']}  batch {detail['batch_id']}  {detail['status']}",
         f"protocol {detail['protocol_id']} {detail['protocol_version']}",
@@ -221,16 +250,11 @@ def _run_show(args: argparse.Namespace) -> int:
             for p in detail["phases"]
         ),
         f"excursions: {len(detail['excursions'])}",
-        *(
-            f"  {e['start']}  {e['parameter']:<12} {e['kind']:<12} {e['phase']:<12} "
-            f"{e['duration_s'] if e['duration_s'] is not None else 'open'} s, worst {e['worst']}"
-            for e in detail["excursions"]
-        ),
+        *(_excursion_line(e) for e in detail["excursions"]),
         f"deviations: {len(detail['deviations'])}",
         *(f"  {d['t']}  {d['cause']:<13} {d['description']}" for d in detail["deviations"]),
     ]
-    _print(detail, args.json, "\n".join(lines))
-    return 0
+    return "\n".join(lines)
 
 
 def _site_status(args: argparse.Namespace) -> int:
@@ -282,6 +306,29 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds, data_dir=args.data_dir)
 
 
+def _demo_seconds(text: str) -> float:
+    from pocd.demo import DemoScript
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    try:
+        DemoScript.for_seconds(seconds)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return seconds
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pocd")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(version unknown: not installed as a package)"
+
+
 def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, metavar="FILE", help="site config")
     return p
@@ -319,6 +366,7 @@ def _add_run_commands(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pocd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="validate site configs, protocols and driver files")
@@ -371,7 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a simulated CAR-T run with a live view")
     demo.add_argument(
-        "--seconds", type=float, default=None, help="stop after N s (default: Ctrl-C)"
+        "--seconds",
+        type=_demo_seconds,
+        default=None,
+        help="stop after N s, 90 or more: the script stretches to fit (default: Ctrl-C)",
     )
     demo.add_argument("--data-dir", default="demo-data", help="where the store and config go")
     demo.set_defaults(func=_demo)

@@ -87,7 +87,7 @@ class PointStatus:
     t: int | None
     limits: dict[str, float | None]
     state: str  # normal, not-monitored, no-run, no-data, or the open excursion kinds
-    text: str | None = None  # the latest text of a text point (an OPC UA string)
+    text: str | None = None  # the latest text of a text point (an OPC UA String), where set
 
 
 class Daemon:

@@ -5,7 +5,8 @@ probe, a Modbus RTU pH sensor, a Heracell incubator and an MT-SICS balance over 
 serial device on a socat pty pair, and `sim` devices), writes a site config
 for them to DATA_DIR/pocd.toml with the example protocol, runs the daemon and starts a run.
 The Rotea's step number moves the run to the next phase every 15 s, and scripted faults
-provoke an alert excursion, an action deviation, a comm-loss and a bad-quality stretch. The
+provoke an alert excursion, an action deviation, a comm-loss and a bad-quality stretch
+(DemoScript: a longer demo stretches all of it; a shorter one than the script is refused). The
 config stays behind so that `pocd run list -c DATA_DIR/pocd.toml` works afterwards.
 """
 
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import shutil
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,19 +33,81 @@ from pocd.daemon import Daemon, PointStatus, run_until
 from pocd.logs import configure_logging
 from pocd.model import Quality
 from pocd.settings import load_driver, load_site
-from pocd.sim.modbus import ModbusSimulator, parse_fault, unit_from_driver
+from pocd.sim.modbus import Fault, ModbusSimulator, unit_from_driver
 from pocd.sim.opcua import OpcuaSimulator
 from pocd.sim.pty import pty_pair
 from pocd.sim.serial import serve as serve_serial
 from pocd.transports.modbus import ModbusSettings
 
-__all__ = ["PHASE_SECONDS", "run_demo", "write_demo_site"]
+__all__ = ["PHASE_SECONDS", "SHORTEST", "DemoScript", "run_demo", "write_demo_site"]
 
-PHASE_SECONDS = 15.0
+PHASE_SECONDS = 15.0  # at the script's shortest
+PHASES = 6
+SHORTEST = PHASE_SECONDS * PHASES  # 90 s: every phase, each long enough for its faults
 PROTOCOL = "CART-TCT"
 
-# Times are seconds since the daemon started; phases change every PHASE_SECONDS:
-# enrichment 0, activation 15, transduction 30, expansion 45, harvest 60, formulation 75.
+
+@dataclass(frozen=True, slots=True)
+class DemoScript:
+    """The demo's timeline for the length asked: the Rotea's steps (the phases), the sim
+    devices' scripted segments and the Modbus simulators' faults, every time stretched by the
+    same factor so that each fault keeps its place in its phase.
+
+    It cannot shrink: the protocol's on-delays (10 s for temperature, 5 s for pH) are the
+    protocol's, so a breach must last that long inside one phase. A length shorter than
+    SHORTEST is refused rather than run without its deviation.
+    """
+
+    seconds: float | None  # the length asked; None: until Ctrl-C
+    stretch: float = 1.0
+
+    @classmethod
+    def for_seconds(cls, seconds: float | None) -> DemoScript:
+        if seconds is None:
+            return cls(None)
+        if not math.isfinite(seconds):
+            raise ValueError(f"the demo's length must be a number of seconds, not {seconds}")
+        if seconds < SHORTEST:
+            raise ValueError(
+                f"{seconds:g} s is too short for the demo's script: it needs at least "
+                f"{SHORTEST:g} s (six phases of {PHASE_SECONDS:g} s, with an alert, an action "
+                "deviation, a comm-loss and a bad-quality stretch); give 90 or more, or leave "
+                "--seconds out to run until Ctrl-C"
+            )
+        return cls(seconds, seconds / SHORTEST)
+
+    def at(self, t: float) -> float:
+        """A time (or duration) of the script at its shortest, stretched."""
+        return round(t * self.stretch, 3)
+
+    @property
+    def phase_seconds(self) -> float:
+        return self.at(PHASE_SECONDS)
+
+    def rotea_steps(self) -> list[tuple[float, int]]:
+        """(seconds from the Rotea's start, protocol step number): one step per phase."""
+        return [(i * self.phase_seconds, i + 1) for i in range(PHASES)]
+
+    def site_times(self) -> dict[str, float]:
+        """The times SITE_TOML is written with."""
+        return {"repeat": self.at(SHORTEST), "warm_at": self.at(31), "warm_for": self.at(13)}
+
+    def co2_faults(self) -> list[Fault]:
+        # activation: the CO2 probe restarts and is not ready (NaN, status 256: bad quality)
+        return [Fault("startup", after=self.at(20), duration=self.at(3))]
+
+    def ph_faults(self) -> list[Fault]:
+        # expansion: pH falls to 6.72, past the action limit (6.8) for longer than its
+        # on-delay; harvest: the pH sensor stops answering (comm-loss)
+        return [
+            Fault("set", point="ph", value=6.72, after=self.at(47), duration=self.at(11)),
+            Fault("silence", after=self.at(63), duration=self.at(5)),
+        ]
+
+
+# Times are seconds since the daemon started, for the script at its shortest (DemoScript
+# stretches them); phases change every PHASE_SECONDS: enrichment 0, activation 15,
+# transduction 30, expansion 45, harvest 60, formulation 75.
 SITE_TOML = """\
 # Written by `pocd demo`: a point-of-care site with simulated devices.
 [site]
@@ -66,22 +131,22 @@ id = "incubator"
 driver = "sim"
 title = "Culture chamber"
 serial_number = "SIM-0001"
-# the script repeats every 90 s, so a demo left running keeps showing faults
-transport = {{ interval = 1.0, seed = 1, repeat = 90 }}
+# the script repeats, so a demo left running keeps showing faults
+transport = {{ interval = 1.0, seed = 1, repeat = {repeat} }}
 [devices.points.temperature]
 parameter = "temperature"
 unit = "C"
 base = 37.0
 noise = 0.005
 # transduction: 37.65 C, past the alert limit (37.5) for longer than the on-delay
-script = [{{ start = 31, duration = 13, action = "offset", value = 0.65 }}]
+script = [{{ start = {warm_at}, duration = {warm_for}, action = "offset", value = 0.65 }}]
 
 [[devices]]
 id = "bioreactor"
 driver = "sim"
 title = "Rocking bioreactor"
 serial_number = "SIM-0002"
-transport = {{ interval = 1.0, seed = 2, repeat = 90 }}
+transport = {{ interval = 1.0, seed = 2, repeat = {repeat} }}
 [devices.points.do]
 parameter = "do"
 unit = "%-sat"
@@ -126,7 +191,7 @@ driver = "mettler-sics"
 serial_number = "SIM-0007"
 transport = {{ port = "{balance_port}" }}
 
-# A Vaisala GMP251 CO2 probe over Modbus TCP (a simulator in this process, see FAULTS).
+# A Vaisala GMP251 CO2 probe over Modbus TCP (a simulator in this process, see DemoScript).
 [[devices]]
 id = "co2-probe"
 driver = "vaisala-gmp251"
@@ -143,13 +208,6 @@ serial_number = "SIM-0004"
 transport = {{ serial_port = "{ph_port}" }}
 points.ph = {{ parameter = "ph" }}
 """
-
-# Faults the simulated Modbus devices inject, seconds from the start (as the script above):
-# activation: the CO2 probe restarts and is not ready for 3 s (NaN, status 256: bad quality);
-# expansion: pH falls to 6.72, past the action limit (6.8) for longer than its on-delay;
-# harvest: the pH sensor stops answering for 5 s (comm-loss).
-CO2_FAULTS = ("startup,after=20s,for=3s",)
-PH_FAULTS = ("set,point=ph,value=6.72,after=47s,for=11s", "silence,after=63s,for=5s")
 
 
 def _free_port(preferred: int = 8470) -> int:
@@ -172,44 +230,43 @@ def _shipped_protocols() -> Path:
     raise FileNotFoundError("the example protocols are not installed")
 
 
-def write_demo_site(data_dir: Path, **endpoints: object) -> Path:
-    """Write the demo's site config and protocols into `data_dir`; returns the config path."""
+def write_demo_site(data_dir: Path, script: DemoScript | None = None, **endpoints: object) -> Path:
+    """Write the demo's site config (for `script`, by default the shortest) and protocols
+    into `data_dir`; returns the config path."""
+    times = (script or DemoScript(None)).site_times()
     data_dir.mkdir(parents=True, exist_ok=True)
     protocols = data_dir / "protocols"
     protocols.mkdir(exist_ok=True)
     for path in _shipped_protocols().glob("*.toml"):
         shutil.copyfile(path, protocols / path.name)
     config = data_dir / "pocd.toml"
-    config.write_text(SITE_TOML.format(port=_free_port(), **endpoints))
+    config.write_text(SITE_TOML.format(port=_free_port(), **times, **endpoints))
     return config
 
 
-async def start_simulators(stack: contextlib.AsyncExitStack, data_dir: Path) -> dict[str, Any]:
-    """Start the simulated devices the demo's site talks to over real protocols; they stop
-    with `stack`. Returns where they listen, for `write_demo_site`."""
+async def start_simulators(
+    stack: contextlib.AsyncExitStack, data_dir: Path, script: DemoScript
+) -> dict[str, Any]:
+    """Start the simulated devices the demo's site talks to over real protocols, faults as
+    `script` says; they stop with `stack`. Returns where they listen, for `write_demo_site`."""
     # The Rotea first: its server takes a few seconds to start, and the step schedule counts
     # from when it listens, like the Modbus faults from their simulators' creation just after.
-    steps = [(i * PHASE_SECONDS, i + 1) for i in range(6)]
     rotea = OpcuaSimulator(
         load_driver("thermo-rotea"),
         "opc.tcp://127.0.0.1:0",
-        schedule={"protocol_step_number": steps},
+        schedule={"protocol_step_number": script.rotea_steps()},
         interval=0.5,
     )
     await stack.enter_async_context(rotea)
 
-    co2 = ModbusSimulator(
-        [unit_from_driver("vaisala-gmp251")], faults=[parse_fault(f) for f in CO2_FAULTS]
-    )
+    co2 = ModbusSimulator([unit_from_driver("vaisala-gmp251")], faults=script.co2_faults())
     await stack.enter_async_context(co2)
     co2_port = await co2.start_tcp("127.0.0.1", 0)
 
     ph_link = str((data_dir / "ph-probe.pty").resolve())
     sim_end = stack.enter_context(pty_pair(ph_link))
     line = ModbusSettings.model_validate(load_driver("hamilton-arc-ph").defaults)
-    ph = ModbusSimulator(
-        [unit_from_driver("hamilton-arc-ph")], faults=[parse_fault(f) for f in PH_FAULTS]
-    )
+    ph = ModbusSimulator([unit_from_driver("hamilton-arc-ph")], faults=script.ph_faults())
     await stack.enter_async_context(ph)
     await ph.start_rtu(
         sim_end,
@@ -252,6 +309,16 @@ def _limits(p: PointStatus) -> str:
     )
 
 
+def value_cell(p: PointStatus) -> Text:
+    """A point's value in the live view: its text for a text point (a protocol name), BAD for
+    a reading with no value, else the number."""
+    if p.text is not None:
+        return Text(p.text)
+    if p.quality is Quality.BAD:
+        return Text("BAD", style="red")
+    return Text("-" if p.value is None else f"{p.value:.3f}")
+
+
 def render(daemon: Daemon, started: float) -> Group:
     run = daemon.run_record
     engine = daemon.engine
@@ -276,10 +343,7 @@ def render(daemon: Daemon, started: float) -> Group:
     for p in points:
         if p.parameter is None and p.device in feeding:  # status words: recorded, not shown
             continue
-        if p.quality is Quality.BAD:
-            value = Text("BAD", style="red")
-        else:
-            value = Text("-" if p.value is None else f"{p.value:.3f}")
+        value = value_cell(p)
         urgent = "action" in p.state and "pending" not in p.state
         style = _STYLE.get(p.state, "bold red" if urgent else "yellow")
         table.add_row(
@@ -289,6 +353,8 @@ def render(daemon: Daemon, started: float) -> Group:
 
 
 def run_demo(*, seconds: float | None, data_dir: str) -> int:
+    """The demo for `seconds` (None: until Ctrl-C); ValueError for a length too short."""
+    script = DemoScript.for_seconds(seconds)
     folder = Path(data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "pocd.log"
@@ -298,7 +364,7 @@ def run_demo(*, seconds: float | None, data_dir: str) -> int:
         configure_logging("info", json=True, stream=log_file)
         # Ctrl-C completes the run (see _demo) and stops the daemon cleanly.
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_demo(folder, seconds, console, summary))
+            asyncio.run(_demo(folder, script, console, summary))
     daemon: Daemon | None = summary.get("daemon")
     if daemon is None:
         print("The demo stopped before its devices were up; nothing was recorded.")
@@ -323,14 +389,15 @@ def run_demo(*, seconds: float | None, data_dir: str) -> int:
 
 
 async def _demo(
-    folder: Path, seconds: float | None, console: Console, summary: dict[str, Any]
+    folder: Path, script: DemoScript, console: Console, summary: dict[str, Any]
 ) -> None:
+    seconds = script.seconds
     async with contextlib.AsyncExitStack() as stack:
-        config = write_demo_site(folder, **await start_simulators(stack, folder))
+        config = write_demo_site(folder, script, **await start_simulators(stack, folder, script))
         daemon = Daemon(load_site(config))
         summary["daemon"], summary["config"] = daemon, config
 
-        async def script() -> None:
+        async def operate() -> None:
             if daemon.run_record is not None:  # a demo interrupted earlier: close its run
                 await daemon.stop_run("demo", abort=True, reason="a new demo run starts")
             batch = "DEMO-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -348,4 +415,4 @@ async def _demo(
                 live.update(render(daemon, started))
             await daemon.stop_run("demo-operator")
 
-        await run_until(daemon, script)
+        await run_until(daemon, operate)

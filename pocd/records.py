@@ -1,7 +1,9 @@
-"""Records as JSON-ready dicts for the API and `pocd run list|show --json`.
+"""Records as JSON-ready dicts for the API and `pocd run list|show --json`, the one JSON
+encoder of both, and how a number reads for people.
 
 Times are ISO 8601 in UTC with nanoseconds kept beside them (`*_ns`), so nothing is rounded
-away; the run's time zone is given for local display.
+away; the run's time zone is given for local display. JSON keeps full values; only the text
+for people rounds them.
 """
 
 from __future__ import annotations
@@ -9,10 +11,32 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ConfigDict, TypeAdapter
+
 from pocd.model import NS, Deviation, Excursion, PhaseChange, Run
 from pocd.store import Store
 
-__all__ = ["iso", "run_detail", "run_summary"]
+__all__ = ["iso", "json_bytes", "readable", "run_detail", "run_summary"]
+
+# JSON has no infinity or NaN: Python's json writes `Infinity`, which strict parsers (browsers'
+# JSON.parse, jq, Go, Rust) refuse. A device or a stored record may hold one whatever the
+# transports do now (old records, a bug), so the encoder writes them as null.
+_JSON = TypeAdapter(Any, config=ConfigDict(ser_json_inf_nan="null"))
+
+
+def json_bytes(data: Any, *, indent: int | None = None) -> bytes:
+    """Valid JSON (UTF-8) of a JSON-ready value; a non-finite number becomes null."""
+    return _JSON.dump_json(data, indent=indent)
+
+
+def readable(value: float | None, digits: int = 4) -> str:
+    """A number for people: `digits` significant digits and no exponent for everyday sizes
+    (37.659903078597615 -> 37.66, 50012.34 -> 50012); `-` for none."""
+    if value is None:
+        return "-"
+    if 10**digits <= abs(value) < 1e15:  # whole units; beyond, the exponent reads better
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
 
 
 def iso(t: int | None) -> str | None:

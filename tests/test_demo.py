@@ -1,4 +1,5 @@
-"""`pocd demo` as a new user runs it: to the end, and stopped with Ctrl-C."""
+"""`pocd demo` as a new user runs it: to the end, stopped with Ctrl-C, too short, longer; and
+its live view."""
 
 from __future__ import annotations
 
@@ -7,8 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from pocd.daemon import PointStatus
+from pocd.model import Quality
+from pocd.settings import load_site
 from tests.sitekit import cli
 
 
@@ -62,3 +70,80 @@ def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     assert "The data is in" in out
     (run,) = json.loads(cli("run", "list", "-c", str(data / "pocd.toml"), "--json").stdout)
     assert run["status"] == "completed"
+
+
+def test_a_demo_shorter_than_its_script_is_refused(tmp_path: Path) -> None:
+    """`--seconds 40` used to run 40 s of a 90 s script: no deviation, no phase past
+    activation. Refused at once instead, saying how long the script needs."""
+    data = tmp_path / "demo"
+    done = cli("demo", "--seconds", "40", "--data-dir", str(data))
+    assert done.returncode == 2
+    assert "40 s is too short for the demo's script: it needs at least 90 s" in done.stderr
+    assert not data.exists(), "nothing was started"
+
+
+@pytest.mark.parametrize("seconds", [90.0, 91.0, 180.0, 600.0])
+def test_a_longer_demo_stretches_its_script_and_every_fault_keeps_its_phase(
+    tmp_path: Path, seconds: float
+) -> None:
+    from pocd.demo import DemoScript, write_demo_site
+
+    script = DemoScript.for_seconds(seconds)
+    steps = script.rotea_steps()
+    assert [step for _, step in steps] == [1, 2, 3, 4, 5, 6]
+    assert steps[-1][0] + script.phase_seconds == pytest.approx(seconds, abs=0.01)
+    phases = ["enrichment", "activation", "transduction", "expansion", "harvest", "formulation"]
+
+    def phase_of(start: float, duration: float) -> str:
+        (phase,) = {
+            phases[int(t // script.phase_seconds)] for t in (start, start + duration - 0.001)
+        }
+        return phase
+
+    config = write_demo_site(
+        tmp_path,
+        script,
+        rotea_endpoint="opc.tcp://127.0.0.1:4840",
+        co2_port=5020,
+        ph_port=str(tmp_path / "ph.pty"),
+        heracell_port=str(tmp_path / "heracell.pty"),
+        balance_port=str(tmp_path / "balance.pty"),
+    )
+    load_site(config)  # the stretched site config is valid
+    with config.open("rb") as fh:
+        devices = {d["id"]: d for d in tomllib.load(fh)["devices"]}
+    incubator = devices["incubator"]
+    assert incubator["transport"]["repeat"] == pytest.approx(seconds)
+    (warm,) = incubator["points"]["temperature"]["script"]
+    assert phase_of(warm["start"], warm["duration"]) == "transduction"
+    assert warm["duration"] > 10, "longer than the temperature's on-delay"
+    (startup,) = script.co2_faults()
+    assert startup.duration is not None
+    assert phase_of(startup.after, startup.duration) == "activation"
+    low_ph, silence = script.ph_faults()
+    assert low_ph.duration is not None and silence.duration is not None
+    assert phase_of(low_ph.after, low_ph.duration) == "expansion"
+    assert low_ph.duration > 5, "longer than the pH's on-delay"
+    assert phase_of(silence.after, silence.duration) == "harvest"
+
+
+def test_the_live_view_shows_a_text_point_as_its_text() -> None:
+    from pocd.demo import value_cell
+
+    protocol_name = PointStatus(
+        device="rotea",
+        point="protocol_name",
+        parameter=None,
+        unit="",
+        value=None,
+        quality=Quality.BAD,
+        t=1,
+        limits={},
+        state="recorded",
+        text="CAR-T TCT v3",
+    )
+    assert value_cell(protocol_name).plain == "CAR-T TCT v3"
+    lost = replace(protocol_name, text=None)
+    assert value_cell(lost).plain == "BAD"
+    reading = replace(lost, quality=Quality.GOOD, value=37.0123)
+    assert value_cell(reading).plain == "37.012"

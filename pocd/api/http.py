@@ -1,130 +1,321 @@
-"""The control API over HTTP (aiohttp): run start, phase, stop, site status, and live status.
+"""The control API over HTTP (aiohttp): run start, phase, stop, site status, live status, the
+records of runs, and Prometheus metrics.
 
-Listens on the site's `api.listen` (127.0.0.1 by default). JSON in, JSON out; a refused
-operation is 409 with {"error": ...}, a malformed request 400. Reads of the record (runs,
-excursions) go to the store; control goes to the daemon, which answers after committing.
-Named users and roles arrive with the console; until then the operator is named in the body.
+Listens on the site's `api.listen` (127.0.0.1 by default). Until named users arrive with the
+console, a request is served only if it comes from a client on this machine and not from a web
+page: its Host must name this API (pocd.api.authority), a browser's Origin must be this API's,
+and a body must be `application/json` in UTF-8 (a page of another site cannot send that without
+a CORS preflight, which is not answered). Bodies are typed models (pocd.api.bodies).
+
+Every answer is valid JSON (a non-finite number is null), errors as {"error": ...}: 400 a
+malformed request, naming the field; 403 a foreign Origin; 413 a body over CLIENT_MAX_SIZE;
+415 a body that is not JSON in UTF-8; 409 an operation run control refused; 503 one it could
+not complete (the store did not commit in time). Never a 500 for anything a client sent.
+
+It depends on run control, the status view and a read-only store through small interfaces,
+never on the daemon: reads of the record run in a thread of their own on their own read-only
+connection, so a long commit stalls neither them nor the event loop (and so the devices).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import socket
+import threading
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from aiohttp import web
+import structlog
+from aiohttp import hdrs, web
+from pydantic import ValidationError
 
+from pocd.api.authority import Authority
+from pocd.api.bodies import (
+    PhaseRequest,
+    RunStartRequest,
+    RunStopRequest,
+    SiteStatusRequest,
+    explain,
+)
 from pocd.api.metrics import render_metrics
+from pocd.configtypes import StrictModel
 from pocd.errors import PocdError, RunError
-from pocd.model import SiteStatus
-from pocd.records import run_detail, run_summary
+from pocd.model import PhaseChange, Run, SiteStatus
+from pocd.records import json_bytes, run_detail, run_summary
+from pocd.store import Store
 
 if TYPE_CHECKING:
     from pocd.daemon import Daemon
 
-__all__ = ["make_app", "serve_api"]
+__all__ = ["CLIENT_MAX_SIZE", "Authority", "RunControl", "StatusView", "make_app", "serve_api"]
+
+log = structlog.get_logger("pocd.api")
+
+# The largest body read. Every valid body is far smaller (five identifiers of at most 128
+# characters and a reason of at most 2000, even escaped as \uXXXX pairs); a bigger one is
+# refused before it is parsed.
+CLIENT_MAX_SIZE = 64 * 1024
+_SAFE_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD, hdrs.METH_OPTIONS})
+_UTF8 = frozenset({"utf-8", "utf8"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+Body = TypeVar("Body", bound=StrictModel)
+T = TypeVar("T")
 
 
-def _daemon(request: web.Request) -> Daemon:
-    return request.app[DAEMON]
+class RunControl(Protocol):
+    """Start, advance and stop runs, change the site's status; each answers once committed.
+    Raises RunError for an operation refused, another PocdError for one not completed."""
+
+    async def start_run(
+        self, batch_id: str, protocol_id: str, version: str | None, operator: str
+    ) -> Run: ...
+
+    async def advance_phase(self, phase: str, operator: str, reason: str = "") -> PhaseChange: ...
+
+    async def stop_run(self, operator: str, *, abort: bool = False, reason: str = "") -> Run: ...
+
+    async def set_site_status(self, status: SiteStatus, operator: str, reason: str) -> None: ...
 
 
-async def _body(request: web.Request, *required: str) -> dict[str, str]:
-    try:
-        body = await request.json()
-    except json.JSONDecodeError:
-        raise web.HTTPBadRequest(text=json.dumps({"error": "body is not JSON"})) from None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}))
-    missing = [k for k in required if not str(body.get(k) or "").strip()]
-    if missing:
-        raise web.HTTPBadRequest(text=json.dumps({"error": f"missing: {', '.join(missing)}"}))
-    return {k: str(v) for k, v in body.items() if v is not None}
+class StatusView(Protocol):
+    """The live state of the site: run, points, incidents, sinks (JSON-ready)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class _Records:
+    """The API's own read-only connection to the store. Every read runs in the API's one
+    reader thread: a read neither waits for the writer's lock nor holds up the event loop,
+    and a burst of reads queues there instead of taking the worker threads the store writer
+    commits in. The connection is opened at the first read (so the API listens at once) and
+    closed with the app."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._store: Store | None = None
+        self._opening = threading.Lock()
+        # One thread: the connection serves one query at a time anyway.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="pocd-api-read")
+
+    async def read(self, query: Callable[[Store], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._read, query)
+
+    def _read(self, query: Callable[[Store], T]) -> T:
+        with self._opening:
+            if self._store is None:
+                self._store = Store(self.path, readonly=True)
+            store = self._store
+        return query(store)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)  # the reads under way finish first
+        with self._opening:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    control: RunControl
+    view: StatusView
+    records: _Records
+    metrics: Callable[[], bytes]
+    authority: Authority
+
+
+PARTS: web.AppKey[_Parts] = web.AppKey("parts")
+
+
+class _Refusal(Exception):
+    """A request refused before it reaches run control; becomes {"error": message}."""
+
+    def __init__(self, status: int, message: str, fields: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.fields = fields
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json_bytes(data),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+        charset="utf-8",
+    )
+
+
+def _error(status: int, message: str, fields: list[str] | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if fields is not None:
+        body["fields"] = fields
+    return _json(body, status)
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _answers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every outcome as a JSON answer: refusals, run control's errors, aiohttp's own (404,
+    405, 413) and, should a handler have a bug, a 500 that says so."""
     try:
         return await handler(request)
+    except _Refusal as exc:
+        return _error(exc.status, exc.message, exc.fields)
     except RunError as exc:
-        return web.json_response({"error": str(exc)}, status=409)
-    except PocdError as exc:  # the store has not committed in time (CommitTimeout)
-        return web.json_response({"error": str(exc)}, status=503)
+        return _error(409, str(exc))
+    except PocdError as exc:  # the operation was not completed (e.g. not committed in time)
+        return _error(503, str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"the request body is larger than {CLIENT_MAX_SIZE} bytes")
+    except web.HTTPNotFound:
+        return _error(404, f"no such path: {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        message = f"{request.method} is not allowed on {request.path}"
+        return _json({"error": message}, 405, {hdrs.ALLOW: exc.headers[hdrs.ALLOW]})
+    except web.HTTPException as exc:
+        return _error(exc.status, exc.reason)
+    except Exception as exc:
+        log.exception("API request failed", method=request.method, path=request.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+@web.middleware
+async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse what a web page could send: a foreign Host (DNS rebinding), a foreign Origin,
+    and a body that is not JSON (a cross-site form or text/plain POST needs no preflight)."""
+    authority = request.app[PARTS].authority
+    host = request.headers.get(hdrs.HOST)
+    if not authority.accepts_host(host):
+        said = "no Host header" if host is None else f"Host {host!r}"
+        raise _Refusal(
+            400,
+            f"{said} does not name this API (api.listen = {authority.listen}); "
+            "requests are served only to clients that address it as it listens",
+            ["Host"],
+        )
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is not None and not authority.accepts_origin(origin):
+        raise _Refusal(
+            403, f"a request from the web page {origin!r} is refused: it is not this API's"
+        )
+    routed = request.match_info.http_exception is None  # else a 404 or 405 says more
+    if routed and request.method not in _SAFE_METHODS:
+        if request.content_type != "application/json":
+            raise _Refusal(
+                415,
+                f"Content-Type must be application/json (got {request.content_type})",
+                ["Content-Type"],
+            )
+        charset = request.charset
+        if charset is not None and charset.lower() not in _UTF8:
+            raise _Refusal(415, f"a JSON body is UTF-8, not charset {charset!r}", ["Content-Type"])
+    return await handler(request)
+
+
+async def _body(request: web.Request, model: type[Body]) -> Body:
+    raw = await request.read()  # at most CLIENT_MAX_SIZE (aiohttp refuses more: 413)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Refusal(400, f"body: not UTF-8 text (byte {exc.start})", ["body"]) from None
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        message, fields = explain(exc)
+        raise _Refusal(400, message, fields) from None
+
+
+def _parts(request: web.Request) -> _Parts:
+    return request.app[PARTS]
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(_daemon(request).status())
+    return _json(_parts(request).view.status())
 
 
-async def metrics(request: web.Request) -> web.Response:
-    body = render_metrics(_daemon(request))
+async def prometheus(request: web.Request) -> web.Response:
+    body = _parts(request).metrics()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
+def _runs_of(records: Store) -> list[dict[str, Any]]:
+    return [run_summary(r) for r in records.runs()]
+
+
 async def list_runs(request: web.Request) -> web.Response:
-    store = _daemon(request).store
-    assert store is not None
-    return web.json_response([run_summary(r) for r in store.runs()])
+    return _json(await _parts(request).records.read(_runs_of))
+
+
+def _detail_of(records: Store, *, key: str) -> dict[str, Any] | None:
+    run = records.run(key)
+    return None if run is None else run_detail(records, run)
 
 
 async def show_run(request: web.Request) -> web.Response:
-    store = _daemon(request).store
-    assert store is not None
-    run = store.run(request.match_info["run"])
-    if run is None:
-        raise web.HTTPNotFound(text=json.dumps({"error": "no such run"}))
-    return web.json_response(run_detail(store, run))
+    key = request.match_info["run"]
+    detail = await _parts(request).records.read(partial(_detail_of, key=key))
+    if detail is None:
+        raise _Refusal(404, f"no run {key!r} (give a run id, a unique prefix or a batch id)")
+    return _json(detail)
 
 
 async def start_run(request: web.Request) -> web.Response:
-    body = await _body(request, "batch_id", "protocol", "operator")
-    run = await _daemon(request).start_run(
-        body["batch_id"], body["protocol"], body.get("version"), body["operator"]
+    body = await _body(request, RunStartRequest)
+    run = await _parts(request).control.start_run(
+        body.batch_id, body.protocol, body.version, body.operator
     )
-    return web.json_response(run_summary(run), status=201)
+    return _json(run_summary(run), status=201)
 
 
 async def phase(request: web.Request) -> web.Response:
-    body = await _body(request, "phase", "operator")
-    change = await _daemon(request).advance_phase(
-        body["phase"], body["operator"], body.get("reason", "")
-    )
-    return web.json_response(
-        {"phase": change.phase, "previous": change.previous, "in_order": change.in_order}
-    )
+    body = await _body(request, PhaseRequest)
+    change = await _parts(request).control.advance_phase(body.phase, body.operator, body.reason)
+    return _json({"phase": change.phase, "previous": change.previous, "in_order": change.in_order})
 
 
 async def stop_run(request: web.Request) -> web.Response:
-    body = await _body(request, "operator")
-    abort = body.get("abort", "").lower() in ("1", "true", "yes")
-    run = await _daemon(request).stop_run(
-        body["operator"], abort=abort, reason=body.get("reason", "")
+    body = await _body(request, RunStopRequest)
+    run = await _parts(request).control.stop_run(
+        body.operator, abort=body.abort, reason=body.reason
     )
-    return web.json_response(run_summary(run))
+    return _json(run_summary(run))
 
 
 async def site_status(request: web.Request) -> web.Response:
-    body = await _body(request, "status", "operator", "reason")
-    try:
-        wanted = SiteStatus(body["status"])
-    except ValueError:
-        known = ", ".join(s.value for s in SiteStatus)
-        raise web.HTTPBadRequest(text=json.dumps({"error": f"status is one of {known}"})) from None
-    await _daemon(request).set_site_status(wanted, body["operator"], body["reason"])
-    return web.json_response({"status": wanted.value})
+    body = await _body(request, SiteStatusRequest)
+    await _parts(request).control.set_site_status(body.status, body.operator, body.reason)
+    return _json({"status": body.status.value})
 
 
-def make_app(daemon: Daemon) -> web.Application:
-    app = web.Application(middlewares=[_errors])
-    app[DAEMON] = daemon
+def make_app(
+    *,
+    control: RunControl,
+    view: StatusView,
+    store_path: Path,
+    metrics: Callable[[], bytes],
+    authority: Authority,
+) -> web.Application:
+    """The API's application: control and view as given, reads from the store at
+    `store_path` (its own read-only connection), `metrics` renders /metrics."""
+    app = web.Application(middlewares=[_answers, _same_origin], client_max_size=CLIENT_MAX_SIZE)
+    records = _Records(store_path)
+    app[PARTS] = _Parts(control, view, records, metrics, authority)
+
+    async def close_records(_: web.Application) -> None:
+        await asyncio.to_thread(records.close)
+
+    app.on_cleanup.append(close_records)
     app.add_routes(
         [
             web.get("/api/status", status),
-            web.get("/metrics", metrics),
+            web.get("/metrics", prometheus),
             web.get("/api/runs", list_runs),
             web.get("/api/runs/{run}", show_run),
             web.post("/api/runs", start_run),
@@ -137,9 +328,18 @@ def make_app(daemon: Daemon) -> web.Application:
 
 
 async def serve_api(daemon: Daemon) -> None:
-    """Serve until cancelled."""
+    """Serve the daemon's API until cancelled. The daemon has opened (and migrated) the store."""
     api = daemon.site.config.api
-    runner = web.AppRunner(make_app(daemon), access_log=None)
+    # Listening on every interface, the machine is also addressed by its host name (the
+    # kernel's, no DNS lookup); any other name needs api.listen to say it.
+    app = make_app(
+        control=daemon,
+        view=daemon,
+        store_path=daemon.site.store_path,
+        metrics=partial(render_metrics, daemon),
+        authority=Authority.of_listen(api.listen, [socket.gethostname()]),
+    )
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, api.host, api.port)

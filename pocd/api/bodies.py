@@ -1,0 +1,131 @@
+"""The request bodies of the control API: typed, length-limited models, and how their errors
+read.
+
+A body is parsed straight from the request's bytes by pydantic (strict: no value is coerced
+between types, unknown fields are errors), so what reaches run control is exactly what the
+client sent, or nothing. Nothing here does I/O or knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Annotated, Self
+
+from pydantic import AfterValidator, StringConstraints, ValidationError, model_validator
+
+from pocd.configtypes import StrictModel
+from pocd.model import SiteStatus
+
+__all__ = [
+    "IDENTIFIER_MAX",
+    "REASON_MAX",
+    "PhaseRequest",
+    "RunStartRequest",
+    "RunStopRequest",
+    "SiteStatusRequest",
+    "explain",
+]
+
+IDENTIFIER_MAX = 128  # characters of a batch id, protocol id or version, phase, operator
+REASON_MAX = 2000  # characters of a reason: a justification of a few paragraphs, not a file
+
+
+def _identifier(value: str) -> str:
+    # Identifiers name people and things in the audit trail: "alice" and "alice " must be the
+    # same operator, and a control or format character (a newline, a bidi override, a zero
+    # width space) would make two names that look the same differ.
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    if any(unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" for c in value):
+        raise ValueError("must not contain control or format characters")
+    return value
+
+
+def _text(value: str) -> str:
+    # Free text keeps its line breaks and tabs; other control characters (a NUL) are refused.
+    if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in value):
+        raise ValueError("must not contain control characters other than tab and line breaks")
+    return value
+
+
+Identifier = Annotated[
+    str, StringConstraints(max_length=IDENTIFIER_MAX), AfterValidator(_identifier)
+]
+Reason = Annotated[str, StringConstraints(max_length=REASON_MAX), AfterValidator(_text)]
+
+
+class RunStartRequest(StrictModel):
+    """POST /api/runs: start a run of `batch_id` on the approved `protocol` (or `version`)."""
+
+    batch_id: Identifier
+    protocol: Identifier
+    version: Identifier | None = None
+    operator: Identifier
+
+
+class PhaseRequest(StrictModel):
+    """POST /api/run/phase: enter `phase`; out of protocol order it needs a reason."""
+
+    phase: Identifier
+    operator: Identifier
+    reason: Reason = ""
+
+
+class RunStopRequest(StrictModel):
+    """POST /api/run/stop: complete the run, or abort it (`abort: true`, with a reason)."""
+
+    operator: Identifier
+    abort: bool = False
+    reason: Reason = ""
+
+    @model_validator(mode="after")
+    def _abort_has_a_reason(self) -> Self:
+        if self.abort and not self.reason.strip():
+            raise ValueError("reason: aborting a run needs a reason")
+        return self
+
+
+class SiteStatusRequest(StrictModel):
+    """POST /api/site/status: the control site suspends, ceases or reactivates the site."""
+
+    status: SiteStatus
+    operator: Identifier
+    reason: Reason
+
+    @model_validator(mode="after")
+    def _reason_is_given(self) -> Self:
+        if not self.reason.strip():
+            raise ValueError("reason: a site status change needs a reason")
+        return self
+
+
+def explain(exc: ValidationError) -> tuple[str, list[str]]:
+    """What is wrong with a body, one clause per field, and the fields named (`body` for the
+    whole of it), for a 400 answer."""
+    clauses: list[str] = []
+    fields: list[str] = []
+    for error in exc.errors(include_input=False, include_url=False):
+        loc = error["loc"]
+        field = ".".join(str(part) for part in loc) if loc else "body"
+        kind = error["type"]
+        if kind == "json_invalid":
+            message = f"not valid JSON ({error['msg'].removeprefix('Invalid JSON: ')})"
+        elif kind == "model_type":
+            message = "must be a JSON object"
+        elif kind == "missing":
+            message = "is required"
+        elif kind == "extra_forbidden":
+            message = "is not a field of this request"
+        elif kind == "value_error" and not loc:
+            # a check across fields: its message starts with the field it is about
+            context = error.get("ctx") or {}
+            field, _, message = str(context.get("error", error["msg"])).partition(": ")
+            if not message:
+                field, message = "body", field
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+        clauses.append(f"{field}: {message}")
+        if field not in fields:
+            fields.append(field)
+    return "; ".join(clauses), fields

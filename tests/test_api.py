@@ -1,0 +1,497 @@
+"""The control API against the real daemon on loopback: what a web page may not do (Host,
+Origin, content type), typed request bodies, reads that do not wait for the writer, and
+answers that are always valid JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from pocd.model import Quality, RunStatus, Sample, SiteStatus, now_ns
+from pocd.settings import Site, load_site
+from pocd.store import Store
+from tests.sitekit import running, until, write_site
+
+NO_DEVICES = ""
+CONTROL_ACTIONS = ("run.start", "run.phase", "run.stop", "run.abort", "site.status")
+
+
+def strict_json(text: str) -> Any:
+    """JSON as RFC 8259 has it: `Infinity` and `NaN` are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"invalid JSON: {constant} in {text[:200]!r}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+async def send(
+    site: Site | str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """One request as given (bytes and headers) to a site's API (or a host:port); the answer
+    must be valid JSON."""
+    listen = site if isinstance(site, str) else site.config.api.listen
+    url = f"http://{listen}{path}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, data=body, headers=headers or {}) as resp,
+    ):
+        text = await resp.text()
+        assert resp.content_type == "application/json", (resp.status, text)
+        return resp.status, strict_json(text)
+
+
+async def post(
+    site: Site | str, path: str, body: Any, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    return await send(
+        site,
+        "POST",
+        path,
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", **(headers or {})},
+    )
+
+
+def control_actions(site: Site) -> list[str]:
+    with Store(site.store_path, readonly=True) as store:
+        return [a.action for a in store.audit() if a.action in CONTROL_ACTIONS]
+
+
+CEASE = {"status": "ceased", "operator": "mallory", "reason": "a web page said so"}
+
+
+# --- item 5: cross-site requests ------------------------------------------------------------
+
+
+async def test_a_web_page_cannot_cease_the_site(tmp_path: Path) -> None:
+    """A page in a browser on the pocd host can POST text/plain or a form without a CORS
+    preflight; it cannot make the browser send application/json. A DNS-rebinding page
+    sends its own name as Host; a cross-site page its own Origin."""
+    site = load_site(write_site(tmp_path, NO_DEVICES))
+    port = site.config.api.port
+    cease = json.dumps(CEASE).encode()
+    async with running(site):
+        for content_type in (
+            "text/plain",
+            "text/plain; charset=utf-8",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+        ):
+            status, body = await send(
+                site, "POST", "/api/site/status", cease, {"Content-Type": content_type}
+            )
+            assert status == 415, (content_type, body)
+            assert "application/json" in body["error"]
+        status, body = await send(site, "POST", "/api/site/status", cease)  # no Content-Type
+        assert status == 415
+
+        for origin in ("https://evil.example", "null", f"http://evil.example:{port}"):
+            status, body = await post(site, "/api/site/status", CEASE, {"Origin": origin})
+            assert status == 403, (origin, body)
+            assert origin in body["error"]
+
+        # DNS rebinding: evil.example now resolves to 127.0.0.1, so the page is "same
+        # origin" to the browser and may read answers too; its Host gives it away.
+        for host in (f"evil.example:{port}", f"127.0.0.1.nip.io:{port}", "evil.example"):
+            rebound = {"Host": host, "Origin": f"http://{host}"}
+            status, body = await post(site, "/api/site/status", CEASE, rebound)
+            assert status == 400, (host, body)
+            assert body["fields"] == ["Host"]
+            status, body = await send(site, "GET", "/api/status", headers={"Host": host})
+            assert status == 400, "a rebinding page must not read the live status either"
+            status, _ = await send(site, "GET", "/api/runs", headers={"Host": host})
+            assert status == 400
+    with Store(site.store_path, readonly=True) as store:
+        assert store.site_status() is SiteStatus.ACTIVE
+    assert control_actions(site) == []
+
+
+async def test_the_names_of_the_listen_address_and_a_same_origin_page_are_served(
+    tmp_path: Path,
+) -> None:
+    site = load_site(write_site(tmp_path, NO_DEVICES))
+    port = site.config.api.port
+    async with running(site):
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}"):
+            status, live = await send(site, "GET", "/api/status", headers={"Host": host})
+            assert (status, live["site"]["id"]) == (200, "test-site"), host
+        status, _ = await send(
+            site, "GET", "/api/status", headers={"Host": f"127.0.0.1:{port + 1}"}
+        )
+        assert status == 400, "another port is another service"
+        # the console (a later issue) is served by this API: its pages send their own origin
+        for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
+            status, body = await post(site, "/api/run/stop", {"operator": "op"}, {"Origin": origin})
+            assert (status, body["error"]) == (409, "no run is active"), origin
+
+
+async def test_the_clis_own_requests_are_served(tmp_path: Path) -> None:
+    """`pocd run …` talks to the API with urllib: its Host is api.listen, its body JSON."""
+    from pocd.cli import CommandError, _api
+
+    site = load_site(write_site(tmp_path, NO_DEVICES))
+    async with running(site):
+        live = await asyncio.to_thread(_api, site, "GET", "/api/status")
+        assert live["site"]["id"] == "test-site"
+        body = {"batch_id": "B-1", "protocol": "CART-TCT", "version": None, "operator": "op"}
+        run = await asyncio.to_thread(_api, site, "POST", "/api/runs", body)
+        assert run["batch_id"] == "B-1"
+        stop = {"operator": "op", "abort": False, "reason": ""}
+        assert (await asyncio.to_thread(_api, site, "POST", "/api/run/stop", stop))["status"] == (
+            "completed"
+        )
+        with pytest.raises(CommandError, match="refused: no run is active"):
+            await asyncio.to_thread(_api, site, "POST", "/api/run/stop", stop)
+
+
+@pytest.mark.parametrize(
+    ("listen", "accepted", "refused"),
+    [
+        (
+            "127.0.0.1:8470",
+            ["127.0.0.1:8470", "localhost:8470", "[::1]:8470", "[0:0:0:0:0:0:0:1]:8470"],
+            ["evil.example:8470", "127.0.0.1:8471", "127.0.0.1", "10.0.0.5:8470", "", None],
+        ),
+        ("localhost:8470", ["localhost:8470", "127.0.0.1:8470"], ["localhost.:8470"]),
+        ("[::1]:8470", ["[::1]:8470", "localhost:8470", "127.0.0.1:8470"], ["::1:8470"]),
+        (
+            "0.0.0.0:8470",
+            ["0.0.0.0:8470", "10.0.0.5:8470", "[fe80::1]:8470", "localhost:8470", "pocd-host:8470"],
+            ["evil.example:8470", "10.0.0.5:80"],
+        ),
+        ("[::]:80", ["10.0.0.5", "[::1]", "pocd-host:80"], ["evil.example"]),
+        ("10.0.0.5:8470", ["10.0.0.5:8470"], ["127.0.0.1:8470", "localhost:8470"]),
+        (
+            "pocd.rfh.example:8470",
+            ["pocd.rfh.example:8470", "POCD.rfh.example:8470"],
+            ["127.0.0.1:8470", "user@pocd.rfh.example:8470", "pocd.rfh.example:8470/x"],
+        ),
+    ],
+)
+def test_a_host_names_the_api_as_api_listen_means_it(
+    listen: str, accepted: list[str], refused: list[str | None]
+) -> None:
+    from pocd.api.authority import Authority
+
+    authority = Authority.of_listen(listen, machine_names=["pocd-host"])
+    for host in accepted:
+        assert authority.accepts_host(host), (listen, host)
+    for other in refused:
+        assert not authority.accepts_host(other), (listen, other)
+
+
+def test_an_origin_is_this_apis_only_with_its_scheme_host_and_port() -> None:
+    from pocd.api.authority import Authority
+
+    authority = Authority.of_listen("127.0.0.1:8470")
+    for origin in ("http://127.0.0.1:8470", "http://localhost:8470", "http://[::1]:8470"):
+        assert authority.accepts_origin(origin), origin
+    for origin in (
+        "null",
+        "http://127.0.0.1",  # port 80
+        "https://127.0.0.1:8471",
+        "http://evil.example:8470",
+        "file://",
+        "ftp://127.0.0.1:8470",
+        "127.0.0.1:8470",
+    ):
+        assert not authority.accepts_origin(origin), origin
+    assert Authority.of_listen("127.0.0.1:80").accepts_origin("http://localhost")
+
+
+# --- item 14: typed, length-limited bodies --------------------------------------------------
+
+
+async def test_a_body_that_is_not_json_in_utf8_is_refused_naming_why(tmp_path: Path) -> None:
+    site = load_site(write_site(tmp_path, NO_DEVICES))
+    json_type = {"Content-Type": "application/json"}
+    async with running(site):
+        cases: list[tuple[bytes, dict[str, str], int, list[str]]] = [
+            (b'{"operator": "op\xff"}', json_type, 400, ["body"]),  # invalid UTF-8
+            (
+                b'{"operator": "op"}',
+                {"Content-Type": "application/json; charset=klingon"},
+                415,
+                ["Content-Type"],
+            ),
+            (
+                b'{"operator": "op"}',
+                {"Content-Type": "application/json; charset=latin-1"},
+                415,
+                ["Content-Type"],
+            ),
+            (b'{"operator": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", json_type, 400, ["body"]),
+            (b"", json_type, 400, ["body"]),
+            (b"{", json_type, 400, ["body"]),
+            (b'["operator", "op"]', json_type, 400, ["body"]),
+            (b'"op"', json_type, 400, ["body"]),
+        ]
+        for raw, headers, expected, fields in cases:
+            status, body = await send(site, "POST", "/api/run/stop", raw, headers)
+            assert (status, body.get("fields")) == (expected, fields), (raw[:40], body)
+        # a charset of utf-8, spelled either way, is JSON's own
+        for charset in ("utf-8", "UTF-8", "utf8"):
+            status, body = await send(
+                site,
+                "POST",
+                "/api/run/stop",
+                b'{"operator": "op"}',
+                {"Content-Type": f"application/json; charset={charset}"},
+            )
+            assert (status, body["error"]) == (409, "no run is active")
+
+
+async def test_values_are_typed_not_coerced(tmp_path: Path) -> None:
+    site = load_site(write_site(tmp_path, NO_DEVICES))
+    start = {"batch_id": "B-1", "protocol": "CART-TCT", "operator": "alice"}
+    async with running(site):
+        status, body = await post(site, "/api/runs", {**start, "operator": {"name": "x"}})
+        assert (status, body["fields"]) == (400, ["operator"])
+        assert body["error"] == "operator: Input should be a valid string"
+        for batch in (7, ["B-1"], True, None, "", "   ", "B\n1", "B\u202e1"):
+            status, body = await post(site, "/api/runs", {**start, "batch_id": batch})
+            assert (status, body["fields"]) == (400, ["batch_id"]), batch
+        status, body = await post(site, "/api/runs", {"batch_id": "B-1", "protokol": "CART-TCT"})
+        assert status == 400
+        assert body["fields"] == ["protocol", "operator", "protokol"]
+        assert "protokol: is not a field of this request" in body["error"]
+        assert "operator: is required" in body["error"]
+
+        status, run = await post(site, "/api/runs", {**start, "operator": "  alice "})
+        assert (status, run["operator"]) == (201, "alice")
+        for abort in ("y", "true", 1, "no"):
+            status, body = await post(
+                site, "/api/run/stop", {"operator": "alice", "abort": abort, "reason": "r"}
+            )
+            assert (status, body["fields"]) == (400, ["abort"]), abort
+        status, body = await post(site, "/api/run/stop", {"operator": "alice", "abort": True})
+        assert (status, body["fields"]) == (400, ["reason"])
+        status, body = await post(
+            site, "/api/site/status", {"status": "closed", "operator": "cs", "reason": "r"}
+        )
+        assert (status, body["fields"]) == (400, ["status"])
+        assert "'active', 'suspended' or 'ceased'" in body["error"]
+        status, ended = await post(
+            site, "/api/run/stop", {"operator": "alice", "abort": True, "reason": "kit leak"}
+        )
+        assert (status, ended["status"]) == (200, "aborted")
+    with Store(site.store_path, readonly=True) as store:
+        (stored,) = store.runs()
+        assert (stored.status, stored.operator, stored.end_reason) == (
+            RunStatus.ABORTED,
+            "alice",
+            "kit leak",
+        )
+    assert control_actions(site) == ["run.start", "run.abort"]
+
+
+async def test_lengths_are_limited(tmp_path: Path) -> None:
+    site = load_site(write_site(tmp_path, NO_DEVICES))
+    cease = {"status": "suspended", "operator": "cs-admin"}
+    async with running(site):
+        status, body = await post(site, "/api/site/status", {**cease, "reason": "x" * 900_000})
+        assert status == 413
+        assert "larger than 65536 bytes" in body["error"]
+        status, body = await post(site, "/api/site/status", {**cease, "reason": "x" * 2001})
+        assert (status, body["fields"]) == (400, ["reason"])
+        assert "at most 2000 characters" in body["error"]
+        status, body = await post(
+            site, "/api/site/status", {**cease, "operator": "o" * 129, "reason": "r"}
+        )
+        assert (status, body["fields"]) == (400, ["operator"])
+        # the longest of each is taken, in any script, escaped or not
+        reason = "\U0001f9ea" * 2000  # a test tube: 4 bytes in UTF-8, 12 as \\ud83e\\uddea
+        status, body = await post(site, "/api/site/status", {**cease, "reason": reason})
+        assert (status, body) == (200, {"status": "suspended"})
+    with Store(site.store_path, readonly=True) as store:
+        (change,) = [a for a in store.audit() if a.action == "site.status"]
+        assert change.reason == reason
+
+
+async def test_every_answer_is_json_even_for_a_wrong_path_or_method(tmp_path: Path) -> None:
+    site = load_site(write_site(tmp_path, NO_DEVICES))
+    async with running(site):
+        status, body = await send(site, "GET", "/api/nothing-here")
+        assert (status, body["error"]) == (404, "no such path: /api/nothing-here")
+        status, body = await send(site, "DELETE", "/api/runs")
+        assert status == 405
+        assert "DELETE" in body["error"]
+        status, body = await send(site, "GET", "/api/runs/no-such-run")
+        assert status == 404
+        assert "no-such-run" in body["error"]
+
+
+# --- item 15: reads of the record ------------------------------------------------------------
+
+
+async def test_run_reads_do_not_wait_for_the_writers_commit(tmp_path: Path) -> None:
+    """While the writer's store is busy (a commit holds its lock), GET /api/runs and
+    /api/runs/{id} answer from the API's own read-only connection, and the event loop,
+    which the device runners share, keeps turning."""
+    site = load_site(write_site(tmp_path))
+    async with running(site) as daemon:
+        status, run = await post(
+            site, "/api/runs", {"batch_id": "B-1", "protocol": "CART-TCT", "operator": "op"}
+        )
+        assert status == 201
+        assert daemon.store is not None
+        writer_lock = daemon.store._lock  # what a commit holds for its whole length
+        holding, release = threading.Event(), threading.Event()
+
+        def long_commit() -> None:
+            with writer_lock:
+                holding.set()
+                release.wait(10)
+
+        commit = threading.Thread(target=long_commit, name="long-commit")
+        commit.start()
+        ticks: list[float] = []
+
+        async def ticker() -> None:
+            while not release.is_set():
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        beat = asyncio.create_task(ticker())
+        try:
+            await asyncio.to_thread(holding.wait, 5)
+            status, runs = await send(site, "GET", "/api/runs")
+            assert (status, [r["id"] for r in runs]) == (200, [run["id"]])
+            status, detail = await send(site, "GET", f"/api/runs/{run['id']}")
+            assert (status, detail["batch_id"]) == (200, "B-1")
+            assert [p["phase"] for p in detail["phases"]] == ["enrichment"]
+            assert writer_lock.locked(), "the reads answered only after the commit ended"
+            gaps = [b - a for a, b in itertools.pairwise(ticks)]
+            assert max(gaps, default=0.0) < 0.5, "the event loop stalled during the commit"
+        finally:
+            release.set()
+            await beat
+            await asyncio.to_thread(commit.join)
+        await post(site, "/api/run/stop", {"operator": "op"})
+    readers = [t.name for t in threading.enumerate() if t.name.startswith("pocd-api-read")]
+    assert readers == [], "the API's reader thread ends with the API"
+
+
+# --- item 18: valid JSON whatever reaches the API ------------------------------------------
+
+
+SLOW_DEVICE = """
+[[devices]]
+id = "incubator"
+driver = "sim"
+transport = { interval = 3600 }
+points.temperature = { parameter = "temperature", unit = "C", base = 37.0 }
+"""
+
+
+async def test_status_is_valid_json_when_a_device_says_infinity(tmp_path: Path) -> None:
+    """The transports make an infinite reading BAD now; the API must not depend on it."""
+    site = load_site(write_site(tmp_path, SLOW_DEVICE))
+    async with running(site) as daemon:
+        await until(lambda: ("incubator", "temperature") in daemon.latest)
+        await daemon.inbox.put(Sample("incubator", "temperature", now_ns() + 10**9, math.inf))
+        await until(lambda: math.isinf(daemon.latest["incubator", "temperature"].value))
+        status, live = await send(site, "GET", "/api/status")
+        assert status == 200
+        (point,) = [p for p in live["points"] if p["point"] == "temperature"]
+        assert point["value"] is None
+        assert point["quality"] == Quality.GOOD.name.lower()
+        assert all("text" in p for p in live["points"])
+
+
+def test_json_bytes_writes_non_finite_numbers_as_null() -> None:
+    from pocd.records import json_bytes
+
+    data = {"worst": math.inf, "low": -math.inf, "nested": [{"v": math.nan}], "ok": 37.659903}
+    text = json_bytes(data).decode()
+    assert strict_json(text) == {
+        "worst": None,
+        "low": None,
+        "nested": [{"v": None}],
+        "ok": 37.659903,
+    }
+    assert strict_json(json_bytes(data, indent=2).decode())["ok"] == 37.659903
+
+
+# --- run control's errors -------------------------------------------------------------------
+
+
+class FakeRunControlWithoutAStore:
+    """Run control whose store never commits in time (a fake: the daemon's commit deadline
+    belongs to the daemon), and whose phase change has a bug."""
+
+    async def start_run(
+        self, batch_id: str, protocol_id: str, version: str | None, operator: str
+    ) -> Any:
+        from pocd.errors import PocdError
+
+        raise PocdError("the store has not committed the run start within 5 s")
+
+    async def advance_phase(self, phase: str, operator: str, reason: str = "") -> Any:
+        return {}["no such key"]
+
+    async def stop_run(self, operator: str, *, abort: bool = False, reason: str = "") -> Any:
+        from pocd.errors import RunError
+
+        raise RunError("no run is active")
+
+    async def set_site_status(self, status: SiteStatus, operator: str, reason: str) -> None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {"points": [{"value": math.inf}, {"value": math.nan}]}
+
+
+async def test_run_controls_errors_are_409_503_and_a_bug_is_a_json_500(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from pocd.api.authority import Authority
+    from pocd.api.http import make_app
+    from tests.sitekit import free_port
+
+    port = free_port()
+    control = FakeRunControlWithoutAStore()
+    app = make_app(
+        control=control,
+        view=control,
+        store_path=tmp_path / "pocd.sqlite",
+        metrics=lambda: b"",
+        authority=Authority.of_listen(f"127.0.0.1:{port}"),
+    )
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        site = f"127.0.0.1:{port}"
+        start = {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"}
+        status, body = await post(site, "/api/runs", start)
+        assert (status, body) == (
+            503,
+            {"error": "the store has not committed the run start within 5 s"},
+        )
+        status, body = await post(site, "/api/run/stop", {"operator": "op"})
+        assert (status, body) == (409, {"error": "no run is active"})
+        status, body = await post(site, "/api/run/phase", {"phase": "p", "operator": "op"})
+        assert status == 500
+        assert body["error"].startswith("internal error: KeyError")
+        status, live = await send(site, "GET", "/api/status")
+        assert (status, live) == (200, {"points": [{"value": None}, {"value": None}]})
+        status, body = await send(site, "GET", "/api/runs")
+        assert status == 503, "no store yet: the read says so, the API goes on"
+        assert "pocd.sqlite" in body["error"]
+    finally:
+        await runner.cleanup()
