@@ -106,12 +106,15 @@ async def until(check: Callable[[], bool], within: float = 10.0) -> None:
 
 
 def spawn_daemon(config: Path) -> subprocess.Popen[bytes]:
-    """`pocd serve` in its own process, waited for until its API answers."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pocd", "serve", "-c", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    """`pocd serve` in its own process, waited for until its API answers. Its log goes to
+    `pocd.log` beside the config: a pipe nobody reads would fill and stop the daemon."""
+    log = config.parent / "pocd.log"
+    with log.open("ab") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pocd", "serve", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     listen = load_site(config).config.api.listen
     deadline = time.monotonic() + 20
     while True:
@@ -121,8 +124,8 @@ def spawn_daemon(config: Path) -> subprocess.Popen[bytes]:
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise AssertionError(f"daemon did not start: {err}") from None
+                proc.wait()
+                raise AssertionError(f"daemon did not start: {log.read_text()}") from None
             time.sleep(0.1)
 
 
