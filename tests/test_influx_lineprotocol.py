@@ -277,6 +277,12 @@ def test_cursors_only_move_forward_and_carry_incidents(tmp_path: Path) -> None:
             store.advance_cursors("x", {"samples": 9, "events": 5}, [incident])
         assert store.cursors("x") == {"samples": 10, "events": 2}  # nothing of it kept
         assert store.incidents() == [incident]
+        # compare and set: refused, with nothing kept, if another process moved it
+        with pytest.raises(StoreError, match="moved meanwhile: quarantine is at 0, not 4"):
+            store.advance_cursors("x", {"quarantine": 7}, [incident], expected={"quarantine": 4})
+        store.advance_cursors("x", {"quarantine": 7}, expected={"quarantine": 0})
+        assert store.cursors("x") == {"samples": 10, "events": 2, "quarantine": 7}
+        assert store.incidents() == [incident]
 
 
 def test_sample_rows_are_the_raw_columns_by_rowid(tmp_path: Path) -> None:

@@ -222,8 +222,8 @@ def metric(text: str, name: str) -> float:
 async def test_the_quarantine_is_counted_and_resent_with_or_without_the_daemon(
     tmp_path: Path, influxd: Influxd
 ) -> None:
-    influxd.query('CREATE DATABASE "week" WITH DURATION 1h NAME "hour"')
-    site = site_with_sink(tmp_path, sink_toml(influxd, "week", batch_size=100))
+    influxd.query('CREATE DATABASE "hour_db" WITH DURATION 1h NAME "hour"')
+    site = site_with_sink(tmp_path, sink_toml(influxd, "hour_db", batch_size=100))
     old = now_ns() - 10 * 86400 * NS  # beyond the one-hour retention policy
     recent = now_ns() - 60 * NS
     with Store(site.store_path) as store:
@@ -251,14 +251,14 @@ async def test_the_quarantine_is_counted_and_resent_with_or_without_the_daemon(
         assert [e["points"] for e in json.loads(listed.stdout)] == [100, 50, 1]
 
         # the retention policy is widened: the old points can go now, the infinite one cannot
-        influxd.query('ALTER RETENTION POLICY "hour" ON "week" DURATION INF')
+        influxd.query('ALTER RETENTION POLICY "hour" ON "hour_db" DURATION INF')
         result = await asyncio.to_thread(
             cli, "sink", "resend", "-c", str(site.path), "--operator", "qa-jane"
         )
         assert result.returncode == 1, result
         assert "150 of 151 quarantined points sent (3 incidents)" in result.stderr
         assert "1 refused again and kept in quarantine" in result.stderr
-        assert influxd.count("week") == 199
+        assert influxd.count("hour_db") == 199
         # the running sink sees the quarantine shrink
         await until(lambda: sink.status()["quarantined"] == 1)
 

@@ -16,7 +16,7 @@ all three are equal when there is no backfill.
 
 A rejected batch (400, 413, 422, a partial write) is first weighed against its neighbours:
 single points of the same stream are written alone, those outside it first (the newest one,
-the one confirmed just before it), then its own last, first and middle ones. If InfluxDB
+the one just before it), then its own last, first and middle ones. If InfluxDB
 takes none of them, it refuses the stream, not these points (a proxy that refuses gzip, a
 field-type conflict): the batch counts as a failure and is retried with backoff like an
 outage, a circuit breaker that quarantines nothing. If it takes one, the batch is bisected
@@ -715,8 +715,9 @@ class InfluxSink:
 
     def _neighbours(self, batch: Batch) -> list[str]:
         """Single lines to weigh a rejected batch against (see the module docstring), in the
-        order to try them: the newest point of its stream and the one confirmed just before
-        it (each if there is one), then its own last, first and middle lines."""
+        order to try them: the newest point of its stream and the one just before the batch
+        (each if there is one: sent already, or soon, and harmless to send again), then the
+        batch's own last, first and middle lines."""
         store = self._store
         assert store is not None
         head = store.change_count() if batch.lane is Lane.EVENTS else store.sample_count()
@@ -744,9 +745,12 @@ class InfluxSink:
             self._note_failure(result)
             return False
         weighed = await self._neighbour_taken(batch)
-        if weighed is not True:
-            # Nothing taken: InfluxDB refuses the stream (or failed): retry, quarantine nothing.
-            self._note_failure(result if weighed is False else weighed, batch.stream)
+        if weighed is False:
+            # Nothing taken: InfluxDB refuses the stream: retry, quarantine nothing.
+            self._note_failure(result, batch.stream)
+            return False
+        if isinstance(weighed, WriteResult):  # it failed meanwhile
+            self._note_failure(weighed)
             return False
         assert self._writer is not None
         found = await refused_alone(self._writer, batch.lines, self._body, result)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pocd.errors import StoreError
 from pocd.model import AuditEntry, Incident, IncidentKind, now_ns
 from pocd.sinks import SinkError
 from pocd.sinks.influxdb import (
@@ -108,7 +109,10 @@ def quarantine(store: Store, name: str) -> list[QuarantineEntry]:
 
 async def resend(site: Site, settings: InfluxSettings, *, operator: str) -> ResendReport:
     """Send the quarantine of one sink again (see the module docstring). SinkError if its
-    secrets cannot be read; StoreError if the store cannot be used."""
+    secrets cannot be read; StoreError if the store cannot be used, or if another resend
+    moved the quarantine cursor meanwhile (then nothing of this one is stored)."""
+    if not site.store_path.exists():
+        raise StoreError(f"no store yet at {site.store_path}: the daemon has not run")
     parameters = {src: name for name, src in site.parameter_source().items()}
     store = await asyncio.to_thread(Store, site.store_path, parameters=parameters)
     try:
@@ -150,6 +154,7 @@ async def resend(site: Site, settings: InfluxSettings, *, operator: str) -> Rese
             {CURSOR: work.done},
             work.incidents,
             audit=[audit],
+            expected={CURSOR: after},
         )
         return report
     finally:

@@ -21,6 +21,10 @@ Forwarders (pocd.sinks) read through their own connection: samples by rowid in t
 of `sample_rows`, and the changes to runs, phases, excursions and deviations through the
 outbox that triggers append to in the same transaction (`changes`); they keep their cursors
 here (`advance_cursors`, never backwards, with the incidents they raised on the way).
+What a forwarded sample is tagged with is fixed when it is committed (schema v4): its
+channel holds the parameter its point fed under the writer's config (`Store(parameters=)`),
+and each run and phase change records the rowid of the first sample committed after it
+(`commit_marks`), so the engine's order, not a clock, places a sample in a run and phase.
 
 Records read back as they were written, with two exceptions that SQLite imposes: it stores a
 NaN float as NULL, so a NaN limit or worst value reads back as None (a sample value and an
@@ -789,13 +793,16 @@ class Store:
         incidents: Sequence[Incident] = (),
         *,
         audit: Sequence[AuditEntry] = (),
+        expected: Mapping[str, int] | None = None,
     ) -> None:
         """Move a sink's cursors forward and store `incidents` with them, in one transaction.
 
         A sink calls this only for what the far side confirmed; the incidents are what it set
         aside on the way (a rejected point), so they cannot be lost while the cursor moves past
         them; `audit` is the operator action that moved them, if one did. StoreError, and
-        nothing stored, if a cursor would move back. Streams not in `positions` stay.
+        nothing stored, if a cursor would move back, or if one is not where `expected` says
+        (0 for never advanced): another process moved it meanwhile. Streams not in
+        `positions` stay.
         """
         incident_rows = [_incident_row(i) for i in incidents]
         audit_rows = [_audit_row(a) for a in audit]
@@ -806,10 +813,13 @@ class Store:
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
-                current = db.execute(
-                    "SELECT stream, position FROM cursors WHERE sink = ?", (sink,)
-                ).fetchall()
-                self._refuse_backwards(sink, dict(current), positions)
+                current = dict(
+                    db.execute(
+                        "SELECT stream, position FROM cursors WHERE sink = ?", (sink,)
+                    ).fetchall()
+                )
+                self._refuse_backwards(sink, current, positions)
+                self._refuse_moved(sink, current, expected or {})
                 db.executemany(
                     "INSERT INTO cursors (sink, stream, position) VALUES (?, ?, ?) "
                     "ON CONFLICT (sink, stream) DO UPDATE SET position = excluded.position",
@@ -828,6 +838,19 @@ class Store:
                         f"{self.path}: cursors of sink {sink!r} not stored: {e}"
                     ) from e
                 raise
+
+    def _refuse_moved(
+        self, sink: str, current: Mapping[str, int], expected: Mapping[str, int]
+    ) -> None:
+        moved = [
+            f"{stream} is at {current.get(stream, 0)}, not {position}"
+            for stream, position in expected.items()
+            if current.get(stream, 0) != position
+        ]
+        if moved:
+            raise StoreError(
+                f"{self.path}: cursors of sink {sink!r} moved meanwhile: {', '.join(moved)}"
+            )
 
     def _refuse_backwards(
         self, sink: str, current: Mapping[str, int], positions: Mapping[str, int]
