@@ -77,8 +77,10 @@ gzip = {"true" if gzipped else "false"}
     return load_site(config)
 
 
-def run_records(count: int) -> list[Run | PhaseChange]:
-    """A run over the samples' time span with four phases, so lines carry every tag."""
+def in_a_run(samples: list[Sample]) -> list[Sample | Run | PhaseChange]:
+    """The samples inside a run with four phases, each phase change between the samples it
+    separates (a sample's run and phase follow from its place in the commit order), so every
+    line carries every tag and some batches cross a phase boundary."""
     run = Run(
         "bench-run-01",
         "B-BENCH",
@@ -90,12 +92,15 @@ def run_records(count: int) -> list[Run | PhaseChange]:
         "bench",
         T0,
     )
-    step = count * 1_000_000 // 4  # make_samples: 1 ms apart
     phases = ["enrichment", "activation", "transduction", "expansion"]
-    return [run] + [
-        PhaseChange(run.id, T0 + i * step, p, phases[i - 1] if i else None, "bench")
-        for i, p in enumerate(phases)
-    ]
+    step = len(samples) // len(phases)
+    records: list[Sample | Run | PhaseChange] = [run]
+    for i, phase in enumerate(phases):
+        part = samples[i * step : (i + 1) * step if i + 1 < len(phases) else len(samples)]
+        t = part[0].t if part else T0
+        records.append(PhaseChange(run.id, t, phase, phases[i - 1] if i else None, "bench"))
+        records += part
+    return records
 
 
 def fill(store: Store, samples: Sequence[Sample | Run | PhaseChange]) -> None:
@@ -105,16 +110,14 @@ def fill(store: Store, samples: Sequence[Sample | Run | PhaseChange]) -> None:
 
 def bare_bodies(store: Store, site: Site, batch: int, gzipped: bool) -> list[bytes]:
     """The line protocol pocd sends for the store's samples, in batches, ready to POST."""
-    encoder = SampleEncoder(site.id, {})
+    encoder = SampleEncoder(site.id)
     encoder.set_codes(*store.sample_codes())
-    encoder.set_timeline(Timeline(store.runs(), store.phases()))
+    encoder.set_timeline(Timeline(*store.commit_marks()))
     count = store.sample_count()
     bodies = []
     for first in range(1, count + 1, batch):
         last = min(count, first + batch - 1)
-        times = store.sample_time_range(first, last)
-        assert times is not None
-        lines = encoder.encode(store.sample_rows(first, last), times)
+        lines = encoder.encode(store.sample_rows(first, last), first)
         data = "\n".join(lines).encode()
         bodies.append(gzip.compress(data, compresslevel=1, mtime=0) if gzipped else data)
     return bodies
@@ -274,8 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         influxd.start()
         try:
             (root / "site").mkdir()
-            samples: list[Sample | Run | PhaseChange] = [*run_records(count)]
-            samples += make_samples(count)
+            samples = in_a_run(make_samples(count))
             with Store(root / "site" / "data" / "pocd.sqlite") as store:
                 fill(store, samples)
                 del samples

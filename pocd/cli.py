@@ -1,4 +1,4 @@
-"""The `pocd` command line: check [--connect], serve, status, run, site, demo.
+"""The `pocd` command line: check [--connect], serve, status, run, site, sink, demo.
 
 Exit codes: 0 success, 1 an operation was refused or failed, 2 invalid input (config, usage).
 Control commands (run start|phase|stop, site set, status) talk to the running daemon's API;
@@ -271,6 +271,42 @@ def _site_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sink_quarantine(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from pocd.sinks.resend import quarantine, sink_settings
+
+    site = _site(args)
+    name = sink_settings(site, args.sink).name
+    with _open_store(site) as store:
+        held = quarantine(store, name)
+    text = "\n".join(f"#{e.incident_id}  {e.points:>6} points  {e.message}" for e in held)
+    _print([asdict(e) for e in held], args.json, text or f"sink {name}: the quarantine is empty")
+    return 0
+
+
+def _sink_resend(args: argparse.Namespace) -> int:
+    from pocd.sinks.resend import resend, sink_settings
+
+    site = _site(args)
+    report = asyncio.run(resend(site, sink_settings(site, args.sink), operator=args.operator))
+    print(report.describe(), file=sys.stdout if report.complete else sys.stderr)
+    return 0 if report.complete else 1
+
+
+def _add_sink_commands(sub: Any) -> None:
+    sink = sub.add_parser("sink", help="a sink's quarantine: points InfluxDB refused")
+    sink_sub = sink.add_subparsers(dest="sink_command", required=True)
+    held = with_config(sink_sub.add_parser("quarantine", help="list it (from the store)"))
+    resend = with_config(sink_sub.add_parser("resend", help="send it again (exit 1 if kept)"))
+    for p in (held, resend):
+        p.add_argument("--sink", help="the sink's name (needed if there are several)")
+    held.add_argument("--json", action="store_true")
+    held.set_defaults(func=_sink_quarantine)
+    resend.add_argument("--operator", required=True)
+    resend.set_defaults(func=_sink_resend)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     """Serve a simulated device for a driver file: `pocd.sim.<transport>.main(driver, argv)`
     parses its own options (see `pocd simulate DRIVER --help`)."""
@@ -388,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=_status)
 
     _add_run_commands(sub)
+    _add_sink_commands(sub)
 
     site = sub.add_parser("site", help="site status: active, suspended, ceased")
     site_sub = site.add_subparsers(dest="site_command", required=True)

@@ -131,7 +131,9 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self.store = await asyncio.to_thread(Store, self.site.store_path)
+        # Each sample is recorded with the parameter its point feeds under this config.
+        parameters = {source: parameter for parameter, source in self._sources.items()}
+        self.store = await asyncio.to_thread(Store, self.site.store_path, parameters=parameters)
         self.writer.store = self.store
         try:
             with structlog.contextvars.bound_contextvars(site=self.site.id):

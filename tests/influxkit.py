@@ -1,4 +1,6 @@
-"""A real InfluxDB 1.x (`influxd`, Debian's influxdb package) for the tests and the bench.
+"""A real InfluxDB 1.x (`influxd`, Debian's influxdb package) for the tests and the bench,
+and what the sink tests share: a site config with a sink, and a wait until a sink has
+forwarded everything.
 
 `Influxd` writes a minimal config with every directory under a temporary folder, HTTP and the
 RPC service on free loopback ports, reporting, monitoring and logging off, then starts it and
@@ -24,7 +26,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ADMIN", "Influxd", "free_port", "running_influxd"]
+from pocd.settings import Site, load_site
+from pocd.sinks.influxdb import InfluxSink
+from pocd.store import Store
+from tests.sitekit import until, write_site
+
+__all__ = [
+    "ADMIN",
+    "Influxd",
+    "drained",
+    "free_port",
+    "running_influxd",
+    "sink_toml",
+    "site_with_sink",
+]
 
 ADMIN = ("pocd-admin", "s3cret-admin-password")
 
@@ -205,3 +220,53 @@ def running_influxd(root: Path, *, auth: bool = True) -> Iterator[Influxd]:
         yield server
     finally:
         server.stop()
+
+
+# -- for the sink tests -------------------------------------------------------------------------
+
+
+def sink_toml(
+    influxd: Influxd,
+    database: str,
+    *,
+    name: str = "influxdb",
+    password: str = "password.txt",
+    **settings: str | int,
+) -> str:
+    """A [[sinks.influxdb]] table for the test influxd, its password in a file."""
+    options = {"flush_interval": '"100ms"', "backoff_max": '"1s"'}
+    options |= {k: json.dumps(v) for k, v in settings.items()}
+    lines = "\n".join(f"{k} = {v}" for k, v in options.items())
+    return f"""
+[[sinks.influxdb]]
+name = "{name}"
+url = "{influxd.url}"
+api = "v1"
+database = "{database}"
+username = "{ADMIN[0]}"
+password = {{ file = "{password}" }}
+{lines}
+"""
+
+
+def site_with_sink(folder: Path, extra: str, devices: str = "") -> Site:
+    config = write_site(folder, devices=devices, extra=extra)
+    (folder / "password.txt").write_text(ADMIN[1] + "\n")
+    return load_site(config)
+
+
+async def drained(sink: InfluxSink, site: Site, within: float = 60.0) -> None:
+    """Until the sink has confirmed everything the store holds (read from the store)."""
+    with Store(site.store_path, readonly=True) as store:
+
+        def caught_up() -> bool:
+            status = sink.status()
+            cursors = status["cursors"]
+            head = store.sample_count()
+            return bool(
+                cursors["samples"] == cursors["samples.live"] == head
+                and cursors["events"] == store.change_count()
+                and status["state"] == "idle"
+            )
+
+        await until(caught_up, within)

@@ -37,7 +37,15 @@ from pocd.model import (
 from pocd.settings import Site, load_site
 from pocd.sinks.influxdb import InfluxSink
 from pocd.store import Store
-from tests.influxkit import ADMIN, Influxd, free_port, running_influxd
+from tests.influxkit import (
+    ADMIN,
+    Influxd,
+    drained,
+    free_port,
+    running_influxd,
+    sink_toml,
+    site_with_sink,
+)
 from tests.sitekit import api, cli, running, spawn_daemon, until, write_site
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -54,36 +62,6 @@ def database(influxd: Influxd, request: pytest.FixtureRequest) -> str:
     name = re.sub(r"\W", "_", request.node.name)[:60]
     influxd.create_database(name)
     return name
-
-
-def sink_toml(
-    influxd: Influxd,
-    database: str,
-    *,
-    name: str = "influxdb",
-    password: str = "password.txt",
-    **settings: str | int,
-) -> str:
-    """A [[sinks.influxdb]] table for the test influxd, its password in a file."""
-    options = {"flush_interval": '"100ms"', "backoff_max": '"1s"'}
-    options |= {k: json.dumps(v) for k, v in settings.items()}
-    lines = "\n".join(f"{k} = {v}" for k, v in options.items())
-    return f"""
-[[sinks.influxdb]]
-name = "{name}"
-url = "{influxd.url}"
-api = "v1"
-database = "{database}"
-username = "{ADMIN[0]}"
-password = {{ file = "{password}" }}
-{lines}
-"""
-
-
-def site_with_sink(folder: Path, extra: str, devices: str = "") -> Site:
-    config = write_site(folder, devices=devices, extra=extra)
-    (folder / "password.txt").write_text(ADMIN[1] + "\n")
-    return load_site(config)
 
 
 def burst_devices(count: int, points: int, interval: float, quiet_after: float) -> str:
@@ -117,23 +95,6 @@ def store_channel_counts(store: Store) -> dict[tuple[str, str], int]:
         key = (sample.device, sample.point)
         counts[key] = counts.get(key, 0) + 1
     return counts
-
-
-async def drained(sink: InfluxSink, site: Site, within: float = 60.0) -> None:
-    """Until the sink has confirmed everything the store holds (read from the store)."""
-    with Store(site.store_path, readonly=True) as store:
-
-        def caught_up() -> bool:
-            status = sink.status()
-            cursors = status["cursors"]
-            head = store.sample_count()
-            return bool(
-                cursors["samples"] == cursors["samples.live"] == head
-                and cursors["events"] == store.change_count()
-                and status["state"] == "idle"
-            )
-
-        await until(caught_up, within)
 
 
 async def quiet(daemon: Daemon, within: float = 30.0) -> None:
@@ -179,9 +140,10 @@ async def test_100k_samples_through_the_daemon_arrive_once(
         assert stored >= 100_000
         assert influxd.count(database) == stored
         assert channel_counts(influxd, database) == store_channel_counts(store)
-        (change,) = [p for p in store.phases(run["id"]) if p.phase == "transduction"]
-        in_transduction = sum(1 for _ in store.samples(since=change.t))
-    # run, batch and phase tags come from the stored run and phase changes, by time
+        (mark,) = [m for p, m in store.commit_marks()[1] if p.phase == "transduction"]
+        in_transduction = stored - mark + 1
+    # run, batch and phase tags come from the stored run and phase changes, by commit order:
+    # a sample is tagged with the phase the engine judged it in, whatever its receive time
     series = influxd.query(
         'SELECT count("quality") FROM "pocd_sample" WHERE "phase" = \'transduction\' '
         'GROUP BY "run", "batch"',
@@ -330,6 +292,95 @@ def test_daemon_killed_mid_forward_resends_without_doubling(
     with Store(site.store_path, readonly=True) as store:
         assert influxd.count(database) == store.sample_count()  # nothing lost, nothing twice
         assert channel_counts(influxd, database) == store_channel_counts(store)
+
+
+# -- tags from stored data: a point sent again overwrites itself ------------------------------
+
+
+def group_counts(influxd: Influxd, db: str, tag: str) -> dict[str, int]:
+    series = influxd.query(f'SELECT count("quality") FROM "pocd_sample" GROUP BY "{tag}"', db)
+    return {s["tags"][tag]: s["values"][0][1] for s in series}
+
+
+async def forward_all(site: Site, name: str) -> None:
+    """A sink of that name forwards the whole store, from its own cursors, then stops."""
+    settings = site.config.sinks.influxdb[0].model_copy(update={"name": name})
+    sink = InfluxSink(site, settings)
+    task = asyncio.create_task(sink.run(), name=f"sink:{name}")
+    try:
+        await drained(sink, site)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_late_phase_change_does_not_retag_points_already_sent(
+    tmp_path: Path, influxd: Influxd, database: str
+) -> None:
+    site = site_with_sink(tmp_path, sink_toml(influxd, database))
+    t0 = now_ns() - 600 * NS
+    run = Run(
+        "run-late", "B-late", site.id, "Europe/London", "CART-TCT", "3.1", "ab" * 32, "op", t0
+    )
+    with Store(site.store_path) as store:
+        store.write(
+            [
+                run,
+                PhaseChange(run.id, t0, "activation", None, "op"),
+                *[Sample("bio", "ph", t0 + i * NS, 7.0 + i / 100) for i in range(20)],
+            ]
+        )
+    await forward_all(site, "influxdb")
+    # A device-stamped phase change that comes late: its time lies among the samples sent.
+    # The engine judged those in activation; they stay tagged so.
+    with Store(site.store_path) as store:
+        store.write(
+            [
+                PhaseChange(run.id, t0 + 10 * NS, "transduction", "activation", "device:rotea"),
+                *[Sample("bio", "ph", t0 + (20 + i) * NS, 7.5) for i in range(5)],
+            ]
+        )
+    await forward_all(site, "influxdb")
+    # everything sent again (a second sink into the same database): each point overwrites
+    # itself instead of starting a second series
+    await forward_all(site, "again")
+    assert influxd.count(database) == 25
+    assert group_counts(influxd, database, "phase") == {"activation": 20, "transduction": 5}
+
+
+PARAMETER_DEVICE = """
+[[devices]]
+id = "incubator"
+driver = "sim"
+transport = {{ interval = 0.02, seed = 1 }}
+points.temperature = {{ {parameter}unit = "C", base = 37.0, noise = 0.01 }}
+"""
+
+
+async def test_a_points_parameter_tag_is_the_one_it_was_recorded_under(
+    tmp_path: Path, influxd: Influxd, database: str
+) -> None:
+    device = PARAMETER_DEVICE.format(parameter='parameter = "temperature", ')
+    site = site_with_sink(tmp_path, sink_toml(influxd, database), device)
+    async with running(site) as daemon:
+        await until(lambda: daemon.counts["samples"] >= 10)
+    with Store(site.store_path, readonly=True) as store:
+        recorded_as_temperature = store.sample_count()
+    # the config is edited: the point feeds no parameter any more; the daemon restarts
+    site = site_with_sink(
+        tmp_path, sink_toml(influxd, database), PARAMETER_DEVICE.format(parameter="")
+    )
+    async with running(site) as daemon:
+        await until(lambda: daemon.counts["samples"] >= 10)
+    await forward_all(site, "influxdb")
+    await forward_all(site, "again")  # all of it again, under the edited config
+    with Store(site.store_path, readonly=True) as store:
+        stored = store.sample_count()
+    assert influxd.count(database) == stored
+    assert group_counts(influxd, database, "parameter") == {
+        "temperature": recorded_as_temperature,
+        "": stored - recorded_as_temperature,
+    }
 
 
 # -- bad point ----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pocd.model import (
 )
 from pocd.sinks.lineprotocol import (
     SampleEncoder,
+    Segment,
     Timeline,
     encode_change,
     field_string,
@@ -63,35 +64,63 @@ def test_tag_and_string_escaping() -> None:
     assert field_string('say "hi"\\\nnext') == '"say \\"hi\\"\\\\\\nnext"'
 
 
-def test_timeline_segments_by_run_and_phase() -> None:
-    runs = [make_run("r1", T0, T0 + 100), make_run("r2", T0 + 200)]
+def test_timeline_segments_by_rowid_of_runs_and_phases() -> None:
+    # marks: the rowid of the first sample committed after each record
+    runs = [(make_run("r1", T0, T0 + 100), 11, 40), (make_run("r2", T0 + 200), 51, None)]
     phases = [
-        PhaseChange("r1", T0, "enrichment", None, "op"),
-        PhaseChange("r1", T0 + 50, "activation", "enrichment", "op"),
-        PhaseChange("r2", T0 + 200, "enrichment", None, "op"),
+        (PhaseChange("r1", T0, "enrichment", None, "op"), 11),
+        (PhaseChange("r1", T0 + 50, "activation", "enrichment", "op"), 21),
+        (PhaseChange("r2", T0 + 200, "enrichment", None, "op"), 51),
     ]
     timeline = Timeline(runs, phases)
-    assert timeline.at(T0 - 1) is None
-    first = timeline.at(T0 + 49)
-    assert first is not None
-    assert (first.run, first.batch, first.phase) == ("r1", "B r1", "enrichment")
-    second = timeline.at(T0 + 50)
-    assert second is not None and second.phase == "activation"
-    assert timeline.at(T0 + 100) is None  # the run ended
-    third = timeline.at(T0 + 10**12)
-    assert third is not None and third.run == "r2"  # still running
-    assert timeline.covering(T0, T0 + 49) == (True, first)
-    assert timeline.covering(T0 + 40, T0 + 60) == (False, None)
-    assert timeline.covering(T0 + 120, T0 + 150) == (True, None)  # in the gap
-    assert timeline.covering(T0 + 120, T0 + 250)[0] is False
+    assert timeline.at(10) is None  # before the run
+    assert timeline.at(11) == Segment("r1", "B r1", "enrichment")
+    assert timeline.at(20) == Segment("r1", "B r1", "enrichment")
+    assert timeline.at(21) == Segment("r1", "B r1", "activation")
+    assert timeline.at(40) is None  # the run ended
+    assert timeline.at(10**12) == Segment("r2", "B r2", "enrichment")  # still running
+    enrichment, activation = timeline.at(11), timeline.at(21)
+    assert timeline.spans(11, 20) == [(11, 20, enrichment)]
+    assert timeline.spans(15, 25) == [(15, 20, enrichment), (21, 25, activation)]
+    assert timeline.spans(41, 45) == [(41, 45, None)]  # in the gap
+    assert timeline.spans(1, 60)[-1] == (51, 60, timeline.at(51))
+    assert timeline.batches == {"r1": "B r1", "r2": "B r2"}
+
+
+def test_several_records_before_one_sample_the_last_one_counts() -> None:
+    run = make_run("r1", T0)
+    # a run, its first phase and an out-of-order second, all before sample 5
+    timeline = Timeline(
+        [(run, 5, None)],
+        [
+            (PhaseChange("r1", T0, "enrichment", None, "op"), 5),
+            (PhaseChange("r1", T0 + 1, "harvest", "enrichment", "op", False, "why"), 5),
+        ],
+    )
+    assert timeline.at(4) is None
+    assert timeline.at(5) == Segment("r1", "B r1", "harvest")
+    # a run stored already ended holds no sample; its phases change nothing
+    ended = make_run("r0", T0, T0 + 1)
+    timeline = Timeline(
+        [(ended, 3, 3), (run, 5, None)], [(PhaseChange("r0", T0, "x", None, "op"), 3)]
+    )
+    assert timeline.at(3) is None
+    assert timeline.at(5) == Segment("r1", "B r1", "")
 
 
 def test_a_run_left_running_by_a_crash_ends_where_the_next_begins() -> None:
-    timeline = Timeline([make_run("r1", T0), make_run("r2", T0 + 100)], [])
-    at = timeline.at(T0 + 99)
-    assert at is not None and at.run == "r1"
-    at = timeline.at(T0 + 100)
-    assert at is not None and at.run == "r2"
+    first, second = make_run("r1", T0), make_run("r2", T0 + 100)
+    timeline = Timeline(
+        [(first, 1, None), (second, 100, None)], [(PhaseChange("r1", T0, "a", None, "op"), 1)]
+    )
+    assert timeline.at(99) == Segment("r1", "B r1", "a")
+    assert timeline.at(100) == Segment("r2", "B r2", "")
+    # a late phase change of the old run no longer applies
+    timeline = Timeline(
+        [(first, 1, None), (second, 100, None)],
+        [(PhaseChange("r1", T0 + 200, "b", "a", "op"), 150)],
+    )
+    assert timeline.at(150) == Segment("r2", "B r2", "")
 
 
 def row(channel: int, quality: int, value: float | None, t: int) -> SampleRow:
@@ -99,16 +128,18 @@ def row(channel: int, quality: int, value: float | None, t: int) -> SampleRow:
 
 
 def test_sample_lines() -> None:
-    encoder = SampleEncoder("site 1", {("bio", "ph"): "ph"})
+    encoder = SampleEncoder("site 1")
     encoder.set_codes(
-        {1: ("bio", "ph"), 2: ("bio", "raw,count")},
+        {1: ("bio", "ph", "ph"), 2: ("bio", "raw,count", "")},
         {0: (Quality.GOOD, ""), 3: (Quality.BAD, "nan"), 4: (Quality.UNCERTAIN, 'say "x"')},
     )
     run = make_run("r1", T0)
-    encoder.set_timeline(Timeline([run], [PhaseChange("r1", T0, "expansion", None, "op")]))
+    # rowids 100..103; the run and its phase were committed before rowid 101
+    phase = PhaseChange("r1", T0, "expansion", None, "op")
+    encoder.set_timeline(Timeline([(run, 101, None)], [(phase, 101)]))
     rows = [row(1, 0, 7.1, T0 - 5), row(1, 0, 7.25, T0 + 5), row(2, 3, None, T0 + 6)]
     rows.append(row(2, 4, 1e-05, T0 + 7))
-    assert encoder.encode(rows, (T0 - 5, T0 + 7)) == [
+    assert encoder.encode(rows, 100) == [
         f"pocd_sample,device=bio,parameter=ph,point=ph,site=site\\ 1 quality=0i,value=7.1 {T0 - 5}",
         "pocd_sample,batch=B\\ r1,device=bio,parameter=ph,phase=expansion,point=ph,run=r1,"
         f"site=site\\ 1 quality=0i,value=7.25 {T0 + 5}",
@@ -118,17 +149,18 @@ def test_sample_lines() -> None:
         f'site=site\\ 1 quality=1i,reason="say \\"x\\"",value=1e-05 {T0 + 7}',
     ]
     # one segment for the whole batch: the same lines by the fast path
-    assert encoder.encode(rows[1:], (T0 + 5, T0 + 7)) == encoder.encode(rows, (T0 - 5, T0 + 7))[1:]
+    assert encoder.encode(rows[1:], 101) == encoder.encode(rows, 100)[1:]
+    assert encoder.encode([], 7) == []
     with pytest.raises(KeyError):  # a channel interned since: the caller refreshes the codes
-        encoder.encode([row(9, 0, 1.0, T0)], (T0, T0))
+        encoder.encode([row(9, 0, 1.0, T0)], 1)
 
 
 def test_values_keep_every_bit() -> None:
-    encoder = SampleEncoder("s", {})
-    encoder.set_codes({1: ("d", "p")}, {0: (Quality.GOOD, "")})
+    encoder = SampleEncoder("s")
+    encoder.set_codes({1: ("d", "p", "")}, {0: (Quality.GOOD, "")})
     values = [0.1 + 0.2, -0.0, 1e300, 5e-324, 123456789.123456789, 37.0, math.pi]
     rows = [row(1, 0, v, T0 + i) for i, v in enumerate(values)]
-    lines = encoder.encode(rows, (T0, T0 + len(values)))
+    lines = encoder.encode(rows, 1)
     parsed = [float(line.split("value=")[1].split(" ")[0]) for line in lines]
     assert [math.copysign(1, v) for v in parsed] == [math.copysign(1, v) for v in values]
     assert parsed == values
@@ -245,6 +277,12 @@ def test_cursors_only_move_forward_and_carry_incidents(tmp_path: Path) -> None:
             store.advance_cursors("x", {"samples": 9, "events": 5}, [incident])
         assert store.cursors("x") == {"samples": 10, "events": 2}  # nothing of it kept
         assert store.incidents() == [incident]
+        # compare and set: refused, with nothing kept, if another process moved it
+        with pytest.raises(StoreError, match="moved meanwhile: quarantine is at 0, not 4"):
+            store.advance_cursors("x", {"quarantine": 7}, [incident], expected={"quarantine": 4})
+        store.advance_cursors("x", {"quarantine": 7}, expected={"quarantine": 0})
+        assert store.cursors("x") == {"samples": 10, "events": 2, "quarantine": 7}
+        assert store.incidents() == [incident]
 
 
 def test_sample_rows_are_the_raw_columns_by_rowid(tmp_path: Path) -> None:
@@ -262,8 +300,8 @@ def test_sample_rows_are_the_raw_columns_by_rowid(tmp_path: Path) -> None:
         assert [
             (channels[key >> SAMPLE_KEY_BITS], qualities[key & mask], v, t) for key, v, t in rows
         ] == [
-            (("d", "b"), (Quality.BAD, "nan"), None, str(T0 + 1)),
-            (("e", "a"), (Quality.UNCERTAIN, "drift"), 2.0, str(T0 + 2)),
+            (("d", "b", ""), (Quality.BAD, "nan"), None, str(T0 + 1)),
+            (("e", "a", ""), (Quality.UNCERTAIN, "drift"), 2.0, str(T0 + 2)),
         ]
         assert store.sample_time_range(2, 3) == (T0 + 1, T0 + 2)
         assert store.sample_time_range(4, 9) is None

@@ -36,7 +36,7 @@ from pocd.model import (
     Sample,
     SiteStatus,
 )
-from pocd.store import SCHEMA_VERSION, AmbiguousRunError, Record, Store, schema
+from pocd.store import SAMPLE_KEY_BITS, SCHEMA_VERSION, AmbiguousRunError, Record, Store, schema
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_767_225_600 * NS  # 2026-01-01T00:00:00Z
@@ -558,5 +558,130 @@ def test_committed_batches_survive_kill_9(tmp_path: Path) -> None:
     try:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert db.execute("SELECT count(*) FROM samples").fetchone()[0] == count
+    finally:
+        db.close()
+
+
+# -- what a sample's forwarded tags come from (schema v4) ---------------------------------------
+
+
+def test_runs_and_phases_mark_the_first_sample_committed_after_them(store: Store) -> None:
+    run = make_run()
+    enrichment = PhaseChange(run.id, T0, "enrichment", None, "alice")
+    # a late, device-stamped phase change: its time is before samples already committed
+    late = PhaseChange(run.id, T0 + 2, "activation", "enrichment", "device:rotea")
+    ended = replace(run, status=RunStatus.COMPLETED, ended=T0 + 9)
+    store.write([Sample("d", "p", T0, 1.0), run, enrichment, *make_samples(3, start=T0 + 1)])
+    store.write([late])  # no sample in this batch: it marks the next one committed
+    store.write([Sample("d", "p", T0 + 8, 2.0), ended, Sample("d", "p", T0 + 10, 3.0)])
+    store.write([ended])  # the same state again keeps the marks
+    runs, phases = store.commit_marks()
+    assert runs == [(ended, 2, 6)]
+    assert phases == [(enrichment, 2), (late, 5)]
+    with pytest.raises(sqlite3.IntegrityError, match="marks of a run are fixed"):
+        store._db.execute("UPDATE runs SET end_sample = 99")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        store._db.execute("UPDATE phases SET first_sample = 1")
+
+
+def test_a_sample_keeps_the_parameter_its_point_fed_when_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "pocd.db"
+    with Store(path, parameters={("incubator", "t"): "temperature"}) as store:
+        store.write([Sample("incubator", "t", T0, 37.0), Sample("incubator", "rh", T0, 90.0)])
+    # the config now maps the point to another parameter, then to none
+    with Store(path, parameters={("incubator", "t"): "chamber-temperature"}) as store:
+        store.write([Sample("incubator", "t", T0 + 1, 37.1)])
+    with Store(path) as store:
+        store.write([Sample("incubator", "t", T0 + 2, 37.2)])
+    with Store(path, readonly=True) as reader:
+        channels, _ = reader.sample_codes()
+        by_rowid = [channels[key >> SAMPLE_KEY_BITS] for key, _, _ in reader.sample_rows(1, 4)]
+        assert by_rowid == [
+            ("incubator", "t", "temperature"),
+            ("incubator", "rh", ""),
+            ("incubator", "t", "chamber-temperature"),
+            ("incubator", "t", ""),
+        ]
+        # one point, whatever it fed: its samples and its latest time
+        assert [s.value for _, s in reader.samples(device="incubator", point="t")] == [
+            37.0,
+            37.1,
+            37.2,
+        ]
+        assert reader.last_sample_times() == {("incubator", "t"): T0 + 2, ("incubator", "rh"): T0}
+
+
+def test_a_v3_store_with_data_is_migrated_to_v4(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    db = raw(path)
+    schema.migrate(db, path, target=3)
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO channels (id, device, point) VALUES (?, ?, ?)",
+        [(1, "rotea", "step"), (2, "incubator", "t")],
+    )
+    # 10,000 samples 1 ms apart, with a jump back in time at rowid 6001
+    times = [T0 + i * 10**6 for i in range(6000)] + [T0 + i * 10**6 for i in range(4000)]
+    db.executemany(
+        "INSERT INTO samples (ch, t, dt, v, q) VALUES (?, ?, NULL, ?, 0)",
+        [(1 + i % 2, t, float(i)) for i, t in enumerate(times)],
+    )
+    db.execute(
+        "INSERT INTO sample_blocks (block, t_min, t_max) SELECT id >> ?, min(t), max(t) "
+        "FROM samples GROUP BY id >> ?",
+        (schema.BLOCK_BITS, schema.BLOCK_BITS),
+    )
+    db.execute("INSERT INTO channel_latest SELECT ch, max(id), t FROM samples GROUP BY ch")
+    db.execute(
+        "INSERT INTO runs VALUES ('r1', 'B-1', 's', 'UTC', 'P', '1', 'h', 'op', ?, "
+        "'completed', ?, '')",
+        (T0 + 1000 * 10**6, T0 + 5000 * 10**6),
+    )
+    db.execute(
+        "INSERT INTO runs VALUES ('r2', 'B-2', 's', 'UTC', 'P', '1', 'h', 'op', ?, "
+        "'running', NULL, '')",
+        (T0 + 90_000 * 10**6,),  # after every sample
+    )
+    db.executemany(
+        "INSERT INTO phases (run_id, t, phase, previous, actor, in_order, reason) "
+        "VALUES (?, ?, ?, ?, 'op', 1, '')",
+        [("r1", T0 + 1000 * 10**6, "a", None), ("r1", T0 + 2500 * 10**6 + 1, "b", "a")],
+    )
+    db.execute("INSERT INTO cursors VALUES ('influxdb', 'samples', 7000)")
+    db.execute("COMMIT")
+    outbox = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    db.close()
+
+    with Store(path, parameters={("incubator", "t"): "temperature"}) as store:
+        runs, phases = store.commit_marks()
+        # marked by time: the first sample at or after each record's time
+        assert [(r.id, first, end) for r, first, end in runs] == [
+            ("r1", 1001, 5001),
+            ("r2", 10_001, None),
+        ]
+        assert [(p.phase, first) for p, first in phases] == [("a", 1001), ("b", 2502)]
+        assert store.change_count() == outbox  # marking is not a change to forward
+        assert store.cursors("influxdb") == {"samples": 7000}
+        assert store.sample_codes()[0] == {
+            1: ("rotea", "step", ""),
+            2: ("incubator", "t", "temperature"),
+        }
+        assert store.sample_count() == 10_000
+        assert store.last_sample_times() == {
+            ("rotea", "step"): T0 + 3998 * 10**6,
+            ("incubator", "t"): T0 + 3999 * 10**6,
+        }
+        # new samples of the mapped point go on in the migrated channel
+        store.write([Sample("incubator", "t", T0 + 10**10, 1.0), replace(runs[1][0])])
+        assert store.sample_rows(10_001, 10_001)[0][0] >> SAMPLE_KEY_BITS == 2
+        assert store.commit_marks()[0][1][1:] == (10_001, None)
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            store._db.execute("UPDATE channels SET parameter = 'x'")
+    db = raw(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_temp_schema")}
+        assert "migration_parameters" not in tables
     finally:
         db.close()

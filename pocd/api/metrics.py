@@ -53,12 +53,27 @@ class _DaemonCollector(Collector):
             "Age of the oldest record a sink has not delivered",
             labels=["sink"],
         )
+        quarantined = GaugeMetricFamily(
+            "pocd_sink_quarantined",
+            "Points a sink set aside because the far side refused them alone, not sent again "
+            "(pocd sink resend)",
+            labels=["sink"],
+        )
+        failures = GaugeMetricFamily(
+            "pocd_sink_failures",
+            "Consecutive failed writes of a sink (0 while it delivers)",
+            labels=["sink"],
+        )
         for sink in daemon.sinks:
             status = sink.status()
             backlog.add_metric([sink.name], float(status.get("backlog", 0)))
             age.add_metric([sink.name], float(status.get("oldest_unsent_age_s", 0.0)))
+            quarantined.add_metric([sink.name], float(status.get("quarantined", 0)))
+            failures.add_metric([sink.name], float(status.get("failures", 0)))
         yield backlog
         yield age
+        yield quarantined
+        yield failures
 
 
 def render_metrics(daemon: Daemon) -> bytes:

@@ -14,12 +14,19 @@ side takes it, both in rowid order. The sample cursors are `samples` (all up to 
 `samples.split` (end of the backfill range) and `samples.live` (confirmed on the live lane);
 all three are equal when there is no backfill.
 
-A rejected batch (400, 413, 422, a partial write) is bisected down to the points refused on
-their own, or to a request InfluxDB dropped whole (points beyond its retention policy); each
-is quarantined as an incident holding its lines, stored in the transaction that moves the
-cursor past it. Any other failure keeps the batch and retries it with jittered
-exponential backoff; what was in flight behind it is sent again, which overwrites the same
-points (same tags and timestamps). Secrets never appear in messages, logs or status.
+A rejected batch (400, 413, 422, a partial write) is first weighed against its neighbours:
+single points of the same stream are written alone, those outside it first (the newest one,
+the one just before it), then its own last, first and middle ones. If InfluxDB
+takes none of them, it refuses the stream, not these points (a proxy that refuses gzip, a
+field-type conflict): the batch counts as a failure and is retried with backoff like an
+outage, a circuit breaker that quarantines nothing. If it takes one, the batch is bisected
+down to the points refused on their own, or to a request InfluxDB dropped whole (points
+beyond its retention policy); each is quarantined as an incident holding its lines, stored
+in the transaction that moves the cursor past it, and counted in `status()` until
+`pocd sink resend` (pocd.sinks.resend) sends it again. Any other failure keeps the batch and
+retries it with jittered exponential backoff; what was in flight behind it is sent again,
+which overwrites the same points (same tags and timestamps). Secrets never appear in
+messages, logs or status.
 
 Must not: write to the store anything but its cursors and incidents; raise for a fault of the
 far side (that is a state, in `status()` and in incidents).
@@ -35,7 +42,7 @@ import re
 import time
 from base64 import b64encode
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -54,7 +61,18 @@ from pocd.store import Change, Store
 if TYPE_CHECKING:
     from pocd.settings import Site
 
-__all__ = ["InfluxSink", "V1Writer", "V2Writer", "WriteResult", "Writer", "open_writer"]
+__all__ = [
+    "QUARANTINE",
+    "InfluxSink",
+    "V1Writer",
+    "V2Writer",
+    "WriteResult",
+    "Writer",
+    "line_body",
+    "open_writer",
+    "redact",
+    "refused_alone",
+]
 
 log = structlog.get_logger("pocd.sinks.influxdb")
 
@@ -72,6 +90,12 @@ _REJECTED: Final = frozenset({400, 413, 422})
 _DROPPED: Final = re.compile(r"\bdropped=(\d+)")
 _FIRST_BACKOFF_S: Final = 0.5
 _ERROR_CHARS: Final = 500
+# The incident code of a quarantined point (or request): its lines are in the incident's raw
+# bytes, and `pocd sink resend` sends them again.
+QUARANTINE: Final = "influx-rejected"
+# How often the size of the quarantine is read again from the store, where `pocd sink resend`
+# (another process, perhaps) may have emptied it.
+_QUARANTINE_REFRESH_S: Final = 1.0
 
 
 # --- write paths ------------------------------------------------------------------------------
@@ -304,6 +328,46 @@ class V2Writer:
         await self._client.close()
 
 
+def line_body(lines: Sequence[str], *, gzipped: bool) -> bytes:
+    """The body of a write: the lines, gzipped if the settings say so."""
+    data = "\n".join(lines).encode()
+    # Level 1: a third of level 6's CPU for ~20 % more bytes; mtime=0 keeps bodies stable.
+    return gzip.compress(data, compresslevel=1, mtime=0) if gzipped else data
+
+
+async def refused_alone(
+    writer: Writer,
+    lines: Sequence[str],
+    body: Callable[[Sequence[str]], bytes],
+    result: WriteResult,
+    span: range | None = None,
+) -> list[tuple[range, WriteResult]] | WriteResult:
+    """The stretches of `lines` (indices, with the refusal) that InfluxDB refuses on their
+    own, found by bisecting a request it refused with `result`; or the answer that showed
+    the far side failing. Lines accepted on the way are written again, harmlessly.
+
+    A request InfluxDB says it dropped whole (`dropped=` the number of lines: points beyond
+    the retention policy, say) is one refusal: bisecting it would cost a request per point
+    and change nothing.
+    """
+    span = range(len(lines)) if span is None else span
+    if len(span) == 1 or result.dropped == len(span):
+        return [(span, result)]
+    refused: list[tuple[range, WriteResult]] = []
+    middle = len(span) // 2
+    for half in (span[:middle], span[middle:]):
+        answer = await writer.write(body([lines[i] for i in half]))
+        if answer.ok:
+            continue
+        if not answer.rejected:
+            return answer
+        found = await refused_alone(writer, lines, body, answer, half)
+        if isinstance(found, WriteResult):
+            return found
+        refused += found
+    return refused
+
+
 def open_writer(settings: InfluxSettings, base: Path) -> tuple[Writer, list[str]]:
     """The writer of a sink, with its secrets read (files relative to `base`), and the secret
     values to keep out of messages. SinkError naming the file or variable if one is unusable.
@@ -344,6 +408,11 @@ class Batch:
     def ref(self, i: int) -> str:
         return self.refs[i] if self.refs else f"sample {self.first + i}"
 
+    @property
+    def stream(self) -> str:
+        """The stream of the store it comes from: "samples" (any lane) or "events"."""
+        return "events" if self.lane is Lane.EVENTS else "samples"
+
 
 class InfluxSink:
     """Forwards the site's store to one InfluxDB. See the module docstring."""
@@ -355,8 +424,9 @@ class InfluxSink:
         self.store_path = site.store_path
         self.base = site.path.parent
         self.source = f"sink:{self.name}"
-        parameters = {src: parameter for parameter, src in site.parameter_source().items()}
-        self._encoder = SampleEncoder(site.id, parameters)
+        self._encoder = SampleEncoder(site.id)
+        # Only for a store this sink happens to open first: its migration takes the mapping.
+        self._parameters = {src: name for name, src in site.parameter_source().items()}
         self._timeline_mark = -1
         self._store: Store | None = None
         self._writer: Writer | None = None
@@ -375,10 +445,18 @@ class InfluxSink:
         self._health: str | None = None
         self._failures = 0
         self._failing_since: float | None = None
+        # The stream InfluxDB refused whole (see `_settle`), or None when it failed for all
+        # (unreachable, 5xx): a confirmed batch of another stream is no recovery.
+        self._failing_stream: str | None = None
         self._last_error: str | None = None
         self._last_ok: int | None = None
         self._sent = 0
+        # The quarantine: incidents and points not yet sent again (after the "quarantine"
+        # cursor that `pocd sink resend` advances), as last read from the store.
+        self._quarantine_after = -1
+        self._quarantine_incidents = 0
         self._quarantined = 0
+        self._quarantine_read = 0.0
 
     # -- the Sink protocol --------------------------------------------------------------------
 
@@ -386,9 +464,9 @@ class InfluxSink:
         """/ping (v1) or /health (v2) of the configured InfluxDB; SinkError if it fails."""
         writer, secrets = open_writer(self.settings, self.base)
         try:
-            return _redact(await writer.healthcheck(), secrets)
+            return redact(await writer.healthcheck(), secrets)
         except SinkError as exc:
-            raise SinkError(_redact(str(exc), secrets)) from None
+            raise SinkError(redact(str(exc), secrets)) from None
         finally:
             await writer.close()
 
@@ -411,6 +489,7 @@ class InfluxSink:
             "cursors": self._positions(),
             "sent": self._sent,
             "quarantined": self._quarantined,
+            "quarantine_incidents": self._quarantine_incidents,
             "failures": self._failures,
             "last_error": self._last_error,
             "last_ok": self._last_ok,
@@ -419,7 +498,9 @@ class InfluxSink:
     async def run(self) -> None:
         """Forward until cancelled; recover from anything but cancellation."""
         with structlog.contextvars.bound_contextvars(sink=self.name):
-            self._store = await asyncio.to_thread(Store, self.store_path)
+            self._store = await asyncio.to_thread(
+                Store, self.store_path, parameters=self._parameters
+            )
             try:
                 while True:
                     try:
@@ -480,6 +561,7 @@ class InfluxSink:
         self._rewind()
         self._encoder.set_codes(*self._store.sample_codes())
         self._timeline_mark = -1
+        self._read_quarantine(self._store, found.get("quarantine", 0))
 
     def _positions(self) -> dict[str, int]:
         return {
@@ -531,6 +613,8 @@ class InfluxSink:
     def _next_batch(self, now: float) -> Batch | None:
         store = self._store
         assert store is not None
+        if now - self._quarantine_read >= _QUARANTINE_REFRESH_S:
+            self._read_quarantine(store, store.cursors(self.name).get("quarantine", 0))
         self._head = store.sample_count()
         self._events_head = store.change_count()
         self._note_oldest(store)
@@ -572,24 +656,36 @@ class InfluxSink:
         first = self._low + 1 if self._split > self._low else self._live + 1
         self._oldest_unsent = store.sample_time(first) if first <= self._head else None
 
+    def _read_quarantine(self, store: Store, after: int) -> None:
+        """The size of the quarantine, read again if its cursor moved."""
+        self._quarantine_read = time.monotonic()
+        if after != self._quarantine_after:
+            self._quarantine_incidents, self._quarantined = store.incident_lines(
+                self.source, QUARANTINE, after=after
+            )
+            self._quarantine_after = after
+
     def _refresh_timeline(self, store: Store) -> None:
         mark = store.change_count()
         if mark != self._timeline_mark:
-            self._encoder.set_timeline(Timeline(store.runs(), store.phases()))
+            self._encoder.set_timeline(Timeline(*store.commit_marks()))
             self._timeline_mark = mark
 
-    def _sample_batch(self, store: Store, lane: Lane, first: int, last: int) -> Batch:
+    def _sample_lines(self, store: Store, first: int, last: int) -> list[str]:
         rows = store.sample_rows(first, last)
-        times = store.sample_time_range(first, last)
-        if len(rows) != last - first + 1 or times is None:
+        if len(rows) != last - first + 1:
             raise StoreError(f"store returned {len(rows)} samples for rowids {first}..{last}")
-        # After the rows: the timeline then holds every run and phase committed with them.
+        # After the rows: the timeline then holds every run and phase committed before or
+        # with them (a later one marks a later rowid and cannot change their tags).
         self._refresh_timeline(store)
         try:
-            lines = self._encoder.encode(rows, times)
+            return self._encoder.encode(rows, first)
         except KeyError:  # a channel or quality interned since the codes were read
             self._encoder.set_codes(*store.sample_codes())
-            lines = self._encoder.encode(rows, times)
+            return self._encoder.encode(rows, first)
+
+    def _sample_batch(self, store: Store, lane: Lane, first: int, last: int) -> Batch:
+        lines = self._sample_lines(store, first, last)
         if lane is Lane.LIVE:
             self._read_live = last
         else:
@@ -601,23 +697,42 @@ class InfluxSink:
         if not changes:
             return None
         self._refresh_timeline(store)
-        batches = self._encoder.timeline.batches
         # A record changed several times in the batch goes once, in its current state.
         latest: dict[tuple[str, ...], Change] = {}
         for _, change in changes:
             key = _identity(change)
             latest.pop(key, None)
             latest[key] = change
-        lines = [encode_change(self.site_id, c, batches) for c in latest.values()]
+        lines = self._change_lines(latest.values())
         refs = [" ".join(key) for key in latest]
         first, last = self._read_events + 1, changes[-1][0]
         self._read_events = last
         return Batch(Lane.EVENTS, first, last, lines, self._body(lines), refs)
 
+    def _change_lines(self, changes: Iterable[Change]) -> list[str]:
+        batches = self._encoder.timeline.batches
+        return [encode_change(self.site_id, c, batches) for c in changes]
+
+    def _neighbours(self, batch: Batch) -> list[str]:
+        """Single lines to weigh a rejected batch against (see the module docstring), in the
+        order to try them: the newest point of its stream and the one just before the batch
+        (each if there is one: sent already, or soon, and harmless to send again), then the
+        batch's own last, first and middle lines."""
+        store = self._store
+        assert store is not None
+        head = store.change_count() if batch.lane is Lane.EVENTS else store.sample_count()
+        positions = [p for p in (head, batch.first - 1) if p > batch.last or 0 < p < batch.first]
+        if batch.lane is not Lane.EVENTS:
+            outside = [self._sample_lines(store, p, p)[0] for p in positions]
+        else:
+            self._refresh_timeline(store)
+            outside = self._change_lines(c for p in positions for _, c in store.changes(p - 1, 1))
+        count = len(batch.lines)
+        inside = [batch.lines[i] for i in (count - 1, 0, count // 2)]
+        return list(dict.fromkeys(outside + inside))
+
     def _body(self, lines: Sequence[str]) -> bytes:
-        data = "\n".join(lines).encode()
-        # Level 1: a third of level 6's CPU for ~20 % more bytes; mtime=0 keeps bodies stable.
-        return gzip.compress(data, compresslevel=1, mtime=0) if self.settings.gzip else data
+        return line_body(lines, gzipped=self.settings.gzip)
 
     # -- answers ------------------------------------------------------------------------------
 
@@ -629,7 +744,16 @@ class InfluxSink:
         if not result.rejected:
             self._note_failure(result)
             return False
-        found = await self._bisect(batch, range(len(batch.lines)), result)
+        weighed = await self._neighbour_taken(batch)
+        if weighed is False:
+            # Nothing taken: InfluxDB refuses the stream: retry, quarantine nothing.
+            self._note_failure(result, batch.stream)
+            return False
+        if isinstance(weighed, WriteResult):  # it failed meanwhile
+            self._note_failure(weighed)
+            return False
+        assert self._writer is not None
+        found = await refused_alone(self._writer, batch.lines, self._body, result)
         if isinstance(found, WriteResult):
             self._note_failure(found)
             return False
@@ -643,7 +767,7 @@ class InfluxSink:
             incidents.append(
                 self._incident(
                     IncidentKind.DATA,
-                    "influx-rejected",
+                    QUARANTINE,
                     f"{what} rejected by InfluxDB ({error}); quarantined, later points go on",
                     raw="\n".join(batch.lines[i] for i in lines).encode(),
                 )
@@ -651,32 +775,17 @@ class InfluxSink:
         await self._confirm(batch, incidents, quarantined=sum(len(lines) for lines, _ in found))
         return True
 
-    async def _bisect(
-        self, batch: Batch, lines: range, result: WriteResult
-    ) -> list[tuple[range, WriteResult]] | WriteResult:
-        """The lines of a rejected request that are refused on their own, or the answer that
-        showed the far side failing. Lines accepted on the way are written again, harmlessly.
-
-        A request InfluxDB says it dropped whole (`dropped=` the number of lines: points
-        beyond the retention policy, say) is one refusal: bisecting it would cost a request
-        per point and change nothing.
-        """
-        if len(lines) == 1 or result.dropped == len(lines):
-            return [(lines, result)]
+    async def _neighbour_taken(self, batch: Batch) -> bool | WriteResult:
+        """Whether InfluxDB takes a neighbour of a rejected batch written alone (see
+        `_neighbours`); the answer instead if the far side failed meanwhile."""
         assert self._writer is not None
-        refused: list[tuple[range, WriteResult]] = []
-        middle = len(lines) // 2
-        for half in (lines[:middle], lines[middle:]):
-            answer = await self._writer.write(self._body([batch.lines[i] for i in half]))
+        for line in await asyncio.to_thread(self._neighbours, batch):
+            answer = await self._writer.write(self._body([line]))
             if answer.ok:
-                continue
+                return True
             if not answer.rejected:
                 return answer
-            found = await self._bisect(batch, half, answer)
-            if isinstance(found, WriteResult):
-                return found
-            refused += found
-        return refused
+        return False
 
     async def _confirm(
         self, batch: Batch, incidents: list[Incident], *, quarantined: int = 0
@@ -693,13 +802,13 @@ class InfluxSink:
             self._low = self._split = self._live = max(self._low, self._live)
             self._read_low = max(self._read_low, self._read_live)
         self._sent += len(batch.lines) - quarantined
-        self._quarantined += quarantined
         self._last_ok = now_ns()
         self._dirty = True
         self._incidents += incidents
-        if self._failures:
+        if self._failures and self._failing_stream in (None, batch.stream):
             self._recovered()
-        self._state = "forwarding"
+        if not self._failures:
+            self._state = "forwarding"
         if self._incidents or time.monotonic() - self._last_commit >= _COMMIT_INTERVAL_S:
             await self._commit()
 
@@ -725,27 +834,38 @@ class InfluxSink:
         except Exception as exc:
             log.error("cannot store the sink's cursors; will retry", error=str(exc))
             return
+        held = [i for i in incidents if i.code == QUARANTINE]
+        self._quarantine_incidents += len(held)
+        self._quarantined += sum(i.raw.count(b"\n") + 1 for i in held)
         del self._incidents[: len(incidents)]
         self._last_commit = time.monotonic()
         self._dirty = bool(self._incidents)
 
     # -- failures -----------------------------------------------------------------------------
 
-    def _note_failure(self, result: WriteResult) -> None:
+    def _note_failure(self, result: WriteResult, refused_stream: str | None = None) -> None:
+        """A failed write. `refused_stream`: InfluxDB refused that stream whole (it took
+        neither the batch nor a neighbour of it)."""
         error = self._redact(result.describe())
         self._last_error = error
         self._failures += 1
+        self._failing_stream = refused_stream
         self._state = "retrying"
         if self._failures == 1:
             self._failing_since = time.monotonic()
             log.error("influxdb write failed; keeping the data and retrying", error=error)
             code = "influx-unreachable" if result.status == 0 else "influx-refused"
+            what = f"writes to {self.settings.where()} fail ({error})"
+            if refused_stream is not None:
+                what = (
+                    f"{self.settings.where()} refuses every {refused_stream} point it is sent, "
+                    f"a batch and its neighbours alike ({error}); nothing is quarantined"
+                )
             self._incidents.append(
                 self._incident(
                     IncidentKind.COMMUNICATION,
                     code,
-                    f"writes to {self.settings.where()} fail ({error}); the store keeps the "
-                    "data and forwarding resumes when it answers",
+                    f"{what}; the store keeps the data and forwarding resumes when it answers",
                 )
             )
         else:
@@ -764,6 +884,7 @@ class InfluxSink:
         )
         self._failures = 0
         self._failing_since = None
+        self._failing_stream = None
 
     def _fail_config(self, message: str) -> None:
         message = self._redact(message)
@@ -789,10 +910,10 @@ class InfluxSink:
         return Incident(now_ns(), kind, code, self.source, self._redact(message), raw)
 
     def _redact(self, text: str) -> str:
-        return _redact(text, self._secrets)
+        return redact(text, self._secrets)
 
 
-def _redact(text: str, secrets: Sequence[str]) -> str:
+def redact(text: str, secrets: Sequence[str]) -> str:
     """`text` with every secret value replaced: a last guard, as no message is built from one."""
     for secret in secrets:
         if secret:

@@ -3,8 +3,9 @@
 Pure: store rows and records in, lines out; no I/O, no clock, no decision about what to send
 or when (that is the forwarder's). The schema it writes is documented in README.md
 ("InfluxDB"); every point's timestamp is a time from the store, in nanoseconds, and its tags
-are derived from stored data only, so sending a point again overwrites it instead of adding a
-second one.
+are derived from stored data that never changes once the sample is committed (the parameter
+is its channel's, the run, batch and phase follow from its rowid: see `Timeline`), so sending
+a point again overwrites it instead of adding a second one.
 
 Samples are the hot path: each line is one f-string over a tag prefix made once per channel
 and run segment and a field prefix made once per quality code. A NaN value (NULL in the
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pocd.model import NS, Deviation, Excursion, PhaseChange, Quality, Run
-from pocd.store import SAMPLE_KEY_BITS, Change, SampleRow
+from pocd.store import SAMPLE_KEY_BITS, Change, Channel, SampleRow
 
 __all__ = [
     "MEASUREMENTS",
@@ -44,7 +45,6 @@ MEASUREMENTS = {
     "excursion": "pocd_excursion",
     "deviation": "pocd_deviation",
 }
-_FOREVER = 2**63 - 1
 _QUALITY_MASK = (1 << SAMPLE_KEY_BITS) - 1
 
 _TAG_TABLE = str.maketrans(
@@ -95,64 +95,89 @@ def _fields(fields: Mapping[str, str | int | float | bool | None]) -> str:
     return ",".join(out)
 
 
-# --- runs, batches and phases by time ---------------------------------------------------------
+# --- runs, batches and phases by commit order -----------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """A stretch of time in one run and one phase: [start, end)."""
+    """The run, batch and phase of a stretch of consecutive sample rowids."""
 
-    start: int
-    end: int
     run: str
     batch: str
     phase: str
 
 
-class Timeline:
-    """Which run, batch and phase each instant belongs to, from the stored runs and phases.
+# At one mark: a run's end, then a run's start, then phase changes (in the order stored).
+_END, _START, _PHASE = 0, 1, 2
 
-    A run covers [started, ended); if a crash left a run running when the next one started,
-    the later run wins from its start. Within a run, a phase lasts from its change to the
-    next one. Instants outside every run belong to no segment.
+
+class Timeline:
+    """Which run, batch and phase each sample belongs to, by its rowid.
+
+    Built from the store's commit marks (`Store.commit_marks`): a run or phase change applies
+    from the first sample committed after it, which is the order the engine judged the
+    samples in. A record committed later has a later mark, so it cannot change the segment
+    of a sample already committed (and perhaps sent). A run lasts from its start mark to its
+    end mark; if a crash left a run running when the next one started, the later run takes
+    over from its start. A phase change of a run that is not the current one changes nothing.
+    Samples outside every run belong to no segment (None).
     """
 
-    def __init__(self, runs: Iterable[Run], phases: Iterable[PhaseChange]) -> None:
-        by_run: dict[str, list[PhaseChange]] = {}
-        for change in phases:
-            by_run.setdefault(change.run_id, []).append(change)
-        ordered = sorted(runs, key=lambda r: (r.started, r.id))
-        self.batches = {run.id: run.batch_id for run in ordered}
-        segments: list[Segment] = []
-        for i, run in enumerate(ordered):
-            end = _FOREVER if run.ended is None else run.ended
-            if i + 1 < len(ordered):
-                end = min(end, ordered[i + 1].started)
-            changes = sorted(by_run.get(run.id, []), key=lambda c: c.t)
-            starts = [run.started] + [max(c.t, run.started) for c in changes]
-            names = [""] + [c.phase for c in changes]
-            for j, start in enumerate(starts):
-                stop = min(end, starts[j + 1]) if j + 1 < len(starts) else end
-                if start < stop:
-                    segments.append(Segment(start, stop, run.id, run.batch_id, names[j]))
-        self.segments = segments
-        self._starts = [s.start for s in segments]
+    def __init__(
+        self,
+        runs: Iterable[tuple[Run, int, int | None]],
+        phases: Iterable[tuple[PhaseChange, int]],
+    ) -> None:
+        steps: list[tuple[int, int, int, str, str]] = []  # mark, order, seq, run, phase
+        self.batches: dict[str, str] = {}
+        for seq, (run, first, end) in enumerate(runs):
+            self.batches[run.id] = run.batch_id
+            if end is not None and end <= first:
+                continue  # stored already ended: it holds no sample
+            steps.append((first, _START, seq, run.id, ""))
+            if end is not None:
+                steps.append((end, _END, seq, run.id, ""))
+        for seq, (change, first) in enumerate(phases):
+            steps.append((first, _PHASE, seq, change.run_id, change.phase))
+        steps.sort()
+        starts: list[int] = []
+        segments: list[Segment | None] = []
+        current: Segment | None = None
+        for mark, order, _, run_id, phase in steps:
+            if order == _START:
+                current = Segment(run_id, self.batches[run_id], "")
+            elif current is None or current.run != run_id:
+                continue  # the end or a phase of a run that is not the current one
+            elif order == _END:
+                current = None
+            else:
+                current = Segment(run_id, current.batch, phase)
+            if starts and starts[-1] == mark:
+                segments[-1] = current  # several records before the same sample: the last
+            else:
+                starts.append(mark)
+                segments.append(current)
+        self._starts = starts
+        self._segments = segments
 
-    def at(self, t: int) -> Segment | None:
-        i = bisect.bisect_right(self._starts, t) - 1
-        if i >= 0 and t < self.segments[i].end:
-            return self.segments[i]
-        return None
+    def at(self, rowid: int) -> Segment | None:
+        i = bisect.bisect_right(self._starts, rowid) - 1
+        return self._segments[i] if i >= 0 else None
 
-    def covering(self, low: int, high: int) -> tuple[bool, Segment | None]:
-        """(True, the segment) if [low, high] lies in one segment or in one gap between
-        segments (then None); (False, None) if it crosses a boundary."""
-        i = bisect.bisect_right(self._starts, low) - 1
-        inside = i >= 0 and low < self.segments[i].end
-        if inside:
-            return (True, self.segments[i]) if high < self.segments[i].end else (False, None)
-        following = self._starts[i + 1] if i + 1 < len(self._starts) else _FOREVER
-        return (high < following, None)
+    def spans(self, first: int, last: int) -> list[tuple[int, int, Segment | None]]:
+        """[(from rowid, to rowid inclusive, segment)] covering first..last, in order."""
+        i = bisect.bisect_right(self._starts, first) - 1
+        found = []
+        low = first
+        while True:
+            segment = self._segments[i] if i >= 0 else None
+            following = self._starts[i + 1] if i + 1 < len(self._starts) else None
+            if following is None or following > last:
+                found.append((low, last, segment))
+                return found
+            found.append((low, following - 1, segment))
+            low = following
+            i += 1
 
 
 # --- samples ----------------------------------------------------------------------------------
@@ -180,22 +205,22 @@ class _Heads(dict[int, str]):
 class SampleEncoder:
     """Sample rows from the store (see `Store.sample_rows`) -> `pocd_sample` lines.
 
-    `channels` and `qualities` are the store's interned codes (`Store.sample_codes`);
-    `parameters` maps (device, point) to the protocol parameter the point feeds.
-    KeyError from `encode` means a code unknown here: refresh with `set_codes` and retry.
+    `channels` and `qualities` are the store's interned codes (`Store.sample_codes`): a
+    channel holds the parameter its point fed, so the tag is what was recorded, whatever the
+    config says now. KeyError from `encode` means a code unknown here: refresh with
+    `set_codes` and retry.
     """
 
-    def __init__(self, site: str, parameters: Mapping[tuple[str, str], str]) -> None:
+    def __init__(self, site: str) -> None:
         self.site = site
-        self.parameters = dict(parameters)
         self.timeline = Timeline((), ())
-        self._channels: dict[int, tuple[str, str]] = {}
+        self._channels: dict[int, Channel] = {}
         self._fields: dict[int, str] = {}  # quality code -> "quality=..i[,reason=..]"
         self._heads: dict[tuple[Segment | None, bool], _Heads] = {}
 
     def set_codes(
         self,
-        channels: Mapping[int, tuple[str, str]],
+        channels: Mapping[int, Channel],
         qualities: Mapping[int, tuple[Quality, str]],
     ) -> None:
         self._channels = dict(channels)
@@ -211,14 +236,9 @@ class SampleEncoder:
 
     def head(self, key: int, segment: Segment | None, *, bare: bool) -> str:
         """The line of a sample up to its value, or (`bare`: no value) up to its time."""
-        device, point = self._channels[key >> SAMPLE_KEY_BITS]
+        device, point, parameter = self._channels[key >> SAMPLE_KEY_BITS]
         fields = self._fields[key & _QUALITY_MASK]
-        tags = {
-            "site": self.site,
-            "device": device,
-            "point": point,
-            "parameter": self.parameters.get((device, point)),
-        }
+        tags = {"site": self.site, "device": device, "point": point, "parameter": parameter}
         if segment is not None:
             tags |= {"run": segment.run, "batch": segment.batch, "phase": segment.phase}
         return f"{_tags(MEASUREMENTS['sample'], tags)} {fields}" + ("" if bare else ",value=")
@@ -230,22 +250,22 @@ class SampleEncoder:
             self._heads[(segment, True)] = _Heads(self, segment, bare=True)
         return found, self._heads[(segment, True)]
 
-    def encode(self, rows: Sequence[SampleRow], times: tuple[int, int]) -> list[str]:
-        """One line per row, in order. `times` is (min, max) of the rows' times."""
-        single, segment = self.timeline.covering(*times)
-        if single:
-            valued, bare = self._heads_of(segment)
-            return [
-                f"{valued[key]}{v!r} {t}" if v is not None else f"{bare[key]} {t}"
-                for key, v, t in rows
-            ]
-        # The batch crosses a run or phase boundary: look each row's segment up.
-        at, heads_of = self.timeline.at, self._heads_of
+    def encode(self, rows: Sequence[SampleRow], first: int) -> list[str]:
+        """One line per row, in order; `first` is the rowid of the first row (row i has rowid
+        first + i, see `Store.sample_rows`)."""
+        spans = self.timeline.spans(first, first + len(rows) - 1) if rows else []
+        if len(spans) == 1:
+            return self._lines(rows, spans[0][2])
+        # The batch crosses a run or phase boundary: each stretch with its own tags.
+        lines: list[str] = []
+        for low, high, segment in spans:
+            lines += self._lines(rows[low - first : high - first + 1], segment)
+        return lines
+
+    def _lines(self, rows: Sequence[SampleRow], segment: Segment | None) -> list[str]:
+        valued, bare = self._heads_of(segment)
         return [
-            f"{heads_of(at(int(t)))[0][key]}{v!r} {t}"
-            if v is not None
-            else f"{heads_of(at(int(t)))[1][key]} {t}"
-            for key, v, t in rows
+            f"{valued[key]}{v!r} {t}" if v is not None else f"{bare[key]} {t}" for key, v, t in rows
         ]
 
 

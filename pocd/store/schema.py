@@ -8,6 +8,7 @@ to `MIGRATIONS`. Nothing here reads or writes records; that is `pocd.store.sqlit
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
@@ -237,9 +238,67 @@ CREATE TRIGGER outbox_no_delete BEFORE DELETE ON outbox
 BEGIN SELECT RAISE(ABORT, 'outbox is append-only: DELETE refused'); END;
 """
 
-# v4: the text of every protocol loaded, by the hash that identifies it, so that a run resumes
+# v4: what a sample's InfluxDB tags come from, fixed when the sample is committed (a point
+# sent again then overwrites itself instead of starting a second series).
+# - A channel is (device, point, parameter): the protocol parameter the point fed when its
+#   samples were recorded ('' for none). A config edit that maps a point elsewhere interns a
+#   new channel; the samples recorded before keep theirs. The channels of a migrated store
+#   take the mapping the migrating process was given (`migrate(parameters=)`: the daemon's
+#   config, which is what the sink of v3 tagged them with), from the temporary table
+#   `migration_parameters` that `migrate` fills.
+# - Runs and phase changes mark where they fall in the samples' commit order: `first_sample`
+#   (and a run's `end_sample`) is the rowid of the first sample committed after the record,
+#   so the run and phase of a sample follow from its rowid, the order the engine judged it
+#   in, and a record committed later (a late, device-stamped phase change) cannot move a
+#   committed sample into another segment. Existing records are marked by time (the first
+#   sample at or after their time), which is what the v3 timeline derived.
+_MARK_AT = """coalesce(
+    (SELECT s.id FROM samples AS s
+     WHERE s.id >= (SELECT min(b.block) FROM sample_blocks AS b WHERE b.t_max >= {t})
+                   << {bits}
+       AND s.t >= {t}
+     ORDER BY s.id LIMIT 1),
+    (SELECT coalesce(max(id), 0) + 1 FROM samples))"""
+_V4: Final = f"""
+CREATE TABLE channels_v4 (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    point TEXT NOT NULL,
+    parameter TEXT NOT NULL,
+    UNIQUE (device, point, parameter)
+);
+INSERT INTO channels_v4 (id, device, point, parameter)
+    SELECT c.id, c.device, c.point, coalesce(m.parameter, '') FROM channels AS c
+    LEFT JOIN temp.migration_parameters AS m ON m.device = c.device AND m.point = c.point
+    ORDER BY c.id;
+DROP TABLE channels;
+ALTER TABLE channels_v4 RENAME TO channels;
+{_append_only_triggers(("channels",))}
+
+ALTER TABLE phases ADD COLUMN first_sample INTEGER;
+DROP TRIGGER phases_no_update;
+UPDATE phases SET first_sample = {_MARK_AT.format(t="phases.t", bits=BLOCK_BITS)};
+CREATE TRIGGER phases_no_update BEFORE UPDATE ON phases
+BEGIN SELECT RAISE(ABORT, 'phases is append-only: UPDATE refused'); END;
+
+ALTER TABLE runs ADD COLUMN first_sample INTEGER;
+ALTER TABLE runs ADD COLUMN end_sample INTEGER;
+DROP TRIGGER runs_outbox_update;  -- marking is no change to forward
+UPDATE runs SET
+    first_sample = {_MARK_AT.format(t="runs.started", bits=BLOCK_BITS)},
+    end_sample = CASE WHEN runs.ended IS NULL THEN NULL
+                 ELSE {_MARK_AT.format(t="runs.ended", bits=BLOCK_BITS)} END;
+CREATE TRIGGER runs_outbox_update AFTER UPDATE ON runs
+BEGIN INSERT INTO outbox (kind, ref) VALUES ('run', NEW.id); END;
+CREATE TRIGGER runs_sample_marks BEFORE UPDATE ON runs
+WHEN NEW.first_sample IS NOT OLD.first_sample
+    OR (OLD.end_sample IS NOT NULL AND NEW.end_sample IS NOT OLD.end_sample)
+BEGIN SELECT RAISE(ABORT, 'runs: the sample marks of a run are fixed once set'); END;
+"""
+
+# v5: the text of every protocol loaded, by the hash that identifies it, so that a run resumes
 # on the protocol it started with even after the file was superseded, edited or removed.
-_V4: Final = """
+_V5: Final = """
 CREATE TABLE protocols (
     hash TEXT PRIMARY KEY,
     id TEXT NOT NULL,
@@ -248,7 +307,7 @@ CREATE TABLE protocols (
 ) WITHOUT ROWID;
 """ + _append_only_triggers(("protocols",))
 
-MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4)
+MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4, _V5)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -290,19 +349,37 @@ def read_version(db: sqlite3.Connection, path: Path) -> int:
     return int(version)
 
 
-def migrate(db: sqlite3.Connection, path: Path, *, target: int = SCHEMA_VERSION) -> int:
+def migrate(
+    db: sqlite3.Connection,
+    path: Path,
+    *,
+    target: int = SCHEMA_VERSION,
+    parameters: Mapping[tuple[str, str], str] | None = None,
+) -> int:
     """Apply the missing migrations up to `target` in one transaction; return the old version.
 
     `db` must be in autocommit mode (isolation_level=None). The version is read again under
     the write lock, so two processes opening a new store at once cannot both migrate it.
+    `parameters` ((device, point) -> parameter, from the site config) is what the channels
+    recorded before v4 are taken to feed.
     """
     db.execute("BEGIN IMMEDIATE")
     try:
         found = read_version(db, path)
+        if found < target:
+            db.execute(
+                "CREATE TEMP TABLE migration_parameters "
+                "(device TEXT NOT NULL, point TEXT NOT NULL, parameter TEXT NOT NULL)"
+            )
+            db.executemany(
+                "INSERT INTO temp.migration_parameters VALUES (?, ?, ?)",
+                [(d, p, name) for (d, p), name in (parameters or {}).items()],
+            )
         for script in MIGRATIONS[found:target]:
             for statement in statements(script):
                 db.execute(statement)
         if found < target:
+            db.execute("DROP TABLE temp.migration_parameters")
             # Header fields, written inside the transaction: they commit with the tables.
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             db.execute(f"PRAGMA user_version = {target}")

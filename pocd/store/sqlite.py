@@ -21,6 +21,10 @@ Forwarders (pocd.sinks) read through their own connection: samples by rowid in t
 of `sample_rows`, and the changes to runs, phases, excursions and deviations through the
 outbox that triggers append to in the same transaction (`changes`); they keep their cursors
 here (`advance_cursors`, never backwards, with the incidents they raised on the way).
+What a forwarded sample is tagged with is fixed when it is committed (schema v4): its
+channel holds the parameter its point fed under the writer's config (`Store(parameters=)`),
+and each run and phase change records the rowid of the first sample committed after it
+(`commit_marks`), so the engine's order, not a clock, places a sample in a run and phase.
 
 Records read back as they were written, with two exceptions that SQLite imposes: it stores a
 NaN float as NULL, so a NaN limit or worst value reads back as None (a sample value and an
@@ -61,7 +65,15 @@ from pocd.model import (
 )
 from pocd.store import schema
 
-__all__ = ["SAMPLE_KEY_BITS", "AmbiguousRunError", "Change", "Record", "SampleRow", "Store"]
+__all__ = [
+    "SAMPLE_KEY_BITS",
+    "AmbiguousRunError",
+    "Change",
+    "Channel",
+    "Record",
+    "SampleRow",
+    "Store",
+]
 
 Record: TypeAlias = (
     Sample | ExcursionEvent | Deviation | Incident | Run | PhaseChange | AuditEntry | ProtocolText
@@ -71,6 +83,8 @@ Change: TypeAlias = Run | PhaseChange | Excursion | Deviation
 # A sample as the forwarders read it (see Store.sample_rows): (channel code << 32 | quality
 # code, value or None for NaN, receive time as decimal text).
 SampleRow: TypeAlias = tuple[int, float | None, str]
+# What a channel code stands for: (device, point, the parameter it fed or '').
+Channel: TypeAlias = tuple[str, str, str]
 SAMPLE_KEY_BITS: Final = 32
 
 # Rows per multi-row INSERT. Measured with 20,000-sample batches: 1 row/statement ~0.5M rows/s,
@@ -100,14 +114,18 @@ _RUN_COLUMNS: Final = (
     "id, batch_id, site_id, timezone, protocol_id, protocol_version, protocol_hash, operator, "
     "started, status, ended, end_reason"
 )
+# A run's sample marks (see pocd.store.schema, v4) are set by the write that first stores
+# its start and its end, and kept by every later write of the same state.
 _UPSERT_RUN: Final = f"""
-INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO runs ({_RUN_COLUMNS}, first_sample, end_sample)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     batch_id = excluded.batch_id, site_id = excluded.site_id, timezone = excluded.timezone,
     protocol_id = excluded.protocol_id, protocol_version = excluded.protocol_version,
     protocol_hash = excluded.protocol_hash, operator = excluded.operator,
     started = excluded.started, status = excluded.status, ended = excluded.ended,
-    end_reason = excluded.end_reason
+    end_reason = excluded.end_reason,
+    end_sample = coalesce(runs.end_sample, excluded.end_sample)
 """
 _EXCURSION_COLUMNS: Final = (
     "id, run_id, parameter, kind, protocol_id, protocol_version, phase, limit_value, start_t, "
@@ -128,7 +146,10 @@ _INSERT_DEVIATION: Final = f"INSERT INTO deviations ({_DEVIATION_COLUMNS}) VALUE
 _INCIDENT_COLUMNS: Final = "t, kind, code, source, message, raw"
 _INSERT_INCIDENT: Final = f"INSERT INTO incidents ({_INCIDENT_COLUMNS}) VALUES ({'?, ' * 5}?)"
 _PHASE_COLUMNS: Final = "run_id, t, phase, previous, actor, in_order, reason"
-_INSERT_PHASE: Final = f"INSERT INTO phases ({_PHASE_COLUMNS}) VALUES ({'?, ' * 6}?)"
+_INSERT_PHASE: Final = f"INSERT INTO phases ({_PHASE_COLUMNS}, first_sample) VALUES ({'?, ' * 7}?)"
+# Records that mark where they fall among the samples (schema v4), and their statements.
+_MARKED: Final = (Run, PhaseChange)
+_MARKED_SQL: Final = (_UPSERT_RUN, _INSERT_PHASE)
 _AUDIT_COLUMNS: Final = "t, actor, action, target, reason, old_value, new_value, details"
 _INSERT_AUDIT: Final = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({'?, ' * 7}?)"
 # A protocol's text is the same whenever it is loaded again: kept once.
@@ -173,15 +194,26 @@ class Store:
     which WAL lets run alongside the writer and see every committed batch.
     """
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        readonly: bool = False,
+        parameters: Mapping[tuple[str, str], str] | None = None,
+    ) -> None:
+        """`parameters` maps (device, point) to the protocol parameter the point feeds under
+        the site config (the daemon's); each sample written is recorded with its channel's
+        parameter (see pocd.store.schema, v4). Without it, points feed none."""
         self.path = Path(path)
         self.readonly = readonly
+        self._parameters = dict(parameters or {})
         self._lock = threading.Lock()
-        # Interned codes of samples: device -> point -> channel id, (quality, reason) -> code,
-        # and back. Loaded at open and extended by writes; refreshed when a code is unknown
-        # (another process may have added it).
+        # Interned codes of samples: device -> point -> channel id (the channel with this
+        # store's parameter of the point), (quality, reason) -> code, and back. Loaded at open
+        # and extended by writes; refreshed when a code is unknown (another process may have
+        # added it).
         self._channel_ids: dict[str, dict[str, int]] = {}
-        self._channels: dict[int, tuple[str, str]] = {}
+        self._channels: dict[int, Channel] = {}
         self._quality_ids: dict[tuple[Quality, str], int] = {}
         self._qualities: dict[int, tuple[Quality, str]] = {}
         self._codes_stale = False  # set when a rolled-back write may have interned codes
@@ -248,7 +280,7 @@ class Store:
         # A long reader can make the WAL grow past that; once it is checkpointed, give the
         # space back instead of keeping the high-water mark.
         db.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
-        schema.migrate(db, path)
+        schema.migrate(db, path, parameters=self._parameters)
 
     def close(self) -> None:
         """Close the connection. The last connection to close checkpoints and removes the WAL."""
@@ -288,7 +320,10 @@ class Store:
         samples = [r for r in batch if type(r) is Sample]
         others = [r for r in batch if type(r) is not Sample] if len(samples) < len(batch) else []
         try:  # before the transaction: a record that cannot be stored leaves nothing behind
-            rows = _other_rows(others)
+            # Runs and phase changes mark the rowid of the first sample after them: count the
+            # samples before each (only in the rare batch that holds one).
+            offsets = _sample_offsets(batch) if any(type(r) in _MARKED for r in others) else []
+            rows = _other_rows(others, offsets)
         except (TypeError, ValueError, AttributeError) as e:
             raise RecordRejected(f"{self.path}: {type(e).__name__}: {e}") from e
         with self._lock:
@@ -302,10 +337,14 @@ class Store:
                 db.execute("BEGIN IMMEDIATE")
                 if self._codes_stale:
                     self._load_codes()
-                if samples:
-                    self._insert_samples(samples)
+                before = self._insert_samples(samples) if samples else None
+                if offsets and before is None:
+                    before = db.execute("SELECT coalesce(max(id), 0) FROM samples").fetchone()[0]
                 for sql, params in rows:
-                    if params:
+                    if params and sql in _MARKED_SQL:
+                        assert before is not None
+                        db.executemany(sql, _marked(sql, params, before + 1))
+                    elif params:
                         db.executemany(sql, params)
                 db.execute("COMMIT")
             except BaseException as e:
@@ -331,7 +370,8 @@ class Store:
                     f"{type(e).__name__}: {e}"
                 ) from e
 
-    def _insert_samples(self, samples: list[Sample]) -> None:
+    def _insert_samples(self, samples: list[Sample]) -> int:
+        """Insert the samples; return the rowid before the first of them."""
         db = self._db
         before = db.execute("SELECT coalesce(max(id), 0) FROM samples").fetchone()[0]
         try:
@@ -357,6 +397,7 @@ class Store:
         channels, times = params[0::width], params[1::width]
         db.executemany(_UPSERT_LATEST, _latest_of_channels(channels, times, before + 1))
         db.executemany(_UPSERT_BLOCK, _block_ranges(times, before + 1))
+        return int(before)
 
     def _sample_params(self, samples: list[Sample]) -> list[object]:
         """The flat parameter list of the batch: ch, t, dt, v, q per sample. KeyError if a
@@ -385,17 +426,20 @@ class Store:
         for s in samples:
             points = self._channel_ids.setdefault(s.device, {})
             if s.point not in points:
+                channel = (s.device, s.point, self._parameters.get((s.device, s.point), ""))
                 # Select first: another writer process may have added it since we loaded.
                 row = db.execute(
-                    "SELECT id FROM channels WHERE device = ? AND point = ?", (s.device, s.point)
+                    "SELECT id FROM channels WHERE device = ? AND point = ? AND parameter = ?",
+                    channel,
                 ).fetchone()
                 if row is None:
                     row = db.execute(
-                        "INSERT INTO channels (device, point) VALUES (?, ?) RETURNING id",
-                        (s.device, s.point),
+                        "INSERT INTO channels (device, point, parameter) VALUES (?, ?, ?) "
+                        "RETURNING id",
+                        channel,
                     ).fetchone()
                 points[s.point] = row[0]
-                self._channels[row[0]] = (s.device, s.point)
+                self._channels[row[0]] = channel
             key = (Quality(s.quality), s.reason)
             if key not in self._quality_ids:
                 row = db.execute(
@@ -411,13 +455,16 @@ class Store:
                 self._qualities[row[0]] = key
 
     def _load_codes(self) -> None:
-        channels = self._db.execute("SELECT id, device, point FROM channels").fetchall()
+        channels = self._db.execute("SELECT id, device, point, parameter FROM channels").fetchall()
         qualities = self._db.execute("SELECT id, quality, reason FROM qualities").fetchall()
         self._channel_ids = {}
         self._channels = {}
-        for code, device, point in channels:
-            self._channel_ids.setdefault(device, {})[point] = code
-            self._channels[code] = (device, point)
+        mapping = self._parameters
+        for code, device, point, parameter in channels:
+            self._channel_ids.setdefault(device, {})
+            if parameter == mapping.get((device, point), ""):
+                self._channel_ids[device][point] = code
+            self._channels[code] = (device, point, parameter)
         self._qualities = {code: (Quality(quality), reason) for code, quality, reason in qualities}
         self._quality_ids = {key: code for code, key in self._qualities.items()}
 
@@ -510,17 +557,29 @@ class Store:
             rows = self._query(
                 f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE t >= ? ORDER BY id", (since,)
             )
-        return [
-            Incident(
-                t=r[0],
-                kind=IncidentKind(r[1]),
-                code=r[2],
-                source=r[3],
-                message=r[4],
-                raw=bytes(r[5]),
-            )
-            for r in rows
-        ]
+        return [_incident(r) for r in rows]
+
+    def incidents_of(self, source: str, code: str, *, after: int = 0) -> list[tuple[int, Incident]]:
+        """(id, incident) of the incidents of `source` with `code` after incident id `after`,
+        in the order they were recorded (a sink's quarantine, read by its cursor)."""
+        rows = self._query(
+            f"SELECT id, {_INCIDENT_COLUMNS} FROM incidents "
+            "WHERE id > ? AND source = ? AND code = ? ORDER BY id",
+            (after, source, code),
+        )
+        return [(int(r[0]), _incident(r[1:])) for r in rows]
+
+    def incident_lines(self, source: str, code: str, *, after: int = 0) -> tuple[int, int]:
+        """(incidents, lines of their raw bytes in all) of `incidents_of`, without reading
+        them: the size of a sink's quarantine, one line per point."""
+        text = "CAST(raw AS TEXT)"
+        count, lines = self._query(
+            f"SELECT count(*), coalesce(sum(length({text}) - "
+            f"length(replace({text}, char(10), '')) + 1), 0) FROM incidents "
+            "WHERE id > ? AND source = ? AND code = ?",
+            (after, source, code),
+        )[0]
+        return int(count), int(lines)
 
     def audit(self) -> list[AuditEntry]:
         rows = self._query(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY id")
@@ -613,7 +672,7 @@ class Store:
         nan = math.nan
         found = []
         for rowid, ch, t, dt, v, q in rows:
-            device_, point_ = channel_of[ch]
+            device_, point_, _ = channel_of[ch]
             quality, reason = quality_of[q]
             value = nan if v is None else v
             found.append((rowid, Sample(device_, point_, t, value, quality, dt, reason)))
@@ -628,7 +687,7 @@ class Store:
                     self._codes_stale = False
                 found = [
                     code
-                    for code, (d, p) in self._channels.items()
+                    for code, (d, p, _) in self._channels.items()
                     if (device is None or d == device) and (point is None or p == point)
                 ]
                 if found:
@@ -645,16 +704,18 @@ class Store:
 
     def last_sample_times(self) -> dict[tuple[str, str], int]:
         """(device, point) -> t of its most recently stored sample."""
+        # A point has a channel per parameter it fed (schema v4): the latest of them wins.
         rows = self._query(
             "SELECT c.device, c.point, l.t FROM channel_latest AS l "
-            "JOIN channels AS c ON c.id = l.ch ORDER BY c.id"
+            "JOIN channels AS c ON c.id = l.ch ORDER BY l.sample_id"
         )
         return {(device, point): t for device, point, t in rows}
 
     # -- forwarders (pocd.sinks): cursors, raw sample rows, the outbox -----------------------
 
-    def sample_codes(self) -> tuple[dict[int, tuple[str, str]], dict[int, tuple[Quality, str]]]:
-        """The codes of `sample_rows`: channel -> (device, point), quality -> (quality, reason).
+    def sample_codes(self) -> tuple[dict[int, Channel], dict[int, tuple[Quality, str]]]:
+        """The codes of `sample_rows`: channel -> (device, point, the parameter it fed or ''),
+        quality -> (quality, reason).
 
         Read afresh from the file, so codes another connection added since are included.
         """
@@ -693,6 +754,22 @@ class Store:
         """The receive time of the sample with that rowid; None if there is none (yet)."""
         rows = self._query("SELECT t FROM samples WHERE id = ?", (rowid,))
         return int(rows[0][0]) if rows else None
+
+    def commit_marks(
+        self,
+    ) -> tuple[list[tuple[Run, int, int | None]], list[tuple[PhaseChange, int]]]:
+        """Where runs and phase changes fall in the samples' commit order (schema v4): every
+        run with the rowid of the first sample committed after its start and after its end
+        (None while it runs), every phase change with the rowid of the first sample committed
+        after it; each in the order they were stored."""
+        runs = self._query(
+            f"SELECT {_RUN_COLUMNS}, first_sample, end_sample FROM runs ORDER BY rowid"
+        )
+        phases = self._query(f"SELECT {_PHASE_COLUMNS}, first_sample FROM phases ORDER BY id")
+        return (
+            [(_run(r[:-2]), int(r[-2]), None if r[-1] is None else int(r[-1])) for r in runs],
+            [(_phase(r[:-1]), int(r[-1])) for r in phases],
+        )
 
     def change_count(self) -> int:
         """The id of the latest outbox entry (0 when there is none)."""
@@ -751,15 +828,25 @@ class Store:
         return {stream: int(position) for stream, position in rows}
 
     def advance_cursors(
-        self, sink: str, positions: Mapping[str, int], incidents: Sequence[Incident] = ()
+        self,
+        sink: str,
+        positions: Mapping[str, int],
+        incidents: Sequence[Incident] = (),
+        *,
+        audit: Sequence[AuditEntry] = (),
+        expected: Mapping[str, int] | None = None,
     ) -> None:
         """Move a sink's cursors forward and store `incidents` with them, in one transaction.
 
         A sink calls this only for what the far side confirmed; the incidents are what it set
         aside on the way (a rejected point), so they cannot be lost while the cursor moves past
-        them. StoreError, and nothing stored, if a cursor would move back.
+        them; `audit` is the operator action that moved them, if one did. StoreError, and
+        nothing stored, if a cursor would move back, or if one is not where `expected` says
+        (0 for never advanced): another process moved it meanwhile. Streams not in
+        `positions` stay.
         """
         incident_rows = [_incident_row(i) for i in incidents]
+        audit_rows = [_audit_row(a) for a in audit]
         with self._lock:
             self._check_open()
             if self.readonly:
@@ -767,10 +854,13 @@ class Store:
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
-                current = db.execute(
-                    "SELECT stream, position FROM cursors WHERE sink = ?", (sink,)
-                ).fetchall()
-                self._refuse_backwards(sink, dict(current), positions)
+                current = dict(
+                    db.execute(
+                        "SELECT stream, position FROM cursors WHERE sink = ?", (sink,)
+                    ).fetchall()
+                )
+                self._refuse_backwards(sink, current, positions)
+                self._refuse_moved(sink, current, expected or {})
                 db.executemany(
                     "INSERT INTO cursors (sink, stream, position) VALUES (?, ?, ?) "
                     "ON CONFLICT (sink, stream) DO UPDATE SET position = excluded.position",
@@ -778,6 +868,8 @@ class Store:
                 )
                 if incident_rows:
                     db.executemany(_INSERT_INCIDENT, incident_rows)
+                if audit_rows:
+                    db.executemany(_INSERT_AUDIT, audit_rows)
                 db.execute("COMMIT")
             except BaseException as e:
                 if db.in_transaction:
@@ -787,6 +879,19 @@ class Store:
                         f"{self.path}: cursors of sink {sink!r} not stored: {e}"
                     ) from e
                 raise
+
+    def _refuse_moved(
+        self, sink: str, current: Mapping[str, int], expected: Mapping[str, int]
+    ) -> None:
+        moved = [
+            f"{stream} is at {current.get(stream, 0)}, not {position}"
+            for stream, position in expected.items()
+            if current.get(stream, 0) != position
+        ]
+        if moved:
+            raise StoreError(
+                f"{self.path}: cursors of sink {sink!r} moved meanwhile: {', '.join(moved)}"
+            )
 
     def _refuse_backwards(
         self, sink: str, current: Mapping[str, int], positions: Mapping[str, int]
@@ -802,8 +907,31 @@ class Store:
             )
 
 
-def _other_rows(records: list[Record]) -> list[tuple[str, list[Row]]]:
-    """The statement and parameter rows of every record that is not a sample."""
+def _sample_offsets(batch: list[Record]) -> list[int]:
+    """For each run and phase change of the batch, in order: how many samples precede it."""
+    offsets = []
+    samples = 0
+    for record in batch:
+        kind = type(record)
+        if kind is Sample:
+            samples += 1
+        elif kind in _MARKED:
+            offsets.append(samples)
+    return offsets
+
+
+def _marked(sql: str, params: list[Row], first: int) -> list[Row]:
+    """Rows of runs or phases with their sample offsets made rowids (`first`: the rowid of
+    the batch's first sample, or of the next sample if it holds none)."""
+    if sql == _UPSERT_RUN:
+        return [(*p[:-2], first + p[-2], None if p[-1] is None else first + p[-1]) for p in params]
+    return [(*p[:-1], first + p[-1]) for p in params]
+
+
+def _other_rows(records: list[Record], offsets: list[int]) -> list[tuple[str, list[Row]]]:
+    """The statement and parameter rows of every record that is not a sample. Runs and
+    phase changes end with their sample offsets (see `_marked`), taken from `offsets`."""
+    marks = iter(offsets)
     runs: list[Row] = []
     phases: list[Row] = []
     excursions: list[Row] = []
@@ -829,12 +957,23 @@ def _other_rows(records: list[Record]) -> list[tuple[str, list[Row]]]:
                         r.status.value,
                         r.ended,
                         r.end_reason,
+                        offset := next(marks),
+                        None if r.status is RunStatus.RUNNING else offset,
                     )
                 )
             case PhaseChange():
                 p = record
                 phases.append(
-                    (p.run_id, p.t, p.phase, p.previous, p.actor, int(p.in_order), p.reason)
+                    (
+                        p.run_id,
+                        p.t,
+                        p.phase,
+                        p.previous,
+                        p.actor,
+                        int(p.in_order),
+                        p.reason,
+                        next(marks),
+                    )
                 )
             case ExcursionEvent(excursion=e):
                 excursions.append(
@@ -870,9 +1009,7 @@ def _other_rows(records: list[Record]) -> list[tuple[str, list[Row]]]:
             case Incident():
                 incidents.append(_incident_row(record))
             case AuditEntry():
-                a = record
-                details = json.dumps(a.details, sort_keys=True, ensure_ascii=False)
-                audit.append((a.t, a.actor, a.action, a.target, a.reason, a.old, a.new, details))
+                audit.append(_audit_row(record))
             case ProtocolText():
                 protocols.append((record.hash, record.id, record.version, record.text))
             case _:
@@ -942,6 +1079,17 @@ def _deviation(r: Row) -> Deviation:
 
 def _incident_row(i: Incident) -> Row:
     return (i.t, i.kind.value, i.code, i.source, i.message, bytes(i.raw))
+
+
+def _audit_row(a: AuditEntry) -> Row:
+    details = json.dumps(a.details, sort_keys=True, ensure_ascii=False)
+    return (a.t, a.actor, a.action, a.target, a.reason, a.old, a.new, details)
+
+
+def _incident(r: Row) -> Incident:
+    return Incident(
+        t=r[0], kind=IncidentKind(r[1]), code=r[2], source=r[3], message=r[4], raw=bytes(r[5])
+    )
 
 
 def _run(r: Row) -> Run:
