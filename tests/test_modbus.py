@@ -316,7 +316,11 @@ async def test_timeout_marks_comm_loss_and_recovery(
         assert not down.ok and "no answer within 0.1 s" in down.reason
         assert {(s.quality, s.reason) for s in samples(records)} == {(Quality.BAD, "timeout")}
         assert len(samples(records)) == 4  # every point, none skipped
-        assert [i.code for i in incidents(records)] == ["timeout", "timeout"]  # try + retry
+        # try + retry: the first is recorded, the repeat counted
+        assert [i.code for i in incidents(records)] == ["timeout"]
+        assert runner.counts["timeout"] == 2
+        [count] = runner.repeats.drain()
+        assert count.code == "timeout" and count.message.startswith("1 more 'timeout'")
         assert simulator.requests[240] == 2  # the rest of the poll was not attempted
         simulator.faults.clear()
         records = await poll()
@@ -412,10 +416,13 @@ async def test_wrong_word_order_is_caught_by_the_valid_range(
         records = await poll()
     [co2] = samples(records, "co2")
     assert co2.quality is Quality.BAD
-    assert co2.reason == "outside valid range [0, 200000]"
+    assert co2.reason == "out-of-range"
     found = incidents(records)  # temperature may land inside its range, or not: noise decides
     assert {(i.kind, i.code) for i in found} == {(IncidentKind.DATA, "out-of-range")}
-    assert any(i.message.startswith("co2: outside valid range") for i in found)
+    assert any(
+        i.message.startswith("co2: ") and "outside valid range [0, 200000]" in i.message
+        for i in found
+    )
 
 
 async def test_tcp_server_killed_and_restarted_mid_run() -> None:
@@ -556,17 +563,34 @@ async def test_hamilton_status_bits_and_unit_code_set_quality(pty_pair: tuple[st
         device = device_from_driver("ph", "hamilton-arc-ph", transport={"serial_port": ours})
         async with polling(ModbusRunner(device)) as poll:
             simulator.faults = [parse_fault("set,point=ph_status,value=0x08")]  # warning
-            warning = {s.point: s for s in samples(await poll())}
+            records = await poll()
+            warning = {s.point: s for s in samples(records)}
+            warned = incidents(records)
+            assert incidents(await poll()) == []  # the same status again: no news
             simulator.faults = [parse_fault("set,point=ph_status,value=0x10")]  # error
-            error = {s.point: s for s in samples(await poll())}
+            records = await poll()
+            error = {s.point: s for s in samples(records)}
+            erred = incidents(records)
             simulator.faults = [parse_fault("set,point=ph_unit,value=0x200000")]  # mV, not pH
-            wrong_unit = {s.point: s for s in samples(await poll())}
+            records = await poll()
+            wrong_unit = {s.point: s for s in samples(records)}
+            unit_incidents = incidents(records)
     finally:
         await simulator.stop()
-    assert (warning["ph"].quality, warning["ph"].reason) == (Quality.UNCERTAIN, "ph status 8")
-    assert (error["ph"].quality, error["ph"].reason) == (Quality.BAD, "ph status 16")
+    # The reason is the rule's label and a state; the status value is in the incident, once.
+    assert (warning["ph"].quality, warning["ph"].reason) == (
+        Quality.UNCERTAIN,
+        "ph status uncertain",
+    )
+    assert [(i.code, i.message) for i in warned] == [("status", "ph: ph status reads 8 (0x8)")]
+    assert (error["ph"].quality, error["ph"].reason) == (Quality.BAD, "ph status bad")
+    assert [i.message for i in erred] == ["ph: ph status reads 16 (0x10)"]
+    assert erred[0].raw == bytes([0, 0x10, 0, 0])  # the status words as on the wire (LSW first)
     assert wrong_unit["ph"].quality is Quality.BAD
-    assert wrong_unit["ph"].reason == "unit code 0x200000, expected 0x1000"
+    assert wrong_unit["ph"].reason == "unit code unexpected"
+    assert [i.message for i in unit_incidents] == [
+        "ph: unit code reads 2097152 (0x200000), expected 4096 (0x1000)"
+    ]
     assert warning["temperature"].quality is Quality.GOOD  # its own channel's status is fine
 
 
@@ -595,10 +619,12 @@ async def test_vaisala_startup_nan_is_bad_never_a_number(pty_pair: tuple[str, st
     assert len(co2) >= 4
     for sample in co2[:-1]:  # all but the first good one
         assert sample.quality is Quality.BAD and math.isnan(sample.value)
-    assert "nan; co2 status 256" in {s.reason for s in co2}
+    assert "nan; co2 status bad" in {s.reason for s in co2}
     assert 256.0 in {s.value for s in samples(seen, "co2_status")}
     assert co2[-1].value == pytest.approx(50000, abs=2000)
-    assert {(i.kind, i.code) for i in incidents(seen)} == {(IncidentKind.DATA, "nan")}
+    found = incidents(seen)
+    assert {(i.kind, i.code) for i in found} == {(IncidentKind.DATA, c) for c in ("nan", "status")}
+    assert any("co2 status reads 256" in i.message for i in found if i.code == "status")
 
 
 async def test_crc_garbage_is_an_incident_with_the_raw_bytes(pty_pair: tuple[str, str]) -> None:
@@ -608,13 +634,17 @@ async def test_crc_garbage_is_an_incident_with_the_raw_bytes(pty_pair: tuple[str
     device = device_from_driver(
         "co2", "vaisala-gmp251", transport={"serial_port": ours, "timeout": 0.1, "retries": 1}
     )
+    runner = ModbusRunner(device)
     try:
-        async with polling(ModbusRunner(device)) as poll:
+        async with polling(runner) as poll:
             records = await poll()
     finally:
         await simulator.stop()
     found = incidents(records)
-    assert [i.code for i in found] == ["crc"] * 4  # two reads, each tried twice
+    # Two reads, each tried twice: each read's first CRC error is recorded, its retry counted.
+    assert [i.code for i in found] == ["crc"] * 2
+    assert runner.counts["crc"] == 4
+    assert [i.code for i in runner.repeats.drain()] == ["crc"] * 2
     assert found[0].raw[:3] == bytes([0xF0, 0x03, 12]) and len(found[0].raw) == 17
     assert {s.reason for s in samples(records)} == {"crc"}
 

@@ -93,9 +93,17 @@ async def test_subscription_and_polling_read_the_same_node(rotea: OpcuaSimulator
     assert latest["kit_state"].value == 3.0  # "InUse"
     assert latest["waiting_user_ack"].value == 0.0  # Boolean false
     name = latest["protocol_name"]
-    assert name.quality is Quality.BAD and name.reason == "text 'CAR-T Wash 3'"
+    # A text is no number: the sample's reason is the code `text`, the text is in the incident
+    # (one per change of it) and, for the live view, in `texts`.
+    assert name.quality is Quality.BAD and name.reason == "text"
+    assert [(i.code, i.message) for i in inbox.incidents()] == [
+        ("text", "point protocol_name (rotea:ProtocolName): text 'CAR-T Wash 3'")
+    ]
+    assert inbox.incidents()[0].raw == b"CAR-T Wash 3"
+    assert runner.texts["protocol_name"] == "CAR-T Wash 3"
+    assert runner.texts["protocol_state"] == "ProtocolRunning"  # mapped to 4: no incident
     assert all(s.device_t is not None for s in inbox.samples())
-    assert inbox.comm() == [] and inbox.incidents() == []
+    assert inbox.comm() == []
     assert runner.counts["sessions"] == 1
 
 
@@ -197,7 +205,7 @@ async def test_bad_status_frozen_timestamp_and_eurange(lads: OpcuaSimulator) -> 
     got = [(s.value, s.quality, s.reason) for s in inbox.samples()]
     tail = got[-7:]
     assert math.isnan(tail[0][0]) and tail[0][1:] == (Quality.BAD, "BadSensorFailure")
-    assert tail[1] == (150.0, Quality.UNCERTAIN, "outside EURange [0, 100]")
+    assert tail[1] == (150.0, Quality.UNCERTAIN, "outside-eurange")
     assert tail[2] == (37.0, Quality.GOOD, "")
     assert tail[3] == (37.5, Quality.UNCERTAIN, FROZEN_REASON)
     assert math.isnan(tail[4][0]) and tail[4][1:] == (Quality.BAD, STALE_REASON)

@@ -122,7 +122,7 @@ def test_mettler_stable_weight() -> None:
         (b"S D      100.00 g", 100.0, Quality.UNCERTAIN, "dynamic (not settled)"),
         (b"S S     -12.34 g", -12.34, Quality.GOOD, ""),
         (b"S S      1.2345 kg", 1234.5, Quality.GOOD, ""),
-        (b"S S      12.3 lb", math.nan, Quality.BAD, "unit 'lb'"),
+        (b"S S      12.3 lb", math.nan, Quality.BAD, "unit"),
         (b"S +", math.nan, Quality.BAD, "overload"),
         (b"S -", math.nan, Quality.BAD, "underload"),
         (b"S I", math.nan, Quality.BAD, "balance busy (command not executable now)"),
@@ -178,9 +178,11 @@ def test_alicat_status_words_set_quality_per_point() -> None:
     assert found["gas"].quality is Quality.GOOD
     found, _ = read(alicat, ALICAT_GOLDEN + b" ADC")
     assert all(s.quality is Quality.BAD for s in found.values())
-    found, _ = read(alicat, ALICAT_GOLDEN + b" XYZ")  # a word no rule names
+    found, incidents = read(alicat, ALICAT_GOLDEN + b" XYZ XYZ QQQ")  # words no rule names
     assert found["pressure"].quality is Quality.UNCERTAIN
-    assert found["pressure"].reason == "status XYZ"
+    assert found["pressure"].reason == "status unknown-word"  # a code: the words are the device's
+    assert {i.code for i in incidents} == {"unknown-word"}
+    assert all(b"XYZ XYZ QQQ" in i.raw and "XYZ XYZ QQQ" in i.message for i in incidents)
 
 
 def test_alicat_other_unit_and_unknown_gas() -> None:
@@ -191,8 +193,9 @@ def test_alicat_other_unit_and_unknown_gas() -> None:
     assert incidents[0].raw == ALICAT_GOLDEN
     found, incidents = read(alicat, b"B +013.60 +024.38 +016.67 +015.44 +015.44 Xenon")
     assert found["gas"].quality is Quality.BAD
-    assert found["gas"].reason == "unknown code 'Xenon'"
+    assert found["gas"].reason == "unknown-code"
     assert [i.code for i in incidents] == ["unknown-code"]
+    assert "Xenon" in incidents[0].message and incidents[0].raw.endswith(b"Xenon")
     assert found["pressure"].value == 13.6
 
 

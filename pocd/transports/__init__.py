@@ -26,6 +26,7 @@ from pocd.model import CommStatus, Incident, Sample
 
 __all__ = [
     "TRANSPORTS",
+    "BusUse",
     "Device",
     "DeviceRunner",
     "DriverInfo",
@@ -97,6 +98,21 @@ class DeviceRunner(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class BusUse:
+    """How a device uses a connection that other devices may share (an RS-485 port, a Modbus
+    TCP gateway), for the checks the site loader makes across devices: everything on one bus
+    speaks one protocol, with the same line settings, and each device has its own address."""
+
+    bus: str  # the bus: a port's real path, or "tcp host:port"
+    protocol: str  # what is spoken on it: "serial ASCII", "Modbus RTU", "Modbus TCP"
+    line: str  # the settings every device on the bus must share, as text
+    address: str  # the device's address on the bus (a Modbus unit id, an Alicat unit id)
+    bus_key: str  # where the bus is set, under devices[i]: "transport.serial_port"
+    address_key: str  # where the address is set: "transport.unit_id"
+    alone: bool = False  # the device must have the bus to itself (a serial device streaming)
+
+
+@dataclass(frozen=True, slots=True)
 class TransportSpec:
     name: str
     settings: type[TransportSettings]
@@ -105,6 +121,9 @@ class TransportSpec:
     # Checks that need the whole resolved device (driver defaults + site overrides), run at
     # load so that `pocd check` reports them: (key under devices[i], message) per problem.
     check: Callable[[Device], list[tuple[str, str]]] | None = None
+    # The bus a device is on, if it may share one: the loader checks the devices of each bus
+    # against each other (the runners' `join` checks the same again when they start).
+    bus: Callable[[Device], BusUse | None] | None = None
 
 
 TRANSPORTS: Mapping[str, str] = {

@@ -86,7 +86,7 @@ class SimRunner:
             elif seg.action == "stale":
                 return None
             elif seg.action == "bad":
-                quality, reason = Quality.BAD, "simulated sensor fault"
+                quality, reason = Quality.BAD, "simulated-fault"
             else:
                 value = math.nan
         if point.step:
