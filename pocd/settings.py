@@ -886,7 +886,10 @@ def _path_problem(path: str, use: PathUse) -> str | None:
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror}"
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            return f"{path} is a folder, not a file"
+        if not stat.S_ISREG(mode):
             return f"{path} is not a regular file"
     finally:
         os.close(fd)

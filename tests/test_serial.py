@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -40,7 +41,7 @@ from tests.serialkit import (
     simulating,
     simulator,
 )
-from tests.transportkit import PtyPeer, occurrences, running, until
+from tests.transportkit import PtyPeer, occurrences, repeats_in, running, until
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
@@ -443,6 +444,55 @@ async def test_unplug_is_comm_loss_and_replug_resumes(pair: PtyPair, mode: str) 
     assert incidents(seen, "port")  # the reopenings that failed while it was gone
     assert seen.index(after) > seen.index(back)
     assert incidents(seen, "timeout") == []
+
+
+# --- a babbling line (issue 11, item 19) ------------------------------------------------------
+
+# What a balance at 9600 baud looks like to a port set to 19200: bytes that never make a reply.
+_BABBLE = b"\x81\xa5S\xfe\x07 \xc3\x11g\r\n"
+
+
+async def test_a_babbling_line_is_one_incident_then_a_count_per_interval(pair: PtyPair) -> None:
+    """A wrong baud rate garbles every frame: the first is recorded at once, the rest are
+    counted, and each interval that saw repeats ends with one incident saying how many, from
+    when to when, with the raw bytes of the last; none is lost, and a line quiet for an
+    interval starts afresh."""
+    balance = runner("mettler-sics", pair.host, transport={"mode": "stream", "timeout": 10.0})
+    balance.repeats.interval = 0.3
+    inbox: Inbox = asyncio.Queue()
+    seen: list[Record] = []
+
+    def counts() -> list[Incident]:
+        return [i for i in incidents(seen, "unparseable") if repeats_in(i)]
+
+    with peer(pair.device) as device_end:
+        async with running([balance], inbox) as tasks:
+            await port_open()
+            device_end.write(_BABBLE * 300)
+            await eventually(lambda: balance.counts["unparseable"] == 300)
+            first = await until(inbox, seen, lambda r: isinstance(r, Incident))
+            await until(inbox, seen, lambda r: isinstance(r, Incident) and repeats_in(r) > 0)
+            device_end.write(_BABBLE * 200)  # the line babbles on: the next interval counts it
+            await until(inbox, seen, lambda r: isinstance(r, Incident) and repeats_in(r) > 0)
+            await asyncio.sleep(0.7)  # a quiet interval: the window closes
+            device_end.write(_BABBLE)
+            again = await until(inbox, seen, lambda r: isinstance(r, Incident))
+            assert not tasks[0].done()
+    seen += drain(inbox)
+    assert isinstance(first, Incident) and first.code == "unparseable"
+    assert first.raw == _BABBLE[:-2] and not repeats_in(first)
+    assert [repeats_in(i) for i in counts()] == [299, 200]
+    count = counts()[0]
+    assert count.kind is first.kind and count.source == "mettler-sics"
+    assert count.raw == _BABBLE[:-2]  # a sample of what the line said
+    assert re.match(
+        r"299 more 'unparseable' incident\(s\) from \S+ to \S+ \(\S+ s\), counted and not "
+        r"recorded one by one \(a count at most every 0.3 s\); the last: no reply shape matches",
+        count.message,
+    )
+    assert isinstance(again, Incident) and not repeats_in(again)  # recorded at once again
+    assert len(incidents(seen)) == 4  # not 501
+    assert occurrences(seen, "unparseable") == balance.counts["unparseable"] == 501
 
 
 # --- fuzzing over a pty -----------------------------------------------------------------------

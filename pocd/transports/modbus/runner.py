@@ -146,11 +146,11 @@ def bus_use(device: Device) -> BusUse | None:
     endpoint = Endpoint.of(settings)
     if endpoint.kind == "tcp":
         bus, protocol, key = f"tcp {endpoint.address}:{endpoint.port}", "Modbus TCP", "host"
-        line = f"frame_pause {endpoint.pause:g} s"
+        line = f"frame_pause {endpoint.pause * 1000:.3g} ms"
     else:
         bus, protocol, key = endpoint.address, "Modbus RTU", "serial_port"
         line = str(endpoint).removeprefix(f"rtu {endpoint.address} ")
-        line += f", frame_pause {endpoint.pause:g} s"
+        line += f", frame_pause {endpoint.pause * 1000:.3g} ms"
     return BusUse(
         bus=bus,
         protocol=protocol,
