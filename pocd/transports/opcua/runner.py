@@ -479,12 +479,13 @@ class OpcuaRunner:
             self._down_since = time.monotonic()
             self._failure = code
             # Logged by the daemon when it takes the CommStatus; the incident keeps the code.
+            # (A session that keeps dropping is a flood of them: repeats are counted.)
             await self._put_record(CommStatus(self.device.id, t, ok=False, reason=message))
-            await self._put_record(Incident(t, kind, code, self.device.id, message))
+            await self._put_incident(code, Incident(t, kind, code, self.device.id, message))
         elif code != self._failure:
             self._failure = code
             self._log.error("device still lost, for another reason", code=code, reason=message)
-            await self._put_record(Incident(t, kind, code, self.device.id, message))
+            await self._put_incident(code, Incident(t, kind, code, self.device.id, message))
         else:
             self._log.debug("reconnect failed", code=code, reason=message)
 
