@@ -1,13 +1,15 @@
 """The transport interface: how a device's readings reach the daemon.
 
 A transport is a protocol noun (sim, modbus, opcua, serial). Each lives in its own module that
-exposes `TRANSPORT`, a `TransportSpec` naming its settings model, its point model and the
-runner that reads one device. Modules are imported only when a config uses them.
+exposes `TRANSPORT`, a `TransportSpec` naming its settings model, its point model, the runner
+that reads one device, and the checks the site loader makes at load (of a whole device, and of
+the devices that share a bus: `BusUse`). Modules are imported only when a config uses them.
 
 Contract of a runner (`DeviceRunner.run`): read the device until cancelled and put every
 `Sample`, `CommStatus` and `Incident` into the inbox. It owns reconnection (jittered backoff),
 never raises for a device fault, and never drops a reading: a value it cannot trust is a BAD
-sample with a reason, a lost device is a `CommStatus(ok=False)`.
+sample whose reason is a short code (what the device said goes into an incident), a lost
+device is a `CommStatus(ok=False)`, and a fault that repeats is counted (`repeats`).
 """
 
 from __future__ import annotations
