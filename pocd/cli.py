@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pocd.errors import ConfigError, PocdError
+from pocd.errors import ConfigError, ConfigProblem, PocdError
 from pocd.records import json_bytes, readable
 from pocd.settings import Site, check_files, load_site
 
@@ -35,9 +35,12 @@ def _site(args: argparse.Namespace) -> Site:
 
 
 def _check(args: argparse.Namespace) -> int:
-    problems = check_files(args.files)
+    warnings: list[ConfigProblem] = []
+    problems = check_files(args.files, warnings)
     for problem in problems:
         print(problem, file=sys.stderr)
+    for warning in warnings:  # the config works: they do not fail the check
+        print(f"warning: {warning}", file=sys.stderr)
     if problems:
         return 2
     for path in args.files:

@@ -2,14 +2,20 @@
 
 Everything is validated once, at load, with pydantic; unknown keys are errors. Every problem is
 reported as a `ConfigProblem` that names the file, the key path and, where one applies, the
-device. Nothing here opens a device, a socket or the store.
+device. Paths in a file are relative to that file. The loader checks each device as a whole
+and the devices of each shared bus against each other; `check_files` (`pocd check`, the
+service's gate) also makes sure that every file a config names can be read and the data
+folder written, and warns of settings that work but expose the site. Nothing here opens a
+device, a socket or the store.
 """
 
 from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 import types
 import typing
@@ -22,11 +28,17 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
-from pocd.configtypes import Duration, StrictModel
+from pocd.configtypes import (
+    Duration,
+    PathUse,
+    StrictModel,
+    config_paths,
+    field_path_use,
+)
 from pocd.errors import ConfigError, ConfigProblem
 from pocd.protocol import Limits, Parameter, Phase, Protocol, ProtocolStatus, canonical_hash
 from pocd.sinks.config import InfluxSettings
-from pocd.transports import TRANSPORTS, Device, DriverInfo, get_transport
+from pocd.transports import TRANSPORTS, BusUse, Device, DriverInfo, get_transport
 
 __all__ = [
     "Site",
@@ -37,6 +49,8 @@ __all__ = [
     "load_protocol",
     "load_site",
     "protocol_from_text",
+    "site_file_problems",
+    "site_warnings",
 ]
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -305,10 +319,31 @@ class SiteSection(StrictModel):
         return value
 
 
+# Samples wait in memory for at most flush_interval before they are committed: a crash loses
+# them. Shorter than the floor, the store writer would commit without pause (a core at 100 %).
+FLUSH_INTERVAL_MIN = 0.01
+FLUSH_INTERVAL_MAX = 10.0
+
+
 class StoreSection(StrictModel):
     data_dir: str = "data"  # relative to the config file
     flush_interval: Duration = 0.2
     batch_size: int = Field(default=20_000, ge=1)
+
+    @field_validator("flush_interval")
+    @classmethod
+    def _flush_interval(cls, value: float) -> float:
+        if value < FLUSH_INTERVAL_MIN:
+            raise ValueError(
+                f"{value:g} s would commit without pause and keep a core busy: at least "
+                f"{FLUSH_INTERVAL_MIN * 1000:g}ms (the default, 200ms, suits most sites)"
+            )
+        if value > FLUSH_INTERVAL_MAX:
+            raise ValueError(
+                f"{value:g} s of samples would wait in memory, lost if the daemon crashes: at "
+                f"most {FLUSH_INTERVAL_MAX:g}s (the default, 200ms, suits most sites)"
+            )
+        return value
 
 
 class ApiSection(StrictModel):
@@ -460,8 +495,8 @@ def load_site(path: str | Path) -> Site:
     """Load a site config with its devices and protocols. Raises ConfigError with every problem."""
     file = str(path)
     doc = _read_toml(file)
-    config = _validate(SiteConfig, doc, file)
     base = Path(file).resolve().parent
+    config = _validate(SiteConfig, doc, file, base=base)
     problems: list[ConfigProblem] = []
 
     protocols, protocols_complete = _load_protocols(file, base / config.protocols.dir, problems)
@@ -493,7 +528,7 @@ def load_site(path: str | Path) -> Site:
             continue
         seen[section.id] = i
         try:
-            device = _resolve_device(file, where, section, extra_dirs)
+            device = _resolve_device(file, where, section, extra_dirs, base)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
@@ -536,6 +571,7 @@ def load_site(path: str | Path) -> Site:
         if section.enabled:
             devices[section.id] = device
 
+    problems += _bus_problems(file, devices, seen)
     if config.run.phase_source is not None:
         problems += _phase_source_problems(
             file,
@@ -640,8 +676,55 @@ def _phase_source_problems(
     return problems
 
 
+def _bus_problems(
+    file: str, devices: Mapping[str, Device], index: Mapping[str, int]
+) -> list[ConfigProblem]:
+    """Clashes between the (enabled, valid) devices that share a bus: two protocols on one
+    port (Modbus RTU beside serial ASCII), other line settings, one address twice, a device
+    that must be alone. Each is reported at the later device, naming the earlier one."""
+    problems: list[ConfigProblem] = []
+    on_bus: dict[str, list[tuple[Device, BusUse]]] = {}
+    for device in devices.values():
+        bus_of = get_transport(device.driver.transport).bus
+        use = bus_of(device) if bus_of is not None else None
+        if use is None:
+            continue
+        where = f"devices[{index[device.id]}]"
+        for other, theirs in on_bus.get(use.bus, []):
+            them = f"{other.id!r} (devices[{index[other.id]}])"
+            key, message = "", ""
+            if use.protocol != theirs.protocol:
+                key = use.bus_key
+                message = (
+                    f"{use.bus} carries {theirs.protocol} for {them}; a port speaks one "
+                    f"protocol, so {use.protocol} cannot share it"
+                )
+            elif use.alone or theirs.alone:
+                key = use.bus_key
+                alone = "this device streams" if use.alone else f"{them} streams"
+                message = (
+                    f'{use.bus} is also used by {them}, but {alone} (mode = "stream"): a '
+                    "streaming device must be alone on its port, its lines carry no address"
+                )
+            elif use.line != theirs.line:
+                key = "transport"
+                message = (
+                    f"line settings {use.line} on {use.bus} differ from {theirs.line} of "
+                    f"{them}: every device on a bus has the same"
+                )
+            elif use.address == theirs.address:
+                key = use.address_key
+                message = f"{use.address} on {use.bus} is already used by {them}"
+            if message:
+                problems.append(ConfigProblem(file, f"{where}.{key}", message, device=device.id))
+                break
+        else:
+            on_bus.setdefault(use.bus, []).append((device, use))
+    return problems
+
+
 def _resolve_device(
-    file: str, where: str, section: DeviceSection, extra_dirs: list[Path]
+    file: str, where: str, section: DeviceSection, extra_dirs: list[Path], base: Path
 ) -> Device:
     """The device over its driver. Raises ConfigError with every problem of this device."""
     try:
@@ -657,13 +740,16 @@ def _resolve_device(
         raise
     transport = get_transport(driver.info.transport)
     problems: list[ConfigProblem] = []
+    # Paths the driver file gives are relative to the driver file; the site's to the site's.
+    defaults = _paths_against(transport.settings, driver.defaults, Path(driver.info.source))
     try:
         settings = _validate(
             transport.settings,
-            {**driver.defaults, **section.transport},
+            {**defaults, **section.transport},
             file,
             prefix=f"{where}.transport",
             device=section.id,
+            base=base,
         )
     except ConfigError as exc:
         problems.extend(exc.problems)
@@ -698,6 +784,24 @@ def _resolve_device(
     return device
 
 
+def _paths_against(
+    model: type[StrictModel], table: Mapping[str, Any], source: Path
+) -> dict[str, Any]:
+    """`table` with the relative paths among its keys made absolute against `source`'s folder."""
+    folder = source.resolve().parent
+    out = dict(table)
+    for name, info in model.model_fields.items():
+        value = out.get(name)
+        if (
+            isinstance(value, str)
+            and field_path_use(info) is not None
+            and "://" not in value
+            and not Path(value).is_absolute()
+        ):
+            out[name] = str(folder / value)
+    return out
+
+
 # --- common --------------------------------------------------------------------------------
 
 FileKind = Literal["site", "protocol", "driver"]
@@ -717,14 +821,24 @@ def file_kind(doc: Mapping[str, Any]) -> FileKind:
     return "protocol"
 
 
-def check_files(paths: Iterable[str]) -> list[ConfigProblem]:
-    """Validate each file by its kind (site config, protocol or driver). [] when all are valid."""
+def check_files(
+    paths: Iterable[str], warnings: list[ConfigProblem] | None = None
+) -> list[ConfigProblem]:
+    """Validate each file by its kind (site config, protocol or driver). [] when all are valid.
+
+    For a site config, also what only the machine can say: every file it names can be read,
+    every folder listed, the data folder written (`site_file_problems`). Settings that work
+    but that no operator should leave as they are go into `warnings`, if given.
+    """
     problems: list[ConfigProblem] = []
     for path in paths:
         try:
             kind = file_kind(_read_toml(path))
             if kind == "site":
-                load_site(path)
+                site = load_site(path)
+                problems += site_file_problems(site, path)
+                if warnings is not None:
+                    warnings += site_warnings(site, path)
             elif kind == "driver":
                 load_driver(Path(path).stem, [Path(path).resolve().parent])
             else:
@@ -732,6 +846,108 @@ def check_files(paths: Iterable[str]) -> list[ConfigProblem]:
         except ConfigError as exc:
             problems.extend(exc.problems)
     return problems
+
+
+def site_file_problems(site: Site, file: str | None = None) -> list[ConfigProblem]:
+    """Files and folders the site config names that pocd could not use, as the user running
+    this sees them (`pocd check` runs as the service's user, before the service starts): every
+    path setting of the config and of each device (`configtypes.config_paths`: certificates,
+    keys, password files, trust folders; sink secrets once they are typed so), and the data
+    folder, which must be writable or creatable."""
+    file = file if file is not None else str(site.path)
+    problems: list[ConfigProblem] = []
+    for key, path, use in config_paths(site.config):
+        message = _path_problem(path, use)
+        if message is not None:
+            problems.append(ConfigProblem(file, key, message))
+    for i, section in enumerate(site.config.devices):
+        device = site.devices.get(section.id)
+        if device is None:  # disabled
+            continue
+        for key, path, use in config_paths(device.settings, f"devices[{i}].transport"):
+            message = _path_problem(path, use)
+            if message is not None:
+                problems.append(ConfigProblem(file, key, message, device=device.id))
+    message = _data_folder_problem(site.data_dir, site.store_path)
+    if message is not None:
+        problems.append(ConfigProblem(file, "store.data_dir", message))
+    return problems
+
+
+def _path_problem(path: str, use: PathUse) -> str | None:
+    """Why pocd could not use the path as `use` says, or None."""
+    if use.kind == "device":
+        return None  # a serial port may be unplugged: a fault of its device, not of the config
+    if use.kind == "folder":
+        try:
+            os.listdir(path)
+        except FileNotFoundError:
+            return f"no such folder: {path}"
+        except NotADirectoryError:
+            return f"{path} is not a folder"
+        except OSError as exc:
+            return f"cannot list the folder {path}: {exc.strerror}"
+        return None
+    try:
+        # Non-blocking: a FIFO named by mistake must not hang the check.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return f"no such file: {path}"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            return f"{path} is a folder, not a file"
+        if not stat.S_ISREG(mode):
+            return f"{path} is not a regular file"
+    finally:
+        os.close(fd)
+    return None
+
+
+def _data_folder_problem(folder: Path, store: Path) -> str | None:
+    """Why the store could not be written in `folder`, or None. A folder that does not exist
+    yet is made at the first start: then its nearest existing parent must be writable."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"the data folder {folder} cannot be made: {existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == folder:
+            return f"cannot write to the data folder {folder}"
+        return f"the data folder {folder} cannot be made: cannot write to {existing}"
+    if store.exists() and not os.access(store, os.R_OK | os.W_OK):
+        return f"cannot write to the store {store}"
+    return None
+
+
+def site_warnings(site: Site, file: str | None = None) -> list[ConfigProblem]:
+    """Settings that work but expose the site, for `pocd check` to print (it still passes)."""
+    file = file if file is not None else str(site.path)
+    warnings: list[ConfigProblem] = []
+    api = site.config.api
+    if not _is_loopback(api.host):
+        warnings.append(
+            ConfigProblem(
+                file,
+                "api.listen",
+                f"{api.listen} can be reached from other machines, and the API has no TLS and "
+                "no logins: anyone who reaches it can start, stop and change runs. Listen on "
+                "127.0.0.1 behind a reverse proxy with TLS and logins, or firewall the port",
+            )
+        )
+    return warnings
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -767,9 +983,11 @@ def _validate(
     *,
     prefix: str = "",
     device: str | None = None,
+    base: Path | None = None,
 ) -> M:
+    """`data` as a `model`; relative paths in it against `base` (the file's folder)."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=None if base is None else {"base": base})
     except ValidationError as exc:
         raise ConfigError(
             [_problem(file, error, data, prefix, device, model) for error in exc.errors()]

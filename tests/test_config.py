@@ -16,7 +16,7 @@ import pytest
 
 from pocd.cli import main
 from pocd.errors import ConfigError
-from pocd.settings import load_driver, load_site
+from pocd.settings import check_files, load_driver, load_site
 from tests.configkit import Bad, edit, find_problem, where
 
 REPO = Path(__file__).resolve().parents[1]
@@ -619,3 +619,319 @@ def test_shipped_sim_driver() -> None:
     assert driver.info.transport == "sim"
     assert driver.info.source == str(REPO / "drivers" / "sim.toml")
     assert driver.defaults == {"interval": 1.0}
+
+
+# --- whole devices and shared buses, at load (issue 11, item 6) -------------------------------
+#
+# A serial device that could not run used to pass `pocd check` and fail only when the daemon
+# built its runner; two devices clashing on a bus, only when the second joined it. Each is now
+# a problem at load, with the file, the key path and the device.
+
+BALANCE = """
+[[devices]]
+id = "balance"
+driver = "mettler-sics"
+transport = { port = "/dev/ttyUSB7" }
+"""
+
+VAISALA = """
+[[devices]]
+id = "co2"
+driver = "vaisala-gmp251"
+transport = { serial_port = "/dev/ttyUSB7" }
+"""
+
+HAMILTON = """
+[[devices]]
+id = "ph"
+driver = "hamilton-arc-ph"
+transport = { serial_port = "/dev/ttyUSB7", unit_id = 240 }
+"""
+
+DEVICE_CASES = {
+    "serial-device-without-port": Bad(
+        ((None, BALANCE.replace('transport = { port = "/dev/ttyUSB7" }\n', "")),),
+        "devices[2].transport",
+        "needs port (e.g. /dev/ttyUSB0)",
+        "balance",
+    ),
+    "serial-point-reads-no-group": Bad(
+        ((None, BALANCE + 'points.weight = { field = "wieght" }\n'),),
+        "devices[2].points.weight.field",
+        "no reply shape has a group 'wieght'",
+        "balance",
+    ),
+    "serial-status-word-for-unknown-point": Bad(
+        (
+            (
+                None,
+                BALANCE.replace(
+                    '"/dev/ttyUSB7" }',
+                    '"/dev/ttyUSB7", replies = [{ pattern = '
+                    '"^(?P<weight>\\\\S+) (?P<status>\\\\S)$", '
+                    'words = [{ word = "D", quality = "bad", points = ["mass"] }] }] }',
+                ),
+            ),
+        ),
+        "devices[2].transport.replies[0]",
+        "status word 'D': unknown point 'mass'",
+        "balance",
+    ),
+    "two-units-with-one-id-on-a-bus": Bad(
+        ((None, VAISALA + HAMILTON),),
+        "devices[3].transport.unit_id",
+        "unit id 240 on /dev/ttyUSB7 is already used by 'co2' (devices[2])",
+        "ph",
+    ),
+    "two-units-with-one-id-behind-a-gateway": Bad(
+        (
+            (
+                None,
+                VAISALA.replace('serial_port = "/dev/ttyUSB7"', 'host = "10.0.0.9"')
+                + HAMILTON.replace('serial_port = "/dev/ttyUSB7"', 'host = "10.0.0.9"'),
+            ),
+        ),
+        "devices[3].transport.unit_id",
+        "unit id 240 on tcp 10.0.0.9:502 is already used by 'co2' (devices[2])",
+        "ph",
+    ),
+    "line-settings-differ-on-a-bus": Bad(
+        ((None, VAISALA + HAMILTON.replace("unit_id = 240", "unit_id = 1, stopbits = 1")),),
+        "devices[3].transport",
+        "line settings 19200 8N1, frame_pause 2.01 ms on /dev/ttyUSB7 differ from "
+        "19200 8N2, frame_pause 2.01 ms of 'co2' (devices[2])",
+        "ph",
+    ),
+    "modbus-rtu-beside-serial-ascii-on-one-tty": Bad(
+        ((None, BALANCE + VAISALA),),
+        "devices[3].transport.serial_port",
+        "/dev/ttyUSB7 carries serial ASCII for 'balance' (devices[2]); a port speaks one "
+        "protocol, so Modbus RTU cannot share it",
+        "co2",
+    ),
+    "two-names-of-one-port-are-one-bus": Bad(
+        ((None, BALANCE + VAISALA.replace("/dev/ttyUSB7", "/dev/../dev/ttyUSB7")),),
+        "devices[3].transport.serial_port",
+        "a port speaks one protocol",
+        "co2",
+    ),
+    "serial-line-settings-differ": Bad(
+        (
+            (
+                None,
+                BALANCE.replace('"/dev/ttyUSB7" }', '"/dev/ttyUSB7", address = "1" }')
+                + BALANCE.replace('id = "balance"', 'id = "scale"').replace(
+                    '"/dev/ttyUSB7" }', '"/dev/ttyUSB7", address = "2", baudrate = 19200 }'
+                ),
+            ),
+        ),
+        "devices[3].transport",
+        "line settings 19200 8N1, lines ending b'\\r\\n', max_frame 1024 on /dev/ttyUSB7 differ",
+        "scale",
+    ),
+    "one-serial-address-twice": Bad(
+        ((None, BALANCE + BALANCE.replace('id = "balance"', 'id = "scale"')),),
+        "devices[3].transport.address",
+        "address '' on /dev/ttyUSB7 is already used by 'balance' (devices[2])",
+        "scale",
+    ),
+    "a-streaming-device-must-be-alone": Bad(
+        (
+            (
+                None,
+                BALANCE.replace('"/dev/ttyUSB7" }', '"/dev/ttyUSB7", mode = "stream" }')
+                + BALANCE.replace('id = "balance"', 'id = "scale"').replace(
+                    '"/dev/ttyUSB7" }', '"/dev/ttyUSB7", address = "2" }'
+                ),
+            ),
+        ),
+        "devices[3].transport.port",
+        "'balance' (devices[2]) streams",
+        "scale",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DEVICE_CASES.values(), ids=DEVICE_CASES.keys())
+def test_whole_device_and_bus_problems_at_load(
+    case: Bad, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_site(tmp_path, edit(SITE, *case.edits))
+    code, err = run_check(capsys, path)
+    assert code == 2
+    line = find_problem(err, path, case.key, case.device)
+    assert case.message in line.removeprefix(where(path, case.key, case.device))
+
+
+def test_devices_that_share_a_bus_rightly_pass(tmp_path: Path) -> None:
+    # Distinct unit ids with one line; a disabled device does not run, so it clashes with none.
+    text = SITE + VAISALA + HAMILTON.replace("unit_id = 240", "unit_id = 1")
+    text += VAISALA.replace('id = "co2"', 'id = "spare"\nenabled = false')
+    site = load_site(write_site(tmp_path, text))
+    assert set(site.devices) == {"incubator", "bioreactor", "co2", "ph"}
+
+
+# --- paths relative to the config file, and the files pocd check reads (item 17) ------------
+
+ROTEA_SECURED = """
+[[devices]]
+id = "rotea"
+driver = "thermo-rotea"
+transport.security_policy = "Basic256Sha256"
+transport.certificate = "pki/client.der"
+transport.private_key = "pki/client-key.pem"
+transport.trust_dir = "pki/trusted"
+transport.username = "op"
+transport.password_file = "secrets/opcua-password"
+"""
+
+
+def _pki(folder: Path) -> None:
+    (folder / "pki" / "trusted").mkdir(parents=True)
+    (folder / "pki" / "client.der").write_bytes(b"cert")
+    (folder / "pki" / "client-key.pem").write_bytes(b"key")
+    (folder / "secrets").mkdir()
+    (folder / "secrets" / "opcua-password").write_text("pw\n")
+
+
+def test_opcua_paths_are_relative_to_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _pki(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory plays no part
+    site = load_site(write_site(tmp_path, SITE + ROTEA_SECURED))
+    settings = site.devices["rotea"].settings.model_dump()
+    assert settings["certificate"] == str(tmp_path / "pki" / "client.der")
+    assert settings["private_key"] == str(tmp_path / "pki" / "client-key.pem")
+    assert settings["trust_dir"] == str(tmp_path / "pki" / "trusted")
+    assert settings["password_file"] == str(tmp_path / "secrets" / "opcua-password")
+    assert check_files([str(tmp_path / "pocd.toml")]) == []
+
+
+def test_check_reports_each_file_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _pki(tmp_path)
+    (tmp_path / "pki" / "client-key.pem").unlink()
+    (tmp_path / "secrets" / "opcua-password").unlink()
+    (tmp_path / "secrets" / "opcua-password").mkdir()  # a folder where a file belongs
+    (tmp_path / "pki" / "trusted").rmdir()
+    path = write_site(tmp_path, SITE + ROTEA_SECURED)
+    load_site(path)  # the config itself is valid: `pocd run list` and friends still load it
+    code, err = run_check(capsys, path)
+    assert code == 2
+    assert err == [
+        f"{path}: devices[2].transport.private_key (device 'rotea'): no such file: "
+        f"{tmp_path / 'pki' / 'client-key.pem'}",
+        f"{path}: devices[2].transport.trust_dir (device 'rotea'): no such folder: "
+        f"{tmp_path / 'pki' / 'trusted'}",
+        f"{path}: devices[2].transport.password_file (device 'rotea'): "
+        f"{tmp_path / 'secrets' / 'opcua-password'} is a folder, not a file",
+    ]
+
+
+def test_a_driver_files_paths_are_relative_to_the_driver_file(tmp_path: Path) -> None:
+    _pki(tmp_path / "drivers")
+    (tmp_path / "drivers" / "secured-rotea.toml").write_text(
+        (REPO / "drivers" / "thermo-rotea.toml")
+        .read_text()
+        .replace(
+            'read = "subscription"',
+            'read = "subscription"\ntrust_dir = "pki/trusted"\ncertificate = "pki/client.der"',
+        )
+    )
+    text = SITE.replace("[site]", 'drivers_dir = "drivers"\n\n[site]') + (
+        '\n[[devices]]\nid = "rotea"\ndriver = "secured-rotea"\n'
+        'transport = { security_policy = "Basic256Sha256", private_key = "key.pem" }\n'
+    )
+    (tmp_path / "key.pem").write_bytes(b"key")
+    site = load_site(write_site(tmp_path, text))
+    settings = site.devices["rotea"].settings.model_dump()
+    assert settings["trust_dir"] == str(tmp_path / "drivers" / "pki" / "trusted")
+    assert settings["certificate"] == str(tmp_path / "drivers" / "pki" / "client.der")
+    assert settings["private_key"] == str(tmp_path / "key.pem")  # from the site config
+
+
+# --- values no operator means (item 20) --------------------------------------------------------
+
+ROTEA_USER = """
+[[devices]]
+id = "rotea"
+driver = "thermo-rotea"
+transport = { username = "op", password_env = "ROTEA_PASSWORD" }
+"""
+
+UNMEANT_CASES = {
+    "flush-interval-zero": Bad(
+        (('flush_interval = "200ms"', "flush_interval = 0"),),
+        "store.flush_interval",
+        "0 s would commit without pause and keep a core busy: at least 10ms",
+    ),
+    "flush-interval-a-day": Bad(
+        (('flush_interval = "200ms"', 'flush_interval = "1d"'),),
+        "store.flush_interval",
+        "86400 s of samples would wait in memory, lost if the daemon crashes: at most 10s",
+    ),
+    "opcua-user-on-an-unsecured-channel": Bad(
+        ((None, ROTEA_USER),),
+        "devices[2].transport",
+        "username 'op' needs a security_policy other than None: on an unsecured channel the "
+        "password would travel in clear",
+        "rotea",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNMEANT_CASES.values(), ids=UNMEANT_CASES.keys())
+def test_values_no_operator_means_are_refused(
+    case: Bad, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_site(tmp_path, edit(SITE, *case.edits))
+    code, err = run_check(capsys, path)
+    assert code == 2
+    line = find_problem(err, path, case.key, case.device)
+    assert case.message in line.removeprefix(where(path, case.key, case.device))
+
+
+def test_flush_interval_within_its_bounds_passes(tmp_path: Path) -> None:
+    for value in ('"10ms"', '"10s"', "1"):
+        site = load_site(write_site(tmp_path, edit(SITE, ('"200ms"', value))))
+        assert 0.01 <= site.config.store.flush_interval <= 10
+
+
+def test_check_reports_a_data_folder_that_cannot_be_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "not-a-folder").write_text("")
+    text = edit(SITE, ('flush_interval = "200ms"', 'data_dir = "not-a-folder/data"'))
+    path = write_site(tmp_path, text)
+    code, err = run_check(capsys, path)
+    assert (code, err) == (
+        2,
+        [
+            f"{path}: store.data_dir: the data folder {tmp_path / 'not-a-folder' / 'data'} "
+            f"cannot be made: {tmp_path / 'not-a-folder'} is not a folder"
+        ],
+    )
+    # A data folder that does not exist yet, in a writable place, is made at the first start.
+    path = write_site(tmp_path, edit(SITE, ('flush_interval = "200ms"', 'data_dir = "new/d"')))
+    assert run_check(capsys, path) == (0, [])
+
+
+def test_an_api_open_to_the_network_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_site(tmp_path, edit(SITE, ('"127.0.0.1:8470"', '"0.0.0.0:8470"')))
+    code = main(["check", str(path)])
+    out = capsys.readouterr()
+    assert code == 0  # it works: the operator is told, the service may start
+    assert out.out == f"{path}: ok\n"
+    assert out.err.startswith(
+        f"warning: {path}: api.listen: 0.0.0.0:8470 can be reached from other machines, and "
+        "the API has no TLS and no logins"
+    )
+    for loopback in ('"localhost:8470"', '"[::1]:8470"', '"127.0.0.2:8470"'):
+        path = write_site(tmp_path, edit(SITE, ('"127.0.0.1:8470"', loopback)))
+        assert run_check(capsys, path) == (0, [])

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequen
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -29,7 +31,9 @@ from pocd.errors import ConfigError
 from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample
 from pocd.sim.modbus import ModbusSimulator, device_from_driver, parse_fault, unit_from_driver
 from pocd.transports.modbus import ModbusRunner, ModbusSettings
-from pocd.transports.modbus.link import Link, join, leave, links
+from pocd.transports.modbus.codec import decode
+from pocd.transports.modbus.config import REGISTER_COUNT
+from pocd.transports.modbus.link import Link, Reply, join, leave, links
 from pocd.transports.modbus.plan import Read
 from tests.transportkit import PtyPeer, running, until
 
@@ -316,7 +320,11 @@ async def test_timeout_marks_comm_loss_and_recovery(
         assert not down.ok and "no answer within 0.1 s" in down.reason
         assert {(s.quality, s.reason) for s in samples(records)} == {(Quality.BAD, "timeout")}
         assert len(samples(records)) == 4  # every point, none skipped
-        assert [i.code for i in incidents(records)] == ["timeout", "timeout"]  # try + retry
+        # try + retry: the first is recorded, the repeat counted
+        assert [i.code for i in incidents(records)] == ["timeout"]
+        assert runner.counts["timeout"] == 2
+        [count] = runner.repeats.drain()
+        assert count.code == "timeout" and count.message.startswith("1 more 'timeout'")
         assert simulator.requests[240] == 2  # the rest of the poll was not attempted
         simulator.faults.clear()
         records = await poll()
@@ -412,10 +420,13 @@ async def test_wrong_word_order_is_caught_by_the_valid_range(
         records = await poll()
     [co2] = samples(records, "co2")
     assert co2.quality is Quality.BAD
-    assert co2.reason == "outside valid range [0, 200000]"
+    assert co2.reason == "out-of-range"
     found = incidents(records)  # temperature may land inside its range, or not: noise decides
     assert {(i.kind, i.code) for i in found} == {(IncidentKind.DATA, "out-of-range")}
-    assert any(i.message.startswith("co2: outside valid range") for i in found)
+    assert any(
+        i.message.startswith("co2: ") and "outside valid range [0, 200000]" in i.message
+        for i in found
+    )
 
 
 async def test_tcp_server_killed_and_restarted_mid_run() -> None:
@@ -556,17 +567,34 @@ async def test_hamilton_status_bits_and_unit_code_set_quality(pty_pair: tuple[st
         device = device_from_driver("ph", "hamilton-arc-ph", transport={"serial_port": ours})
         async with polling(ModbusRunner(device)) as poll:
             simulator.faults = [parse_fault("set,point=ph_status,value=0x08")]  # warning
-            warning = {s.point: s for s in samples(await poll())}
+            records = await poll()
+            warning = {s.point: s for s in samples(records)}
+            warned = incidents(records)
+            assert incidents(await poll()) == []  # the same status again: no news
             simulator.faults = [parse_fault("set,point=ph_status,value=0x10")]  # error
-            error = {s.point: s for s in samples(await poll())}
+            records = await poll()
+            error = {s.point: s for s in samples(records)}
+            erred = incidents(records)
             simulator.faults = [parse_fault("set,point=ph_unit,value=0x200000")]  # mV, not pH
-            wrong_unit = {s.point: s for s in samples(await poll())}
+            records = await poll()
+            wrong_unit = {s.point: s for s in samples(records)}
+            unit_incidents = incidents(records)
     finally:
         await simulator.stop()
-    assert (warning["ph"].quality, warning["ph"].reason) == (Quality.UNCERTAIN, "ph status 8")
-    assert (error["ph"].quality, error["ph"].reason) == (Quality.BAD, "ph status 16")
+    # The reason is the rule's label and a state; the status value is in the incident, once.
+    assert (warning["ph"].quality, warning["ph"].reason) == (
+        Quality.UNCERTAIN,
+        "ph status uncertain",
+    )
+    assert [(i.code, i.message) for i in warned] == [("status", "ph: ph status reads 8 (0x8)")]
+    assert (error["ph"].quality, error["ph"].reason) == (Quality.BAD, "ph status bad")
+    assert [i.message for i in erred] == ["ph: ph status reads 16 (0x10)"]
+    assert erred[0].raw == bytes([0, 0x10, 0, 0])  # the status words as on the wire (LSW first)
     assert wrong_unit["ph"].quality is Quality.BAD
-    assert wrong_unit["ph"].reason == "unit code 0x200000, expected 0x1000"
+    assert wrong_unit["ph"].reason == "unit code unexpected"
+    assert [i.message for i in unit_incidents] == [
+        "ph: unit code reads 2097152 (0x200000), expected 4096 (0x1000)"
+    ]
     assert warning["temperature"].quality is Quality.GOOD  # its own channel's status is fine
 
 
@@ -595,10 +623,12 @@ async def test_vaisala_startup_nan_is_bad_never_a_number(pty_pair: tuple[str, st
     assert len(co2) >= 4
     for sample in co2[:-1]:  # all but the first good one
         assert sample.quality is Quality.BAD and math.isnan(sample.value)
-    assert "nan; co2 status 256" in {s.reason for s in co2}
+    assert "nan; co2 status bad" in {s.reason for s in co2}
     assert 256.0 in {s.value for s in samples(seen, "co2_status")}
     assert co2[-1].value == pytest.approx(50000, abs=2000)
-    assert {(i.kind, i.code) for i in incidents(seen)} == {(IncidentKind.DATA, "nan")}
+    found = incidents(seen)
+    assert {(i.kind, i.code) for i in found} == {(IncidentKind.DATA, c) for c in ("nan", "status")}
+    assert any("co2 status reads 256" in i.message for i in found if i.code == "status")
 
 
 async def test_crc_garbage_is_an_incident_with_the_raw_bytes(pty_pair: tuple[str, str]) -> None:
@@ -608,13 +638,17 @@ async def test_crc_garbage_is_an_incident_with_the_raw_bytes(pty_pair: tuple[str
     device = device_from_driver(
         "co2", "vaisala-gmp251", transport={"serial_port": ours, "timeout": 0.1, "retries": 1}
     )
+    runner = ModbusRunner(device)
     try:
-        async with polling(ModbusRunner(device)) as poll:
+        async with polling(runner) as poll:
             records = await poll()
     finally:
         await simulator.stop()
     found = incidents(records)
-    assert [i.code for i in found] == ["crc"] * 4  # two reads, each tried twice
+    # Two reads, each tried twice: each read's first CRC error is recorded, its retry counted.
+    assert [i.code for i in found] == ["crc"] * 2
+    assert runner.counts["crc"] == 4
+    assert [i.code for i in runner.repeats.drain()] == ["crc"] * 2
     assert found[0].raw[:3] == bytes([0xF0, 0x03, 12]) and len(found[0].raw) == 17
     assert {s.reason for s in samples(records)} == {"crc"}
 
@@ -667,3 +701,183 @@ async def test_shared_bus_one_silent_unit_does_not_slow_the_others(
     assert ph and {(s.quality, s.reason) for s in ph} == {(Quality.BAD, "timeout")}
     # Backoff: the dead unit was tried far less often than it would have been polled.
     assert simulator.requests[1] <= polls / 2, simulator.requests[1]
+
+
+# --- the fast path and its plain twin; overflow of the scaling (issue 11, item 18) -------------
+
+_FINITE = st.floats(allow_nan=False, allow_infinity=False)
+_POINTS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(["float32", "float64", "int16", "uint32"]),
+            "words": st.lists(st.integers(0, 0xFFFF), min_size=4, max_size=4),
+            "scale": st.one_of(st.just(1.0), st.sampled_from([1e10, 1e300, -1e308]), _FINITE),
+            "offset": st.one_of(st.just(0.0), _FINITE),
+            "valid": st.one_of(st.none(), st.tuples(_FINITE, _FINITE)),
+            "sentinel": st.booleans(),
+            "status": st.one_of(
+                st.none(),
+                st.tuples(st.integers(0, 0xFFFF), st.integers(0, 0xFF), st.integers(0, 0xFF)),
+            ),
+        }
+    ),
+    min_size=1,
+    max_size=12,
+)
+_HUGE_F32 = [*struct.unpack(">HH", struct.pack(">f", 3.0e38)), 0, 0]
+
+
+def _plc(examples: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[int]]:
+    """Points (6 registers each: the value, then a status register) and their register image."""
+    points: dict[str, dict[str, Any]] = {}
+    holding: list[int] = []
+    for i, case in enumerate(examples):
+        kind, words = case["type"], case["words"]
+        point: dict[str, Any] = {
+            "address": 6 * i,
+            "type": kind,
+            "scale": case["scale"],
+            "offset": case["offset"],
+        }
+        if case["valid"] is not None and case["valid"][0] < case["valid"][1]:
+            point["valid_min"], point["valid_max"] = case["valid"]
+        raw = decode(words[: REGISTER_COUNT[kind]], kind)
+        if case["sentinel"] and math.isfinite(raw):
+            point["sentinels"] = [raw]
+        status = case["status"]
+        if status is not None and (status[1] or status[2]):
+            word, bad, uncertain = status
+            rule = {"address": 6 * i + 4, "label": f"p{i} status"}
+            point["status"] = [
+                rule | {k: v for k, v in (("bad_mask", bad), ("uncertain_mask", uncertain)) if v}
+            ]
+            holding += [*words, word, 0]
+        else:
+            holding += [*words, 0, 0]
+        points[f"p{i}"] = point
+    return points, holding
+
+
+@contextlib.contextmanager
+def _registers_in_a_thread() -> Iterator[tuple[list[int], int]]:
+    """A Modbus TCP server (unit 1) whose holding registers are `image`, which the test sets:
+    one server, on a loop of its own, for all the examples of a property test."""
+    image: list[int] = []
+
+    async def answer(
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> None:
+        for i in range(address, address + count):
+            registers[i - start_address] = image[i] if i < len(image) else 0
+
+    device = SimDevice(
+        1,
+        simdata=[SimData(0, count=256, values=0, datatype=DataType.REGISTERS)],
+        action=answer,
+    )
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    async def start() -> ModbusTcpServer:
+        server = ModbusTcpServer([device], address=("127.0.0.1", port))
+        await server.serve_forever(background=True)
+        return server
+
+    def serve() -> None:
+        server = loop.run_until_complete(start())
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(server.shutdown())  # type: ignore[no-untyped-call]
+        loop.close()
+
+    thread = threading.Thread(target=serve, name="registers")
+    thread.start()
+    try:
+        assert started.wait(5)
+        yield image, port
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+async def _fast_and_plain(examples: list[dict[str, Any]], image: list[int], port: int) -> None:
+    points, holding = _plc(examples)
+    image[:] = holding
+    runner = ModbusRunner(
+        device_from_driver(
+            "plc", "modbus", transport={"host": "127.0.0.1", "port": port}, points=points
+        )
+    )
+    async with polling(runner) as poll:
+        polled = {s.point: s for s in samples(await poll())}
+    # What the plain twin makes of the same registers, point by point.
+    results: list[Reply | Any] = [
+        Reply(holding[r.address : r.address + r.count], 0) for r in runner.reads
+    ]
+    for slot in runner._slots:
+        plain, _ = runner._evaluate(slot, results)
+        fast = polled[slot.name]
+        assert (fast.quality, fast.reason) == (plain.quality, plain.reason), (slot, fast)
+        assert fast.value == plain.value or (math.isnan(fast.value) and math.isnan(plain.value))
+        if fast.quality is Quality.GOOD:  # no infinity, raw or made by the scaling, is GOOD
+            assert math.isfinite(fast.value), (slot, fast)
+        raw = slot.decode(holding[slot.point.address : slot.point.address + slot.point.count])
+        scaled = raw * slot.scale + slot.offset
+        if math.isfinite(raw) and raw not in slot.sentinels and not math.isfinite(scaled):
+            assert fast.reason.split("; ")[0] == "overflow" and math.isnan(fast.value)
+
+
+def test_the_fast_path_decides_as_its_plain_twin() -> None:
+    """`poll` judges a plainly GOOD value inline and leaves the rest to `_evaluate`: over any
+    registers, scale, offset, valid range, sentinel and status rule, the two must agree, and an
+    infinity made by the scaling must be BAD ("overflow"), never a GOOD value."""
+    with _registers_in_a_thread() as (image, port):
+
+        @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+        @example(
+            [
+                {"type": "float32", "words": _HUGE_F32, "scale": 1e300, "offset": 0.0}
+                | {"valid": None, "sentinel": False, "status": None}
+            ]
+        )
+        @given(examples=_POINTS)
+        def fast_and_plain(examples: list[dict[str, Any]]) -> None:
+            asyncio.run(_fast_and_plain(examples, image, port))
+
+        fast_and_plain()
+
+
+async def test_an_infinity_made_by_the_scaling_is_bad_with_an_incident() -> None:
+    points = {
+        "flow": {"address": 0, "type": "float32", "scale": 1e300},  # 3e38 * 1e300: infinite
+        "level": {"address": 2, "type": "float32"},
+    }
+    holding = _HUGE_F32[:2] + list(struct.unpack(">HH", struct.pack(">f", 3.0e38)))
+    device = SimDevice(1, simdata=[SimData(0, values=holding, datatype=DataType.REGISTERS)])
+    port = free_port()
+    server = ModbusTcpServer([device], address=("127.0.0.1", port))
+    await server.serve_forever(background=True)
+    try:
+        runner = ModbusRunner(
+            device_from_driver(
+                "plc", "modbus", transport={"host": "127.0.0.1", "port": port}, points=points
+            )
+        )
+        async with polling(runner) as poll:
+            records = await poll()
+    finally:
+        await server.shutdown()  # type: ignore[no-untyped-call]
+    got = {s.point: s for s in samples(records)}
+    assert got["flow"].quality is Quality.BAD and got["flow"].reason == "overflow"
+    assert math.isnan(got["flow"].value)  # no infinity reaches the store (nor InfluxDB)
+    assert got["level"].quality is Quality.GOOD and got["level"].value == pytest.approx(3e38)
+    [incident] = incidents(records)
+    assert (incident.kind, incident.code) == (IncidentKind.DATA, "overflow")
+    assert incident.message.startswith("flow: 3.0000000054977558e+38 * scale 1e+300 + offset 0")
+    assert incident.raw == struct.pack(">f", 3.0e38)

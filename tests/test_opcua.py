@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 import pytest_asyncio
 
-from pocd.model import Quality
+from pocd.model import IncidentKind, Quality
 from pocd.settings import load_driver
 from pocd.sim.opcua import OpcuaSimulator, serve
 from pocd.transports.opcua.values import FROZEN_REASON, STALE_REASON
@@ -93,9 +95,17 @@ async def test_subscription_and_polling_read_the_same_node(rotea: OpcuaSimulator
     assert latest["kit_state"].value == 3.0  # "InUse"
     assert latest["waiting_user_ack"].value == 0.0  # Boolean false
     name = latest["protocol_name"]
-    assert name.quality is Quality.BAD and name.reason == "text 'CAR-T Wash 3'"
+    # A text is no number: the sample's reason is the code `text`, the text is in the incident
+    # (one per change of it) and, for the live view, in `texts`.
+    assert name.quality is Quality.BAD and name.reason == "text"
+    assert [(i.code, i.message) for i in inbox.incidents()] == [
+        ("text", "point protocol_name (rotea:ProtocolName): text 'CAR-T Wash 3'")
+    ]
+    assert inbox.incidents()[0].raw == b"CAR-T Wash 3"
+    assert runner.texts["protocol_name"] == "CAR-T Wash 3"
+    assert runner.texts["protocol_state"] == "ProtocolRunning"  # mapped to 4: no incident
     assert all(s.device_t is not None for s in inbox.samples())
-    assert inbox.comm() == [] and inbox.incidents() == []
+    assert inbox.comm() == []
     assert runner.counts["sessions"] == 1
 
 
@@ -197,7 +207,7 @@ async def test_bad_status_frozen_timestamp_and_eurange(lads: OpcuaSimulator) -> 
     got = [(s.value, s.quality, s.reason) for s in inbox.samples()]
     tail = got[-7:]
     assert math.isnan(tail[0][0]) and tail[0][1:] == (Quality.BAD, "BadSensorFailure")
-    assert tail[1] == (150.0, Quality.UNCERTAIN, "outside EURange [0, 100]")
+    assert tail[1] == (150.0, Quality.UNCERTAIN, "outside-eurange")
     assert tail[2] == (37.0, Quality.GOOD, "")
     assert tail[3] == (37.5, Quality.UNCERTAIN, FROZEN_REASON)
     assert math.isnan(tail[4][0]) and tail[4][1:] == (Quality.BAD, STALE_REASON)
@@ -209,6 +219,68 @@ async def test_bad_status_frozen_timestamp_and_eurange(lads: OpcuaSimulator) -> 
     assert len(timed) == len(set(timed))
     assert [i.code for i in inbox.incidents()] == ["bad-status", "stale"]
     assert "BadSensorFailure" in inbox.incidents()[0].message
+
+
+async def test_an_impossible_source_time_is_a_bad_sample_and_an_incident(
+    lads: OpcuaSimulator,
+) -> None:
+    """A server sending DateTime.MaxValue as SourceTimestamp: the sample is BAD with the code
+    `impossible-time` and no device time (nanoseconds past 2262 fit no 64-bit integer, and one
+    such record once stopped every later store write); the time itself is in a data incident."""
+    device = opcua_device("lads-analog-sensor", endpoint=lads.endpoint, **FAST)
+    async with no_leaks(), running(device) as (_, inbox):
+        await inbox.wait_for(lambda: len(inbox.samples()) >= 1)
+        lads.freeze("sensor_value", at=datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC))
+        lads.set_value("sensor_value", 38.5)
+        await lads.update()
+        await inbox.wait_for(lambda: inbox.samples()[-1].value == 38.5)
+        lads.freeze("sensor_value", frozen=False)
+        lads.set_value("sensor_value", 37.0)
+        await lads.update()
+        await inbox.wait_for(lambda: inbox.samples()[-1].value == 37.0)
+        lads.set_value("sensor_value", None)
+    impossible = inbox.samples()[-2]
+    assert (impossible.value, impossible.quality, impossible.reason, impossible.device_t) == (
+        38.5,
+        Quality.BAD,
+        "impossible-time",
+        None,
+    )
+    assert all(s.device_t is None or s.device_t < 2**63 for s in inbox.samples())
+    assert inbox.samples()[-1].quality is Quality.GOOD  # a real time again: as usual
+    [incident] = inbox.incidents("impossible-time")
+    assert incident.kind is IncidentKind.DATA and "9999-12-31" in incident.message
+
+
+async def test_values_of_one_publish_response_have_distinct_receive_times(
+    lads: OpcuaSimulator,
+) -> None:
+    """Several queued values of one point arrive in one publish response. InfluxDB keys a
+    point by its time (the receive time): were they to share it, it would keep only the last.
+    Each gets the response's time plus its place in the response, in nanoseconds."""
+    device = opcua_device(
+        "lads-analog-sensor",
+        endpoint=lads.endpoint,
+        publishing_interval=0.5,
+        sampling_interval=0,
+        queue_size=10,
+        backoff_min=0.1,
+    )
+    burst = [40.0, 41.0, 42.0, 43.0, 44.0]
+    async with no_leaks(), running(device) as (runner, inbox):
+        await inbox.wait_for(lambda: len(inbox.samples()) >= 1)
+        for value in burst:
+            lads.set_value("sensor_value", value)
+            await lads.update()
+        await inbox.wait_for(lambda: inbox.samples()[-1].value == burst[-1])
+        lads.set_value("sensor_value", None)
+    got = [s for s in inbox.samples("sensor_value") if s.value in burst]
+    assert [s.value for s in got] == burst
+    times = [s.t for s in got]
+    assert times == sorted(set(times))  # distinct, in the order the server queued them
+    assert any(b - a == 1 for a, b in itertools.pairwise(times))  # (they came together)
+    every = [s.t for s in inbox.samples()]
+    assert len(every) == len(set(every)) and runner.counts["notifications"] >= len(burst)
 
 
 async def test_a_dropped_connection_is_one_gap_and_no_value_twice(lads: OpcuaSimulator) -> None:

@@ -141,3 +141,50 @@ phases = { "1" = "enrichment", "2" = "activation", "3" = "transduction", "4" = "
             ("expansion", "device:rotea", False),
         ]
         assert [d.cause for d in store.deviations(run.id)] == [DeviationCause.PHASE_ORDER]
+
+
+@pytest.mark.usefixtures("no_leaked_tasks")
+async def test_a_frozen_source_timestamp_is_stale_data_and_a_text_point_shows_its_text(
+    tmp_path: Path,
+) -> None:
+    rotea = OpcuaSimulator(
+        load_driver("thermo-rotea"), f"opc.tcp://127.0.0.1:{free_port()}", interval=0.1
+    )
+    rotea.set_value("protocol_name", "CAR-T Wash 3")
+    lads = OpcuaSimulator(
+        load_driver("lads-analog-sensor"), f"opc.tcp://127.0.0.1:{free_port()}", interval=0.1
+    )
+    devices = f"""
+[[devices]]
+id = "rotea"
+driver = "thermo-rotea"
+transport = {{ endpoint = "{rotea.endpoint}", publishing_interval = 0.1 }}
+
+[[devices]]
+id = "lads"
+driver = "lads-analog-sensor"
+transport = {{ endpoint = "{lads.endpoint}", publishing_interval = 0.1 }}
+points.sensor_value = {{ parameter = "temperature", unit = "C", stale_after = 0.5 }}
+"""
+    site = load_site(write_site(tmp_path, devices))
+    async with rotea, lads, running(site) as daemon:
+        lads.set_value("sensor_value", 37.0)
+        assert (
+            await api(
+                site,
+                "POST",
+                "/api/runs",
+                {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"},
+            )
+        )[0] == 201
+        await until(lambda: ("lads", "sensor_value") in daemon.latest, within=15)
+        lads.freeze("sensor_value")  # the device's clock stops: its value is no longer fresh
+        await until(lambda: bool(daemon.engine and daemon.engine.open_excursions()), within=10)
+        status, live = await api(site, "GET", "/api/status")
+        name = next(p for p in live["points"] if p["point"] == "protocol_name")
+        assert status == 200 and name["text"] == "CAR-T Wash 3"
+        assert (await api(site, "POST", "/api/run/stop", {"operator": "op"}))[0] == 200
+    with Store(site.store_path, readonly=True) as store:
+        (run,) = store.runs()
+        kinds = {e.kind for e in store.excursions(run.id)}
+        assert kinds == {ExcursionKind.STALE}, kinds

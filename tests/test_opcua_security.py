@@ -13,7 +13,7 @@ import pytest_asyncio
 import structlog
 from cryptography import x509
 
-from pocd.settings import load_driver
+from pocd.settings import check_files, load_driver, load_site
 from pocd.sim.opcua import OpcuaSimulator
 from pocd.transports.opcua.security import fingerprint
 from tests.opcuakit import Certs, make_certs, opcua_device, running
@@ -181,3 +181,53 @@ async def test_the_client_key_must_belong_to_its_certificate(
     (incident,) = inbox.incidents()
     assert incident.code == "security-setup"
     assert "does not belong to the certificate" in incident.message
+
+
+async def test_certificate_and_password_paths_are_relative_to_the_config_file(
+    server: OpcuaSimulator,
+    certs: Certs,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The files of a secured connection, named relative to the site config, are found
+    wherever the daemon was started from (systemd starts it in /)."""
+    site_dir = tmp_path / "site"
+    (site_dir / "pki" / "trusted").mkdir(parents=True)
+    (site_dir / "protocols").mkdir()
+    (site_dir / "pki" / "client.der").write_bytes(certs.client_cert.read_bytes())
+    (site_dir / "pki" / "client-key.pem").write_bytes(certs.client_key.read_bytes())
+    (site_dir / "pki" / "trusted" / "server.der").write_bytes(certs.server_cert.read_bytes())
+    (site_dir / "opcua-password").write_text(PASSWORD + "\n")
+    (site_dir / "pocd.toml").write_text(
+        f"""
+[site]
+id = "s"
+name = "S"
+timezone = "UTC"
+control_site = "c"
+
+[[devices]]
+id = "rotea"
+driver = "thermo-rotea"
+points.protocol_step_number = {{}}
+[devices.transport]
+endpoint = "{server.endpoint}"
+security_policy = "Basic256Sha256"
+certificate = "pki/client.der"
+private_key = "pki/client-key.pem"
+trust_dir = "pki/trusted"
+username = "{USER}"
+password_file = "opcua-password"
+publishing_interval = 0.05
+backoff_min = 0.1
+"""
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert check_files([str(site_dir / "pocd.toml")]) == []
+    device = load_site(site_dir / "pocd.toml").devices["rotea"]
+    async with running(device) as (_, inbox):
+        await inbox.wait_for(lambda: len(inbox.samples("protocol_step_number")) >= 1)
+    assert inbox.comm() == []
+    assert [i.code for i in inbox.incidents()] == ["text"]  # the protocol name, once

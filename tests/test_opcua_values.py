@@ -22,6 +22,7 @@ from pocd.transports.opcua.config import BrowseName, OpcuaPoint, OpcuaSettings, 
 from pocd.transports.opcua.security import fingerprint
 from pocd.transports.opcua.values import (
     FROZEN_REASON,
+    IMPOSSIBLE_TIME,
     STALE_REASON,
     PointTrack,
     Reading,
@@ -53,7 +54,7 @@ def data_value(value: object, status: int = 0, stamp: datetime | None = T0) -> u
         ),
         (ua.StatusCodes.BadCommunicationError, Quality.BAD, "BadCommunicationError"),
         (ua.StatusCodes.BadSensorFailure | 0x0400, Quality.BAD, "BadSensorFailure"),  # info bits
-        (0x80FF0000, Quality.BAD, "0x80FF0000"),  # a code this asyncua does not know
+        (0x80FF0000, Quality.BAD, "unknown-status"),  # a code this asyncua does not know
     ],
 )
 def test_status_codes_become_quality_with_the_status_name(
@@ -69,11 +70,11 @@ def test_values_become_numbers() -> None:
     assert to_number(ua.ServerState.Running, {}) == (0.0, "")  # an enumeration
     assert to_number(ua.LocalizedText("Harvest"), steps) == (5.0, "")  # LADS CurrentStepName
     value, reason = to_number("Idle", steps)
-    assert math.isnan(value) and reason == "unmapped text 'Idle'"
+    assert math.isnan(value) and reason == "unmapped-text"
     value, reason = to_number("CAR-T Wash 3", {})
-    assert math.isnan(value) and reason == "text 'CAR-T Wash 3'"
-    assert to_number(float("inf"), {})[1] == "infinite"
-    assert to_number([1, 2], {})[1] == "unsupported type list"
+    assert math.isnan(value) and reason == "text"
+    assert to_number(float("inf"), {})[1] == "inf"
+    assert to_number([1, 2], {})[1] == "unsupported-type"
 
 
 def test_source_timestamps_are_nanoseconds_and_none_when_missing() -> None:
@@ -89,7 +90,7 @@ def test_a_bad_value_is_dropped_an_uncertain_one_kept() -> None:
     odd = reading_of(data_value(36.9, ua.StatusCodes.UncertainLastUsableValue), {})
     assert (odd.value, odd.quality) == (36.9, Quality.UNCERTAIN)
     out = reading_of(data_value(120.0), {}, eu_range=(0.0, 100.0))
-    assert (out.quality, out.reason) == (Quality.UNCERTAIN, "outside EURange [0, 100]")
+    assert (out.quality, out.reason) == (Quality.UNCERTAIN, "outside-eurange")
 
 
 def reading(value: float, stamp: int | None, quality: Quality = Quality.GOOD) -> Reading:
@@ -130,6 +131,64 @@ def test_a_source_time_that_stops_makes_the_point_stale_once() -> None:
     assert moving is not None and moving.quality is Quality.GOOD and not track.stale
     track.restart(now=100.0)  # a new session: staleness counts from its start
     assert track.check_stale("d", "p", 8, now=104.0) is None
+
+
+def test_the_stale_marker_reason_is_stale_and_nothing_else_uses_it() -> None:
+    # The engine makes a BAD sample of reason `stale` a stale excursion (no fresh value).
+    assert STALE_REASON == "stale"
+    assert FROZEN_REASON not in ("stale", "")
+    track = PointTrack(stale_after=1.0)
+    track.take("d", "p", 1, reading(1.0, 100), now=0.0)
+    marker = track.check_stale("d", "p", 2, now=2.0)
+    assert marker is not None and (marker.quality, marker.reason) == (Quality.BAD, "stale")
+
+
+# A time no device clock gives: OPC UA's DateTime.MaxValue, as asyncua decodes it.
+MAX_VALUE = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "stamp", [MAX_VALUE, datetime(2262, 4, 11, tzinfo=UTC), datetime(3000, 1, 1, tzinfo=UTC)]
+)
+def test_an_impossible_source_time_makes_the_reading_bad(stamp: datetime) -> None:
+    """Nanoseconds past 2262 do not fit the store's 64-bit integers: one such device time
+    once stopped every later write. It is judged here, at the source."""
+    assert source_ns(stamp) is None
+    got = reading_of(data_value(37.2, stamp=stamp), {})
+    assert (got.value, got.quality, got.reason, got.device_t) == (
+        37.2,
+        Quality.BAD,
+        IMPOSSIBLE_TIME,
+        None,
+    )
+    assert got.fault == "impossible-time" and stamp.isoformat() in got.detail
+    # Just before the limit is a time (wrong, perhaps, but one the store can hold).
+    latest = datetime(2262, 4, 10, 23, 59, 59, tzinfo=UTC)
+    ok = reading_of(data_value(37.2, stamp=latest), {})
+    assert ok.quality is Quality.GOOD and ok.device_t is not None and ok.device_t < 2**63
+
+
+def test_reasons_are_codes_the_server_text_is_kept_apart() -> None:
+    text = reading_of(data_value("CAR-T Wash 3"), {})
+    assert (text.quality, text.reason, text.text) == (Quality.BAD, "text", "CAR-T Wash 3")
+    state = reading_of(data_value(ua.LocalizedText("Idle")), {"Running": 1.0})
+    assert (state.reason, state.text) == ("unmapped-text", "Idle")
+    mapped = reading_of(data_value("Running"), {"Running": 1.0})
+    assert (mapped.value, mapped.reason, mapped.text) == (1.0, "", "Running")
+    nan = reading_of(data_value(float("nan")), {})
+    assert (nan.reason, nan.fault) == ("nan", "nan")
+    unknown = reading_of(data_value(1.0, 0x80FF0000), {})
+    assert (unknown.quality, unknown.reason) == (Quality.BAD, "unknown-status")
+    odd = reading_of(data_value([1, 2]), {})
+    assert (odd.reason, odd.fault) == ("unsupported-type", "unsupported-type")
+    assert "[1, 2]" in odd.detail
+
+
+def test_a_changed_text_without_a_source_time_is_news() -> None:
+    track = PointTrack()
+    untimed = [reading_of(data_value(t, stamp=None), {}) for t in ("A", "A", "B")]
+    taken = [track.take("d", "p", i, r, now=0.0) for i, r in enumerate(untimed)]
+    assert taken[0] is not None and taken[1] is None and taken[2] is not None
 
 
 def test_node_ids_and_browse_paths() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -32,6 +33,7 @@ from tests.serialkit import (
     collect,
     comm,
     device,
+    drain,
     eventually,
     incidents,
     runner,
@@ -39,7 +41,7 @@ from tests.serialkit import (
     simulating,
     simulator,
 )
-from tests.transportkit import PtyPeer, running, until
+from tests.transportkit import PtyPeer, occurrences, repeats_in, running, until
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
 
@@ -156,11 +158,12 @@ async def test_vaisala_cs4_checksum_over_a_pty(pair: PtyPair) -> None:
     probe = runner("vaisala-gmp251-ascii", pair.host, transport=checksummed)
     async with simulating(pair, sim), running([probe], inbox):
         await collect(inbox, seen, 3)
+    seen += drain(inbox)  # the counts of repeats, put when the runner stopped
     assert all(s.quality is Quality.GOOD for s in samples(seen))
     bad = incidents(seen, "checksum")
-    assert len(bad) >= 3  # every other reply, each retried
+    assert probe.counts["checksum"] >= 3  # every other reply, each retried
     assert all(i.raw.startswith(b"CO2=") for i in bad)
-    assert probe.counts["checksum"] == len(bad)
+    assert occurrences(seen, "checksum") == probe.counts["checksum"]  # none lost
 
 
 async def test_one_rs485_port_shared_by_two_addressed_units(pair: PtyPair) -> None:
@@ -262,6 +265,7 @@ async def _poll_with(
     polled = runner(driver, pair.host, transport=transport)
     async with simulating(pair, sim), running([polled], inbox):
         await collect(inbox, seen, count)
+    seen += drain(inbox)  # the counts of repeats, put when the runner stopped
     return seen, polled
 
 
@@ -269,19 +273,19 @@ async def test_partial_lines_are_counted_and_asked_again(pair: PtyPair) -> None:
     seen, polled = await _poll_with("mettler-sics", pair, "partial,every=2", 3)
     assert all(s.quality is Quality.GOOD for s in samples(seen))  # the retry got a whole one
     partial = incidents(seen, "partial")
-    assert len(partial) >= 2
+    assert polled.counts["partial"] >= 2
     assert all(i.raw.startswith(b"S S") and b"\r\n" not in i.raw for i in partial)
-    assert polled.counts["partial"] == len(partial)
+    assert occurrences(seen, "partial") == polled.counts["partial"]
 
 
 async def test_garbage_bytes_are_counted_with_the_raw_bytes(pair: PtyPair) -> None:
     seen, polled = await _poll_with("alicat-mfc", pair, "garbage,every=2", 18)
     assert all(s.quality is Quality.GOOD for s in samples(seen))
     garbled = incidents(seen, "unparseable")
-    assert len(garbled) >= 2
+    assert polled.counts["unparseable"] >= 2
     assert all(i.raw.endswith(b"Air") or i.raw.endswith(b"CO2") for i in garbled)
     assert all(i.raw[:4] != b"A +0" for i in garbled)
-    assert polled.counts["unparseable"] == len(garbled)
+    assert occurrences(seen, "unparseable") == polled.counts["unparseable"]
 
 
 async def test_no_reply_is_comm_loss_then_resumes(pair: PtyPair) -> None:
@@ -299,7 +303,8 @@ async def test_no_reply_is_comm_loss_then_resumes(pair: PtyPair) -> None:
     assert lost.reason == "no reply within 0.25 s"
     dark = [s for s in samples(seen) if s.quality is Quality.BAD]
     assert dark and all(s.reason == "timeout" for s in dark)
-    assert len(incidents(seen, "timeout")) >= 2  # the first try and its retry
+    assert incidents(seen, "timeout")
+    assert balance.counts["timeout"] >= 2  # the first try and its retry
 
 
 async def test_a_stall_before_the_request_goes_out_is_not_a_timeout(
@@ -345,7 +350,7 @@ async def test_mettler_error_codes(
     seen, _ = await _poll_with("mettler-sics", pair, fault, 2)
     assert all((s.quality, s.reason) == (Quality.BAD, reason) for s in samples(seen))
     if code is not None:
-        assert len(incidents(seen, code)) >= 2
+        assert occurrences(seen, code) >= 2
         assert incidents(seen, code)[0].raw == code_reply(fault)
     else:
         assert incidents(seen) == []
@@ -359,7 +364,7 @@ def code_reply(fault: str) -> bytes:
 async def test_transmission_error_is_asked_again(pair: PtyPair) -> None:
     seen, _ = await _poll_with("mettler-sics", pair, "error,code=ET,every=2", 3)
     assert all(s.quality is Quality.GOOD for s in samples(seen))
-    assert len(incidents(seen, "sics-transmission-error")) >= 2
+    assert occurrences(seen, "sics-transmission-error") >= 2
 
 
 async def test_alicat_status_word_and_wrong_unit(pair: PtyPair) -> None:
@@ -376,9 +381,8 @@ async def test_alicat_status_word_and_wrong_unit(pair: PtyPair) -> None:
 async def test_heracell_bad_checksums_and_error_codes(pair: PtyPair) -> None:
     seen, polled = await _poll_with("thermo-heracell", pair, "checksum,every=2", 4)
     assert all(s.quality is Quality.GOOD for s in samples(seen))
-    assert incidents(seen, "checksum") and polled.counts["checksum"] == len(
-        incidents(seen, "checksum")
-    )
+    assert incidents(seen, "checksum")
+    assert polled.counts["checksum"] == occurrences(seen, "checksum")
     seen, _ = await _poll_with("thermo-heracell", pair, "error,code=!:{param}:02:?3:", 2)
     assert all(s.quality is Quality.BAD for s in samples(seen))
     assert incidents(seen, "heracell-data-error")[0].raw.startswith(b"!:3010:02:?3:")
@@ -442,6 +446,55 @@ async def test_unplug_is_comm_loss_and_replug_resumes(pair: PtyPair, mode: str) 
     assert incidents(seen, "timeout") == []
 
 
+# --- a babbling line (issue 11, item 19) ------------------------------------------------------
+
+# What a balance at 9600 baud looks like to a port set to 19200: bytes that never make a reply.
+_BABBLE = b"\x81\xa5S\xfe\x07 \xc3\x11g\r\n"
+
+
+async def test_a_babbling_line_is_one_incident_then_a_count_per_interval(pair: PtyPair) -> None:
+    """A wrong baud rate garbles every frame: the first is recorded at once, the rest are
+    counted, and each interval that saw repeats ends with one incident saying how many, from
+    when to when, with the raw bytes of the last; none is lost, and a line quiet for an
+    interval starts afresh."""
+    balance = runner("mettler-sics", pair.host, transport={"mode": "stream", "timeout": 10.0})
+    balance.repeats.interval = 0.3
+    inbox: Inbox = asyncio.Queue()
+    seen: list[Record] = []
+
+    def counts() -> list[Incident]:
+        return [i for i in incidents(seen, "unparseable") if repeats_in(i)]
+
+    with peer(pair.device) as device_end:
+        async with running([balance], inbox) as tasks:
+            await port_open()
+            device_end.write(_BABBLE * 300)
+            await eventually(lambda: balance.counts["unparseable"] == 300)
+            first = await until(inbox, seen, lambda r: isinstance(r, Incident))
+            await until(inbox, seen, lambda r: isinstance(r, Incident) and repeats_in(r) > 0)
+            device_end.write(_BABBLE * 200)  # the line babbles on: the next interval counts it
+            await until(inbox, seen, lambda r: isinstance(r, Incident) and repeats_in(r) > 0)
+            await asyncio.sleep(0.7)  # a quiet interval: the window closes
+            device_end.write(_BABBLE)
+            again = await until(inbox, seen, lambda r: isinstance(r, Incident))
+            assert not tasks[0].done()
+    seen += drain(inbox)
+    assert isinstance(first, Incident) and first.code == "unparseable"
+    assert first.raw == _BABBLE[:-2] and not repeats_in(first)
+    assert [repeats_in(i) for i in counts()] == [299, 200]
+    count = counts()[0]
+    assert count.kind is first.kind and count.source == "mettler-sics"
+    assert count.raw == _BABBLE[:-2]  # a sample of what the line said
+    assert re.match(
+        r"299 more 'unparseable' incident\(s\) from \S+ to \S+ \(\S+ s\), counted and not "
+        r"recorded one by one \(a count at most every 0.3 s\); the last: no reply shape matches",
+        count.message,
+    )
+    assert isinstance(again, Incident) and not repeats_in(again)  # recorded at once again
+    assert len(incidents(seen)) == 4  # not 501
+    assert occurrences(seen, "unparseable") == balance.counts["unparseable"] == 501
+
+
 # --- fuzzing over a pty -----------------------------------------------------------------------
 
 _CHUNKS = st.lists(
@@ -482,7 +535,9 @@ async def _fuzz_once(link: str, chunks: list[bytes]) -> None:
                 device_end.write(_END)
                 await until(inbox, seen, lambda r: isinstance(r, Sample) and r.value == 999.0)
                 assert not tasks[0].done()
-    counted = [r for r in seen if isinstance(r, Incident)]
-    assert sum(balance.counts.values()) == len(counted)  # every incident is counted
-    assert Counter(r.code for r in counted if r.code in _REJECTS) == expected
+    seen += drain(inbox)  # the counts of repeats, put when the runner stopped
+    codes = {r.code for r in seen if isinstance(r, Incident)}
+    # Every fault is counted, and stands in the records: as an incident, or in a count.
+    assert {c: occurrences(seen, c) for c in codes} == dict(balance.counts)
+    assert {c: occurrences(seen, c) for c in codes if c in _REJECTS} == expected
     assert {c: n for c, n in balance.counts.items() if c in _REJECTS} == expected

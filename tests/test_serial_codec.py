@@ -122,7 +122,7 @@ def test_mettler_stable_weight() -> None:
         (b"S D      100.00 g", 100.0, Quality.UNCERTAIN, "dynamic (not settled)"),
         (b"S S     -12.34 g", -12.34, Quality.GOOD, ""),
         (b"S S      1.2345 kg", 1234.5, Quality.GOOD, ""),
-        (b"S S      12.3 lb", math.nan, Quality.BAD, "unit 'lb'"),
+        (b"S S      12.3 lb", math.nan, Quality.BAD, "unit"),
         (b"S +", math.nan, Quality.BAD, "overload"),
         (b"S -", math.nan, Quality.BAD, "underload"),
         (b"S I", math.nan, Quality.BAD, "balance busy (command not executable now)"),
@@ -178,9 +178,11 @@ def test_alicat_status_words_set_quality_per_point() -> None:
     assert found["gas"].quality is Quality.GOOD
     found, _ = read(alicat, ALICAT_GOLDEN + b" ADC")
     assert all(s.quality is Quality.BAD for s in found.values())
-    found, _ = read(alicat, ALICAT_GOLDEN + b" XYZ")  # a word no rule names
+    found, incidents = read(alicat, ALICAT_GOLDEN + b" XYZ XYZ QQQ")  # words no rule names
     assert found["pressure"].quality is Quality.UNCERTAIN
-    assert found["pressure"].reason == "status XYZ"
+    assert found["pressure"].reason == "status unknown-word"  # a code: the words are the device's
+    assert {i.code for i in incidents} == {"unknown-word"}
+    assert all(b"XYZ XYZ QQQ" in i.raw and "XYZ XYZ QQQ" in i.message for i in incidents)
 
 
 def test_alicat_other_unit_and_unknown_gas() -> None:
@@ -191,8 +193,9 @@ def test_alicat_other_unit_and_unknown_gas() -> None:
     assert incidents[0].raw == ALICAT_GOLDEN
     found, incidents = read(alicat, b"B +013.60 +024.38 +016.67 +015.44 +015.44 Xenon")
     assert found["gas"].quality is Quality.BAD
-    assert found["gas"].reason == "unknown code 'Xenon'"
+    assert found["gas"].reason == "unknown-code"
     assert [i.code for i in incidents] == ["unknown-code"]
+    assert "Xenon" in incidents[0].message and incidents[0].raw.endswith(b"Xenon")
     assert found["pressure"].value == 13.6
 
 
@@ -452,3 +455,60 @@ def test_random_byte_streams_never_crash_and_every_rejected_frame_is_counted(
                     assert math.isfinite(record.value)
         else:
             assert records == []
+
+
+# --- reasons are codes; infinities are never GOOD (issue 11, items 13 and 18) -------------------
+
+_NUMBER = st.from_regex(r"\A[-+]?\d{1,400}(\.\d{0,3})?\Z")
+_WORD = st.from_regex(r"\A[A-Z]{3}\Z")
+_GAS = st.from_regex(r"\A[A-Za-z][\w-]{0,12}\Z")
+
+
+def _alicat_reasons(alicat: SerialRunner) -> set[str]:
+    """Every reason an Alicat sample may have: the driver's own, and the codes."""
+    shapes = alicat.settings.replies
+    driver = {s.reason for s in shapes} | {r.reason for s in shapes for r in s.words}
+    codes = {"not-a-number", "unknown-code", "unit", "out-of-range", "overflow"}
+    return driver | codes | {"status unknown-word"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    numbers=st.lists(_NUMBER, min_size=5, max_size=5),
+    gas=_GAS,
+    words=st.lists(_WORD, max_size=6),
+)
+def test_whatever_the_device_sends_a_reason_is_one_of_a_few_codes(
+    numbers: list[str], gas: str, words: list[str]
+) -> None:
+    """50,000 garbled readings once made 50,001 reasons (each interned for ever in the store):
+    a reason must not hold what the device sent. The incident keeps that, with the raw bytes."""
+    alicat = _fuzzed("alicat-mfc")
+    frame = f"A {' '.join(numbers)} {gas}{''.join(' ' + w for w in words)}".encode()
+    found, incidents = read(alicat, frame)
+    allowed = _alicat_reasons(alicat)
+    for sample in found.values():
+        parts = sample.reason.split("; ") if sample.reason else []
+        assert set(parts) <= allowed, sample
+        assert len(parts) == len(set(parts)), sample  # each once: a bounded set of reasons
+        if sample.quality is Quality.GOOD:
+            assert math.isfinite(sample.value)
+    assert all(i.raw == frame for i in incidents)
+
+
+def test_an_infinity_made_by_the_scaling_is_bad_with_an_incident() -> None:
+    alicat = runner(
+        "alicat-mfc", "/dev/null", points={"pressure": {"scale": 1e300}, "mass_flow": {}}
+    )
+    frame = b"A +1000000000 +024.38 +016.67 +015.44 +015.44 Air"
+    found, incidents = read(alicat, frame)
+    pressure = found["pressure"]
+    assert pressure.quality is Quality.BAD and pressure.reason == "overflow"
+    assert math.isnan(pressure.value)  # no infinity reaches the store (nor InfluxDB)
+    assert [(i.kind.value, i.code) for i in incidents] == [("data", "overflow")]
+    assert incidents[0].raw == frame and incidents[0].message.startswith("pressure: overflow")
+    assert found["temperature"].quality is Quality.GOOD  # the other points as usual
+    # A huge number that the scaling keeps finite is a number.
+    big = runner("alicat-mfc", "/dev/null", points={"pressure": {"scale": 1e-300}})
+    found, incidents = read(big, frame)
+    assert found["pressure"].quality is Quality.GOOD and incidents == []

@@ -1,11 +1,13 @@
 """Helpers shared by the transport tests: runners run as the daemon runs them, records
-collected from their inbox, and the far end of a pty pair read byte for byte."""
+collected from their inbox, faults counted through the counts of repeated incidents, and the
+far end of a pty pair read byte for byte."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import re
 import termios
 import tty
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -44,6 +46,21 @@ async def until(
             seen.append(record)
             if predicate(record):
                 return record
+
+
+_COUNT = re.compile(r"^(\d+) more '([^']*)' incident\(s\) from ")
+
+
+def repeats_in(incident: Incident) -> int:
+    """How many repeats a count of repeated incidents stands for; 0 for any other incident."""
+    found = _COUNT.match(incident.message)
+    return int(found.group(1)) if found and found.group(2) == incident.code else 0
+
+
+def occurrences(records: Sequence[Record], code: str) -> int:
+    """How many faults of `code` the incidents among `records` stand for: one for each
+    incident recorded as it happened, N for a count of N repeats."""
+    return sum(repeats_in(r) or 1 for r in records if isinstance(r, Incident) and r.code == code)
 
 
 class PtyPeer:

@@ -456,11 +456,16 @@ class OpcuaSimulator:
         for sim in self._points(point):
             sim.bad = status
 
-    def freeze(self, point: str | None = None, frozen: bool = True) -> None:
-        """Stop (or restart) the SourceTimestamp of a point, or of every point; values go on."""
+    def freeze(
+        self, point: str | None = None, frozen: bool = True, at: datetime | None = None
+    ) -> None:
+        """Stop (or restart) the SourceTimestamp of a point, or of every point; values go on.
+        `at` serves that SourceTimestamp instead of the last one (e.g. a time no device gives:
+        asyncua encodes 9999-12-31 as OPC UA's DateTime.MaxValue)."""
         now = datetime.now(UTC)
         for sim in self._points(point):
-            sim.frozen = (sim.last.SourceTimestamp if sim.last else now) if frozen else None
+            last = sim.last.SourceTimestamp if sim.last else now
+            sim.frozen = (at or last) if frozen else None
 
     async def restart(self, down_for: float = 0.0) -> None:
         """Restart the server's OPC UA stack: the port closes, every connection and session

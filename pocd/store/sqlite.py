@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -248,7 +249,11 @@ class Store:
                     check_same_thread=False,
                 )
             else:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                # GMP records, for the service's user only: a new data folder is made 0700
+                # and a new store 0600 (SQLite gives its -wal and -shm files the mode of the
+                # database file). Existing ones keep the modes their owner gave them.
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
                 db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{path}: cannot open the store: {e}") from e

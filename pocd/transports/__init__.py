@@ -1,13 +1,15 @@
 """The transport interface: how a device's readings reach the daemon.
 
 A transport is a protocol noun (sim, modbus, opcua, serial). Each lives in its own module that
-exposes `TRANSPORT`, a `TransportSpec` naming its settings model, its point model and the
-runner that reads one device. Modules are imported only when a config uses them.
+exposes `TRANSPORT`, a `TransportSpec` naming its settings model, its point model, the runner
+that reads one device, and the checks the site loader makes at load (of a whole device, and of
+the devices that share a bus: `BusUse`). Modules are imported only when a config uses them.
 
 Contract of a runner (`DeviceRunner.run`): read the device until cancelled and put every
 `Sample`, `CommStatus` and `Incident` into the inbox. It owns reconnection (jittered backoff),
 never raises for a device fault, and never drops a reading: a value it cannot trust is a BAD
-sample with a reason, a lost device is a `CommStatus(ok=False)`.
+sample whose reason is a short code (what the device said goes into an incident), a lost
+device is a `CommStatus(ok=False)`, and a fault that repeats is counted (`repeats`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pocd.model import CommStatus, Incident, Sample
 
 __all__ = [
     "TRANSPORTS",
+    "BusUse",
     "Device",
     "DeviceRunner",
     "DriverInfo",
@@ -98,6 +101,21 @@ class DeviceRunner(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class BusUse:
+    """How a device uses a connection that other devices may share (an RS-485 port, a Modbus
+    TCP gateway), for the checks the site loader makes across devices: everything on one bus
+    speaks one protocol, with the same line settings, and each device has its own address."""
+
+    bus: str  # the bus: a port's real path, or "tcp host:port"
+    protocol: str  # what is spoken on it: "serial ASCII", "Modbus RTU", "Modbus TCP"
+    line: str  # the settings every device on the bus must share, as text
+    address: str  # the device's address on the bus (a Modbus unit id, an Alicat unit id)
+    bus_key: str  # where the bus is set, under devices[i]: "transport.serial_port"
+    address_key: str  # where the address is set: "transport.unit_id"
+    alone: bool = False  # the device must have the bus to itself (a serial device streaming)
+
+
+@dataclass(frozen=True, slots=True)
 class TransportSpec:
     name: str
     settings: type[TransportSettings]
@@ -106,6 +124,9 @@ class TransportSpec:
     # Checks that need the whole resolved device (driver defaults + site overrides), run at
     # load so that `pocd check` reports them: (key under devices[i], message) per problem.
     check: Callable[[Device], list[tuple[str, str]]] | None = None
+    # The bus a device is on, if it may share one: the loader checks the devices of each bus
+    # against each other (the runners' `join` checks the same again when they start).
+    bus: Callable[[Device], BusUse | None] | None = None
 
 
 TRANSPORTS: Mapping[str, str] = {

@@ -86,10 +86,12 @@ class SimRunner:
             elif seg.action == "stale":
                 return None
             elif seg.action == "bad":
-                quality, reason = Quality.BAD, "simulated sensor fault"
+                quality, reason = Quality.BAD, "simulated-fault"
             else:
                 value = math.nan
-        if point.step:
+        if math.isinf(value):  # a drift or a ramp beyond every float: no number to record
+            value, quality, reason = math.nan, Quality.BAD, "overflow"
+        if point.step and math.isfinite(value):  # (round() of a NaN raises)
             value = round(value / point.step) * point.step
         return value, quality, reason
 

@@ -19,7 +19,7 @@ from pocd.transports.modbus.config import (
     StatusRule,
 )
 from pocd.transports.modbus.link import Link, ModbusReadError
-from pocd.transports.modbus.runner import ModbusRunner, check_device
+from pocd.transports.modbus.runner import ModbusRunner, bus_use, check_device
 
 __all__ = [
     "TRANSPORT",
@@ -39,4 +39,5 @@ TRANSPORT = TransportSpec(
     point=ModbusPoint,
     runner=ModbusRunner,
     check=check_device,
+    bus=bus_use,
 )

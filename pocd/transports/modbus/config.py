@@ -1,8 +1,10 @@
 """What a Modbus driver file and a site config may say: device settings, points, status rules.
 
 Validated once, at load, by pydantic (unknown keys are errors). Checks that need the whole
-device (a TCP host or a serial port is set) are made when the runner is built, because a driver
-file's defaults are validated on their own and name neither. Nothing here opens a port.
+device (a TCP host or a serial port is set) are `runner.check_device`, and those across the
+devices of one bus (line settings, unit ids) `runner.bus_use`: the site loader runs both,
+because a driver file's defaults are validated on their own and name neither. Nothing here
+opens a port.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pocd.configtypes import Duration, StrictModel
+from pocd.configtypes import DevicePath, Duration, StrictModel
 from pocd.transports import PointSettings, TransportSettings
 
 __all__ = [
@@ -60,7 +62,7 @@ class ModbusSettings(TransportSettings):
     # the serial line settings below are ignored for TCP.
     host: str | None = None
     port: int = Field(default=502, ge=1, le=65535)
-    serial_port: str | None = None  # a device path, or a pyserial URL such as socket://gw:4001
+    serial_port: DevicePath | None = None  # a device path, or a pyserial URL: socket://gw:4001
     baudrate: int = Field(default=19200, gt=0)
     bytesize: Literal[7, 8] = 8
     parity: Literal["N", "E", "O"] = "N"

@@ -1,10 +1,13 @@
 """The Modbus device runner: polls one device on a fixed grid and turns replies into records.
 
 Each poll makes the planned reads through the device's shared `Link`, then decodes every point
-and judges its quality (NaN, sentinels, valid range, status registers). Every fault becomes a
-BAD sample with a reason and an `Incident`; a unit that stops answering is a `CommStatus` and
-is retried with jittered backoff, so it cannot take the bus time of the units that answer.
-It never raises for a device fault and never skips a point it was asked to read.
+and judges its quality (NaN, infinity, sentinels, an overflow of the scaling, valid range,
+status registers). Every fault becomes a BAD sample whose reason is a short code (`timeout`,
+`nan`, `out-of-range`, `co2 status bad`, ...) and an `Incident` holding the raw words; repeats
+of one fault are counted (`RepeatedIncidents`) rather than recorded one per poll. A unit that
+stops answering is a `CommStatus` and is retried with jittered backoff, so it cannot take the
+bus time of the units that answer. It never raises for a device fault and never skips a point
+it was asked to read.
 """
 
 from __future__ import annotations
@@ -12,24 +15,30 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import sys
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import structlog
 
 from pocd.errors import ConfigError, ConfigProblem
 from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample
-from pocd.transports import Device, Inbox, PollGrid, jittered_backoff
+from pocd.transports import BusUse, Device, Inbox, PollGrid, jittered_backoff
 from pocd.transports.modbus.codec import Decoder, Item, decoder, read_decoder
 from pocd.transports.modbus.config import REGISTER_COUNT, ModbusPoint, ModbusSettings, StatusRule
-from pocd.transports.modbus.link import Link, ModbusReadError, Reply, join, leave
+from pocd.transports.modbus.link import Endpoint, Link, ModbusReadError, Reply, join, leave
 from pocd.transports.modbus.plan import Read, Span, locate, plan_reads
+from pocd.transports.repeats import RepeatedIncidents, report_repeats
 
-__all__ = ["ModbusRunner"]
+__all__ = ["ModbusRunner", "bus_use", "check_device"]
 
 _NAN = math.nan
 _GOOD = Quality.GOOD
+# The valid range of a point that sets none: every finite number. An infinity, in the raw value
+# or made by the scaling, is outside it, so the one range test of the common case catches it.
+_LARGEST = sys.float_info.max
 _new = tuple.__new__
 # Faults after which the rest of a poll is not attempted: the unit (or the link) is gone, and
 # every further read would hold the bus for another timeout.
@@ -85,7 +94,7 @@ class _Slot:
     scale: float
     offset: float
     sentinels: tuple[float, ...]
-    low: float  # valid range of the scaled value; infinite where the point sets no bound
+    low: float  # valid range of the scaled value; the finite numbers where the point sets none
     high: float
     rules: tuple[_Rule, ...]
 
@@ -104,8 +113,8 @@ class _Slot:
             point.scale,
             point.offset,
             tuple(point.sentinels),
-            -math.inf if point.valid_min is None else point.valid_min,
-            math.inf if point.valid_max is None else point.valid_max,
+            -_LARGEST if point.valid_min is None else point.valid_min,
+            _LARGEST if point.valid_max is None else point.valid_max,
             tuple(_Rule.of(point, rule, reads, index) for rule in point.status),
         )
 
@@ -125,6 +134,31 @@ def check_device(device: Device) -> list[tuple[str, str]]:
             ("points", "a Modbus device needs at least one point (list them in the site config)")
         )
     return problems
+
+
+def bus_use(device: Device) -> BusUse | None:
+    """The link a Modbus device is on (a serial port, or a TCP gateway), for the load checks."""
+    settings = device.settings
+    if not isinstance(settings, ModbusSettings) or (
+        settings.host is None and settings.serial_port is None
+    ):
+        return None
+    endpoint = Endpoint.of(settings)
+    if endpoint.kind == "tcp":
+        bus, protocol, key = f"tcp {endpoint.address}:{endpoint.port}", "Modbus TCP", "host"
+        line = f"frame_pause {endpoint.pause * 1000:.3g} ms"
+    else:
+        bus, protocol, key = endpoint.address, "Modbus RTU", "serial_port"
+        line = str(endpoint).removeprefix(f"rtu {endpoint.address} ")
+        line += f", frame_pause {endpoint.pause * 1000:.3g} ms"
+    return BusUse(
+        bus=bus,
+        protocol=protocol,
+        line=line,
+        address=f"unit id {settings.unit_id}",
+        bus_key=f"transport.{key}",
+        address_key="transport.unit_id",
+    )
 
 
 class ModbusRunner:
@@ -169,6 +203,10 @@ class ModbusRunner:
         self.up = True  # as far as anyone has said: no CommStatus until the first failure
         self._failures = 0  # polls in a row that got no answer
         self._failing: set[str] = set()  # fault codes of the last poll, to log changes once
+        self.repeats = RepeatedIncidents()
+        # (point, status rule) -> (status, poll) of the last status that was not GOOD: an
+        # incident is made when it changes, not at every poll it lasts.
+        self._statuses: dict[tuple[str, int], tuple[int, int]] = {}
         self._rng = random.Random()
         self._log = structlog.get_logger(__name__).bind(device=device.id)
         # Read on every request: plain attributes, not lookups through the settings model.
@@ -180,7 +218,11 @@ class ModbusRunner:
     async def run(self, inbox: Inbox) -> None:
         link = join(self.device.id, self.settings, source=self.device.driver.source)
         try:
-            await self.grid.run(lambda: self.poll(link, inbox), self._backoff)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(
+                    report_repeats(self.repeats, inbox), name=f"modbus-repeats:{self._id}"
+                )
+                await self.grid.run(lambda: self.poll(link, inbox), self._backoff)
         finally:
             leave(link, self.device.id)
 
@@ -234,9 +276,8 @@ class ModbusRunner:
                 raw = raws[slot.index]
                 value = raw * slot.scale + slot.offset
                 if (
-                    slot.low <= value <= slot.high  # False for NaN
+                    slot.low <= value <= slot.high  # False for NaN and for an infinity
                     and raw not in slot.sentinels
-                    and not math.isinf(raw)
                     and (not slot.rules or _all_fine(slot.rules, decoded))
                 ):
                     t = results[slot.read].t
@@ -247,9 +288,9 @@ class ModbusRunner:
                     except asyncio.QueueFull:
                         await inbox.put(sample)
                     continue
-            sample, incident = self._evaluate(slot, results)
-            if incident is not None:
-                await self._incident(inbox, incident)
+            sample, found = self._evaluate(slot, results)
+            for key, incident in found:
+                await self._incident(inbox, incident, key)
             await inbox.put(sample)
         return answered
 
@@ -294,60 +335,95 @@ class ModbusRunner:
                     message=str(fault),
                     raw=fault.raw,
                 ),
+                (fault.code, fault.address),
             )
         for code in self._failing - codes:
             self._log.info("modbus reads recovered", code=code)
         self._failing = codes
 
-    async def _incident(self, inbox: Inbox, incident: Incident) -> None:
+    async def _incident(self, inbox: Inbox, incident: Incident, key: Hashable) -> None:
+        """Count the incident; record it unless it repeats one recorded a moment ago."""
         self.counts[incident.code] += 1
-        await inbox.put(incident)
+        recorded = self.repeats.offer(incident, time.monotonic(), key)
+        if recorded is not None:
+            await inbox.put(recorded)
 
     def _evaluate(
         self, slot: _Slot, results: list[Reply | ModbusReadError]
-    ) -> tuple[Sample, Incident | None]:
+    ) -> tuple[Sample, list[tuple[Hashable, Incident]]]:
         """The sample of a point that is not plainly GOOD (`poll` does that case), with the
-        incident a data fault makes."""
+        incidents (and their repeat keys) of a data fault and of a status that changed."""
         device = self._id
         result = results[slot.read]
         if isinstance(result, ModbusReadError):
-            return Sample(device, slot.name, result.t, _NAN, Quality.BAD, None, result.code), None
+            return Sample(device, slot.name, result.t, _NAN, Quality.BAD, None, result.code), []
         words = result.values[slot.start : slot.end]
         raw = slot.decode(words)
         value = raw * slot.scale + slot.offset
         quality = Quality.GOOD
         reasons: list[str] = []
-        data_fault = ""
+        found: list[tuple[Hashable, Incident]] = []
+        fault = detail = ""
         if math.isnan(raw):
-            quality, data_fault = Quality.BAD, "nan"
-            reasons.append("nan")
+            fault, detail = "nan", "the device sent NaN"
         elif math.isinf(raw):
-            quality, data_fault, value = Quality.BAD, "inf", _NAN
-            reasons.append("inf")
+            fault, detail, value = "inf", "the device sent an infinity", _NAN
         elif raw in slot.sentinels:
             # A sentinel says "no value": it must not reach the record as a number.
-            quality, data_fault, value = Quality.BAD, "sentinel", _NAN
-            reasons.append(f"sentinel {raw:g}")
+            fault, detail, value = "sentinel", f"sentinel {raw:g} (no value)", _NAN
+        elif not math.isfinite(value):
+            fault, value = "overflow", _NAN
+            detail = f"{raw!r} * scale {slot.scale:g} + offset {slot.offset:g} is not finite"
         elif not slot.low <= value <= slot.high:
-            quality, data_fault = Quality.BAD, "out-of-range"
-            reasons.append(f"outside valid range {_range(slot.point)}")
-        for judged in slot.rules:
-            rule_quality, reason = _judge(judged, results)
-            if rule_quality is not Quality.GOOD:
-                quality = max(quality, rule_quality)
-                reasons.append(reason)
+            fault, detail = "out-of-range", f"{value:g} outside valid range {_range(slot.point)}"
+        if fault:
+            quality = Quality.BAD
+            reasons.append(fault)
+            message = f"{slot.name}: {detail} (raw {raw!r})"
+            incident = Incident(
+                result.t, IncidentKind.DATA, fault, device, message, _words_bytes(words)
+            )
+            found.append(((fault, slot.name), incident))
+        for index, judged in enumerate(slot.rules):
+            rule_quality, reason, status = _judge(judged, results)
+            if rule_quality is Quality.GOOD:
+                continue
+            quality = max(quality, rule_quality)
+            reasons.append(reason)
+            if status is not None:
+                changed = self._status_changed(slot, index, judged, status, results)
+                if changed is not None:
+                    found.append(changed)
         sample = Sample(device, slot.name, result.t, value, quality, None, "; ".join(reasons))
-        if not data_fault:
-            return sample, None
-        incident = Incident(
-            t=result.t,
-            kind=IncidentKind.DATA,
-            code=data_fault,
-            source=device,
-            message=f"{slot.name}: {sample.reason} (raw {raw!r})",
-            raw=_words_bytes(words),
-        )
-        return sample, incident
+        return sample, found
+
+    def _status_changed(
+        self,
+        slot: _Slot,
+        index: int,
+        judged: _Rule,
+        status: int,
+        results: list[Reply | ModbusReadError],
+    ) -> tuple[Hashable, Incident] | None:
+        """The incident of a status register that reads a value that is not GOOD and was not
+        so at the last poll: the sample's reason says only bad, uncertain or unexpected; the
+        value itself is kept here, once per change (a poll that found the status fine, which
+        `poll` does not look at, breaks the run of polls, so the same value is new again)."""
+        key = (slot.name, index)
+        last = self._statuses.get(key)
+        self._statuses[key] = (status, self.polls)
+        if last is not None and last == (status, self.polls - 1):
+            return None  # the same status as at the last poll
+        rule = judged.rule
+        result = results[judged.read]
+        assert isinstance(result, Reply)
+        words = _words_bytes(result.values[judged.start : judged.end])
+        message = f"{slot.name}: {rule.label} reads {status} ({status:#x})"
+        if rule.expect is not None and status != rule.expect:
+            message += f", expected {rule.expect} ({rule.expect:#x})"
+        incident = Incident(result.t, IncidentKind.DATA, "status", self._id, message, words)
+        # Keyed by the value too: a new status is news; only a status that flaps is counted.
+        return ("status", slot.name, index, status), incident
 
 
 def _rule_span(point: ModbusPoint, rule: StatusRule) -> Span:
@@ -372,20 +448,24 @@ def _all_fine(rules: tuple[_Rule, ...], decoded: list[tuple[float, ...] | None])
     return True
 
 
-def _judge(judged: _Rule, results: list[Reply | ModbusReadError]) -> tuple[Quality, str]:
+def _judge(
+    judged: _Rule, results: list[Reply | ModbusReadError]
+) -> tuple[Quality, str, int | None]:
+    """The quality a status rule gives, its reason (the rule's label and a state: the status
+    value itself goes into an incident, so that reasons stay a small set), and the status."""
     rule = judged.rule
     result = results[judged.read]
     if isinstance(result, ModbusReadError):
         # The value arrived but what the device says about it did not: not BAD, not trusted.
-        return Quality.UNCERTAIN, f"{rule.label} unavailable ({result.code})"
+        return Quality.UNCERTAIN, f"{rule.label} unavailable", None
     status = int(judged.decode(result.values[judged.start : judged.end]))
     if rule.expect is not None and status != rule.expect:
-        return Quality.BAD, f"{rule.label} {status:#x}, expected {rule.expect:#x}"
+        return Quality.BAD, f"{rule.label} unexpected", status
     if status in rule.bad_values or status & rule.bad_mask:
-        return Quality.BAD, f"{rule.label} {status}"
+        return Quality.BAD, f"{rule.label} bad", status
     if status in rule.uncertain_values or status & rule.uncertain_mask:
-        return Quality.UNCERTAIN, f"{rule.label} {status}"
-    return Quality.GOOD, ""
+        return Quality.UNCERTAIN, f"{rule.label} uncertain", status
+    return Quality.GOOD, "", status
 
 
 def _time(results: list[Reply | ModbusReadError]) -> int:

@@ -2,8 +2,10 @@
 
 Validated once, at load, by pydantic (unknown keys are errors). Everything that can be checked
 without the server is checked here: node id and browse path syntax, security settings that fit
-together, one password source. What needs the server (a namespace URI it knows, a node it has)
-is judged by the runner, per point. Nothing here opens a socket or reads a file.
+together (a user's password never on an unsecured channel), one password source. File paths
+are relative to the config file that names them, and `pocd check` reads each. What needs the
+server (a namespace URI it knows, a node it has) is judged by the runner, per point. Nothing
+here opens a socket or reads a file.
 
 A point's `node` is either an OPC UA node id (`ns=2;s=Rotea.ProtocolState`, `i=2258`,
 `nsu=http://example.com/UA/;s=Temp`) or a browse path of browse names separated by `/`:
@@ -20,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pocd.configtypes import Duration, StrictModel
+from pocd.configtypes import ConfigFile, ConfigFolder, Duration, StrictModel
 from pocd.transports import PointSettings, TransportSettings
 
 __all__ = [
@@ -171,13 +173,13 @@ class OpcuaSettings(TransportSettings):
     # folder of trusted certificates (self-signed ones, or the CAs that issued them).
     security_policy: SecurityPolicyName = "None"
     security_mode: SecurityMode | None = None  # default: SignAndEncrypt when a policy is set
-    certificate: str | None = None
-    private_key: str | None = None
+    certificate: ConfigFile | None = None
+    private_key: ConfigFile | None = None
     application_uri: str | None = None  # default: the URI in the client certificate
-    server_certificate: str | None = None
-    trust_dir: str | None = None
+    server_certificate: ConfigFile | None = None
+    trust_dir: ConfigFolder | None = None
     username: str | None = None
-    password_file: str | None = None  # the password is the file's first line
+    password_file: ConfigFile | None = None  # the password is the file's first line
     password_env: str | None = None  # or an environment variable; never in a config file
 
     @field_validator("endpoint")
@@ -224,6 +226,11 @@ class OpcuaSettings(TransportSettings):
             raise ValueError(
                 "username needs password_file or password_env (a password is never written "
                 "in a config file)"
+            )
+        if self.username is not None and not secured:
+            raise ValueError(
+                f"username {self.username!r} needs a security_policy other than None: on an "
+                "unsecured channel the password would travel in clear"
             )
         if self.backoff_min > self.backoff_max:
             raise ValueError("backoff_min must not exceed backoff_max")

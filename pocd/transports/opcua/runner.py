@@ -6,7 +6,12 @@ items, and starts polling; a point whose node the server does not have is a BAD 
 incident, and every other point goes on. A lost session is one CommStatus(ok=False) however
 many reconnects fail, and one CommStatus(ok=True) once values flow again; the engine turns
 the pair into comm-loss. Values seen again after a reconnect (same point, same SourceTimestamp)
-are dropped here, so the store never holds them twice. It never raises for a device fault.
+are dropped here, so the store never holds them twice. Every sample of a runner has a receive
+time of its own (`_receive_times`): the values of one publish response arrive together, and a
+point's several queued values must not share a time (InfluxDB would keep only the last).
+A text value is kept in `texts` for the live view, and each change of a text that is not
+recorded as a number is a data incident holding it; per-point incidents that repeat are
+counted (`RepeatedIncidents`). It never raises for a device fault.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -24,7 +29,7 @@ from asyncua import ua
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
 from pocd.errors import DeviceError
-from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample, now_ns
+from pocd.model import NS, CommStatus, Incident, IncidentKind, Quality, Sample, now_ns
 from pocd.transports import Device, Inbox
 from pocd.transports.opcua.config import NodeRef, OpcuaPoint, OpcuaSettings, ReadMode
 from pocd.transports.opcua.security import (
@@ -40,15 +45,24 @@ from pocd.transports.opcua.session import (
 )
 from pocd.transports.opcua.values import (
     NODE_FAULTS,
+    TEXT_REASON,
+    UNMAPPED_TEXT_REASON,
     PointTrack,
     Reading,
     reading_of,
     status_name,
+    status_reason,
 )
+from pocd.transports.repeats import RepeatedIncidents, report_repeats
 
-__all__ = ["OpcuaRunner"]
+__all__ = ["TEXT_KEPT", "TEXT_SHOWN", "OpcuaRunner"]
 
 _NAN = float("nan")
+TEXT_SHOWN = 256  # characters of a point's latest text kept in `texts`, for the live view
+TEXT_KEPT = 4096  # characters of a text kept in its incident
+# A wall clock that steps back by more than this is a clock jump (the daemon records those):
+# receive times then follow it instead of counting on from before the jump.
+_CLOCK_STEP_BACK = NS
 
 
 @dataclass(slots=True, eq=False)
@@ -91,10 +105,15 @@ class OpcuaRunner:
         self.up: bool | None = None  # None until the first connect succeeds or fails
         self.session: OpcuaSession | None = None  # the current one, for tests and the bench
         self.counts: Counter[str] = Counter()  # sessions, samples, repeats, notifications
+        self.texts: dict[str, str] = {}  # point -> its latest text (first TEXT_SHOWN characters)
+        self.repeats = RepeatedIncidents()
+        self._texts_seen: dict[str, str] = {}  # point -> latest text, to tell a change
+        self._last_t = 0  # receive time of the latest sample
         self._failure: str | None = None  # code of the current outage, to report changes once
         self._down_since = 0.0
         self._inbox: Inbox | None = None
-        self._incidents: list[Incident] = []  # raised inside synchronous steps, put after them
+        # Raised inside synchronous steps, put after them (through `repeats`, by key).
+        self._incidents: list[tuple[Hashable, Incident]] = []
         self._queued: list[Sample] = []  # likewise: BAD samples of nodes found unusable
         self._rng = random.Random()
         self._log = structlog.get_logger(__name__).bind(device=device.id)
@@ -103,6 +122,13 @@ class OpcuaRunner:
 
     async def run(self, inbox: Inbox) -> None:
         self._inbox = inbox
+        async with asyncio.TaskGroup() as group:
+            group.create_task(
+                report_repeats(self.repeats, inbox), name=f"opcua-repeats:{self.device.id}"
+            )
+            await self._sessions()
+
+    async def _sessions(self) -> None:
         settings = self.settings
         delay = settings.backoff_min
         while True:
@@ -209,8 +235,9 @@ class OpcuaRunner:
 
     def _node_fault(self, slot: _Slot, fault: NodeFault, t: int) -> None:
         slot.node = None
-        reading = Reading(_NAN, Quality.BAD, status_name(fault.status), None, fault.status)
-        sample = slot.track.take(self.device.id, slot.name, t, reading, time.monotonic())
+        reading = Reading(_NAN, Quality.BAD, status_reason(fault.status), None, fault.status)
+        at = self._receive_times(1)
+        sample = slot.track.take(self.device.id, slot.name, at, reading, time.monotonic())
         if sample is not None:
             self._queued.append(sample)
         if slot.fault == fault.message:
@@ -223,7 +250,10 @@ class OpcuaRunner:
         )
         self._log.error("node unusable", point=slot.name, reason=fault.message)
         self._incidents.append(
-            Incident(t, IncidentKind.CONFIGURATION, code, self.device.id, message)
+            (
+                (code, slot.name),
+                Incident(t, IncidentKind.CONFIGURATION, code, self.device.id, message),
+            )
         )
 
     def _note(self, slot: _Slot, code: str, message: str, t: int) -> None:
@@ -231,11 +261,10 @@ class OpcuaRunner:
             return
         slot.notes.add(code)
         self._log.warning("point metadata", point=slot.name, reason=message)
-        self._incidents.append(
-            Incident(
-                t, IncidentKind.CONFIGURATION, code, self.device.id, f"point {slot.name}: {message}"
-            )
+        incident = Incident(
+            t, IncidentKind.CONFIGURATION, code, self.device.id, f"point {slot.name}: {message}"
         )
+        self._incidents.append(((code, slot.name), incident))
 
     async def _retry_nodes(self, session: OpcuaSession) -> None:
         """Try again, now and then, the nodes the server did not have (a device may add them)."""
@@ -256,9 +285,21 @@ class OpcuaRunner:
 
     # --- values ---------------------------------------------------------------------------
 
-    async def _on_items(self, items: list[ua.MonitoredItemNotification]) -> None:
-        """The values of one publish response (the hot path: keep it lean)."""
+    def _receive_times(self, count: int) -> int:
+        """The receive time of the first of `count` samples taken now; the others take the
+        nanoseconds after it. Never the time of an earlier sample of this runner: a clock that
+        has not moved on since (or stepped back by less than a second) counts on from there."""
         t = now_ns()
+        last = self._last_t
+        if last - _CLOCK_STEP_BACK < t <= last:
+            t = last + 1
+        self._last_t = t + count - 1
+        return t
+
+    async def _on_items(self, items: list[ua.MonitoredItemNotification]) -> None:
+        """The values of one publish response (the hot path: keep it lean). Each gets a
+        receive time of its own: the response's, plus its place in the response in ns."""
+        t = self._receive_times(len(items))
         now = time.monotonic()
         by_handle = self._by_handle
         judge = self._judge
@@ -269,6 +310,7 @@ class OpcuaRunner:
                 sample = judge(slot, item.Value, t, now)
                 if sample is not None:
                     samples.append(sample)
+            t += 1
         self.counts["notifications"] += len(items)
         await self._put_all(samples)
         if self._incidents or self._queued:
@@ -287,12 +329,13 @@ class OpcuaRunner:
                 except (OSError, TimeoutError, UaError) as exc:
                     session.mark_lost(f"a read failed: {type(exc).__name__}: {exc}")
                     return
-                t = now_ns()
+                t = self._receive_times(len(slots))
                 now = time.monotonic()
                 for slot, data in zip(slots, values, strict=True):
                     sample = self._judge(slot, data, t, now)
                     if sample is not None:
                         await self._put(sample)
+                    t += 1
                 await self._flush_incidents()
             tick += 1
             next_at = start + tick * interval
@@ -306,10 +349,34 @@ class OpcuaRunner:
         reading = reading_of(data, slot.point.values, slot.eu_range)
         if reading.status != slot.track.status:
             self._status_changed(slot, reading, t)
+        if reading.text is not None and reading.text[:TEXT_KEPT] != self._texts_seen.get(slot.name):
+            self._text_changed(slot, reading, reading.text, t)
         sample = slot.track.take(self.device.id, slot.name, t, reading, now)
         if sample is None:
             self.counts["repeats"] += 1
+        elif reading.fault:  # (a repeat of a fault is no new fault)
+            message = f"point {slot.name} ({slot.point.node}): {reading.detail}"
+            incident = Incident(t, IncidentKind.DATA, reading.fault, self.device.id, message)
+            self._incidents.append(((reading.fault, slot.name), incident))
         return sample
+
+    def _text_changed(self, slot: _Slot, reading: Reading, text: str, t: int) -> None:
+        """A point's text changed: kept for the live view, and, where the sample cannot hold it
+        (no number stands for it), recorded as a data incident."""
+        kept = text[:TEXT_KEPT]
+        self._texts_seen[slot.name] = kept
+        self.texts[slot.name] = text[:TEXT_SHOWN]
+        if reading.reason not in (TEXT_REASON, UNMAPPED_TEXT_REASON):
+            return  # a text of the point's `values`: its number is the record
+        message = f"point {slot.name} ({slot.point.node}): text {kept!r}"
+        if len(text) > len(kept):
+            message += f" (the first {len(kept)} of {len(text)} characters)"
+        if reading.reason == UNMAPPED_TEXT_REASON:
+            message += " is not among the point's values"
+        incident = Incident(
+            t, IncidentKind.DATA, reading.reason, self.device.id, message, kept.encode("utf-8")
+        )
+        self._incidents.append(((reading.reason, slot.name), incident))
 
     def _status_changed(self, slot: _Slot, reading: Reading, t: int) -> None:
         old, new = slot.track.status, reading.status
@@ -318,16 +385,17 @@ class OpcuaRunner:
             self._node_fault(slot, NodeFault(new, f"the server answers {status_name(new)}"), t)
             return
         if new >> 30 >= 2:  # Bad_*: once per change, the samples carry it every time
-            self._log.error("bad status", point=slot.name, status=reading.reason)
-            self._incidents.append(
-                Incident(
-                    t,
-                    IncidentKind.DATA,
-                    "bad-status",
-                    self.device.id,
-                    f"point {slot.name} ({slot.point.node}): the server reports {reading.reason}",
-                )
+            name = status_name(new)
+            self._log.error("bad status", point=slot.name, status=name)
+            incident = Incident(
+                t,
+                IncidentKind.DATA,
+                "bad-status",
+                self.device.id,
+                f"point {slot.name} ({slot.point.node}): the server reports {name}",
             )
+            # Keyed by the status too: a new status is news; only one that flaps is counted.
+            self._incidents.append((("bad-status", slot.name, new), incident))
         elif old >> 30 >= 2:
             self._log.info("status recovered", point=slot.name, status=reading.reason or "Good")
 
@@ -336,9 +404,9 @@ class OpcuaRunner:
         step = min(1.0, max(0.05, min(s.point.stale_after or 1.0 for s in slots) / 4))
         while True:
             await asyncio.sleep(step)
-            t = now_ns()
             now = time.monotonic()
             for slot in slots:
+                t = self._receive_times(1)
                 marker = slot.track.check_stale(self.device.id, slot.name, t, now)
                 if marker is None:
                     continue
@@ -348,8 +416,9 @@ class OpcuaRunner:
                 )
                 self._log.warning("stale source timestamp", point=slot.name)
                 await self._put(marker)
-                await self._put_record(
-                    Incident(t, IncidentKind.DATA, "stale", self.device.id, message)
+                await self._put_incident(
+                    ("stale", slot.name),
+                    Incident(t, IncidentKind.DATA, "stale", self.device.id, message),
                 )
 
     async def _put(self, sample: Sample) -> None:
@@ -375,13 +444,19 @@ class OpcuaRunner:
         assert self._inbox is not None
         await self._inbox.put(record)
 
+    async def _put_incident(self, key: Hashable, incident: Incident) -> None:
+        """Record the incident unless it repeats one recorded a moment ago (then it counts)."""
+        recorded = self.repeats.offer(incident, time.monotonic(), key)
+        if recorded is not None:
+            await self._put_record(recorded)
+
     async def _flush_incidents(self) -> None:
         queued, self._queued = self._queued, []
         for sample in queued:
             await self._put(sample)
         incidents, self._incidents = self._incidents, []
-        for incident in incidents:
-            await self._put_record(incident)
+        for key, incident in incidents:
+            await self._put_incident(key, incident)
 
     # --- up and down ----------------------------------------------------------------------
 
@@ -404,12 +479,13 @@ class OpcuaRunner:
             self._down_since = time.monotonic()
             self._failure = code
             # Logged by the daemon when it takes the CommStatus; the incident keeps the code.
+            # (A session that keeps dropping is a flood of them: repeats are counted.)
             await self._put_record(CommStatus(self.device.id, t, ok=False, reason=message))
-            await self._put_record(Incident(t, kind, code, self.device.id, message))
+            await self._put_incident(code, Incident(t, kind, code, self.device.id, message))
         elif code != self._failure:
             self._failure = code
             self._log.error("device still lost, for another reason", code=code, reason=message)
-            await self._put_record(Incident(t, kind, code, self.device.id, message))
+            await self._put_incident(code, Incident(t, kind, code, self.device.id, message))
         else:
             self._log.debug("reconnect failed", code=code, reason=message)
 

@@ -16,7 +16,7 @@ from pocd.transports import TransportSpec
 from pocd.transports.serial.codec import CHECKSUMS, Checksum, Codec, register_checksum
 from pocd.transports.serial.config import ReplyShape, SerialPoint, SerialSettings, WordRule
 from pocd.transports.serial.port import Port, PortError
-from pocd.transports.serial.runner import SerialRunner
+from pocd.transports.serial.runner import SerialRunner, bus_use, check_device
 
 __all__ = [
     "CHECKSUMS",
@@ -34,5 +34,10 @@ __all__ = [
 ]
 
 TRANSPORT = TransportSpec(
-    name="serial", settings=SerialSettings, point=SerialPoint, runner=SerialRunner
+    name="serial",
+    settings=SerialSettings,
+    point=SerialPoint,
+    runner=SerialRunner,
+    check=check_device,
+    bus=bus_use,
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
@@ -51,6 +52,9 @@ STX = b"\x02"
 ETX = b"\x03"
 _GOOD, _UNCERTAIN, _BAD = Quality.GOOD, Quality.UNCERTAIN, Quality.BAD
 _NAN = math.nan
+# The valid range of a point that sets none: every finite number, so that the one range test
+# of the common case also catches an infinity made by the scaling.
+_LARGEST = sys.float_info.max
 # Named tuples made on the per-frame path skip their Python-level __new__.
 _tuple_new = tuple.__new__
 
@@ -391,7 +395,9 @@ class Codec:
 
 
 class Reading(NamedTuple):
-    """One point's value from one reply. `fault` names a data fault worth an incident."""
+    """One point's value from one reply. `reason` is a short code, never text of the device
+    (that goes into the incident `fault` asks for): "not-a-number", "unknown-code", "unit",
+    "out-of-range", "overflow", "<group> unknown-word", or the driver's own reasons."""
 
     value: float
     quality: Quality
@@ -442,8 +448,8 @@ class PointReader:
         self._unit = point.unit
         self._scale = point.scale
         self._offset = point.offset
-        self._min = -math.inf if point.valid_min is None else point.valid_min
-        self._max = math.inf if point.valid_max is None else point.valid_max
+        self._min = -_LARGEST if point.valid_min is None else point.valid_min
+        self._max = _LARGEST if point.valid_max is None else point.valid_max
         self._words: dict[int, _Words] = {}
         self._base: list[tuple[Quality, str]] = []  # each shape's own quality and reason
 
@@ -494,30 +500,33 @@ class PointReader:
         if self._codes:
             number = self._codes.get(text.strip())
             if number is None:
-                return Reading(_NAN, _BAD, f"unknown code {text!r}", "unknown-code")
+                return Reading(_NAN, _BAD, "unknown-code", "unknown-code")
         else:
             try:
                 number = float(text)  # (float() ignores surrounding blanks)
             except ValueError:
                 number = _NAN
             if number - number != 0.0:  # NaN or infinite, faster than math.isfinite here
-                return Reading(_NAN, _BAD, f"not a number: {text!r}", "not-a-number")
+                return Reading(_NAN, _BAD, "not-a-number", "not-a-number")
         if self._unit_group is not None:
             unit = (groups.get(self._unit_group) or "").strip()
             if self._units:
                 factor = self._units.get(unit)
                 if factor is None:
-                    return Reading(_NAN, _BAD, f"unit {unit!r}", "unit")
+                    return Reading(_NAN, _BAD, "unit", "unit")
                 number *= factor
             elif unit != self._unit:
-                reason = f"unit {unit!r}, expected {self._unit!r}"
-                return Reading(_NAN, _BAD, reason, "unit")
+                return Reading(_NAN, _BAD, "unit", "unit")
         value = number * self._scale + self._offset
         quality, reason = self._base[reply.shape_index]
         fault = ""
-        if not self._min <= value <= self._max:
-            quality, fault = _BAD, "out-of-range"
-            reason = f"{reason}; outside valid range" if reason else "outside valid range"
+        if not self._min <= value <= self._max:  # (False for an infinity too)
+            if value - value != 0.0:  # the scaling overflowed: no number to record
+                value, fault = _NAN, "overflow"
+            else:
+                fault = "out-of-range"
+            quality = _BAD
+            reason = f"{reason}; {fault}" if reason else fault
         words = self._words.get(reply.shape_index)
         if words is not None:
             for group, rules in words.rules.items():
@@ -529,9 +538,12 @@ class PointReader:
                     if judged is None:
                         if words.unknown is _GOOD:
                             continue
-                        judged = (words.unknown, f"{group} {word}")
+                        # The word itself is the device's: the incident keeps it (the reply).
+                        judged = (words.unknown, f"{group} unknown-word")
+                        fault = fault or "unknown-word"
                     elif judged[0] is _GOOD:
                         continue
                     quality = max(quality, judged[0])
-                    reason = f"{reason}; {judged[1]}" if reason else judged[1]
+                    if judged[1] not in reason.split("; "):  # once each: a bounded set
+                        reason = f"{reason}; {judged[1]}" if reason else judged[1]
         return _tuple_new(Reading, (value, quality, reason, fault))

@@ -2,8 +2,9 @@
 
 Validated once, at load, by pydantic (unknown keys are errors): every pattern compiles, every
 group a status rule names exists in its pattern, the checksum is known. Checks that need the
-whole device (a port is set, every point's field is a group of some reply) are made when the
-runner is built, because a driver file's defaults are validated apart from its points.
+whole device (a port is set, every point's field is a group of some reply) are
+`runner.check_device`, and those across the devices of one port `runner.bus_use`: the site
+loader runs both, because a driver file's defaults are validated apart from its points.
 Nothing here opens a port.
 """
 
@@ -14,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pocd.configtypes import Duration, StrictModel
+from pocd.configtypes import DevicePath, Duration, StrictModel
 from pocd.model import IncidentKind
 from pocd.transports import PointSettings, TransportSettings
 from pocd.transports.serial.codec import CHECKSUMS, substitute
@@ -148,7 +149,7 @@ class SimulatorModel(StrictModel):
 class SerialSettings(TransportSettings):
     """One serial device: its port and line, how frames are cut and checked, what it says."""
 
-    port: str | None = None  # e.g. /dev/serial/by-id/usb-FTDI_...; set in the site config
+    port: DevicePath | None = None  # e.g. /dev/serial/by-id/usb-FTDI_...; in the site config
     baudrate: int = Field(default=9600, gt=0)
     bytesize: Literal[5, 6, 7, 8] = 8
     parity: Literal["N", "E", "O", "M", "S"] = "N"

@@ -131,6 +131,13 @@ class Line:
         stop = f"{self.stopbits:g}"
         return f"{self.path} {self.baudrate} {self.bytesize}{self.parity}{stop}{handshake}"
 
+    @property
+    def settings_text(self) -> str:
+        """Everything devices on the port must share but the path, as text to compare."""
+        framing = "stx-etx" if self.framing == "stx-etx" else f"lines ending {self.terminator!r}"
+        line = str(self).removeprefix(f"{self.path} ")
+        return f"{line}, {framing}, max_frame {self.max_frame}"
+
 
 class Port(asyncio.Protocol):
     """One serial port shared by the devices on it. See the module docstring."""

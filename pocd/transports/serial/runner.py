@@ -4,9 +4,12 @@ records.
 Poll mode sends each distinct command of the device's points on a fixed grid and waits for the
 reply, retrying timeouts and unusable frames while it holds the port's lock. Stream mode
 starts the device talking (e.g. MT-SICS `SIR`) and reads what comes. Every unusable frame is a
-counted Incident with its raw bytes; every poll gives each point a sample (BAD with a reason
-when there is no value); a device that stops answering, or a port that vanishes, is a
-`CommStatus` and is retried with jittered backoff. It never raises for a device fault.
+counted Incident with its raw bytes, and repeats of one fault (a babbling line: a wrong baud
+rate) are counted per interval rather than recorded one by one (`RepeatedIncidents`); every
+poll gives each point a sample (BAD with a reason code when there is no value); a device that
+stops answering, or a port that vanishes, is a `CommStatus` and is retried with jittered
+backoff. It never raises for a device fault. `check_device` and `bus_use` are the checks the
+site loader makes of a serial device.
 """
 
 from __future__ import annotations
@@ -14,19 +17,22 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import structlog
 
 from pocd.errors import ConfigError, ConfigProblem
 from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample, now_ns
-from pocd.transports import Device, Inbox, PollGrid, jittered_backoff
+from pocd.transports import BusUse, Device, Inbox, PollGrid, jittered_backoff
+from pocd.transports.repeats import RepeatedIncidents, report_repeats
 from pocd.transports.serial.codec import Codec, Frame, PointReader, Rejected, Reply
 from pocd.transports.serial.config import SerialPoint, SerialSettings
-from pocd.transports.serial.port import Port, PortError, join, leave
+from pocd.transports.serial.port import Line, Port, PortError, join, leave
 
-__all__ = ["Attempt", "SerialRunner"]
+__all__ = ["Attempt", "SerialRunner", "bus_use", "check_device"]
 
 _NAN = math.nan
 Record = Sample | CommStatus | Incident
@@ -58,6 +64,68 @@ class Attempt:
     raw: bytes = b""
 
 
+def check_device(device: Device) -> list[tuple[str, str]]:
+    """Problems only the whole device shows (the driver's parts were checked one by one), as
+    (key under devices[i], message): no port, no reply shapes, a point's field, match group or
+    unit group that no reply has, a poll without a command, a status word's unknown point."""
+    settings = device.settings
+    if not isinstance(settings, SerialSettings):
+        return [("transport", "not serial settings")]
+    points = {n: p for n, p in device.points.items() if isinstance(p, SerialPoint)}
+    codec = Codec(settings)
+    problems: list[tuple[str, str]] = []
+    if settings.port is None:
+        problems.append(("transport", "needs port (e.g. /dev/ttyUSB0)"))
+    if not settings.replies:
+        problems.append(("transport.replies", "no reply shapes: nothing could be read"))
+    groups: set[str] = set()
+    for index in range(len(settings.replies)):
+        groups.update(codec.groups(index))
+    for name, point in points.items():
+        where = f"points.{name}"
+        field = point.field or name
+        if field not in groups:
+            problems.append((f"{where}.field", f"no reply shape has a group {field!r}"))
+        problems.extend(
+            (f"{where}.match", f"no reply shape has a group {key!r}")
+            for key in point.match
+            if key not in groups
+        )
+        if point.unit_field is not None and point.unit_field not in groups:
+            problems.append(
+                (f"{where}.unit_field", f"no reply shape has a group {point.unit_field!r}")
+            )
+        if settings.mode == "poll" and (point.command or settings.command) is None:
+            problems.append(
+                (f"{where}.command", "poll mode needs a command (or transport.command)")
+            )
+    for index, shape in enumerate(settings.replies):
+        problems.extend(
+            (f"transport.replies[{index}]", f"status word {rule.word!r}: unknown point {p!r}")
+            for rule in shape.words
+            for p in rule.points
+            if p not in points
+        )
+    return problems
+
+
+def bus_use(device: Device) -> BusUse | None:
+    """The port a serial device is on, for the load checks across the devices of one port."""
+    settings = device.settings
+    if not isinstance(settings, SerialSettings) or settings.port is None:
+        return None
+    line = Line.of(settings)
+    return BusUse(
+        bus=line.path,
+        protocol="serial ASCII",
+        line=line.settings_text,
+        address=f"address {settings.address!r}",
+        bus_key="transport.port",
+        address_key="transport.address",
+        alone=settings.mode == "stream",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Request:
     command: str
@@ -77,11 +145,14 @@ class SerialRunner:
         self.device = device
         self.settings: SerialSettings = device.settings
         self.codec = Codec(self.settings)
+        problems = check_device(device)
+        if problems:  # (a device the site loader built has none)
+            source = device.driver.source
+            raise ConfigError([ConfigProblem(source, k, m, device=device.id) for k, m in problems])
         points = {n: p for n, p in device.points.items() if isinstance(p, SerialPoint)}
         self.readers = [PointReader(name, point) for name, point in points.items()]
         for reader in self.readers:
             reader.prepare(self.codec.shapes)
-        self._check(points)
         # Shapes with a group some point reads carry values; the others are error replies.
         fields = {reader.group for reader in self.readers}
         self._carries = [
@@ -110,6 +181,7 @@ class SerialRunner:
         self.up = True  # as far as anyone has said: no CommStatus until the first failure
         self._failures = 0  # polls (or silences) in a row without a reply
         self._failing: set[str] = set()  # fault codes of the last poll, to log changes once
+        self.repeats = RepeatedIncidents()
         self._rng = random.Random()
         self._log = structlog.get_logger(__name__).bind(device=device.id)
         # Taken out once for the per-reply path.
@@ -125,60 +197,19 @@ class SerialRunner:
             else None
         )
 
-    def _check(self, points: dict[str, SerialPoint]) -> None:
-        """Problems only the whole device shows (the driver's parts were checked one by one)."""
-        settings = self.settings
-        problems: list[str] = []
-        if settings.port is None:
-            problems.append("transport: needs port (e.g. /dev/ttyUSB0)")
-        if not settings.replies:
-            problems.append("transport.replies: no reply shapes: nothing could be read")
-        groups: set[str] = set()
-        for index in range(len(settings.replies)):
-            groups.update(self.codec.groups(index))
-        for reader in self.readers:
-            point = reader.point
-            where = f"points.{reader.name}"
-            if reader.group not in groups:
-                problems.append(f"{where}.field: no reply shape has a group {reader.group!r}")
-            problems.extend(
-                f"{where}.match: no reply shape has a group {key!r}"
-                for key in point.match
-                if key not in groups
-            )
-            if point.unit_field is not None and point.unit_field not in groups:
-                problems.append(
-                    f"{where}.unit_field: no reply shape has a group {point.unit_field!r}"
-                )
-            if settings.mode == "poll" and (point.command or settings.command) is None:
-                problems.append(
-                    f"{where}.command: poll mode needs a command (or transport.command)"
-                )
-        for index, shape in enumerate(settings.replies):
-            for rule in shape.words:
-                problems.extend(
-                    f"transport.replies[{index}]: status word {rule.word!r}: unknown point {p!r}"
-                    for p in rule.points
-                    if p not in points
-                )
-        if problems:
-            source = self.device.driver.source
-            raise ConfigError(
-                [
-                    ConfigProblem(source, key, message.strip(), device=self.device.id)
-                    for key, _, message in (p.partition(": ") for p in problems)
-                ]
-            )
-
     # --- running ---------------------------------------------------------------------------
 
     async def run(self, inbox: Inbox) -> None:
         port = join(self.device.id, self.settings, source=self.device.driver.source)
         try:
-            if self.settings.mode == "stream":
-                await self._listen(port, inbox)
-            else:
-                await self.grid.run(lambda: self.poll(port, inbox), self._backoff)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(
+                    report_repeats(self.repeats, inbox), name=f"serial-repeats:{self._id}"
+                )
+                if self.settings.mode == "stream":
+                    await self._listen(port, inbox)
+                else:
+                    await self.grid.run(lambda: self.poll(port, inbox), self._backoff)
         finally:
             if self.settings.mode == "stream" and port.is_open:
                 self._send_all(port, self.settings.stream_stop)  # best effort: leave it quiet
@@ -209,10 +240,8 @@ class SerialRunner:
                         except asyncio.QueueFull:
                             await inbox.put(sample)
                         return True
-                for record in self._reply_records(result, request.readers, t, asked=True):
-                    if type(record) is Incident:
-                        self.counts[record.code] += 1
-                    await inbox.put(record)
+                records, keys = self._reply_records(result, request.readers, t, asked=True)
+                await self._put_all(inbox, records, keys)
                 return True
             return await self._report_poll(inbox, [(request, result)], attempts)
         attempts = []
@@ -246,13 +275,12 @@ class SerialRunner:
         t = now_ns()
         for request, result in results:
             if type(result) is Reply:
-                for record in self._reply_records(result, request.readers, t, asked=True):
-                    if type(record) is Incident:
-                        self.counts[record.code] += 1
-                    await inbox.put(record)
+                records, keys = self._reply_records(result, request.readers, t, asked=True)
+                await self._put_all(inbox, records, keys)
             else:
                 assert isinstance(result, Attempt)
-                reason = result.message if result.code in ("port", "port-lost") else result.code
+                # The code ("timeout", "port-lost", ...): the incident has the message.
+                reason = result.code
                 for reader in request.readers:
                     await inbox.put(
                         Sample(self._id, reader.name, result.t, _NAN, Quality.BAD, None, reason)
@@ -376,7 +404,8 @@ class SerialRunner:
                 if frame is None:
                     partial = port.take_partial()
                     if partial is not None:
-                        await self._incident(inbox, _incident(device, _fault_of(partial)))
+                        fault = _fault_of(partial)
+                        await self._incident(inbox, _incident(device, fault), fault.code)
                     await self._silent(
                         inbox, Attempt("timeout", f"nothing usable for {silence:g} s", now_ns())
                     )
@@ -384,14 +413,13 @@ class SerialRunner:
                     self._send_all(port, self.settings.stream_start)
                     last_reply = loop.time()
                     continue
-                records, usable = self.frame_records(frame, now_ns())
+                records, keys, usable = self._frame_records(frame, now_ns())
                 if usable:
                     last_reply = loop.time()
                     if not self.up:
                         await self._report_comm(inbox, True, [])
                         await self._report_attempts(inbox, [])  # logs the recovery
-                for record in records:
-                    await self._put(inbox, record)
+                await self._put_all(inbox, records, keys)
 
     async def _silent(self, inbox: Inbox, fault: Attempt) -> None:
         """The device said nothing usable (or its port is gone): comm-loss, once."""
@@ -408,14 +436,20 @@ class SerialRunner:
     def frame_records(self, frame: Frame, t: int) -> tuple[list[Record], bool]:
         """The records of one unsolicited frame (stream mode), and whether it was a reply.
         Nothing is sent and no incident counted: the caller puts the records in the inbox."""
+        records, _, usable = self._frame_records(frame, t)
+        return records, usable
+
+    def _frame_records(self, frame: Frame, t: int) -> tuple[list[Record], list[Hashable], bool]:
+        """`frame_records`, with the repeat key of each incident among the records."""
         decoded = self.codec.decode(frame)
         if decoded is None:
-            return [], False
+            return [], [], False
         if isinstance(decoded, Rejected):
             fault = Attempt(decoded.code, decoded.message, t, decoded.raw)
-            return [_incident(self.device.id, fault)], False
+            return [_incident(self.device.id, fault)], [fault.code], False
         self.replies += 1
-        return self._reply_records(decoded, self.readers, t, asked=False), True
+        records, keys = self._reply_records(decoded, self.readers, t, asked=False)
+        return records, keys, True
 
     # --- records ---------------------------------------------------------------------------
 
@@ -426,31 +460,36 @@ class SerialRunner:
         t: int,
         *,
         asked: bool,
-    ) -> list[Record]:
+    ) -> tuple[list[Record], list[Hashable]]:
         """Records of a reply to a request for `readers` (`asked`), or of an unsolicited frame,
-        which carries what it carries."""
+        which carries what it carries; and the repeat key of each incident among them, in
+        order (the fault's code, and the point where it is a point's)."""
         device = self._id
         shape = reply.shape
         records: list[Record] = []
+        keys: list[Hashable] = []
         if shape.incident is not None:
             message = f"{shape.reason or shape.incident}: {reply.text!r}"
             records.append(Incident(t, shape.kind, shape.incident, device, message, reply.raw))
+            keys.append(shape.incident)
         carries = self._carries[reply.shape_index]
         for reader in readers:
             reading = reader.take(reply)
             if reading is not None:
                 if reading.fault:
-                    message = f"{reader.name}: {reading.reason} in {reply.text!r}"
+                    message = f"{reader.name}: {reading.fault} in {reply.text!r}"
                     records.append(
                         Incident(t, IncidentKind.DATA, reading.fault, device, message, reply.raw)
                     )
+                    keys.append((reading.fault, reader.name))
                 records.append(
                     Sample(
                         device, reader.name, t, reading.value, reading.quality, None, reading.reason
                     )
                 )
             elif not carries:
-                reason = shape.reason or f"reply {reply.text!r}"
+                # An error reply (MT-SICS `S +`): the driver's reason for it, a bounded code.
+                reason = shape.reason or shape.incident or "no-value"
                 records.append(Sample(device, reader.name, t, _NAN, Quality.BAD, None, reason))
             elif asked:
                 # The device answered the request with another value's reply (another
@@ -466,19 +505,31 @@ class SerialRunner:
                         reply.raw,
                     )
                 )
+                keys.append(("unexpected-reply", reader.name))
                 records.append(
-                    Sample(device, reader.name, t, _NAN, Quality.BAD, None, "unexpected reply")
+                    Sample(device, reader.name, t, _NAN, Quality.BAD, None, "unexpected-reply")
                 )
-        return records
+        return records, keys
 
-    async def _put(self, inbox: Inbox, record: Record) -> None:
-        if isinstance(record, Incident):
-            self.counts[record.code] += 1
-        await inbox.put(record)
+    async def _put_all(self, inbox: Inbox, records: list[Record], keys: list[Hashable]) -> None:
+        """Put records of `_reply_records` or `_frame_records`, incidents through `_incident`."""
+        if not keys:
+            for record in records:
+                await inbox.put(record)
+            return
+        pending = iter(keys)
+        for record in records:
+            if type(record) is Incident:
+                await self._incident(inbox, record, next(pending))
+            else:
+                await inbox.put(record)
 
-    async def _incident(self, inbox: Inbox, incident: Incident) -> None:
+    async def _incident(self, inbox: Inbox, incident: Incident, key: Hashable) -> None:
+        """Count the incident; record it unless it repeats one recorded a moment ago."""
         self.counts[incident.code] += 1
-        await inbox.put(incident)
+        recorded = self.repeats.offer(incident, time.monotonic(), key)
+        if recorded is not None:
+            await inbox.put(recorded)
 
     async def _report_comm(self, inbox: Inbox, answered: bool, attempts: list[Attempt]) -> None:
         device = self.device.id
@@ -502,7 +553,7 @@ class SerialRunner:
             # Log a fault once when it starts, quietly while it lasts, and once when it ends.
             log = self._log.debug if attempt.code in self._failing else self._log.error
             log("serial exchange failed", code=attempt.code, reason=attempt.message)
-            await self._incident(inbox, _incident(self.device.id, attempt))
+            await self._incident(inbox, _incident(self.device.id, attempt), attempt.code)
         for code in self._failing - codes:
             self._log.info("serial exchanges recovered", code=code)
         self._failing = codes
