@@ -752,17 +752,6 @@ DEVICE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", DEVICE_CASES.values(), ids=DEVICE_CASES.keys())
-def test_whole_device_and_bus_problems_at_load(
-    case: Bad, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = write_site(tmp_path, edit(SITE, *case.edits))
-    code, err = run_check(capsys, path)
-    assert code == 2
-    line = find_problem(err, path, case.key, case.device)
-    assert case.message in line.removeprefix(where(path, case.key, case.device))
-
-
 def test_devices_that_share_a_bus_rightly_pass(tmp_path: Path) -> None:
     # Distinct unit ids with one line; a disabled device does not run, so it clashes with none.
     text = SITE + VAISALA + HAMILTON.replace("unit_id = 240", "unit_id = 1")
@@ -884,8 +873,11 @@ UNMEANT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", UNMEANT_CASES.values(), ids=UNMEANT_CASES.keys())
-def test_values_no_operator_means_are_refused(
+CHECKED_CASES = {**DEVICE_CASES, **UNMEANT_CASES}
+
+
+@pytest.mark.parametrize("case", CHECKED_CASES.values(), ids=CHECKED_CASES.keys())
+def test_whole_device_bus_and_unmeant_problems_at_load(
     case: Bad, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_site(tmp_path, edit(SITE, *case.edits))

@@ -119,52 +119,49 @@ async def test_a_group_is_committed_in_one_transaction(writer: StoreWriter) -> N
     assert len(writer) == 0
 
 
-async def test_a_control_call_waits_for_its_commit_a_bounded_time(tmp_path: Path) -> None:
-    writer = StoreWriter(batch_size=1000, high_water=10_000, on_incident=lambda _: None)
-    writer.store = Store(tmp_path / "pocd.sqlite")
-    store = writer.store
+@pytest.fixture
+async def held_worker() -> AsyncIterator[threading.Event]:
+    """The loop's one worker thread, held until the event is set (a store thread stuck on a
+    dead disk): a commit's job waits behind it."""
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(1))
     gate = threading.Event()
-    busy = loop.run_in_executor(None, gate.wait)  # the store's thread is stuck (a dead disk)
+    busy = loop.run_in_executor(None, gate.wait)
     try:
-        writer.add_group(samples(3))
-        with pytest.raises(CommitTimeout, match=r"not committed within 0\.3 s"):
-            await writer.flush(within=0.3)
-        gate.set()
-        await busy
-        await writer.flush()  # waits for the commit that went on
-        assert store.sample_count() == 3
+        yield gate
     finally:
         gate.set()
-        store.close()
+        await busy
 
 
-async def test_a_cancelled_flush_still_commits_its_batch(tmp_path: Path) -> None:
+async def test_a_control_call_waits_for_its_commit_a_bounded_time(
+    writer: StoreWriter, held_worker: threading.Event
+) -> None:
+    assert writer.store is not None
+    writer.add_group(samples(3))
+    with pytest.raises(CommitTimeout, match=r"not committed within 0\.3 s"):
+        await writer.flush(within=0.3)
+    held_worker.set()
+    await writer.flush()  # waits for the commit that went on
+    assert writer.store.sample_count() == 3
+
+
+async def test_a_cancelled_flush_still_commits_its_batch(
+    writer: StoreWriter, held_worker: threading.Event
+) -> None:
     """A flush hands its batch to a thread; cancelling the flush (the writer task at shutdown,
     an API request that goes away) must not cancel a thread job that has not started yet."""
-    writer = StoreWriter(batch_size=1000, high_water=10_000, on_incident=lambda _: None)
-    writer.store = Store(tmp_path / "pocd.sqlite")
-    store = writer.store
-    loop = asyncio.get_running_loop()
-    loop.set_default_executor(ThreadPoolExecutor(1))
-    gate = threading.Event()
-    busy = loop.run_in_executor(None, gate.wait)  # the one worker: the flush's job must queue
-    try:
-        for record in samples(10):
-            writer.add(record)
-        flush = asyncio.create_task(writer.flush())
-        await asyncio.sleep(0.05)
-        flush.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await flush
-        gate.set()
-        await busy
-        await writer.flush()  # waits for the commit the cancelled flush began
-        assert store.sample_count() == 10
-    finally:
-        gate.set()
-        store.close()
+    assert writer.store is not None
+    for record in samples(10):
+        writer.add(record)
+    flush = asyncio.create_task(writer.flush())
+    await asyncio.sleep(0.05)
+    flush.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flush
+    held_worker.set()
+    await writer.flush()  # waits for the commit the cancelled flush began
+    assert writer.store.sample_count() == 10
 
 
 async def test_the_high_water_mark_holds_readings_back_and_is_on_the_record(
