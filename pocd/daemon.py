@@ -194,10 +194,11 @@ class Daemon:
             log.error("config reload failed; keeping the running config", problems=str(exc))
             self._incident(IncidentKind.CONFIGURATION, "config-reload", "daemon", str(exc), t)
             return
+        running = self.site.config.model_dump()
         waiting = sorted(
             key
             for key, value in site.config.model_dump().items()
-            if key != "protocols" and value != self.site.config.model_dump()[key]
+            if key != "protocols" and value != running[key]
         )
         if waiting:
             log.warning("config changes that apply at the next restart", sections=waiting)

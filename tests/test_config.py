@@ -927,3 +927,23 @@ def test_an_api_open_to_the_network_is_a_warning(
     for loopback in ('"localhost:8470"', '"[::1]:8470"', '"127.0.0.2:8470"'):
         path = write_site(tmp_path, edit(SITE, ('"127.0.0.1:8470"', loopback)))
         assert run_check(capsys, path) == (0, [])
+
+
+def test_check_reports_a_sinks_secret_file_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sink = (
+        '\n[sinks.influxdb]\nurl = "http://127.0.0.1:8086"\napi = "v1"\ndatabase = "pocd"\n'
+        'username = "pocd"\npassword = { file = "secrets/influx-password" }\n'
+    )
+    path = write_site(tmp_path, SITE + sink)
+    site = load_site(path)  # resolved against the config file, as every path is
+    (settings,) = site.config.sinks.influxdb
+    assert settings.password is not None
+    assert settings.password.file == str(tmp_path / "secrets" / "influx-password")
+    code, err = run_check(capsys, path)
+    assert code == 2
+    assert err == [
+        f"{path}: sinks.influxdb[0].password.file: no such file: "
+        f"{tmp_path / 'secrets' / 'influx-password'}"
+    ]

@@ -428,3 +428,38 @@ async def test_a_forward_clock_step_opens_no_stale_data_and_no_deviation(
         assert jump.kind is IncidentKind.CLOCK and "+3600" in jump.message
     finally:
         daemon.store.close()
+
+
+# --- item 6 (the daemon's part): a runner that cannot even be built -----------------------
+
+
+async def test_a_runner_that_cannot_be_built_stops_only_its_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from pocd import daemon as daemon_module
+
+    real = daemon_module.get_transport
+
+    def get_transport_with_a_broken_runner(name: str) -> Any:  # fault injection
+        spec = real(name)
+
+        def runner(device: Any) -> Any:
+            if device.id == "bioreactor":
+                raise ValueError("a bug building the runner")
+            return spec.runner(device)
+
+        return replace(spec, runner=runner)
+
+    monkeypatch.setattr(daemon_module, "get_transport", get_transport_with_a_broken_runner)
+    site = load_site(write_site(tmp_path))
+    async with running(site) as daemon:
+        await until(lambda: daemon.incident_counts["bioreactor"] >= 1)
+        count = daemon.counts["samples"]
+        await until(lambda: daemon.counts["samples"] > count + 20)
+        assert (await api(site, "GET", "/api/status"))[0] == 200
+    with Store(site.store_path, readonly=True) as store:
+        (failed,) = [i for i in store.incidents() if i.code == "runner-failed"]
+        assert failed.source == "bioreactor" and "a bug building the runner" in failed.message
+        assert [s for _, s in store.samples(device="incubator")]

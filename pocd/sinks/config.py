@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from pocd.configtypes import Duration, StrictModel
+from pocd.configtypes import ConfigFile, Duration, StrictModel
 
 __all__ = ["InfluxSettings", "SecretRef", "SecretValue"]
 
@@ -48,7 +48,7 @@ class SecretRef(StrictModel):
     """Where a secret is read from when the sink starts: a file (its first line) or an
     environment variable. A relative file is relative to the config file."""
 
-    file: str | None = Field(default=None, min_length=1)
+    file: ConfigFile | None = Field(default=None, min_length=1)  # `pocd check` reads it
     env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
     @model_validator(mode="after")
