@@ -27,7 +27,7 @@ import structlog
 
 from pocd.clock import ClockWatch, steady_ns
 from pocd.engine import Engine, EngineEvent
-from pocd.errors import ConfigError, RunError
+from pocd.errors import CommitTimeout, ConfigError, RunError
 from pocd.inbox import Inbox, Reading
 from pocd.model import (
     NS,
@@ -155,7 +155,10 @@ class Daemon:
 
         self._record_load(self.site, "config.load")
         await self._resume()
-        await self.flush()
+        try:
+            await self.flush(within=COMMIT_WAIT_S)
+        except CommitTimeout as exc:  # the devices start all the same; the records wait
+            log.error("the store has not committed the start records yet", error=str(exc))
         async with asyncio.TaskGroup() as tg:
             workers = [
                 tg.create_task(self._engine_task(), name="engine"),
@@ -341,7 +344,11 @@ class Daemon:
         kept = await asyncio.to_thread(self.store.protocol_text, run.protocol_hash)
         if kept is None:
             return None
-        proto = protocol_from_text(kept.text, f"the store's copy of {kept.id} {kept.version}")
+        try:
+            proto = protocol_from_text(kept.text, f"the store's copy of {kept.id} {kept.version}")
+        except ConfigError as exc:  # valid when it was loaded; this pocd checks more
+            log.error("the stored protocol no longer loads", run=run.id, problems=str(exc))
+            return None
         if proto.hash != run.protocol_hash:
             return None
         log.info("run resumes on the stored protocol", run=run.id, protocol=proto.key)
@@ -357,10 +364,12 @@ class Daemon:
         )
         log.error("run not monitored", run=run.id, reason=message)
         self._incident(IncidentKind.CONFIGURATION, "protocol-missing", "daemon", message, t)
-        deviation = Deviation(
-            uuid.uuid4().hex, run.id, t, DeviationCause.PROTOCOL_MISSING, phase, message
-        )
-        self._emit([deviation])
+        deviations = await asyncio.to_thread(self.store.deviations, run.id)
+        if not any(d.cause is DeviationCause.PROTOCOL_MISSING for d in deviations):
+            deviation = Deviation(
+                uuid.uuid4().hex, run.id, t, DeviationCause.PROTOCOL_MISSING, phase, message
+            )
+            self._emit([deviation])  # once per run, not at every restart
         for exc in await asyncio.to_thread(self.store.open_excursions, run.id):
             self._emit(
                 [ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=max(t, exc.start)))]
@@ -426,20 +435,19 @@ class Daemon:
                     try:
                         # A reading stamped before the wall clock stepped back is judged now,
                         # not in the engine's future.
-                        events = engine.on_sample(
-                            record if record.t <= wall else record._replace(t=wall)
-                        )
+                        judged = record if record.t <= wall else record._replace(t=wall)
+                        events = engine.on_sample(judged)
                         if events:
                             self._emit(events)
                         if self._phase_source is not None:
-                            self._phase_from_device(record)
+                            self._phase_from_device(judged)
                     except Exception as exc:  # the reading is stored; the next is judged
                         self._engine_failed(exc, record)
             else:
-                self._take_other(record)
+                self._take_other(record, wall)
         self.counts["samples"] += samples
 
-    def _take_other(self, record: CommStatus | Incident) -> None:
+    def _take_other(self, record: CommStatus | Incident, wall: int) -> None:
         if isinstance(record, CommStatus):
             if record.ok:
                 log.info("device answering", device=record.device)
@@ -449,7 +457,8 @@ class Daemon:
                 self.down.add(record.device)
             if self.engine is not None:
                 try:
-                    self._emit(self.engine.on_comm(record))
+                    judged = record if record.t <= wall else replace(record, t=wall)
+                    self._emit(self.engine.on_comm(judged))
                 except Exception as exc:
                     self._engine_failed(exc, record)
         else:
@@ -734,13 +743,12 @@ class Daemon:
             "engine_errors": self.counts["engine_errors"],
             "sinks": {sink.name: sink.status() for sink in self.sinks},
             "store": {
-                "pending": len(writer),
+                "pending": self.pending_count,
                 "keeping_up": writer.room.is_set(),
                 "failing": writer.failing,
                 "last_commit": writer.last_commit,
                 "quarantined": writer.quarantined,
             },
-            "pending_records": self.pending_count,
         }
 
     def points(self) -> list[PointStatus]:

@@ -200,6 +200,9 @@ class StoreWriter:
             rejected = exc
         except StoreError as exc:
             raise _Unwritten(batch, exc) from None
+        except Exception as exc:  # the store says any fault of its own is a StoreError
+            fault = StoreError(f"the store failed: {type(exc).__name__}: {exc}")
+            raise _Unwritten(batch, fault) from None
         else:
             return
         if len(batch) > 1:
@@ -233,7 +236,24 @@ class StoreWriter:
             f"kept here: {record!r}",
         )
         try:
-            await asyncio.to_thread(self.store.write, [incident])
+            try:
+                await asyncio.to_thread(self.store.write, [incident])
+            except RecordRejected:
+                # Its text cannot be stored either (it cannot be a store fault: that would be a
+                # plain StoreError): keep what can be, the type and the error; the log has it.
+                incident = Incident(
+                    incident.t,
+                    incident.kind,
+                    incident.code,
+                    "store",
+                    f"{type(record).__name__} refused by the store ({type(cause).__name__}); "
+                    "its content could not be stored either and is in the log",
+                )
+                await asyncio.to_thread(self.store.write, [incident])
+        except RecordRejected:
+            log.critical(
+                "record could not be set aside; it is only in the log", record=repr(record)
+            )
         except StoreError as exc:
             raise _Unwritten([record], exc) from None
         self.quarantined += 1

@@ -330,3 +330,12 @@ def test_an_excursion_open_across_a_clock_jump_counts_monotonic_time(jump: float
     assert start == 2.0
     assert end == max(start, 15.0 + jump)  # a record never ends before it began
     assert eng.cumulative("x", "a") == pytest.approx(13.0)
+
+
+def test_a_comm_loss_stamped_before_the_last_reading_counts_no_negative_time() -> None:
+    eng = engine(protocol({"a": HIGH}))
+    eng.enter_phase("a", at(0), "op")
+    apply(eng, (10, "v", 5))
+    apply(eng, (9, "down"))  # a transport's word, stamped before the reading already judged
+    apply(eng, (9.5, "up"))
+    assert eng.cumulative("x", "a", [ExcursionKind.COMM_LOSS]) >= 0.0

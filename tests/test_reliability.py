@@ -19,6 +19,7 @@ import pytest
 from pocd.errors import StoreError
 from pocd.model import (
     NS,
+    CommStatus,
     DeviationCause,
     ExcursionKind,
     IncidentKind,
@@ -463,3 +464,53 @@ async def test_a_runner_that_cannot_be_built_stops_only_its_device(
         (failed,) = [i for i in store.incidents() if i.code == "runner-failed"]
         assert failed.source == "bioreactor" and "a bug building the runner" in failed.message
         assert [s for _, s in store.samples(device="incubator")]
+
+
+async def test_a_stored_protocol_that_no_longer_loads_leaves_the_run_unmonitored(
+    tmp_path: Path,
+) -> None:
+    from pocd.model import ProtocolText
+
+    site = load_site(write_site(tmp_path, ONE_DEVICE))
+    t = now_ns() - 60 * NS
+    run = Run("r-old", "B-8", site.id, "UTC", "CART-TCT", "2.0", "e" * 64, "op", t)
+    with Store(site.store_path) as store:  # kept by an older pocd that checked less
+        store.write(
+            [
+                run,
+                PhaseChange(run.id, t, "enrichment", None, "op"),
+                ProtocolText("e" * 64, "CART-TCT", "2.0", 'id = "CART-TCT"\nstatus = "odd"\n'),
+            ]
+        )
+    for _ in range(2):  # the daemon starts, and again: one deviation, not one per start
+        async with running(site) as daemon:
+            assert daemon.engine is None and daemon.run_record is not None
+    with Store(site.store_path, readonly=True) as store:
+        (deviation,) = store.deviations(run.id)
+        assert deviation.cause is DeviationCause.PROTOCOL_MISSING
+
+
+async def test_a_reading_stamped_before_the_clock_stepped_back_is_judged_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pocd import daemon as daemon_module
+    from pocd.daemon import Daemon
+
+    site = load_site(write_site(tmp_path, devices=ONE_DEVICE))
+    daemon = Daemon(site)
+    daemon.store = daemon.writer.store = Store(site.store_path)
+    try:
+        await daemon.start_run("B-1", "CART-TCT", None, "op")
+        engine = daemon.engine
+        assert engine is not None
+        before = time.time_ns()
+        daemon._take([Sample("incubator", "temperature", before, 37.0)], daemon._read_clock())
+        monkeypatch.setattr(daemon_module, "now_ns", lambda: time.time_ns() - 3600 * NS)
+        wall = daemon._read_clock()  # the step back is seen: the engine's clocks move back
+        # readings stamped before the step, still in the inbox
+        daemon._take([CommStatus("incubator", before + 1, ok=False)], wall)
+        daemon._take([CommStatus("incubator", before + 2, ok=True)], wall)
+        daemon._take([Sample("incubator", "temperature", before + 3, 37.0)], wall)
+        assert max(p.now for p in engine._params.values()) <= wall, "judged in the future"
+    finally:
+        daemon.store.close()

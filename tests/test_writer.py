@@ -179,3 +179,22 @@ async def test_the_high_water_mark_holds_readings_back_and_is_on_the_record(
     assert [i.code for i in incidents] == ["store-backlog", "store-caught-up"]
     assert "store not keeping up" in incidents[0].message
     assert writer.store.sample_count() == 120
+
+
+async def test_a_store_fault_of_any_type_keeps_the_batch(writer: StoreWriter) -> None:
+    assert writer.store is not None
+    store, write = writer.store, writer.store.write
+    calls = 0
+
+    def out_of_memory_once(records: list[object]) -> None:  # fault injection
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise MemoryError
+        write(records)  # type: ignore[arg-type]
+
+    store.write = out_of_memory_once  # type: ignore[method-assign]
+    for record in samples(10):
+        writer.add(record)
+    await writer.flush()
+    assert store.sample_count() == 10

@@ -579,7 +579,6 @@ class Engine:
         ):
             start = param.seen_t + round(limits.stale_after * NS)
             self._open_data(param, ExcursionKind.STALE, start, events)
-            self._add_time(param.id, ExcursionKind.STALE, start, start, t)
         self._check_budget(param, t, events)
         self._check_data_loss(param, t, events)
 
@@ -679,6 +678,8 @@ class Engine:
             return
         exc = _Open(self._snapshot(param, kind, None, start), start)
         param.data[kind] = exc
+        # what lies between its start and the parameter's clock is counted now, as `_open` does
+        self._add_time(param.id, kind, start, start, param.now)
         events.append(exc.event(ExcursionChange.OPENED))
 
     def _close_data(

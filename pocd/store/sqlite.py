@@ -329,7 +329,7 @@ class Store:
             # samples before each (only in the rare batch that holds one).
             offsets = _sample_offsets(batch) if any(type(r) in _MARKED for r in others) else []
             rows = _other_rows(others, offsets)
-        except (TypeError, ValueError, AttributeError) as e:
+        except Exception as e:  # nothing is open yet: only a record can be at fault
             raise RecordRejected(f"{self.path}: {type(e).__name__}: {e}") from e
         with self._lock:
             self._check_open()
@@ -356,24 +356,33 @@ class Store:
                 # Codes interned by the rolled-back transaction are gone from the file; reload
                 # them inside the next transaction rather than here, where it could fail too.
                 self._codes_stale = True
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+                rolled_back = self._roll_back()
+                if not isinstance(e, Exception):
+                    raise  # cancellation, exit: not the store's to judge
                 if (
                     isinstance(e, _STORE_FAULTS)
                     or type(e) is sqlite3.DatabaseError  # a corrupt file, not its subclasses
-                    or not isinstance(e, Exception)
+                    or not rolled_back
                 ):
-                    if isinstance(e, sqlite3.Error):
-                        raise StoreError(
-                            f"{self.path}: batch of {len(batch)} records not stored: {e}"
-                        ) from e
-                    raise
+                    raise StoreError(
+                        f"{self.path}: batch of {len(batch)} records not stored: "
+                        f"{type(e).__name__}: {e}"
+                    ) from e
                 # Anything else is about what a record holds: a constraint, an integer beyond
                 # 64 bits, a value of the wrong type. The same batch would fail again.
                 raise RecordRejected(
                     f"{self.path}: batch of {len(batch)} records not stored: "
                     f"{type(e).__name__}: {e}"
                 ) from e
+
+    def _roll_back(self) -> bool:
+        """Undo the open transaction; False if even that failed (the store is in trouble)."""
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            return False
+        return True
 
     def _insert_samples(self, samples: list[Sample]) -> int:
         """Insert the samples; return the rowid before the first of them."""
