@@ -8,6 +8,9 @@ same and the next one is judged. Only a store that cannot be opened ends the dae
 API that cannot listen, at start). Run control (start, phase, stop, site status) happens here,
 in the event loop, one operation at a time, and returns once its records are committed, or
 says that they are not yet (CommitTimeout) after a bounded wait.
+
+At some 800 lines this still holds run control, resume and the status view beside the
+wiring: the Lines issue (several runs at once) splits them into parts of their own.
 """
 
 from __future__ import annotations
