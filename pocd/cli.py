@@ -1,5 +1,8 @@
 """The `pocd` command line: check [--connect], serve, status, run, site, sink, demo.
 
+One module of some 500 lines: one argparse tree, each command a small handler; a command that
+grows beyond that moves to its own module, as `pocd sink` did (pocd.sinks.resend).
+
 Exit codes: 0 success, 1 an operation was refused or failed, 2 invalid input (config, usage).
 Control commands (run start|phase|stop, site set, status) talk to the running daemon's API;
 `run list|show` and `site status` read the store directly, so they work when it is stopped.

@@ -1,5 +1,8 @@
 """`pocd demo`: a simulated CAR-T run on the embedded store, with a live terminal view.
 
+Some 400 lines in one module: the script, the simulators it starts and the live view are one
+demo, read together.
+
 It starts simulated devices in process (a Thermo CTS Rotea over OPC UA, a Modbus TCP CO2
 probe, a Modbus RTU pH sensor, a Heracell incubator and an MT-SICS balance over serial, each
 serial device on a socat pty pair, and `sim` devices), writes a site config

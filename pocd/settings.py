@@ -1,5 +1,9 @@
 """Loading and validating site configs, process protocols and driver files (all TOML).
 
+Some 1,100 lines: the config models, their loaders and the messages that name file, key and
+device. The load-time checks of a whole site (buses, files) are the next part to move to a
+module of their own.
+
 Everything is validated once, at load, with pydantic; unknown keys are errors. Every problem is
 reported as a `ConfigProblem` that names the file, the key path and, where one applies, the
 device. Paths in a file are relative to that file. The loader checks each device as a whole

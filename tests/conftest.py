@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules: socat pty pairs and a task-leak check."""
+"""Fixtures shared by the test modules: socat pty pairs, a task-leak check, and a real influxd
+(one per test module) with a fresh database per test."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+
+from tests.influxkit import Influxd, running_influxd
 
 
 @pytest.fixture
@@ -55,3 +58,16 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
             break
         await asyncio.sleep(0.01)
     assert not leaked, f"tasks left running: {[t.get_name() for t in leaked]}"
+
+
+@pytest.fixture(scope="module")
+def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Influxd]:
+    with running_influxd(tmp_path_factory.mktemp("influxd")) as server:
+        yield server
+
+
+@pytest.fixture
+def database(influxd: Influxd, request: pytest.FixtureRequest) -> str:
+    name = re.sub(r"\W", "_", request.node.name)[:60]
+    influxd.create_database(name)
+    return name

@@ -15,11 +15,9 @@ import re
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import structlog
 
 from pocd.daemon import Daemon
@@ -49,19 +47,6 @@ from tests.influxkit import (
 from tests.sitekit import api, cli, running, spawn_daemon, until, write_site
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-@pytest.fixture(scope="module")
-def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Influxd]:
-    with running_influxd(tmp_path_factory.mktemp("influxd")) as server:
-        yield server
-
-
-@pytest.fixture
-def database(influxd: Influxd, request: pytest.FixtureRequest) -> str:
-    name = re.sub(r"\W", "_", request.node.name)[:60]
-    influxd.create_database(name)
-    return name
 
 
 def burst_devices(count: int, points: int, interval: float, quiet_after: float) -> str:

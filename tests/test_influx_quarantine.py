@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,21 +33,8 @@ from pocd.model import (
 from pocd.settings import Site
 from pocd.sinks.influxdb import InfluxSink
 from pocd.store import Store
-from tests.influxkit import Influxd, drained, running_influxd, sink_toml, site_with_sink
+from tests.influxkit import Influxd, drained, sink_toml, site_with_sink
 from tests.sitekit import api, cli, free_port, running, until
-
-
-@pytest.fixture(scope="module")
-def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Influxd]:
-    with running_influxd(tmp_path_factory.mktemp("influxd")) as server:
-        yield server
-
-
-@pytest.fixture
-def database(influxd: Influxd, request: pytest.FixtureRequest) -> str:
-    name = re.sub(r"\W", "_", request.node.name)[:60]
-    influxd.create_database(name)
-    return name
 
 
 async def started(site: Site) -> tuple[InfluxSink, asyncio.Task[None]]:

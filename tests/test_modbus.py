@@ -172,6 +172,26 @@ TYPED_POINTS: dict[str, tuple[dict[str, Any], list[int], float]] = {
 }
 
 
+async def poll_generic_device(
+    device: SimDevice, points: dict[str, dict[str, Any]], **server: Any
+) -> list[Any]:
+    """One poll of the generic `modbus` driver with these points, against a pymodbus server
+    holding `device`; the records it put."""
+    port = free_port()
+    tcp = ModbusTcpServer([device], address=("127.0.0.1", port), **server)
+    await tcp.serve_forever(background=True)
+    try:
+        runner = ModbusRunner(
+            device_from_driver(
+                "plc", "modbus", transport={"host": "127.0.0.1", "port": port}, points=points
+            )
+        )
+        async with polling(runner) as poll:
+            return list(await poll())
+    finally:
+        await tcp.shutdown()  # type: ignore[no-untyped-call]
+
+
 async def test_every_data_type_and_word_order_over_tcp() -> None:
     holding: list[int] = []
     points: dict[str, dict[str, Any]] = {}
@@ -212,19 +232,7 @@ async def test_every_data_type_and_word_order_over_tcp() -> None:
             requests.append(pdu.function_code)
         return pdu
 
-    port = free_port()
-    server = ModbusTcpServer([device], address=("127.0.0.1", port), trace_pdu=count)
-    await server.serve_forever(background=True)
-    try:
-        runner = ModbusRunner(
-            device_from_driver(
-                "plc", "modbus", transport={"host": "127.0.0.1", "port": port}, points=points
-            )
-        )
-        async with polling(runner) as poll:
-            records = await poll()
-    finally:
-        await server.shutdown()  # type: ignore[no-untyped-call]
+    records = await poll_generic_device(device, points, trace_pdu=count)
     got = {s.point: s for s in samples(records)}
     assert set(got) == set(expected)
     for name, value in expected.items():
@@ -860,19 +868,7 @@ async def test_an_infinity_made_by_the_scaling_is_bad_with_an_incident() -> None
     }
     holding = _HUGE_F32[:2] + list(struct.unpack(">HH", struct.pack(">f", 3.0e38)))
     device = SimDevice(1, simdata=[SimData(0, values=holding, datatype=DataType.REGISTERS)])
-    port = free_port()
-    server = ModbusTcpServer([device], address=("127.0.0.1", port))
-    await server.serve_forever(background=True)
-    try:
-        runner = ModbusRunner(
-            device_from_driver(
-                "plc", "modbus", transport={"host": "127.0.0.1", "port": port}, points=points
-            )
-        )
-        async with polling(runner) as poll:
-            records = await poll()
-    finally:
-        await server.shutdown()  # type: ignore[no-untyped-call]
+    records = await poll_generic_device(device, points)
     got = {s.point: s for s in samples(records)}
     assert got["flow"].quality is Quality.BAD and got["flow"].reason == "overflow"
     assert math.isnan(got["flow"].value)  # no infinity reaches the store (nor InfluxDB)

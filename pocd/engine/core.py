@@ -1,5 +1,9 @@
 """The engine: checks the samples of one run against the limits of its protocol's current phase.
 
+Some 700 lines in one module on purpose: the conditions, the parameters and the engine share
+their mutable state (`_Open`, `_Condition`, `_Parameter`), and splitting them would make that
+state public.
+
 Pure: no I/O and no clock of its own. Time comes from the samples (their receive time) and from
 `tick(t)`, so it can be driven by a fake clock and replayed over stored data. Every call returns
 the events it caused: `ExcursionEvent`s, `Deviation`s and `PhaseChange`s.

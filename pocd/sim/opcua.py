@@ -1,6 +1,9 @@
 """The OPC UA simulator: serves an OPC UA driver file's nodes from an asyncua server, for the
 demo, the tests and the bench.
 
+Some 750 lines: the server, its fault switches and its command line are one simulator, written
+against the driver files only.
+
 Nodes are laid out as the driver says: browse paths become folders and objects under the
 Objects folder (so a LADS driver gets DeviceSet/Device/FunctionalUnitSet/.../SensorValue and
 the Rotea driver a Rotea object with its variables), node ids become variables with exactly

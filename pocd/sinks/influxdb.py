@@ -1,5 +1,8 @@
 """The InfluxDB sink: the store forwarded to one InfluxDB by cursor, nothing lost, nothing doubled.
 
+Some 900 lines: the two write paths and the forwarder; the write paths are the part to move out
+if it grows again.
+
 Two write paths behind one encoder (pocd.sinks.lineprotocol): `V2Writer` writes through
 influxdb-client's async write service (/api/v2/write, `Authorization: Token`; InfluxDB 2.x,
 3.x, Cloud and 1.8+), `V1Writer` POSTs to /write with basic auth (1.x before 1.8, such as

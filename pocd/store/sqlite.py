@@ -1,5 +1,8 @@
 """The embedded store: SQLite in WAL mode, the site's system of record.
 
+Some 1,100 lines in one module: one `Store` class, one connection and one lock, with the SQL of
+every record type beside the code that writes and reads it.
+
 `Store.write` commits a whole batch of records in one transaction before it returns, or raises
 and keeps none of it; the query methods read them back as model records. This module must not
 interpret records (that is the engine's job), hold them back, or drop any.

@@ -1,5 +1,8 @@
 """The Modbus device runner: polls one device on a fixed grid and turns replies into records.
 
+Some 500 lines: the poll, its fast path and its plain twin (`_evaluate`) stay side by side,
+pinned by a property test.
+
 Each poll makes the planned reads through the device's shared `Link`, then decodes every point
 and judges its quality (NaN, infinity, sentinels, an overflow of the scaling, valid range,
 status registers). Every fault becomes a BAD sample whose reason is a short code (`timeout`,

@@ -1,5 +1,8 @@
 """The OPC UA device runner: one server, its points, and the recovery of its sessions.
 
+Some 500 lines: sessions, nodes and values of one server, all on the runner's own state; pure
+parts live in `values` and `session`.
+
 The runner owns reconnection (jittered exponential backoff; asyncua's own is off). Each
 session resolves every point's node afresh, recreates the subscription and its monitored
 items, and starts polling; a point whose node the server does not have is a BAD sample and an

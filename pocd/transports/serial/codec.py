@@ -1,5 +1,8 @@
 """Bytes on a serial line <-> replies and readings: checksums, framers, reply shapes, points.
 
+Some 550 lines of pure code: framers, checksums, reply shapes and point readers, which the
+runner and the simulator share.
+
 Everything here is pure: no port, no clock, no records. A framer cuts a byte stream into
 frames (by terminator or STX/ETX) and never loses a byte: what it cannot use comes out as a
 frame with a fault ("overlong", "garbage", "partial"). The `Codec` checks a frame's checksum

@@ -1,6 +1,9 @@
 """The serial device runner: asks (poll mode) or listens (stream mode) and turns frames into
 records.
 
+Some 600 lines: poll and stream mode share the port handling, the reply records and the
+reporting of faults.
+
 Poll mode sends each distinct command of the device's points on a fixed grid and waits for the
 reply, retrying timeouts and unusable frames while it holds the port's lock. Stream mode
 starts the device talking (e.g. MT-SICS `SIR`) and reads what comes. Every unusable frame is a
