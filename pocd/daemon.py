@@ -510,7 +510,7 @@ class Daemon:
                     "phase-unknown",
                     sample.device,
                     f"{sample.point} = {key} maps to phase {phase!r}, which protocol "
-                    f"{proto.id} {proto.version} of run {self.engine.run.id} does not have "
+                    f"{proto.id} {proto.version} of run {self.engine.run_id} does not have "
                     f"(its phases: {', '.join(order)}); ignored",
                     sample.t,
                 )

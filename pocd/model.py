@@ -13,6 +13,7 @@ from enum import IntEnum, StrEnum
 from typing import NamedTuple
 
 __all__ = [
+    "MAIN_LINE",
     "NS",
     "STALE_REASON",
     "AuditEntry",
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 NS = 1_000_000_000
+# The line of a site config that declares none: it holds every device (see pocd.settings).
+MAIN_LINE = "main"
 # The reason of a BAD sample a transport makes when a device's value stopped being fresh (its
 # source timestamp no longer moves): the engine records it as stale data, not bad quality.
 STALE_REASON = "stale"
@@ -145,11 +148,12 @@ class Excursion:
 
     `limit` is the threshold that was crossed (None for stale, bad-quality and comm-loss);
     `integral` is the time integral of the distance beyond the limit, in unit*s. For a rate
-    excursion both are in unit/min.
+    excursion both are in unit/min. It belongs to a run of `line`, or (`run_id` None) to the
+    line itself: an equipment excursion, judged by the line's standby protocol between runs.
     """
 
     id: str
-    run_id: str
+    run_id: str | None
     parameter: str
     kind: ExcursionKind
     protocol_id: str
@@ -160,6 +164,7 @@ class Excursion:
     end: int | None = None
     worst: float | None = None
     integral: float = 0.0
+    line: str = MAIN_LINE
 
     @property
     def duration_s(self) -> float | None:
@@ -174,8 +179,13 @@ class ExcursionChange(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ExcursionEvent:
+    """One transition of an excursion, with its snapshot after it. `t` is when the engine
+    made it (at or after the excursion's start; an opening waits for the on-delay, a closing
+    for the off-delay); None only for events rebuilt from a store that did not keep them."""
+
     change: ExcursionChange
     excursion: Excursion
+    t: int | None = None
 
 
 class DeviationCause(StrEnum):
@@ -188,16 +198,18 @@ class DeviationCause(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Deviation:
-    """A process deviation that QA must investigate. Disposition is recorded later, by people."""
+    """A process deviation that QA must investigate. Disposition is recorded later, by people.
+    It belongs to a run of `line`, or (`run_id` None) to the line's equipment between runs."""
 
     id: str
-    run_id: str
+    run_id: str | None
     t: int
     cause: DeviationCause
     phase: str
     description: str
     parameter: str | None = None
     excursion_id: str | None = None
+    line: str = MAIN_LINE
 
 
 class RunStatus(StrEnum):
@@ -220,6 +232,7 @@ class Run:
     status: RunStatus = RunStatus.RUNNING
     ended: int | None = None
     end_reason: str = ""
+    line: str = MAIN_LINE  # the line (ISA-88 unit) it runs on
 
 
 @dataclass(frozen=True, slots=True)

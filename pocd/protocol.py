@@ -13,7 +13,23 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["Limits", "Parameter", "Phase", "Protocol", "ProtocolStatus", "canonical_hash"]
+__all__ = [
+    "Limits",
+    "Parameter",
+    "Phase",
+    "Protocol",
+    "ProtocolKind",
+    "ProtocolStatus",
+    "canonical_hash",
+]
+
+
+class ProtocolKind(StrEnum):
+    """What a protocol is for: a batch (a run's limits, phase by phase), or the equipment of
+    a line between runs (standby: the limits that apply whenever the line has no run)."""
+
+    BATCH = "batch"
+    STANDBY = "standby"
 
 
 class ProtocolStatus(StrEnum):
@@ -72,6 +88,7 @@ class Protocol:
     parameters: Mapping[str, Parameter]
     phases: tuple[Phase, ...]
     source: str = ""  # the file it was loaded from
+    kind: ProtocolKind = ProtocolKind.BATCH
     # The file's text as loaded: the store keeps it by hash, so a run resumes on the exact
     # protocol it started with whatever becomes of the file (superseded, edited, removed).
     text: str = field(default="", repr=False, compare=False)

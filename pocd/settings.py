@@ -40,7 +40,15 @@ from pocd.configtypes import (
     field_path_use,
 )
 from pocd.errors import ConfigError, ConfigProblem
-from pocd.protocol import Limits, Parameter, Phase, Protocol, ProtocolStatus, canonical_hash
+from pocd.protocol import (
+    Limits,
+    Parameter,
+    Phase,
+    Protocol,
+    ProtocolKind,
+    ProtocolStatus,
+    canonical_hash,
+)
 from pocd.sinks.config import InfluxSettings
 from pocd.transports import TRANSPORTS, BusUse, Device, DriverInfo, get_transport
 
@@ -133,6 +141,8 @@ class ProtocolFile(StrictModel):
     version: str = Field(min_length=1)
     title: str
     status: ProtocolStatus
+    # batch: a run's protocol; standby: a line's equipment monitoring between runs
+    kind: ProtocolKind = ProtocolKind.BATCH
     product: str = ""
     description: str = ""
     approved_by: str = ""
@@ -237,6 +247,7 @@ def protocol_from_text(text: str, name: str) -> Protocol:
         },
         phases=phases,
         source=name,
+        kind=spec.kind,
         text=text,
     )
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from pocd.errors import RunError
 from pocd.model import (
+    MAIN_LINE,
     NS,
     STALE_REASON,
     CommStatus,
@@ -37,7 +38,7 @@ from pocd.model import (
     Run,
     Sample,
 )
-from pocd.protocol import Limits, Protocol, ProtocolStatus
+from pocd.protocol import Limits, Protocol, ProtocolKind, ProtocolStatus
 
 __all__ = ["Engine", "EngineEvent", "ParameterView"]
 
@@ -68,11 +69,13 @@ class _Open:
     integral: float = 0.0
     deviated: bool = False  # a deviation was raised for it (action, data loss)
 
-    def event(self, change: ExcursionChange, end: int | None = None) -> ExcursionEvent:
+    def event(self, change: ExcursionChange, t: int, end: int | None = None) -> ExcursionEvent:
+        """The transition made at `t` (engine time: the parameter's clock)."""
         # A record never ends before it began, whatever the clocks did in between.
-        end = None if end is None else max(end, self.snapshot.start)
+        start = self.snapshot.start
+        end = None if end is None else max(end, start)
         snap = replace(self.snapshot, end=end, worst=self.worst, integral=self.integral)
-        return ExcursionEvent(change, snap)
+        return ExcursionEvent(change, snap, max(t, end or start))
 
 
 @dataclass(slots=True)
@@ -148,14 +151,18 @@ class ParameterView:
 
 
 class Engine:
-    """Monitors one run. Construct it, then `enter_phase` the first phase (or `resume`)."""
+    """Monitors one run, or a line between runs (`run` None: on the line's standby protocol).
+    Construct it, then `enter_phase` the first phase (or `resume`).
+
+    `sources` maps each parameter to the (device, point) that feeds it on this line."""
 
     def __init__(
         self,
-        run: Run,
+        run: Run | None,
         protocol: Protocol,
         sources: Mapping[str, tuple[str, str]],
         *,
+        line: str | None = None,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
         if protocol.status is not ProtocolStatus.APPROVED:
@@ -163,7 +170,16 @@ class Engine:
                 f"protocol {protocol.id} {protocol.version} is {protocol.status.value}: "
                 "runs start only on an approved protocol"
             )
+        wanted = ProtocolKind.BATCH if run is not None else ProtocolKind.STANDBY
+        if protocol.kind is not wanted:
+            use = "a run" if run is not None else "monitoring between runs"
+            raise RunError(
+                f"protocol {protocol.id} {protocol.version} is a {protocol.kind.value} protocol: "
+                f"{use} needs a {wanted.value} protocol"
+            )
         self.run = run
+        self.run_id = None if run is None else run.id
+        self.line = run.line if run is not None else line or MAIN_LINE
         self.protocol = protocol
         self.new_id = new_id
         self.phase: str | None = None
@@ -185,12 +201,12 @@ class Engine:
         """Switch to `phase_id` at `t`. Out of protocol order it needs a reason and opens a
         deviation. Open excursions close at `t` and are re-evaluated against the new limits."""
         if self.ended:
-            raise RunError(f"run {self.run.id} has ended")
+            raise RunError(f"{self._what} has ended")
         order = [p.id for p in self.protocol.phases]
         if phase_id not in order:
             raise RunError(f"unknown phase {phase_id!r} (protocol phases: {', '.join(order)})")
         if phase_id == self.phase:
-            raise RunError(f"run {self.run.id} is already in phase {phase_id!r}")
+            raise RunError(f"{self._what} is already in phase {phase_id!r}")
         expected = 0 if self.phase is None else order.index(self.phase) + 1
         in_order = order.index(phase_id) == expected
         if not in_order and not reason.strip():
@@ -202,9 +218,12 @@ class Engine:
         # Not before what the engine has already judged under the old phase (a device's phase
         # value can arrive stamped earlier than another device's sample already taken).
         t = max([t, *(p.now for p in self._params.values())])
-        events: list[EngineEvent] = [
-            PhaseChange(self.run.id, t, phase_id, self.phase, actor, in_order, reason)
-        ]
+        # A line between runs has no phase record: its standby protocol's audit says it all.
+        events: list[EngineEvent] = (
+            []
+            if self.run_id is None
+            else [PhaseChange(self.run_id, t, phase_id, self.phase, actor, in_order, reason)]
+        )
         carried, pending = self._close_all(t, events)
         if not in_order:
             events.append(
@@ -340,6 +359,10 @@ class Engine:
         return events
 
     # --- queries -------------------------------------------------------------------------------
+
+    @property
+    def _what(self) -> str:
+        return f"line {self.line} (standby)" if self.run_id is None else f"run {self.run_id}"
 
     def cumulative(
         self,
@@ -526,7 +549,7 @@ class Engine:
                 worst = cond.worse(cond.excursion.worst, value)
                 if worst != cond.excursion.worst:
                     cond.excursion.worst = worst
-                    events.append(cond.excursion.event(ExcursionChange.UPDATED))
+                    events.append(cond.excursion.event(ExcursionChange.UPDATED, t))
         elif cond.excursion is not None:
             if cond.cleared(value):
                 if cond.clear_since is None:
@@ -646,7 +669,7 @@ class Engine:
         exc = _Open(snapshot, start, worst=worst, integral=integral, deviated=deviated)
         # the time between the true start and the parameter's clock was pending: count it
         self._add_time(param.id, cond.kind, start, start, param.now)
-        events.append(exc.event(ExcursionChange.OPENED))
+        events.append(exc.event(ExcursionChange.OPENED, now))
         if cond.kind.is_action and not deviated:
             exc.deviated = True
             limit = f"{cond.kind.value} limit {cond.limit:g}"
@@ -663,7 +686,7 @@ class Engine:
 
     def _close(self, param: _Parameter, exc: _Open, end: int, events: list[EngineEvent]) -> None:
         self._give_back(param, exc, end)
-        events.append(exc.event(ExcursionChange.CLOSED, end))
+        events.append(exc.event(ExcursionChange.CLOSED, param.now, end))
 
     def _give_back(self, param: _Parameter, exc: _Open, end: int) -> None:
         """Time was counted up to the parameter's clock; an excursion that ended earlier (the
@@ -684,7 +707,7 @@ class Engine:
         param.data[kind] = exc
         # what lies between its start and the parameter's clock is counted now, as `_open` does
         self._add_time(param.id, kind, start, start, param.now)
-        events.append(exc.event(ExcursionChange.OPENED))
+        events.append(exc.event(ExcursionChange.OPENED, param.now))
 
     def _close_data(
         self, param: _Parameter, kind: ExcursionKind, t: int, events: list[EngineEvent]
@@ -692,7 +715,7 @@ class Engine:
         exc = param.data.pop(kind, None)
         if exc is not None:
             self._give_back(param, exc, t)
-            events.append(exc.event(ExcursionChange.CLOSED, t))
+            events.append(exc.event(ExcursionChange.CLOSED, param.now, t))
 
     def _snapshot(
         self, param: _Parameter, kind: ExcursionKind, limit: float | None, start: int
@@ -700,7 +723,7 @@ class Engine:
         assert self.phase is not None
         return Excursion(
             id=self.new_id(),
-            run_id=self.run.id,
+            run_id=self.run_id,
             parameter=param.id,
             kind=kind,
             protocol_id=self.protocol.id,
@@ -708,6 +731,7 @@ class Engine:
             phase=self.phase,
             limit=limit,
             start=start,
+            line=self.line,
         )
 
     def _deviation(
@@ -722,11 +746,12 @@ class Engine:
     ) -> Deviation:
         return Deviation(
             id=self.new_id(),
-            run_id=self.run.id,
+            run_id=self.run_id,
             t=t,
             cause=cause,
             phase=phase or self.phase or "",
             description=description,
             parameter=parameter,
             excursion_id=excursion_id,
+            line=self.line,
         )

@@ -299,7 +299,7 @@ def encode_change(site: str, change: Change, batches: Mapping[str, str]) -> str:
         tags = {
             "site": site,
             "run": change.run_id,
-            "batch": batches.get(change.run_id),
+            "batch": batches.get(change.run_id or ""),
             "phase": change.phase,
         }
         fields = {
@@ -313,7 +313,7 @@ def encode_change(site: str, change: Change, batches: Mapping[str, str]) -> str:
         tags = {
             "site": site,
             "run": change.run_id,
-            "batch": batches.get(change.run_id),
+            "batch": batches.get(change.run_id or ""),
             "parameter": change.parameter,
             "kind": change.kind.value,
             "phase": change.phase,
@@ -334,7 +334,7 @@ def encode_change(site: str, change: Change, batches: Mapping[str, str]) -> str:
         tags = {
             "site": site,
             "run": change.run_id,
-            "batch": batches.get(change.run_id),
+            "batch": batches.get(change.run_id or ""),
             "cause": change.cause.value,
             "phase": change.phase,
             "parameter": change.parameter,
