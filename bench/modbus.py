@@ -217,17 +217,17 @@ async def pocd_client(site: Site, counter: mmap.mmap, stop: asyncio.Event) -> di
     serving = asyncio.create_task(daemon.serve(handle_signals=False), name="daemon")
     await daemon.started.wait()
     protocol = next(iter(site.protocols.values()))
-    await daemon.start_run("B-1", protocol.id, protocol.version, "bench")
+    await daemon.lines.start_run("B-1", protocol.id, protocol.version, "bench")
     phases = [p.id for p in protocol.phases]
     for phase in phases[1 : phases.index(PHASE) + 1]:
-        await daemon.advance_phase(phase, "bench")
+        await daemon.lines.advance_phase(phase, "bench")
     counts = daemon.counts
     publisher = asyncio.create_task(
         turns.publish(counter, lambda: counts["samples"] * len(reads) // points)
     )
     try:
         await stop.wait()
-        await daemon.stop_run("bench")
+        await daemon.lines.stop_run("bench")
     finally:
         publisher.cancel()
         daemon.stop()

@@ -15,6 +15,7 @@ import asyncio
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -142,22 +143,42 @@ def _print(data: Any, as_json: bool, text: str) -> None:
 
 
 def status_text(data: dict[str, Any]) -> str:
-    """`pocd status` for people: the run, then one line per point with its value rounded, or
-    the text of a text point (such as a protocol name), its unit and its state."""
-    run = data["run"]
-    lines = [
-        f"site {data['site']['id']}: "
-        + (
-            "no run"
-            if run is None
-            else f"run {run['id']} batch {run['batch_id']} phase {run['phase']}"
-        )
-    ]
+    """`pocd status` for people: each line's run (or standby), then one line per point with
+    its value rounded, or the text of a text point (such as a protocol name), its unit and its
+    state (on each line it is in, where the site has several)."""
+    several = len(data["lines"]) > 1
+    if several:
+        lines = [f"site {data['site']['id']}"]
+        lines += [f"  {line_text(line)}" for line in data["lines"]]
+    else:
+        run = data["run"]
+        doing = "no run" if run is None else f"run {run['id']} batch {run['batch_id']}"
+        lines = [f"site {data['site']['id']}: {doing}" + (f" phase {run['phase']}" if run else "")]
     for p in data["points"]:
         text = p.get("text")
         value = text if text is not None else readable(p["value"])
-        lines.append(f"  {p['device']}.{p['point']:<12} {value:>10} {p['unit']:<10} {p['state']}")
+        on = f" ({p['line'] or 'no line'})" if several else ""
+        lines.append(
+            f"  {p['device']}.{p['point']:<12} {value:>10} {p['unit']:<10} {p['state']}{on}"
+        )
     return "\n".join(lines)
+
+
+def line_text(line: dict[str, Any]) -> str:
+    """One line of `pocd line list` and `pocd status`: what the line is doing."""
+    run = line["run"]
+    if run is not None:
+        doing = f"run {run['id']} batch {run['batch_id']} {run['protocol']} phase {run['phase']}"
+    else:
+        doing = f"standby ({line['standby']['protocol'] if line['standby'] else 'unwatched'})"
+    return f"line {line['id']}: {doing}"
+
+
+def _line_list(args: argparse.Namespace) -> int:
+    found = _api(_site(args), "GET", "/api/lines")
+    text = "\n".join(f"{line_text(line)}  [{', '.join(line['devices'])}]" for line in found)
+    _print(found, args.json, text or "no lines")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -168,6 +189,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _run_start(args: argparse.Namespace) -> int:
     body = {
+        "line": args.line,
         "batch_id": args.batch,
         "protocol": args.protocol,
         "version": args.version,
@@ -183,7 +205,7 @@ def _run_start(args: argparse.Namespace) -> int:
 
 def _run_phase(args: argparse.Namespace) -> int:
     body = {"phase": args.phase, "operator": args.operator, "reason": args.reason}
-    change = _api(_site(args), "POST", "/api/run/phase", body)
+    change = _api(_site(args), "POST", _run_path(args, "phase"), body)
     order = "" if change["in_order"] else " (out of order: recorded as a deviation)"
     print(f"phase {change['previous']} -> {change['phase']}{order}")
     return 0
@@ -191,9 +213,16 @@ def _run_phase(args: argparse.Namespace) -> int:
 
 def _run_stop(args: argparse.Namespace) -> int:
     body = {"operator": args.operator, "abort": args.abort, "reason": args.reason}
-    run = _api(_site(args), "POST", "/api/run/stop", body)
+    run = _api(_site(args), "POST", _run_path(args, "stop"), body)
     print(f"run {run['id']} {run['status']}")
     return 0
+
+
+def _run_path(args: argparse.Namespace, action: str) -> str:
+    """The run named by --run, or the run of a site with one line."""
+    if args.run is None:
+        return f"/api/run/{action}"
+    return f"/api/runs/{urllib.parse.quote(args.run, safe='')}/{action}"
 
 
 def _open_store(site: Site) -> Any:
@@ -210,7 +239,8 @@ def _run_list(args: argparse.Namespace) -> int:
     with _open_store(_site(args)) as store:
         runs = [run_summary(r) for r in store.runs()]
     text = "\n".join(
-        f"{r['id']}  {r['batch_id']:<20} {r['protocol_id']} {r['protocol_version']:<6} "
+        f"{r['id']}  {r['line']:<10} {r['batch_id']:<20} {r['protocol_id']} "
+        f"{r['protocol_version']:<6} "
         f"{r['status']:<10} {r['started']}"
         for r in runs
     )
@@ -245,7 +275,8 @@ def _excursion_line(e: dict[str, Any]) -> str:
 def run_text(detail: dict[str, Any]) -> str:
     """`pocd run show` for people: values rounded (`--json` keeps them whole)."""
     lines = [
-        f"run {detail['id']}  batch {detail['batch_id']}  {detail['status']}",
+        f"run {detail['id']}  batch {detail['batch_id']}  line {detail['line']}  "
+        f"{detail['status']}",
         f"protocol {detail['protocol_id']} {detail['protocol_version']}",
         f"protocol sha256 {detail['protocol_hash']}",
         f"started {detail['started']} by {detail['operator']}, ended {detail['ended'] or '-'}",
@@ -376,10 +407,19 @@ def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _add_line_commands(sub: Any) -> None:
+    line = sub.add_parser("line", help="the site's lines and what each is doing")
+    line_sub = line.add_subparsers(dest="line_command", required=True)
+    lst = with_config(line_sub.add_parser("list", help="each line with its run or standby"))
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_line_list)
+
+
 def _add_run_commands(sub: Any) -> None:
     run = sub.add_parser("run", help="start, advance, stop and inspect runs")
     run_sub = run.add_subparsers(dest="run_command", required=True)
     start = with_config(run_sub.add_parser("start", help="start a run"))
+    start.add_argument("--line", help="the line it runs on (a site of one line need not say)")
     start.add_argument("--batch", required=True, help="batch id")
     start.add_argument("--protocol", required=True, help="protocol id")
     start.add_argument("--version", help="protocol version (default: the approved one)")
@@ -387,10 +427,12 @@ def _add_run_commands(sub: Any) -> None:
     start.set_defaults(func=_run_start)
     phase = with_config(run_sub.add_parser("phase", help="enter the next (or another) phase"))
     phase.add_argument("phase")
+    phase.add_argument("--run", help="run id (a site of one line need not say)")
     phase.add_argument("--operator", required=True)
     phase.add_argument("--reason", default="", help="required out of protocol order")
     phase.set_defaults(func=_run_phase)
     stop = with_config(run_sub.add_parser("stop", help="complete (or --abort) the run"))
+    stop.add_argument("--run", help="run id (a site of one line need not say)")
     stop.add_argument("--operator", required=True)
     stop.add_argument("--abort", action="store_true")
     stop.add_argument("--reason", default="")
@@ -429,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_status)
 
+    _add_line_commands(sub)
     _add_run_commands(sub)
     _add_sink_commands(sub)
 

@@ -1,4 +1,5 @@
-"""`pocd demo`: a simulated CAR-T run on the embedded store, with a live terminal view.
+"""`pocd demo`: two lines of simulated CAR-T manufacture on the embedded store, with a live
+terminal view.
 
 Some 400 lines in one module: the script, the simulators it starts and the live view are one
 demo, read together.
@@ -11,6 +12,12 @@ The Rotea's step number moves the run to the next phase every 15 s, and scripted
 provoke an alert excursion, an action deviation, a comm-loss and a bad-quality stretch
 (DemoScript: a longer demo stretches all of it; a shorter one than the script is refused). The
 config stays behind so that `pocd run list -c DATA_DIR/pocd.toml` works afterwards.
+
+Two lines share the culture chamber (`incubator`): the Rotea's line runs the CAR-T protocol
+for the whole demo, while a Cocoon beside it runs two short expansion batches on their own
+protocol. Between them the Cocoon's line is on standby, watched by the chamber's standby
+protocol, and the chamber's warm stretch there is an equipment excursion of that line (the
+same stretch is an alert of the CAR-T run on the other line).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from pocd.daemon import Daemon, PointStatus, run_until
+from pocd.daemon import Daemon, run_until
 from pocd.logs import configure_logging
 from pocd.model import Quality
 from pocd.settings import load_driver, load_site
@@ -40,6 +47,7 @@ from pocd.sim.modbus import Fault, ModbusSimulator, unit_from_driver
 from pocd.sim.opcua import OpcuaSimulator
 from pocd.sim.pty import pty_pair
 from pocd.sim.serial import serve as serve_serial
+from pocd.status import PointStatus
 from pocd.transports.modbus import ModbusSettings
 
 __all__ = ["PHASE_SECONDS", "SHORTEST", "DemoScript", "run_demo", "write_demo_site"]
@@ -48,6 +56,69 @@ PHASE_SECONDS = 15.0  # at the script's shortest
 PHASES = 6
 SHORTEST = PHASE_SECONDS * PHASES  # 90 s: every phase, each long enough for its faults
 PROTOCOL = "CART-TCT"
+COCOON_PROTOCOL = "CAR-T-EXPAND"
+# The Cocoon line's runs, in seconds of the script at its shortest: the first ends before the
+# chamber's warm stretch (31 s to 44 s), the second starts after it.
+COCOON_RUNS = ((0.0, 28.0), (47.0, SHORTEST))
+
+# The demo's own protocols, beside the shipped example: the Cocoon's batches, and the
+# chamber's standby limits (what applies to the Cocoon line between its runs).
+DEMO_PROTOCOLS = {
+    "car-t-expand-1.0.toml": """\
+# Written by `pocd demo`: a short expansion batch on a Cocoon, in the shared chamber.
+id = "CAR-T-EXPAND"
+version = "1.0"
+title = "CAR-T expansion on a Cocoon (demo)"
+status = "approved"
+
+[parameters.temperature]
+unit = "C"
+critical = true
+[parameters.temperature.limits]
+alert_low = 36.5
+alert_high = 37.5
+action_low = 36.0
+action_high = 38.0
+on_delay = "10s"
+off_delay = "5s"
+
+[parameters.ph]
+unit = "pH"
+critical = true
+limits = { alert_low = 6.9, alert_high = 7.4, action_low = 6.8, action_high = 7.5, on_delay = "5s" }
+
+[[phases]]
+id = "seed"
+
+[[phases]]
+id = "expand"
+""",
+    "chamber-standby-1.0.toml": """\
+# Written by `pocd demo`: the culture chamber between batches.
+id = "CHAMBER-STANDBY"
+version = "1.0"
+title = "Culture chamber, between batches (demo)"
+status = "approved"
+kind = "standby"
+
+[parameters.temperature]
+unit = "C"
+[parameters.temperature.limits]
+alert_low = 36.0
+alert_high = 37.5
+action_low = 35.0
+action_high = 39.0
+on_delay = "5s"
+off_delay = "2s"
+
+[parameters.ph]
+unit = "pH"
+limits = { monitored = false }
+
+[[phases]]
+id = "standby"
+""",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +232,19 @@ unit = "rocks/min"
 base = 12.0
 step = 1.0
 
+# A second closed system beside the first, on its own batches (line "cocoon").
+[[devices]]
+id = "cocoon"
+driver = "sim"
+title = "Cocoon cassette"
+serial_number = "SIM-0008"
+transport = {{ interval = 1.0, seed = 3 }}
+[devices.points.ph]
+parameter = "ph"
+unit = "pH"
+base = 7.2
+noise = 0.005
+
 # A Thermo CTS Rotea over OPC UA (a simulator in this process): its protocol step number
 # drives the run's phase.
 [[devices]]
@@ -169,16 +253,30 @@ driver = "thermo-rotea"
 serial_number = "SIM-0005"
 transport = {{ endpoint = "{rotea_endpoint}" }}
 
-[run.phase_source]
+# Two lines share the culture chamber. The Rotea's line runs the CAR-T protocol; the Cocoon's
+# line runs its own batches, and between them the chamber's standby limits apply to it.
+[[lines]]
+id = "prodigy"
+title = "Rotea CAR-T line"
+devices = ["rotea", "incubator", "bioreactor", "heracell", "balance", "co2-probe", "ph-probe"]
+
+[lines.phase_source]
 device = "rotea"
 point = "protocol_step_number"
-[run.phase_source.phases]
+[lines.phase_source.phases]
 "1" = "enrichment"
 "2" = "activation"
 "3" = "transduction"
 "4" = "expansion"
 "5" = "harvest"
 "6" = "formulation"
+
+[[lines]]
+id = "cocoon"
+title = "Cocoon expansion line"
+devices = ["cocoon"]
+points = {{ incubator = ["temperature"] }}
+standby = "CHAMBER-STANDBY"
 
 # A Heracell incubator (serial ASCII with checksums) and an MT-SICS balance, each on a socat
 # pty pair (simulators in this process). Their readings are recorded beside the protocol's.
@@ -242,6 +340,8 @@ def write_demo_site(data_dir: Path, script: DemoScript | None = None, **endpoint
     protocols.mkdir(exist_ok=True)
     for path in _shipped_protocols().glob("*.toml"):
         shutil.copyfile(path, protocols / path.name)
+    for name, text in DEMO_PROTOCOLS.items():
+        (protocols / name).write_text(text)
     config = data_dir / "pocd.toml"
     config.write_text(SITE_TOML.format(port=_free_port(), **times, **endpoints))
     return config
@@ -323,25 +423,27 @@ def value_cell(p: PointStatus) -> Text:
 
 
 def render(daemon: Daemon, started: float) -> Group:
-    run = daemon.run_record
-    engine = daemon.engine
-    head = Text(f"pocd demo  {time.monotonic() - started:5.0f} s  ", style="bold")
-    if run is None:
-        head.append("no run")
-    else:
-        head.append(
-            f"run {run.id}  batch {run.batch_id}  {run.protocol_id} {run.protocol_version}  "
-        )
-        head.append(f"phase {engine.phase if engine else '-'}", style="bold cyan")
-    counts = daemon.counts
+    head = Text(f"pocd demo  {time.monotonic() - started:5.0f} s", style="bold")
+    for state in daemon.lines.states.values():
+        run, engine = state.run, state.engine
+        head.append(f"\nline {state.line.id}  ")
+        if run is None:
+            standby = f"{engine.protocol.id}" if engine else "-"
+            head.append(f"between runs, watched by {standby}")
+        else:
+            head.append(
+                f"run {run.id}  batch {run.batch_id}  {run.protocol_id} {run.protocol_version}  "
+            )
+            head.append(f"phase {engine.phase if engine else '-'}", style="bold cyan")
+    counts = daemon.lines.counts
     head.append(
         f"\nexcursions {counts['excursions']}  deviations {counts['deviations']}  "
         f"incidents {sum(daemon.incident_counts.values())}"
     )
     table = Table(expand=False)
-    for column in ("device", "parameter", "value", "unit", "limits", "state"):
+    for column in ("line", "device", "parameter", "value", "unit", "limits", "state"):
         table.add_column(column, justify="right" if column == "value" else "left")
-    points = daemon.points()
+    points = daemon.view.points()
     feeding = {p.device for p in points if p.parameter}
     for p in points:
         if p.parameter is None and p.device in feeding:  # status words: recorded, not shown
@@ -350,7 +452,13 @@ def render(daemon: Daemon, started: float) -> Group:
         urgent = "action" in p.state and "pending" not in p.state
         style = _STYLE.get(p.state, "bold red" if urgent else "yellow")
         table.add_row(
-            p.device, p.parameter or p.point, value, p.unit, _limits(p), Text(p.state, style=style)
+            p.line or "-",
+            p.device,
+            p.parameter or p.point,
+            value,
+            p.unit,
+            _limits(p),
+            Text(p.state, style=style),
         )
     return Group(head, table)
 
@@ -375,12 +483,13 @@ def run_demo(*, seconds: float | None, data_dir: str) -> int:
     config = summary["config"]
     me = Path(sys.argv[0]).name if Path(sys.argv[0]).name == "pocd" else "pocd"
     prog = sys.argv[0] if "/" in sys.argv[0] else me
-    counts = daemon.counts
+    counts = daemon.lines.counts
     run = summary.get("run", "<run>")
     print()
+    for ended in summary.get("runs", []):
+        print(f"Run {ended.id} (batch {ended.batch_id}) on line {ended.line} ended.")
     print(
-        f"Run {run} (batch {summary.get('batch', '-')}) ended: "
-        f"{counts['samples']} samples, {counts['excursions']} excursions, "
+        f"In all: {daemon.counts['samples']} samples, {counts['excursions']} excursions, "
         f"{counts['deviations']} deviations, {sum(daemon.incident_counts.values())} incidents."
     )
     print(f"The data is in {daemon.site.store_path} (log: {log_path}).")
@@ -401,21 +510,41 @@ async def _demo(
         summary["daemon"], summary["config"] = daemon, config
 
         async def operate() -> None:
-            if daemon.run_record is not None:  # a demo interrupted earlier: close its run
-                await daemon.stop_run("demo", abort=True, reason="a new demo run starts")
+            lines = daemon.lines
+            for run in lines.runs():  # a demo interrupted earlier: close its runs
+                await lines.stop_run("demo", abort=True, reason="a new demo run starts", run=run.id)
             batch = "DEMO-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-            run = await daemon.start_run(batch, PROTOCOL, None, "demo-operator")
+            run = await lines.start_run(batch, PROTOCOL, None, "demo-operator", line="prodigy")
             summary["run"], summary["batch"] = run.id, batch
+            summary["runs"] = [run]
+            cocoon = [(script.at(a), script.at(b)) for a, b in COCOON_RUNS]
+            current = None  # the Cocoon line's run going on
             started = time.monotonic()
-            # The phases follow the Rotea's step number (run.phase_source), not this loop.
+            # The phases follow the Rotea's step number (the line's phase_source), not this
+            # loop; the Cocoon's batches start and end on the script's times.
             with Live(render(daemon, started), console=console, refresh_per_second=4) as live:
                 try:
                     while seconds is None or time.monotonic() - started < seconds:
+                        elapsed = time.monotonic() - started
+                        if current is None and cocoon and elapsed >= cocoon[0][0]:
+                            n = len(summary["runs"])
+                            current = await lines.start_run(
+                                f"{batch}-C{n}",
+                                COCOON_PROTOCOL,
+                                None,
+                                "demo-operator",
+                                line="cocoon",
+                            )
+                            summary["runs"].append(current)
+                        elif current is not None and elapsed >= cocoon[0][1]:
+                            await lines.stop_run("demo-operator", run=current.id)
+                            current, cocoon = None, cocoon[1:]
                         live.update(render(daemon, started))
                         await asyncio.sleep(0.25)
-                except asyncio.CancelledError:  # Ctrl-C: complete the run, then stop
+                except asyncio.CancelledError:  # Ctrl-C: complete the runs, then stop
                     summary["interrupted"] = True
-                live.update(render(daemon, started))
-            await daemon.stop_run("demo-operator")
+                for going in lines.runs():
+                    await lines.stop_run("demo-operator", run=going.id)
+                live.update(render(daemon, started))  # the last screen stays
 
         await run_until(daemon, operate)

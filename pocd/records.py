@@ -65,6 +65,7 @@ def run_summary(run: Run) -> dict[str, Any]:
         "ended": iso(run.ended),
         "ended_ns": run.ended,
         "end_reason": run.end_reason,
+        "line": run.line,
     }
 
 
@@ -96,6 +97,8 @@ def _excursion(e: Excursion) -> dict[str, Any]:
         "duration_s": e.duration_s,
         "worst": e.worst,
         "integral": e.integral,
+        "run_id": e.run_id,
+        "line": e.line,
     }
 
 
@@ -109,6 +112,8 @@ def _deviation(d: Deviation) -> dict[str, Any]:
         "parameter": d.parameter,
         "excursion_id": d.excursion_id,
         "description": d.description,
+        "run_id": d.run_id,
+        "line": d.line,
     }
 
 

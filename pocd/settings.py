@@ -25,8 +25,9 @@ import types
 import typing
 import zoneinfo
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import date
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -40,6 +41,7 @@ from pocd.configtypes import (
     field_path_use,
 )
 from pocd.errors import ConfigError, ConfigProblem
+from pocd.model import MAIN_LINE
 from pocd.protocol import (
     Limits,
     Parameter,
@@ -53,6 +55,7 @@ from pocd.sinks.config import InfluxSettings
 from pocd.transports import TRANSPORTS, BusUse, Device, DriverInfo, get_transport
 
 __all__ = [
+    "Line",
     "Site",
     "SiteConfig",
     "check_files",
@@ -153,10 +156,22 @@ class ProtocolFile(StrictModel):
     @field_validator("status", mode="before")
     @classmethod
     def _status(cls, value: object) -> ProtocolStatus:
-        known = [s.value for s in ProtocolStatus]
-        if isinstance(value, str) and value in known:
-            return ProtocolStatus(value)
-        raise ValueError(f"must be one of {', '.join(map(repr, known))} (got {value!r})")
+        return _choice(ProtocolStatus, value)
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind(cls, value: object) -> ProtocolKind:
+        return _choice(ProtocolKind, value)
+
+
+_Choice = typing.TypeVar("_Choice", bound=StrEnum)
+
+
+def _choice(enum: type[_Choice], value: object) -> _Choice:
+    known = [member.value for member in enum]
+    if isinstance(value, str) and value in known:
+        return enum(value)
+    raise ValueError(f"must be one of {', '.join(map(repr, known))} (got {value!r})")
 
 
 def _resolve_limits(default: LimitSpec, override: LimitSpec | None) -> Limits:
@@ -408,6 +423,20 @@ class PhaseSourceSection(StrictModel):
 
 
 class RunSection(StrictModel):
+    phase_source: PhaseSourceSection | None = None  # of the one line of a site without lines
+
+
+class LineSection(StrictModel):
+    """A line (an ISA-88 unit): the equipment one batch at a time runs on. It uses whole
+    devices, or some points of a device (a shared incubator's temperature); a device may be
+    in several lines. `standby` names the standby protocol whose limits apply whenever the
+    line has no run."""
+
+    id: str = Field(pattern=_ID)
+    title: str = ""
+    devices: list[str] = Field(default_factory=list)  # every point of these
+    points: dict[str, list[str]] = Field(default_factory=dict)  # device -> some of its points
+    standby: str | None = None  # the id of an approved standby protocol
     phase_source: PhaseSourceSection | None = None
 
 
@@ -458,18 +487,37 @@ class SiteConfig(StrictModel):
     run: RunSection = RunSection()
     drivers_dir: str | None = None
     devices: list[DeviceSection] = Field(default_factory=list)
+    lines: list[LineSection] = Field(default_factory=list)
     sinks: SinksSection = SinksSection()
 
 
 @dataclass(frozen=True, slots=True)
+class Line:
+    """A resolved line: its points (of enabled devices) and the parameters they feed on it."""
+
+    id: str
+    title: str
+    points: frozenset[tuple[str, str]]  # (device, point)
+    sources: Mapping[str, tuple[str, str]]  # parameter -> the (device, point) feeding it here
+    standby: str | None = None  # the id of its standby protocol
+    phase_source: PhaseSourceSection | None = None
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted({device for device, _ in self.points})
+
+
+@dataclass(frozen=True, slots=True)
 class Site:
-    """A loaded site: its config, devices resolved over their drivers, and its protocols."""
+    """A loaded site: its config, devices resolved over their drivers, its protocols and
+    lines (one line, `MAIN_LINE`, holding every device when the config declares none)."""
 
     path: Path
     config: SiteConfig
     devices: Mapping[str, Device]
     protocols: Mapping[tuple[str, str], Protocol]
     config_hash: str
+    lines: Mapping[str, Line] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -483,14 +531,27 @@ class Site:
     def store_path(self) -> Path:
         return self.data_dir / "pocd.sqlite"
 
-    def parameter_source(self) -> dict[str, tuple[str, str]]:
-        """parameter -> (device, point) for every enabled point that feeds a parameter."""
+    def point_parameters(self) -> dict[tuple[str, str], str]:
+        """(device, point) -> parameter for every enabled point that feeds one."""
         return {
-            point.parameter: (device.id, name)
+            (device.id, name): point.parameter
             for device in self.devices.values()
             for name, point in device.points.items()
             if point.parameter
         }
+
+    def parameter_source(self) -> dict[str, tuple[str, str]]:
+        """parameter -> (device, point) of a site without lines (with lines, a parameter may
+        be fed by one point per line: see `Line.sources` and `point_parameters`)."""
+        return {parameter: point for point, parameter in self.point_parameters().items()}
+
+    def point_lines(self) -> dict[tuple[str, str], str]:
+        """(device, point) -> the line of every point that belongs to exactly one line."""
+        found: dict[tuple[str, str], list[str]] = {}
+        for line in self.lines.values():
+            for point in line.points:
+                found.setdefault(point, []).append(line.id)
+        return {point: ids[0] for point, ids in found.items() if len(ids) == 1}
 
     def protocol(self, protocol_id: str, version: str | None = None) -> Protocol:
         """The protocol of that id and version; without a version, the approved one."""
@@ -573,7 +634,7 @@ def load_site(path: str | Path) -> Site:
                         device=section.id,
                     )
                 )
-            elif point.parameter in fed:
+            elif point.parameter in fed and not config.lines:  # with lines: per line
                 problems.append(
                     ConfigProblem(
                         file,
@@ -587,14 +648,12 @@ def load_site(path: str | Path) -> Site:
             devices[section.id] = device
 
     problems += _bus_problems(file, devices, seen)
+    loaded = protocols if protocols_complete else None
     if config.run.phase_source is not None:
         problems += _phase_source_problems(
-            file,
-            config.run.phase_source,
-            devices,
-            config.devices,
-            protocols if protocols_complete else None,
+            file, "run.phase_source", config.run.phase_source, devices, config.devices, loaded
         )
+    lines = _resolve_lines(file, config, devices, loaded, problems)
     if problems:
         raise ConfigError(problems)
     return Site(
@@ -603,7 +662,136 @@ def load_site(path: str | Path) -> Site:
         devices=devices,
         protocols=protocols,
         config_hash=canonical_hash(doc),
+        lines=lines,
     )
+
+
+def _resolve_lines(
+    file: str,
+    config: SiteConfig,
+    devices: Mapping[str, Device],
+    protocols: Mapping[tuple[str, str], Protocol] | None,
+    problems: list[ConfigProblem],
+) -> dict[str, Line]:
+    """The site's lines; without `[[lines]]`, one line holding every device. Appends to
+    `problems`. `protocols` is None when some failed to load (standby ids are then not
+    checked)."""
+    if not config.lines:
+        every = frozenset((d.id, name) for d in devices.values() for name in d.points)
+        title = config.site.name or config.site.id
+        return {MAIN_LINE: _line(MAIN_LINE, title, every, devices, config.run.phase_source)}
+    if config.run.phase_source is not None:
+        problems.append(
+            ConfigProblem(
+                file,
+                "run.phase_source",
+                "with [[lines]], each line has its own phase_source (lines[N].phase_source)",
+            )
+        )
+    declared = {section.id: section.enabled for section in config.devices}
+    lines: dict[str, Line] = {}
+    for i, section in enumerate(config.lines):
+        where = f"lines[{i}]"
+        if section.id in lines:
+            problems.append(ConfigProblem(file, f"{where}.id", f"duplicate line {section.id!r}"))
+            continue
+        wanted: list[tuple[str, str, list[str] | None]] = [
+            (f"{where}.devices[{j}]", d, None) for j, d in enumerate(section.devices)
+        ]
+        wanted += [(f"{where}.points.{d}", d, names) for d, names in section.points.items()]
+        points: set[tuple[str, str]] = set()
+        for key, device_id, names in wanted:
+            if device_id not in declared:
+                known = ", ".join(declared) or "none"
+                problems.append(
+                    ConfigProblem(file, key, f"{_unknown('device', device_id)} (known: {known})")
+                )
+                continue
+            device = devices.get(device_id)
+            if device is None:  # disabled, or invalid (reported already): it feeds nothing
+                continue
+            for name in device.points if names is None else names:
+                if name not in device.points:
+                    known = ", ".join(sorted(device.points)) or "none"
+                    problems.append(
+                        ConfigProblem(
+                            file,
+                            key,
+                            f"{_unknown('point', name)} (points of the device: {known})",
+                            device=device_id,
+                        )
+                    )
+                    continue
+                points.add((device_id, name))
+        if section.phase_source is not None:
+            problems += _phase_source_problems(
+                file,
+                f"{where}.phase_source",
+                section.phase_source,
+                devices,
+                config.devices,
+                protocols,
+            )
+        if section.standby is not None and protocols is not None:
+            standby = [
+                p
+                for p in protocols.values()
+                if p.id == section.standby and p.status is ProtocolStatus.APPROVED
+            ]
+            if len(standby) != 1 or standby[0].kind is not ProtocolKind.STANDBY:
+                problems.append(
+                    ConfigProblem(
+                        file,
+                        f"{where}.standby",
+                        f"no approved standby protocol {section.standby!r} (a protocol file "
+                        'with kind = "standby" and status = "approved")',
+                    )
+                )
+        line = _line(section.id, section.title or section.id, frozenset(points), devices)
+        lines[section.id] = replace(
+            line, standby=section.standby, phase_source=section.phase_source
+        )
+        problems += _fed_twice(file, where, points, devices)
+    return lines
+
+
+def _line(
+    line_id: str,
+    title: str,
+    points: frozenset[tuple[str, str]],
+    devices: Mapping[str, Device],
+    phase_source: PhaseSourceSection | None = None,
+) -> Line:
+    sources = {
+        parameter: (device, name)
+        for device, name in sorted(points)
+        if (parameter := devices[device].points[name].parameter)
+    }
+    return Line(line_id, title, points, sources, phase_source=phase_source)
+
+
+def _fed_twice(
+    file: str, where: str, points: Iterable[tuple[str, str]], devices: Mapping[str, Device]
+) -> list[ConfigProblem]:
+    """A parameter fed by two points of one line: the line's engine could not tell which."""
+    fed: dict[str, str] = {}
+    problems = []
+    for device, name in sorted(points):
+        point = devices[device].points.get(name)
+        if point is None or not point.parameter:
+            continue
+        if point.parameter in fed:
+            problems.append(
+                ConfigProblem(
+                    file,
+                    where,
+                    f"parameter {point.parameter!r} is fed by both {fed[point.parameter]} and "
+                    f"{device}.{name} on this line",
+                    device=device,
+                )
+            )
+        fed[point.parameter] = f"{device}.{name}"
+    return problems
 
 
 def _load_protocols(
@@ -637,12 +825,13 @@ def _load_protocols(
 
 def _phase_source_problems(
     file: str,
+    at: str,
     source: PhaseSourceSection,
     devices: Mapping[str, Device],
     sections: Iterable[DeviceSection],
     protocols: Mapping[tuple[str, str], Protocol] | None,
 ) -> list[ConfigProblem]:
-    """Problems of run.phase_source. `devices` are the enabled, valid ones.
+    """Problems of a phase source (at key `at`). `devices` are the enabled, valid ones.
 
     `protocols` is None when some failed to load: phase ids are then not checked.
     """
@@ -652,7 +841,7 @@ def _phase_source_problems(
         problems.append(
             ConfigProblem(
                 file,
-                "run.phase_source.device",
+                f"{at}.device",
                 f"{_unknown('device', source.device)} (known: {', '.join(declared) or 'none'})",
             )
         )
@@ -660,7 +849,7 @@ def _phase_source_problems(
         problems.append(
             ConfigProblem(
                 file,
-                "run.phase_source.device",
+                f"{at}.device",
                 "the device is disabled (enabled = false)",
                 device=source.device,
             )
@@ -671,7 +860,7 @@ def _phase_source_problems(
         problems.append(
             ConfigProblem(
                 file,
-                "run.phase_source.point",
+                f"{at}.point",
                 f"{_unknown('point', source.point)} (points of the device: {known})",
                 device=source.device,
             )
@@ -682,7 +871,7 @@ def _phase_source_problems(
     problems.extend(
         ConfigProblem(
             file,
-            f"run.phase_source.phases.{value}",
+            f"{at}.phases.{value}",
             f"{_unknown('phase', phase_id)}: no protocol has a phase of that id",
         )
         for value, phase_id in source.phases.items()

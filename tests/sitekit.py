@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 
 from pocd.daemon import Daemon
+from pocd.engine import Engine
+from pocd.model import Run
 from pocd.settings import Site, load_site
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +90,18 @@ async def running(site: Site) -> AsyncIterator[Daemon]:
     finally:
         daemon.stop()
         await asyncio.wait_for(task, 20)
+
+
+def engine_of(daemon: Daemon) -> Engine | None:
+    """The engine of the run on the site's only line; None between runs (or unmonitored)."""
+    (state,) = daemon.lines.states.values()
+    return state.engine if state.run is not None else None
+
+
+def run_of(daemon: Daemon) -> Run | None:
+    """The run on the site's only line, if one is going on."""
+    (state,) = daemon.lines.states.values()
+    return state.run
 
 
 async def api(site: Site, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -435,16 +435,26 @@ class FakeRunControlWithoutAStore:
     belongs to the daemon), and whose phase change has a bug."""
 
     async def start_run(
-        self, batch_id: str, protocol_id: str, version: str | None, operator: str
+        self,
+        batch_id: str,
+        protocol_id: str,
+        version: str | None,
+        operator: str,
+        *,
+        line: str | None = None,
     ) -> Any:
         from pocd.errors import PocdError
 
         raise PocdError("the store has not committed the run start within 5 s")
 
-    async def advance_phase(self, phase: str, operator: str, reason: str = "") -> Any:
+    async def advance_phase(
+        self, phase: str, operator: str, reason: str = "", *, run: str | None = None
+    ) -> Any:
         return {}["no such key"]
 
-    async def stop_run(self, operator: str, *, abort: bool = False, reason: str = "") -> Any:
+    async def stop_run(
+        self, operator: str, *, abort: bool = False, reason: str = "", run: str | None = None
+    ) -> Any:
         from pocd.errors import RunError
 
         raise RunError("no run is active")
@@ -454,6 +464,9 @@ class FakeRunControlWithoutAStore:
 
     def status(self) -> dict[str, Any]:
         return {"points": [{"value": math.inf}, {"value": math.nan}]}
+
+    def line_status(self) -> list[dict[str, Any]]:
+        return []
 
 
 async def test_run_controls_errors_are_409_503_and_a_bug_is_a_json_500(tmp_path: Path) -> None:

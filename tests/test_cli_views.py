@@ -106,6 +106,7 @@ def test_status_shows_a_text_point_as_its_text_and_rounds_numbers() -> None:
     live = {
         "site": {"id": "demo-site"},
         "run": None,
+        "lines": [{"id": "main", "run": None, "standby": None, "devices": []}],
         "points": [
             _point(),
             _point(

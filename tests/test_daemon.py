@@ -16,7 +16,7 @@ import pytest
 from pocd.model import DeviationCause, ExcursionKind, IncidentKind, Quality, RunStatus
 from pocd.settings import load_site
 from pocd.store import Store
-from tests.sitekit import api, cli, running, spawn_daemon, until, write_site
+from tests.sitekit import api, cli, engine_of, running, spawn_daemon, until, write_site
 
 
 async def test_run_lifecycle_through_the_api(tmp_path: Path) -> None:
@@ -81,8 +81,17 @@ async def test_run_lifecycle_through_the_api(tmp_path: Path) -> None:
         # what was loaded, each with its hash: the config, the driver in use, the protocol
         assert actions[:3] == ["config.load", "driver.load", "protocol.load"]
         assert audit[1].target == "sim" and len(audit[1].new or "") == 64
-        assert actions[3:] == ["run.start", "run.phase", "run.phase", "run.stop"]
-        assert [a.actor for a in audit][3:] == ["alice"] * 4
+        # between runs, the line's equipment is watched (the built-in watch: no standby)
+        assert actions[3:] == [
+            "line.standby",
+            "run.start",
+            "run.phase",
+            "run.phase",
+            "run.stop",
+            "line.standby",
+        ]
+        assert audit[3].new == "pocd-equipment-watch 1"
+        assert [a.actor for a in audit][4:8] == ["alice"] * 4
         assert store.sample_count() >= daemon.counts["samples"] > 0
 
 
@@ -184,7 +193,9 @@ phases = { "1" = "enrichment", "2" = "activation", "3" = "transduction", "4" = "
         await api(
             site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"}
         )
-        await until(lambda: daemon.engine is not None and daemon.engine.phase == "expansion")
+        await until(
+            lambda: engine_of(daemon) is not None and engine_of(daemon).phase == "expansion"
+        )
         await api(site, "POST", "/api/run/stop", {"operator": "op"})
     with Store(site.store_path, readonly=True) as store:
         (run,) = store.runs()

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pocd.daemon import PointStatus
-from pocd.model import Quality
+from pocd.model import ExcursionKind, Quality
 from pocd.settings import load_site
+from pocd.status import PointStatus
+from pocd.store import Store
 from tests.sitekit import cli
 
 
@@ -27,8 +28,13 @@ def test_demo_provokes_an_alert_and_an_action_deviation(tmp_path: Path) -> None:
     assert "The data is in" in done.stdout
     config = data / "pocd.toml"
     assert f"run list -c {config}" in done.stdout
-    (run,) = json.loads(cli("run", "list", "-c", str(config), "--json").stdout)
-    assert run["status"] == "completed"
+    runs = json.loads(cli("run", "list", "-c", str(config), "--json").stdout)
+    assert [(r["line"], r["protocol_id"], r["status"]) for r in runs] == [
+        ("prodigy", "CART-TCT", "completed"),
+        ("cocoon", "CAR-T-EXPAND", "completed"),
+        ("cocoon", "CAR-T-EXPAND", "completed"),
+    ]
+    run, first, second = runs
     detail = json.loads(cli("run", "show", "-c", str(config), run["id"], "--json").stdout)
     assert [p["phase"] for p in detail["phases"]] == [
         "enrichment",
@@ -44,6 +50,18 @@ def test_demo_provokes_an_alert_and_an_action_deviation(tmp_path: Path) -> None:
     assert ("co2", "bad-quality") in kinds
     assert ("ph", "comm-loss") in kinds
     assert [d["cause"] for d in detail["deviations"]] == ["action-limit"]
+    # The shared chamber's warm stretch is the CAR-T run's alert, and on the Cocoon line,
+    # between its two runs, an equipment excursion judged by the standby protocol.
+    with Store(data / "pocd.sqlite", readonly=True) as store:
+        (equipment,) = [
+            e for e in store.line_excursions("cocoon") if e.kind is ExcursionKind.ALERT_HIGH
+        ]
+    assert equipment.parameter == "temperature"
+    assert (equipment.protocol_id, equipment.run_id) == ("CHAMBER-STANDBY", None)
+    assert first["ended_ns"] < equipment.start < equipment.end < second["started_ns"]
+    for cocoon in (first, second):
+        shown = json.loads(cli("run", "show", "-c", str(config), cocoon["id"], "--json").stdout)
+        assert shown["excursions"] == [] and shown["deviations"] == []
 
 
 def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
@@ -68,8 +86,8 @@ def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert "The data is in" in out
-    (run,) = json.loads(cli("run", "list", "-c", str(data / "pocd.toml"), "--json").stdout)
-    assert run["status"] == "completed"
+    runs = json.loads(cli("run", "list", "-c", str(data / "pocd.toml"), "--json").stdout)
+    assert runs and all(run["status"] == "completed" for run in runs)
 
 
 def test_a_demo_shorter_than_its_script_is_refused(tmp_path: Path) -> None:

@@ -130,7 +130,7 @@ def row(channel: int, quality: int, value: float | None, t: int) -> SampleRow:
 def test_sample_lines() -> None:
     encoder = SampleEncoder("site 1")
     encoder.set_codes(
-        {1: ("bio", "ph", "ph"), 2: ("bio", "raw,count", "")},
+        {1: ("bio", "ph", "ph", ""), 2: ("bio", "raw,count", "", "")},
         {0: (Quality.GOOD, ""), 3: (Quality.BAD, "nan"), 4: (Quality.UNCERTAIN, 'say "x"')},
     )
     run = make_run("r1", T0)
@@ -157,7 +157,7 @@ def test_sample_lines() -> None:
 
 def test_values_keep_every_bit() -> None:
     encoder = SampleEncoder("s")
-    encoder.set_codes({1: ("d", "p", "")}, {0: (Quality.GOOD, "")})
+    encoder.set_codes({1: ("d", "p", "", "")}, {0: (Quality.GOOD, "")})
     values = [0.1 + 0.2, -0.0, 1e300, 5e-324, 123456789.123456789, 37.0, math.pi]
     rows = [row(1, 0, v, T0 + i) for i, v in enumerate(values)]
     lines = encoder.encode(rows, 1)
@@ -300,8 +300,8 @@ def test_sample_rows_are_the_raw_columns_by_rowid(tmp_path: Path) -> None:
         assert [
             (channels[key >> SAMPLE_KEY_BITS], qualities[key & mask], v, t) for key, v, t in rows
         ] == [
-            (("d", "b", ""), (Quality.BAD, "nan"), None, str(T0 + 1)),
-            (("e", "a", ""), (Quality.UNCERTAIN, "drift"), 2.0, str(T0 + 2)),
+            (("d", "b", "", ""), (Quality.BAD, "nan"), None, str(T0 + 1)),
+            (("e", "a", "", ""), (Quality.UNCERTAIN, "drift"), 2.0, str(T0 + 2)),
         ]
         assert store.sample_time_range(2, 3) == (T0 + 1, T0 + 2)
         assert store.sample_time_range(4, 9) is None

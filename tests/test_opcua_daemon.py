@@ -19,7 +19,7 @@ from pocd.model import DeviationCause, ExcursionKind, now_ns
 from pocd.settings import load_driver, load_site
 from pocd.sim.opcua import OpcuaSimulator
 from pocd.store import Store
-from tests.sitekit import api, free_port, running, until, write_site
+from tests.sitekit import api, engine_of, free_port, running, until, write_site
 
 
 def _listening(port: int) -> bool:
@@ -128,9 +128,13 @@ phases = { "1" = "enrichment", "2" = "activation", "3" = "transduction", "4" = "
         )
         await until(lambda: ("rotea", "protocol_step_number") in daemon.latest, within=15)
         sim.set_value("protocol_step_number", 2)
-        await until(lambda: daemon.engine is not None and daemon.engine.phase == "activation")
+        await until(
+            lambda: engine_of(daemon) is not None and engine_of(daemon).phase == "activation"
+        )
         sim.set_value("protocol_step_number", 4)
-        await until(lambda: daemon.engine is not None and daemon.engine.phase == "expansion")
+        await until(
+            lambda: engine_of(daemon) is not None and engine_of(daemon).phase == "expansion"
+        )
         await api(site, "POST", "/api/run/stop", {"operator": "op"})
     with Store(site.store_path, readonly=True) as store:
         (run,) = store.runs()
@@ -179,7 +183,9 @@ points.sensor_value = {{ parameter = "temperature", unit = "C", stale_after = 0.
         )[0] == 201
         await until(lambda: ("lads", "sensor_value") in daemon.latest, within=15)
         lads.freeze("sensor_value")  # the device's clock stops: its value is no longer fresh
-        await until(lambda: bool(daemon.engine and daemon.engine.open_excursions()), within=10)
+        await until(
+            lambda: bool(engine_of(daemon) and engine_of(daemon).open_excursions()), within=10
+        )
         status, live = await api(site, "GET", "/api/status")
         name = next(p for p in live["points"] if p["point"] == "protocol_name")
         assert status == 200 and name["text"] == "CAR-T Wash 3"

@@ -31,7 +31,7 @@ from pocd.model import (
 )
 from pocd.settings import load_site
 from pocd.store import Store
-from tests.sitekit import api, running, until, write_site
+from tests.sitekit import api, engine_of, run_of, running, until, write_site
 
 ONE_DEVICE = """
 [[devices]]
@@ -147,7 +147,7 @@ phases = { "1" = "enrichment", "9" = "cryopreservation" }
         assert (await api(site, "POST", "/api/runs", START))[0] == 201
         await until(lambda: daemon.incident_counts["rotea"] >= 1)
         await asyncio.sleep(0.5)  # many readings of the value: still one incident
-        assert daemon.engine is not None and daemon.engine.phase == "enrichment"
+        assert engine_of(daemon) is not None and engine_of(daemon).phase == "enrichment"
         status, _ = await api(site, "POST", "/api/run/stop", {"operator": "op"})
         assert status == 200
     with Store(site.store_path, readonly=True) as store:
@@ -160,7 +160,7 @@ async def test_an_engine_error_is_a_software_incident_and_samples_are_kept(tmp_p
     site = load_site(write_site(tmp_path, ONE_DEVICE))
     async with running(site) as daemon:
         assert (await api(site, "POST", "/api/runs", START))[0] == 201
-        engine = daemon.engine
+        engine = engine_of(daemon)
         assert engine is not None
 
         def broken_on_sample(sample: Sample) -> list[Any]:  # fault injection: an engine bug
@@ -247,9 +247,9 @@ async def test_a_run_resumes_on_its_protocol_after_the_file_was_superseded(tmp_p
     )
     site = load_site(config)
     async with running(site) as daemon:
-        assert daemon.engine is not None, "the run is monitored"
-        assert daemon.engine.protocol.version == "3.1"
-        assert daemon.engine.protocol.status.value == "approved"  # as it was at the start
+        assert engine_of(daemon) is not None, "the run is monitored"
+        assert engine_of(daemon).protocol.version == "3.1"
+        assert engine_of(daemon).protocol.status.value == "approved"  # as it was at the start
         assert (await api(site, "POST", "/api/run/stop", {"operator": "op"}))[0] == 200
     with Store(site.store_path, readonly=True) as store:
         (run,) = store.runs()
@@ -265,7 +265,7 @@ async def test_a_run_whose_protocol_is_gone_opens_a_deviation_and_closes_what_wa
     with Store(site.store_path) as store:  # a run started by an older pocd on a lost file
         store.write([run, PhaseChange(run.id, t, "enrichment", None, "op")])
     async with running(site) as daemon:
-        assert daemon.engine is None and daemon.run_record is not None
+        assert engine_of(daemon) is None and run_of(daemon) is not None
         assert (await api(site, "POST", "/api/run/stop", {"operator": "op"}))[0] == 200
     with Store(site.store_path, readonly=True) as store:
         (deviation,) = store.deviations(run.id)
@@ -283,7 +283,7 @@ async def test_a_run_without_a_phase_record_resumes_in_its_first_phase(tmp_path:
     with Store(site.store_path) as store:
         store.write([run])
     async with running(site) as daemon:
-        assert daemon.engine is not None and daemon.engine.phase == "enrichment"
+        assert engine_of(daemon) is not None and engine_of(daemon).phase == "enrichment"
         assert (await api(site, "POST", "/api/run/stop", {"operator": "op"}))[0] == 200
     with Store(site.store_path, readonly=True) as store:
         (phase,) = store.phases(run.id)
@@ -312,8 +312,8 @@ async def test_the_event_loop_turns_while_the_store_commits(tmp_path: Path) -> N
         ticking = asyncio.create_task(ticker())
         try:
             await asyncio.sleep(0.3)  # a commit is under way in the writer thread
-            await daemon.start_run("B-1", "CART-TCT", None, "op")  # looks up the site status
-            await daemon.set_site_status(SiteStatus.SUSPENDED, "cs", "audit")
+            await daemon.lines.start_run("B-1", "CART-TCT", None, "op")  # looks up the site status
+            await daemon.lines.set_site_status(SiteStatus.SUSPENDED, "cs", "audit")
         finally:
             ticking.cancel()
         assert max(stalls) < 0.5, f"the event loop stalled {max(stalls):.2f} s"
@@ -351,7 +351,7 @@ async def test_an_outage_across_restarts_is_one_comm_loss_excursion(tmp_path: Pa
     site = load_site(write_site(tmp_path, silent))
     async with running(site) as daemon:
         assert (await api(site, "POST", "/api/runs", START))[0] == 201
-        await until(lambda: bool(daemon.engine and daemon.engine.open_excursions()))
+        await until(lambda: bool(engine_of(daemon) and engine_of(daemon).open_excursions()))
     for _ in range(2):  # two restarts while the device is silent
         async with running(site):
             await asyncio.sleep(0.2)
@@ -399,7 +399,7 @@ async def test_a_forward_clock_step_opens_no_stale_data_and_no_deviation(
     daemon = Daemon(site)
     daemon.store = daemon.writer.store = Store(site.store_path)
     try:
-        await daemon.start_run("B-1", "CART-TCT", None, "op")
+        await daemon.lines.start_run("B-1", "CART-TCT", None, "op")
         jumped = 0
 
         def wall() -> int:
@@ -416,10 +416,10 @@ async def test_a_forward_clock_step_opens_no_stale_data_and_no_deviation(
         feed(10, wall)
         jumped = 3600 * NS  # NTP steps the clock an hour forward
         feed(10, wall)
-        assert daemon.engine is not None
+        assert engine_of(daemon) is not None
         for _ in range(3):
-            daemon._emit(daemon.engine.tick(daemon._read_clock()))
-        await daemon.stop_run("op")
+            daemon.lines.tick(daemon._read_clock())
+        await daemon.lines.stop_run("op")
         await daemon.flush()
         runs = daemon.store.runs()
         assert runs[0].status.value == "completed"
@@ -484,7 +484,7 @@ async def test_a_stored_protocol_that_no_longer_loads_leaves_the_run_unmonitored
         )
     for _ in range(2):  # the daemon starts, and again: one deviation, not one per start
         async with running(site) as daemon:
-            assert daemon.engine is None and daemon.run_record is not None
+            assert engine_of(daemon) is None and run_of(daemon) is not None
     with Store(site.store_path, readonly=True) as store:
         (deviation,) = store.deviations(run.id)
         assert deviation.cause is DeviationCause.PROTOCOL_MISSING
@@ -500,8 +500,8 @@ async def test_a_reading_stamped_before_the_clock_stepped_back_is_judged_now(
     daemon = Daemon(site)
     daemon.store = daemon.writer.store = Store(site.store_path)
     try:
-        await daemon.start_run("B-1", "CART-TCT", None, "op")
-        engine = daemon.engine
+        await daemon.lines.start_run("B-1", "CART-TCT", None, "op")
+        engine = engine_of(daemon)
         assert engine is not None
         before = time.time_ns()
         daemon._take([Sample("incubator", "temperature", before, 37.0)], daemon._read_clock())

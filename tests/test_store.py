@@ -597,10 +597,10 @@ def test_a_sample_keeps_the_parameter_its_point_fed_when_recorded(tmp_path: Path
         channels, _ = reader.sample_codes()
         by_rowid = [channels[key >> SAMPLE_KEY_BITS] for key, _, _ in reader.sample_rows(1, 4)]
         assert by_rowid == [
-            ("incubator", "t", "temperature"),
-            ("incubator", "rh", ""),
-            ("incubator", "t", "chamber-temperature"),
-            ("incubator", "t", ""),
+            ("incubator", "t", "temperature", ""),
+            ("incubator", "rh", "", ""),
+            ("incubator", "t", "chamber-temperature", ""),
+            ("incubator", "t", "", ""),
         ]
         # one point, whatever it fed: its samples and its latest time
         assert [s.value for _, s in reader.samples(device="incubator", point="t")] == [
@@ -663,8 +663,8 @@ def test_a_v3_store_with_data_is_migrated_to_v4(tmp_path: Path) -> None:
         assert store.change_count() == outbox  # marking is not a change to forward
         assert store.cursors("influxdb") == {"samples": 7000}
         assert store.sample_codes()[0] == {
-            1: ("rotea", "step", ""),
-            2: ("incubator", "t", "temperature"),
+            1: ("rotea", "step", "", ""),
+            2: ("incubator", "t", "temperature", ""),
         }
         assert store.sample_count() == 10_000
         assert store.last_sample_times() == {

@@ -56,8 +56,10 @@ Reason = Annotated[str, StringConstraints(max_length=REASON_MAX), AfterValidator
 
 
 class RunStartRequest(StrictModel):
-    """POST /api/runs: start a run of `batch_id` on the approved `protocol` (or `version`)."""
+    """POST /api/runs: start a run of `batch_id` on the approved `protocol` (or `version`),
+    on `line` (which a site of one line need not name)."""
 
+    line: Identifier | None = None
     batch_id: Identifier
     protocol: Identifier
     version: Identifier | None = None
@@ -65,7 +67,7 @@ class RunStartRequest(StrictModel):
 
 
 class PhaseRequest(StrictModel):
-    """POST /api/run/phase: enter `phase`; out of protocol order it needs a reason."""
+    """POST /api/runs/{id}/phase: enter `phase`; out of protocol order it needs a reason."""
 
     phase: Identifier
     operator: Identifier
@@ -73,7 +75,8 @@ class PhaseRequest(StrictModel):
 
 
 class RunStopRequest(StrictModel):
-    """POST /api/run/stop: complete the run, or abort it (`abort: true`, with a reason)."""
+    """POST /api/runs/{id}/stop: complete the run, or abort it (`abort: true`, with a
+    reason)."""
 
     operator: Identifier
     abort: bool = False

@@ -49,7 +49,7 @@ from pocd.records import json_bytes, run_detail, run_summary
 from pocd.store import Store
 
 if TYPE_CHECKING:
-    from pocd.daemon import Daemon
+    from pocd.settings import ApiSection
 
 __all__ = ["CLIENT_MAX_SIZE", "Authority", "RunControl", "StatusView", "make_app", "serve_api"]
 
@@ -68,24 +68,39 @@ T = TypeVar("T")
 
 
 class RunControl(Protocol):
-    """Start, advance and stop runs, change the site's status; each answers once committed.
-    Raises RunError for an operation refused, another PocdError for one not completed."""
+    """Start runs on lines, advance and stop them by id, change the site's status; each
+    answers once committed. `line` or `run` None: the site's only line, or its run. Raises
+    RunError for an operation refused, another PocdError for one not completed."""
 
     async def start_run(
-        self, batch_id: str, protocol_id: str, version: str | None, operator: str
+        self,
+        batch_id: str,
+        protocol_id: str,
+        version: str | None,
+        operator: str,
+        *,
+        line: str | None = None,
     ) -> Run: ...
 
-    async def advance_phase(self, phase: str, operator: str, reason: str = "") -> PhaseChange: ...
+    async def advance_phase(
+        self, phase: str, operator: str, reason: str = "", *, run: str | None = None
+    ) -> PhaseChange: ...
 
-    async def stop_run(self, operator: str, *, abort: bool = False, reason: str = "") -> Run: ...
+    async def stop_run(
+        self, operator: str, *, abort: bool = False, reason: str = "", run: str | None = None
+    ) -> Run: ...
 
     async def set_site_status(self, status: SiteStatus, operator: str, reason: str) -> None: ...
 
 
 class StatusView(Protocol):
-    """The live state of the site: run, points, incidents, sinks (JSON-ready)."""
+    """The live state of the site: lines, runs, points, incidents, sinks (JSON-ready)."""
 
     def status(self) -> dict[str, Any]: ...
+
+    def line_status(self) -> list[dict[str, Any]]:
+        """Each line with its run, or the standby protocol watching it."""
+        ...
 
 
 class _Records:
@@ -266,24 +281,39 @@ async def show_run(request: web.Request) -> web.Response:
     return _json(detail)
 
 
+async def list_lines(request: web.Request) -> web.Response:
+    return _json(_parts(request).view.line_status())
+
+
 async def start_run(request: web.Request) -> web.Response:
     body = await _body(request, RunStartRequest)
     run = await _parts(request).control.start_run(
-        body.batch_id, body.protocol, body.version, body.operator
+        body.batch_id, body.protocol, body.version, body.operator, line=body.line
     )
     return _json(run_summary(run), status=201)
 
 
 async def phase(request: web.Request) -> web.Response:
+    """POST /api/runs/{run}/phase, or /api/run/phase: the run of a site with one line."""
     body = await _body(request, PhaseRequest)
-    change = await _parts(request).control.advance_phase(body.phase, body.operator, body.reason)
-    return _json({"phase": change.phase, "previous": change.previous, "in_order": change.in_order})
+    change = await _parts(request).control.advance_phase(
+        body.phase, body.operator, body.reason, run=request.match_info.get("run")
+    )
+    return _json(
+        {
+            "run": change.run_id,
+            "phase": change.phase,
+            "previous": change.previous,
+            "in_order": change.in_order,
+        }
+    )
 
 
 async def stop_run(request: web.Request) -> web.Response:
+    """POST /api/runs/{run}/stop, or /api/run/stop: the run of a site with one line."""
     body = await _body(request, RunStopRequest)
     run = await _parts(request).control.stop_run(
-        body.operator, abort=body.abort, reason=body.reason
+        body.operator, abort=body.abort, reason=body.reason, run=request.match_info.get("run")
     )
     return _json(run_summary(run))
 
@@ -316,9 +346,13 @@ def make_app(
         [
             web.get("/api/status", status),
             web.get("/metrics", prometheus),
+            web.get("/api/lines", list_lines),
             web.get("/api/runs", list_runs),
             web.get("/api/runs/{run}", show_run),
             web.post("/api/runs", start_run),
+            web.post("/api/runs/{run}/phase", phase),
+            web.post("/api/runs/{run}/stop", stop_run),
+            # the run of a site with one line, as before lines
             web.post("/api/run/phase", phase),
             web.post("/api/run/stop", stop_run),
             web.post("/api/site/status", site_status),
@@ -327,16 +361,23 @@ def make_app(
     return app
 
 
-async def serve_api(daemon: Daemon) -> None:
-    """Serve the daemon's API until cancelled. The daemon has opened (and migrated) the store."""
-    api = daemon.site.config.api
+async def serve_api(
+    api: ApiSection,
+    *,
+    control: RunControl,
+    view: StatusView,
+    store_path: Path,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Serve the API on `api.listen` until cancelled; `ready` is set once the socket is bound.
+    The store at `store_path` is open (and migrated) already."""
     # Listening on every interface, the machine is also addressed by its host name (the
     # kernel's, no DNS lookup); any other name needs api.listen to say it.
     app = make_app(
-        control=daemon,
-        view=daemon,
-        store_path=daemon.site.store_path,
-        metrics=partial(render_metrics, daemon),
+        control=control,
+        view=view,
+        store_path=store_path,
+        metrics=lambda: render_metrics(view.status()),
         authority=Authority.of_listen(api.listen, [socket.gethostname()]),
     )
     runner = web.AppRunner(app, access_log=None)
@@ -347,6 +388,8 @@ async def serve_api(daemon: Daemon) -> None:
             await site.start()
         except OSError as exc:
             raise PocdError(f"the API cannot listen on {api.listen}: {exc.strerror}") from None
+        if ready is not None:
+            ready.set()
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

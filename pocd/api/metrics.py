@@ -1,49 +1,46 @@
-"""Prometheus metrics for the control API's GET /metrics, built from the daemon's status at
+"""Prometheus metrics for the control API's GET /metrics, built from the live status at
 scrape time (a custom collector: nothing is counted twice, nothing is kept here)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from pocd.daemon import Daemon
-
 __all__ = ["render_metrics"]
 
 
-class _DaemonCollector(Collector):
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+class _StatusCollector(Collector):
+    def __init__(self, status: Mapping[str, Any]) -> None:
+        self.status = status
 
     def collect(self) -> Iterator[Metric]:
-        daemon = self.daemon
-        site = daemon.site.id
+        status = self.status
+        site = status["site"]["id"]
         counts = CounterMetricFamily(
             "pocd_records", "Records taken in since the daemon started", labels=["site", "kind"]
         )
         for kind in ("samples", "excursions", "deviations"):
-            counts.add_metric([site, kind], daemon.counts[kind])
+            counts.add_metric([site, kind], status["counts"][kind])
         yield counts
         incidents = CounterMetricFamily(
             "pocd_incidents", "Incidents since the daemon started", labels=["site", "source"]
         )
-        for source, n in daemon.incident_counts.items():
+        for source, n in status["incidents"].items():
             incidents.add_metric([site, source], n)
         yield incidents
         pending = GaugeMetricFamily("pocd_store_pending", "Records waiting to be committed")
-        pending.add_metric([], daemon.pending_count)
+        pending.add_metric([], status["store"]["pending"])
         yield pending
         keeping_up = GaugeMetricFamily(
             "pocd_store_keeping_up",
             "1 while the store commits what comes in; 0 once its backlog reached the high-water "
             "mark and readings are held back in the devices' queues",
         )
-        keeping_up.add_metric([], 1.0 if daemon.writer.room.is_set() else 0.0)
+        keeping_up.add_metric([], 1.0 if status["store"]["keeping_up"] else 0.0)
         yield keeping_up
         backlog = GaugeMetricFamily(
             "pocd_sink_backlog", "Records not yet confirmed by a sink", labels=["sink"]
@@ -64,20 +61,19 @@ class _DaemonCollector(Collector):
             "Consecutive failed writes of a sink (0 while it delivers)",
             labels=["sink"],
         )
-        for sink in daemon.sinks:
-            status = sink.status()
-            backlog.add_metric([sink.name], float(status.get("backlog", 0)))
-            age.add_metric([sink.name], float(status.get("oldest_unsent_age_s", 0.0)))
-            quarantined.add_metric([sink.name], float(status.get("quarantined", 0)))
-            failures.add_metric([sink.name], float(status.get("failures", 0)))
+        for name, sink in status["sinks"].items():
+            backlog.add_metric([name], float(sink.get("backlog", 0)))
+            age.add_metric([name], float(sink.get("oldest_unsent_age_s", 0.0)))
+            quarantined.add_metric([name], float(sink.get("quarantined", 0)))
+            failures.add_metric([name], float(sink.get("failures", 0)))
         yield backlog
         yield age
         yield quarantined
         yield failures
 
 
-def render_metrics(daemon: Daemon) -> bytes:
-    """The Prometheus text exposition of the daemon's metrics."""
+def render_metrics(status: Mapping[str, Any]) -> bytes:
+    """The Prometheus text exposition of a live status (`StatusView.status()`)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_DaemonCollector(daemon))
+    registry.register(_StatusCollector(status))
     return generate_latest(registry)

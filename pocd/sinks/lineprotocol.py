@@ -236,9 +236,11 @@ class SampleEncoder:
 
     def head(self, key: int, segment: Segment | None, *, bare: bool) -> str:
         """The line of a sample up to its value, or (`bare`: no value) up to its time."""
-        device, point, parameter = self._channels[key >> SAMPLE_KEY_BITS]
+        device, point, parameter, line = self._channels[key >> SAMPLE_KEY_BITS]
         fields = self._fields[key & _QUALITY_MASK]
         tags = {"site": self.site, "device": device, "point": point, "parameter": parameter}
+        if line:  # the point belonged to one line alone (a shared one: see README, InfluxDB)
+            tags["line"] = line
         if segment is not None:
             tags |= {"run": segment.run, "batch": segment.batch, "phase": segment.phase}
         return f"{_tags(MEASUREMENTS['sample'], tags)} {fields}" + ("" if bare else ",value=")

@@ -307,7 +307,88 @@ CREATE TABLE protocols (
 ) WITHOUT ROWID;
 """ + _append_only_triggers(("protocols",))
 
-MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4, _V5)
+# v6: lines (ISA-88 units). A run names the line it runs on; an excursion or deviation names
+# its line, and its run only if it belongs to one (run_id NULL: the line's equipment, judged
+# between runs). Records of a migrated store are of the one implicit line, 'main'. A channel
+# also records the line its point belonged to alone when its samples were committed ('' for
+# none or several), taken for a migrated store from the migrating process's config
+# (`migrate(lines=)`, through `temp.migration_lines`), like the parameter of v4.
+_V6: Final = f"""
+ALTER TABLE runs ADD COLUMN line TEXT NOT NULL DEFAULT 'main';
+CREATE INDEX runs_line ON runs (line, status);
+CREATE TRIGGER runs_line_fixed BEFORE UPDATE ON runs WHEN NEW.line IS NOT OLD.line
+BEGIN SELECT RAISE(ABORT, 'runs: the line of a run is fixed'); END;
+
+CREATE TABLE excursions_v6 (
+    id TEXT PRIMARY KEY,
+    run_id TEXT,
+    parameter TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    protocol_id TEXT NOT NULL,
+    protocol_version TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    limit_value REAL,
+    start_t INTEGER NOT NULL,
+    end_t INTEGER,
+    worst REAL,
+    integral REAL,
+    line TEXT NOT NULL
+);
+INSERT INTO excursions_v6 SELECT *, 'main' FROM excursions ORDER BY rowid;
+DROP TABLE excursions;
+ALTER TABLE excursions_v6 RENAME TO excursions;
+CREATE INDEX excursions_run ON excursions (run_id);
+CREATE INDEX excursions_line ON excursions (line, run_id);
+CREATE TRIGGER excursions_identity BEFORE UPDATE ON excursions
+WHEN NEW.id IS NOT OLD.id OR NEW.run_id IS NOT OLD.run_id OR NEW.parameter IS NOT OLD.parameter
+    OR NEW.kind IS NOT OLD.kind OR NEW.start_t IS NOT OLD.start_t OR NEW.line IS NOT OLD.line
+BEGIN SELECT RAISE(ABORT, 'excursions: id, run_id, line, parameter, kind and start are fixed');
+END;
+CREATE TRIGGER excursions_no_delete BEFORE DELETE ON excursions
+BEGIN SELECT RAISE(ABORT, 'excursions are never deleted: DELETE refused'); END;
+CREATE TRIGGER excursions_outbox_insert AFTER INSERT ON excursions
+BEGIN INSERT INTO outbox (kind, ref) VALUES ('excursion', NEW.id); END;
+CREATE TRIGGER excursions_outbox_update AFTER UPDATE ON excursions
+BEGIN INSERT INTO outbox (kind, ref) VALUES ('excursion', NEW.id); END;
+
+CREATE TABLE deviations_v6 (
+    id TEXT PRIMARY KEY,
+    run_id TEXT,
+    t INTEGER NOT NULL,
+    cause TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    description TEXT NOT NULL,
+    parameter TEXT,
+    excursion_id TEXT,
+    line TEXT NOT NULL
+);
+INSERT INTO deviations_v6 SELECT *, 'main' FROM deviations ORDER BY rowid;
+DROP TABLE deviations;
+ALTER TABLE deviations_v6 RENAME TO deviations;
+CREATE INDEX deviations_run ON deviations (run_id);
+CREATE INDEX deviations_line ON deviations (line, run_id);
+CREATE TRIGGER deviations_outbox_insert AFTER INSERT ON deviations
+BEGIN INSERT INTO outbox (kind, ref) VALUES ('deviation', NEW.id); END;
+{_append_only_triggers(("deviations",))}
+
+CREATE TABLE channels_v6 (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    point TEXT NOT NULL,
+    parameter TEXT NOT NULL,
+    line TEXT NOT NULL,
+    UNIQUE (device, point, parameter, line)
+);
+INSERT INTO channels_v6 (id, device, point, parameter, line)
+    SELECT c.id, c.device, c.point, c.parameter, coalesce(m.line, '') FROM channels AS c
+    LEFT JOIN temp.migration_lines AS m ON m.device = c.device AND m.point = c.point
+    ORDER BY c.id;
+DROP TABLE channels;
+ALTER TABLE channels_v6 RENAME TO channels;
+{_append_only_triggers(("channels",))}
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4, _V5, _V6)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -355,13 +436,15 @@ def migrate(
     *,
     target: int = SCHEMA_VERSION,
     parameters: Mapping[tuple[str, str], str] | None = None,
+    lines: Mapping[tuple[str, str], str] | None = None,
 ) -> int:
     """Apply the missing migrations up to `target` in one transaction; return the old version.
 
     `db` must be in autocommit mode (isolation_level=None). The version is read again under
     the write lock, so two processes opening a new store at once cannot both migrate it.
     `parameters` ((device, point) -> parameter, from the site config) is what the channels
-    recorded before v4 are taken to feed.
+    recorded before v4 are taken to feed, and `lines` ((device, point) -> the one line it
+    belongs to) the line of the channels recorded before v6.
     """
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -375,11 +458,20 @@ def migrate(
                 "INSERT INTO temp.migration_parameters VALUES (?, ?, ?)",
                 [(d, p, name) for (d, p), name in (parameters or {}).items()],
             )
+            db.execute(
+                "CREATE TEMP TABLE migration_lines "
+                "(device TEXT NOT NULL, point TEXT NOT NULL, line TEXT NOT NULL)"
+            )
+            db.executemany(
+                "INSERT INTO temp.migration_lines VALUES (?, ?, ?)",
+                [(d, p, line) for (d, p), line in (lines or {}).items()],
+            )
         for script in MIGRATIONS[found:target]:
             for statement in statements(script):
                 db.execute(statement)
         if found < target:
             db.execute("DROP TABLE temp.migration_parameters")
+            db.execute("DROP TABLE temp.migration_lines")
             # Header fields, written inside the transaction: they commit with the tables.
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             db.execute(f"PRAGMA user_version = {target}")

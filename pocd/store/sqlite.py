@@ -87,8 +87,9 @@ Change: TypeAlias = Run | PhaseChange | Excursion | Deviation
 # A sample as the forwarders read it (see Store.sample_rows): (channel code << 32 | quality
 # code, value or None for NaN, receive time as decimal text).
 SampleRow: TypeAlias = tuple[int, float | None, str]
-# What a channel code stands for: (device, point, the parameter it fed or '').
-Channel: TypeAlias = tuple[str, str, str]
+# What a channel code stands for: (device, point, the parameter it fed or '', the one line
+# it belonged to or '').
+Channel: TypeAlias = tuple[str, str, str, str]
 SAMPLE_KEY_BITS: Final = 32
 
 # Rows per multi-row INSERT. Measured with 20,000-sample batches: 1 row/statement ~0.5M rows/s,
@@ -116,37 +117,40 @@ ON CONFLICT (block) DO UPDATE
 
 _RUN_COLUMNS: Final = (
     "id, batch_id, site_id, timezone, protocol_id, protocol_version, protocol_hash, operator, "
-    "started, status, ended, end_reason"
+    "started, status, ended, end_reason, line"
 )
 # A run's sample marks (see pocd.store.schema, v4) are set by the write that first stores
 # its start and its end, and kept by every later write of the same state.
 _UPSERT_RUN: Final = f"""
 INSERT INTO runs ({_RUN_COLUMNS}, first_sample, end_sample)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     batch_id = excluded.batch_id, site_id = excluded.site_id, timezone = excluded.timezone,
     protocol_id = excluded.protocol_id, protocol_version = excluded.protocol_version,
     protocol_hash = excluded.protocol_hash, operator = excluded.operator,
     started = excluded.started, status = excluded.status, ended = excluded.ended,
-    end_reason = excluded.end_reason,
+    end_reason = excluded.end_reason, line = excluded.line,
     end_sample = coalesce(runs.end_sample, excluded.end_sample)
 """
 _EXCURSION_COLUMNS: Final = (
     "id, run_id, parameter, kind, protocol_id, protocol_version, phase, limit_value, start_t, "
-    "end_t, worst, integral"
+    "end_t, worst, integral, line"
 )
 # Every event carries the whole snapshot, so one upsert serves opened, updated and closed; the
 # excursions_identity trigger refuses an event that would change what the excursion is.
 _UPSERT_EXCURSION: Final = f"""
-INSERT INTO excursions ({_EXCURSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO excursions ({_EXCURSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     run_id = excluded.run_id, parameter = excluded.parameter, kind = excluded.kind,
     protocol_id = excluded.protocol_id, protocol_version = excluded.protocol_version,
     phase = excluded.phase, limit_value = excluded.limit_value, start_t = excluded.start_t,
-    end_t = excluded.end_t, worst = excluded.worst, integral = excluded.integral
+    end_t = excluded.end_t, worst = excluded.worst, integral = excluded.integral,
+    line = excluded.line
 """
-_DEVIATION_COLUMNS: Final = "id, run_id, t, cause, phase, description, parameter, excursion_id"
-_INSERT_DEVIATION: Final = f"INSERT INTO deviations ({_DEVIATION_COLUMNS}) VALUES ({'?, ' * 7}?)"
+_DEVIATION_COLUMNS: Final = (
+    "id, run_id, t, cause, phase, description, parameter, excursion_id, line"
+)
+_INSERT_DEVIATION: Final = f"INSERT INTO deviations ({_DEVIATION_COLUMNS}) VALUES ({'?, ' * 8}?)"
 _INCIDENT_COLUMNS: Final = "t, kind, code, source, message, raw"
 _INSERT_INCIDENT: Final = f"INSERT INTO incidents ({_INCIDENT_COLUMNS}) VALUES ({'?, ' * 5}?)"
 _PHASE_COLUMNS: Final = "run_id, t, phase, previous, actor, in_order, reason"
@@ -204,13 +208,16 @@ class Store:
         *,
         readonly: bool = False,
         parameters: Mapping[tuple[str, str], str] | None = None,
+        lines: Mapping[tuple[str, str], str] | None = None,
     ) -> None:
         """`parameters` maps (device, point) to the protocol parameter the point feeds under
-        the site config (the daemon's); each sample written is recorded with its channel's
-        parameter (see pocd.store.schema, v4). Without it, points feed none."""
+        the site config (the daemon's), `lines` to the one line it belongs to; each sample
+        written is recorded with its channel's parameter and line (see pocd.store.schema, v4
+        and v6). Without them, points feed none and belong to no single line."""
         self.path = Path(path)
         self.readonly = readonly
         self._parameters = dict(parameters or {})
+        self._lines = dict(lines or {})
         self._lock = threading.Lock()
         # Interned codes of samples: device -> point -> channel id (the channel with this
         # store's parameter of the point), (quality, reason) -> code, and back. Loaded at open
@@ -288,7 +295,7 @@ class Store:
         # A long reader can make the WAL grow past that; once it is checkpointed, give the
         # space back instead of keeping the high-water mark.
         db.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
-        schema.migrate(db, path, parameters=self._parameters)
+        schema.migrate(db, path, parameters=self._parameters, lines=self._lines)
 
     def close(self) -> None:
         """Close the connection. The last connection to close checkpoints and removes the WAL."""
@@ -443,45 +450,49 @@ class Store:
         for s in samples:
             points = self._channel_ids.setdefault(s.device, {})
             if s.point not in points:
-                channel = (s.device, s.point, self._parameters.get((s.device, s.point), ""))
+                key = (s.device, s.point)
+                channel = (*key, self._parameters.get(key, ""), self._lines.get(key, ""))
                 # Select first: another writer process may have added it since we loaded.
                 row = db.execute(
-                    "SELECT id FROM channels WHERE device = ? AND point = ? AND parameter = ?",
+                    "SELECT id FROM channels "
+                    "WHERE device = ? AND point = ? AND parameter = ? AND line = ?",
                     channel,
                 ).fetchone()
                 if row is None:
                     row = db.execute(
-                        "INSERT INTO channels (device, point, parameter) VALUES (?, ?, ?) "
-                        "RETURNING id",
+                        "INSERT INTO channels (device, point, parameter, line) "
+                        "VALUES (?, ?, ?, ?) RETURNING id",
                         channel,
                     ).fetchone()
                 points[s.point] = row[0]
                 self._channels[row[0]] = channel
-            key = (Quality(s.quality), s.reason)
-            if key not in self._quality_ids:
+            quality = (Quality(s.quality), s.reason)
+            if quality not in self._quality_ids:
                 row = db.execute(
                     "SELECT id FROM qualities WHERE quality = ? AND reason = ?",
-                    (int(key[0]), key[1]),
+                    (int(quality[0]), quality[1]),
                 ).fetchone()
                 if row is None:
                     row = db.execute(
                         "INSERT INTO qualities (quality, reason) VALUES (?, ?) RETURNING id",
-                        (int(key[0]), key[1]),
+                        (int(quality[0]), quality[1]),
                     ).fetchone()
-                self._quality_ids[key] = row[0]
-                self._qualities[row[0]] = key
+                self._quality_ids[quality] = row[0]
+                self._qualities[row[0]] = quality
 
     def _load_codes(self) -> None:
-        channels = self._db.execute("SELECT id, device, point, parameter FROM channels").fetchall()
+        channels = self._db.execute(
+            "SELECT id, device, point, parameter, line FROM channels"
+        ).fetchall()
         qualities = self._db.execute("SELECT id, quality, reason FROM qualities").fetchall()
         self._channel_ids = {}
         self._channels = {}
-        mapping = self._parameters
-        for code, device, point, parameter in channels:
+        for code, device, point, parameter, line in channels:
             self._channel_ids.setdefault(device, {})
-            if parameter == mapping.get((device, point), ""):
+            key = (device, point)
+            if (parameter, line) == (self._parameters.get(key, ""), self._lines.get(key, "")):
                 self._channel_ids[device][point] = code
-            self._channels[code] = (device, point, parameter)
+            self._channels[code] = (device, point, parameter, line)
         self._qualities = {code: (Quality(quality), reason) for code, quality, reason in qualities}
         self._quality_ids = {key: code for code, key in self._qualities.items()}
 
@@ -547,6 +558,33 @@ class Store:
                 (run_id,),
             )
         return [_excursion(r) for r in rows]
+
+    def active_runs(self) -> list[Run]:
+        """Every running run, in the order they started."""
+        rows = self._query(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = ? ORDER BY rowid",
+            (RunStatus.RUNNING.value,),
+        )
+        return [_run(r) for r in rows]
+
+    def line_excursions(self, line: str, *, open_only: bool = False) -> list[Excursion]:
+        """The excursions of a line's equipment (of no run), in the order they opened."""
+        still = " AND end_t IS NULL" if open_only else ""
+        rows = self._query(
+            f"SELECT {_EXCURSION_COLUMNS} FROM excursions "
+            f"WHERE line = ? AND run_id IS NULL{still} ORDER BY rowid",
+            (line,),
+        )
+        return [_excursion(r) for r in rows]
+
+    def line_deviations(self, line: str) -> list[Deviation]:
+        """The deviations of a line's equipment (of no run), in the order they were raised."""
+        rows = self._query(
+            f"SELECT {_DEVIATION_COLUMNS} FROM deviations "
+            "WHERE line = ? AND run_id IS NULL ORDER BY rowid",
+            (line,),
+        )
+        return [_deviation(r) for r in rows]
 
     def open_excursions(self, run_id: str) -> list[Excursion]:
         rows = self._query(
@@ -689,7 +727,7 @@ class Store:
         nan = math.nan
         found = []
         for rowid, ch, t, dt, v, q in rows:
-            device_, point_, _ = channel_of[ch]
+            device_, point_, _, _ = channel_of[ch]
             quality, reason = quality_of[q]
             value = nan if v is None else v
             found.append((rowid, Sample(device_, point_, t, value, quality, dt, reason)))
@@ -704,7 +742,7 @@ class Store:
                     self._codes_stale = False
                 found = [
                     code
-                    for code, (d, p, _) in self._channels.items()
+                    for code, (d, p, _, _) in self._channels.items()
                     if (device is None or d == device) and (point is None or p == point)
                 ]
                 if found:
@@ -731,8 +769,8 @@ class Store:
     # -- forwarders (pocd.sinks): cursors, raw sample rows, the outbox -----------------------
 
     def sample_codes(self) -> tuple[dict[int, Channel], dict[int, tuple[Quality, str]]]:
-        """The codes of `sample_rows`: channel -> (device, point, the parameter it fed or ''),
-        quality -> (quality, reason).
+        """The codes of `sample_rows`: channel -> (device, point, the parameter it fed or '',
+        the one line it belonged to or ''), quality -> (quality, reason).
 
         Read afresh from the file, so codes another connection added since are included.
         """
@@ -974,6 +1012,7 @@ def _other_rows(records: list[Record], offsets: list[int]) -> list[tuple[str, li
                         r.status.value,
                         r.ended,
                         r.end_reason,
+                        r.line,
                         offset := next(marks),
                         None if r.status is RunStatus.RUNNING else offset,
                     )
@@ -1007,6 +1046,7 @@ def _other_rows(records: list[Record], offsets: list[int]) -> list[tuple[str, li
                         e.end,
                         e.worst,
                         e.integral,
+                        e.line,
                     )
                 )
             case Deviation():
@@ -1021,6 +1061,7 @@ def _other_rows(records: list[Record], offsets: list[int]) -> list[tuple[str, li
                         d.description,
                         d.parameter,
                         d.excursion_id,
+                        d.line,
                     )
                 )
             case Incident():
@@ -1091,6 +1132,7 @@ def _deviation(r: Row) -> Deviation:
         description=r[5],
         parameter=r[6],
         excursion_id=r[7],
+        line=r[8],
     )
 
 
@@ -1123,6 +1165,7 @@ def _run(r: Row) -> Run:
         status=RunStatus(r[9]),
         ended=r[10],
         end_reason=r[11],
+        line=r[12],
     )
 
 
@@ -1140,4 +1183,5 @@ def _excursion(r: Row) -> Excursion:
         end=r[9],
         worst=r[10],
         integral=math.nan if r[11] is None else r[11],
+        line=r[12],
     )

@@ -1,0 +1,685 @@
+"""Lines and their runs: the engines that judge each line, and run control.
+
+A line (an ISA-88 unit, `pocd.settings.Line`) always has an engine: its run's while a batch
+runs on it, else its standby engine, on the line's standby protocol or, without one, on the
+built-in equipment watch (comm-loss and bad quality of every parameter the line feeds). So
+the equipment is watched between runs too, and what is found then is the line's, with no
+batch. A sample of a point in several lines is judged once per line, by each line's engine.
+
+Control (start, phase, stop, the site's status) happens in the event loop, one operation at
+a time; each takes the acting user's identity as a value, writes its audit entries, and
+returns once its records are committed (CommitTimeout after a bounded wait: they stay queued).
+An engine error on one reading is an incident, and the other lines judge it all the same.
+
+Some 450 lines: resuming runs after a restart belongs with starting them, as both build a
+line's engine from what the store holds.
+
+Must not: read devices, or write to the store except through the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Final
+
+import structlog
+
+from pocd.engine import Engine, EngineEvent, ParameterView
+from pocd.errors import ConfigError, RunError
+from pocd.model import (
+    NS,
+    AuditEntry,
+    CommStatus,
+    Deviation,
+    DeviationCause,
+    Excursion,
+    ExcursionChange,
+    ExcursionEvent,
+    ExcursionKind,
+    IncidentKind,
+    PhaseChange,
+    Quality,
+    Run,
+    RunStatus,
+    Sample,
+    SiteStatus,
+    now_ns,
+)
+from pocd.protocol import (
+    Limits,
+    Parameter,
+    Phase,
+    Protocol,
+    ProtocolKind,
+    ProtocolStatus,
+    canonical_hash,
+)
+from pocd.settings import Line, Site, protocol_from_text
+from pocd.store import Record, Store
+from pocd.writer import StoreWriter
+
+__all__ = ["COMMIT_WAIT_S", "Actor", "LineState", "Lines", "equipment_watch"]
+
+log = structlog.get_logger("pocd.runs")
+
+# The acting user's identity. A name today; a later issue makes it a signed-in user.
+Actor = str
+# How long an operation waits for its records to be committed before it says they are not.
+COMMIT_WAIT_S: Final = 5.0
+_DISTINCT_FAULTS: Final = 100  # engine errors told apart (and each an incident), then counted
+Incidents = Callable[[IncidentKind, str, str, str, int], None]
+
+
+@dataclass(slots=True)
+class LineState:
+    """What a line is doing: its run (None between runs) and the engine judging it (None for
+    a run whose protocol is nowhere to be found: not monitored)."""
+
+    line: Line
+    engine: Engine | None
+    run: Run | None = None
+    phase_value: str | None = None  # the last phase-source value not acted on
+
+    @property
+    def monitored(self) -> bool:
+        return self.engine is not None
+
+    def view(self) -> dict[str, ParameterView]:
+        return {} if self.engine is None else {v.parameter: v for v in self.engine.view()}
+
+
+def equipment_watch(line: Line, site: Site) -> Protocol:
+    """The standby protocol of a line that names none: no limits, so what it records is
+    comm-loss and bad quality of every parameter the line's points feed."""
+    units = {
+        name: site.devices[device].points[point].unit
+        for name, (device, point) in line.sources.items()
+    }
+    parameters = {name: Parameter(name, unit, critical=False) for name, unit in units.items()}
+    phase = Phase("standby", "Standby", {name: Limits() for name in parameters})
+    return Protocol(
+        id="pocd-equipment-watch",
+        version="1",
+        title="Equipment watch: communication and quality",
+        status=ProtocolStatus.APPROVED,
+        hash=canonical_hash({"builtin": "equipment-watch", "units": units}),
+        parameters=parameters,
+        phases=(phase,),
+        kind=ProtocolKind.STANDBY,
+    )
+
+
+class Lines:
+    """The site's lines and their runs. `latest` and `down` are the daemon's: the latest
+    sample of each point and the devices not answering, which a new engine starts from."""
+
+    def __init__(
+        self,
+        site: Site,
+        writer: StoreWriter,
+        *,
+        incident: Incidents,
+        latest: Mapping[tuple[str, str], Sample],
+        down: set[str],
+    ) -> None:
+        self.site = site
+        self.writer = writer
+        self.site_status = SiteStatus.ACTIVE  # read from the store at `resume`
+        # Each line's engine is made at `resume`, when the store says what was going on.
+        self.states = {line.id: LineState(line, None) for line in site.lines.values()}
+        self.counts: Counter[str] = Counter()  # excursions, deviations, engine_errors
+        self._incident = incident
+        self._latest = latest
+        self._down = down
+        self._control = asyncio.Lock()  # one run or site operation at a time
+        self._batches: set[str] = set()  # every batch id of the site (unique per site)
+        self._by_point: dict[tuple[str, str], list[LineState]] = {}
+        self._by_device: dict[str, list[LineState]] = {}
+        self._phase_sources: dict[tuple[str, str], list[LineState]] = {}
+        self._faults: Counter[str] = Counter()  # engine errors by kind
+
+    # --- queries ------------------------------------------------------------------------------
+
+    def runs(self) -> list[Run]:
+        """The runs going on, in line order."""
+        return [s.run for s in self.states.values() if s.run is not None]
+
+    def state_of_run(self, run_id: str | None) -> LineState:
+        """The line running `run_id`; None: the run of the site's only line."""
+        if run_id is None:
+            if len(self.states) != 1:
+                raise RunError(
+                    f"site {self.site.id} has {len(self.states)} lines: name the run "
+                    "(POST /api/runs/{id}/...)"
+                )
+            state = next(iter(self.states.values()))
+            if state.run is None:
+                raise RunError("no run is active")
+            return state
+        for state in self.states.values():
+            if state.run is not None and state.run.id == run_id:
+                return state
+        raise RunError(f"no run {run_id!r} is active (active: {self._active_text()})")
+
+    def _active_text(self) -> str:
+        return ", ".join(f"{r.id} on {r.line}" for r in self.runs()) or "none"
+
+    def _state(self, line_id: str | None) -> LineState:
+        if line_id is None:
+            if len(self.states) != 1:
+                raise RunError(f"site {self.site.id} has several lines: name one ({self._ids()})")
+            return next(iter(self.states.values()))
+        try:
+            return self.states[line_id]
+        except KeyError:
+            raise RunError(f"no line {line_id!r} (lines: {self._ids()})") from None
+
+    def _ids(self) -> str:
+        return ", ".join(self.states)
+
+    # --- judging ------------------------------------------------------------------------------
+
+    def judge(self, sample: Sample) -> None:
+        """Judge one sample (already stored) on every line its point is in."""
+        point = (sample.device, sample.point)
+        for state in self._by_point.get(point, ()):
+            engine = state.engine
+            assert engine is not None
+            try:
+                events = engine.on_sample(sample)
+                if events:
+                    self._emit(events)
+            except Exception as exc:  # the reading is stored; the next is judged
+                self._engine_failed(exc, sample)
+        for state in self._phase_sources.get(point, ()):
+            try:
+                self._phase_from_device(state, sample)
+            except Exception as exc:
+                self._engine_failed(exc, sample)
+
+    def on_comm(self, status: CommStatus) -> None:
+        for state in self._by_device.get(status.device, ()):
+            assert state.engine is not None
+            try:
+                self._emit(state.engine.on_comm(status))
+            except Exception as exc:
+                self._engine_failed(exc, status)
+
+    def tick(self, t: int) -> None:
+        for state in self.states.values():
+            if state.engine is not None:
+                try:
+                    self._emit(state.engine.tick(t))
+                except Exception as exc:
+                    self._engine_failed(exc, f"the clock tick at {t}")
+
+    def shift(self, delta: int) -> None:
+        """The wall clock jumped (see Engine.shift)."""
+        for state in self.states.values():
+            if state.engine is not None:
+                state.engine.shift(delta)
+
+    def _routes(self) -> None:
+        """Which lines' engines take which points, devices and phase sources."""
+        self._by_point, self._by_device, self._phase_sources = {}, {}, {}
+        for state in self.states.values():
+            if state.engine is not None:
+                for point in state.line.points:
+                    self._by_point.setdefault(point, []).append(state)
+                for device in state.line.devices:
+                    self._by_device.setdefault(device, []).append(state)
+            source = state.line.phase_source
+            if state.run is not None and state.engine is not None and source is not None:
+                self._phase_sources.setdefault((source.device, source.point), []).append(state)
+
+    def _phase_from_device(self, state: LineState, sample: Sample) -> None:
+        source, engine = state.line.phase_source, state.engine
+        assert source is not None and engine is not None and engine.run_id is not None
+        value = sample.value
+        if sample.quality is Quality.BAD or not math.isfinite(value):
+            return
+        key = str(int(value)) if value == int(value) else str(value)
+        phase = source.phases.get(key)
+        if phase is None or phase == engine.phase:
+            state.phase_value = None
+            return
+        order = [p.id for p in engine.protocol.phases]
+        if phase not in order:
+            if key != state.phase_value:  # once per value, not once per reading
+                state.phase_value = key
+                proto = engine.protocol
+                self._incident(
+                    IncidentKind.DATA,
+                    "phase-unknown",
+                    sample.device,
+                    f"{sample.point} = {key} maps to phase {phase!r}, which protocol "
+                    f"{proto.id} {proto.version} of run {engine.run_id} does not have "
+                    f"(its phases: {', '.join(order)}); ignored",
+                    sample.t,
+                )
+            return
+        state.phase_value = None
+        current = order.index(engine.phase) if engine.phase else -1
+        reason = (
+            ""
+            if order.index(phase) == current + 1
+            else f"{sample.point} = {key} on {sample.device}"
+        )
+        _, records = self._phase_records(state, phase, f"device:{sample.device}", reason, sample.t)
+        self.writer.add_group(records)  # committed with the next flush, in one transaction
+
+    def _engine_failed(self, exc: Exception, record: object) -> None:
+        """A bug judging one reading (or tick): a software incident the first time it happens;
+        the reading is on the record all the same."""
+        kind = f"{type(exc).__name__}: {exc}"[:200]
+        self.counts["engine_errors"] += 1
+        if kind in self._faults or len(self._faults) >= _DISTINCT_FAULTS:
+            self._faults[kind] += 1
+            return
+        self._faults[kind] = 1
+        log.exception("the engine failed on a reading", reading=repr(record))
+        self._incident(
+            IncidentKind.SOFTWARE,
+            "engine-failed",
+            "engine",
+            f"{kind} on {record!r}; the reading is stored, later ones are judged as usual "
+            "(repeats are counted in status, engine_errors)",
+            now_ns(),
+        )
+
+    # --- control ------------------------------------------------------------------------------
+
+    async def start_run(
+        self,
+        batch_id: str,
+        protocol_id: str,
+        version: str | None,
+        operator: Actor,
+        *,
+        line: str | None = None,
+    ) -> Run:
+        """Start a batch on `line` (None: the site's only line)."""
+        async with self._control:
+            if not batch_id.strip() or not operator.strip():
+                raise RunError("a run needs a batch id and an operator")
+            if self.site_status is not SiteStatus.ACTIVE:
+                raise RunError(
+                    f"site {self.site.id} is {self.site_status.value}: runs start only at an "
+                    "active site"
+                )
+            if batch_id in self._batches:
+                raise RunError(f"batch {batch_id!r} has a run already: a batch id is unique")
+            state = self._state(line)
+            if state.run is not None:
+                raise RunError(f"run {state.run.id} is still running on line {state.line.id}")
+            proto = self._batch_protocol(protocol_id, version)
+            t = now_ns()
+            run = Run(
+                id=uuid.uuid4().hex[:12],
+                batch_id=batch_id,
+                site_id=self.site.id,
+                timezone=self.site.config.site.timezone,
+                protocol_id=proto.id,
+                protocol_version=proto.version,
+                protocol_hash=proto.hash,
+                operator=operator,
+                started=t,
+                line=state.line.id,
+            )
+            engine = Engine(run, proto, state.line.sources)  # refuses a draft or standby one
+            # The standby's open excursions end at the start; the run judges anew.
+            ended = state.engine.finish(t) if state.engine is not None else []
+            events = engine.enter_phase(proto.phases[0].id, t, operator)
+            events += self._catch_up(engine, state.line, t)
+            state.engine, state.run = engine, run
+            self._batches.add(batch_id)
+            self._routes()
+            audit = AuditEntry(
+                t,
+                operator,
+                "run.start",
+                run.id,
+                new=batch_id,
+                details={
+                    "protocol": f"{proto.id} {proto.version}",
+                    "hash": proto.hash,
+                    "line": state.line.id,
+                },
+            )
+            await self._commit([*self._note(ended), run, audit, *self._note(events)])
+            log.info(
+                "run started",
+                run=run.id,
+                batch=batch_id,
+                line=state.line.id,
+                protocol=f"{proto.id} {proto.version}",
+            )
+            return run
+
+    def _batch_protocol(self, protocol_id: str, version: str | None) -> Protocol:
+        try:
+            proto = self.site.protocol(protocol_id, version)
+        except KeyError:
+            proto = None
+        if proto is None or proto.kind is not ProtocolKind.BATCH:
+            known = ", ".join(
+                f"{p.id} {p.version} ({p.status.value})"
+                for p in self.site.protocols.values()
+                if p.kind is ProtocolKind.BATCH
+            )
+            raise RunError(f"no approved protocol {protocol_id} {version or ''} (loaded: {known})")
+        return proto
+
+    async def advance_phase(
+        self, phase: str, operator: Actor, reason: str = "", *, run: str | None = None
+    ) -> PhaseChange:
+        """Enter `phase` in run `run` (None: the run of the site's only line)."""
+        async with self._control:
+            state = self.state_of_run(run)
+            if state.engine is None:
+                raise RunError(f"run {state.run.id if state.run else ''} is not monitored")
+            change, records = self._phase_records(state, phase, operator, reason, now_ns())
+            await self._commit(records)
+            return change
+
+    def _phase_records(
+        self, state: LineState, phase: str, actor: str, reason: str, t: int
+    ) -> tuple[PhaseChange, list[Record]]:
+        engine, run = state.engine, state.run
+        assert engine is not None and run is not None
+        previous = engine.phase
+        events = engine.enter_phase(phase, t, actor, reason)
+        change = events[0]
+        assert isinstance(change, PhaseChange)
+        audit = AuditEntry(change.t, actor, "run.phase", run.id, reason, old=previous, new=phase)
+        log.info("phase changed", run=run.id, phase=phase, previous=previous, actor=actor)
+        return change, [audit, *self._note(events)]
+
+    async def stop_run(
+        self,
+        operator: Actor,
+        *,
+        abort: bool = False,
+        reason: str = "",
+        run: str | None = None,
+    ) -> Run:
+        """Complete (or abort, with a reason) run `run` (None: the site's only line's)."""
+        async with self._control:
+            state = self.state_of_run(run)
+            assert state.run is not None
+            if abort and not reason.strip():
+                raise RunError("aborting a run needs a reason")
+            t = now_ns()
+            events: list[EngineEvent] = state.engine.finish(t) if state.engine else []
+            status = RunStatus.ABORTED if abort else RunStatus.COMPLETED
+            ended = replace(state.run, status=status, ended=t, end_reason=reason)
+            audit = AuditEntry(
+                t,
+                operator,
+                "run.abort" if abort else "run.stop",
+                ended.id,
+                reason,
+                old=RunStatus.RUNNING.value,
+                new=status.value,
+            )
+            state.run = None
+            standby = self._standby(state, t)
+            await self._commit([*self._note(events), ended, audit, *standby])
+            log.info("run ended", run=ended.id, status=status.value, line=state.line.id)
+            return ended
+
+    async def set_site_status(self, status: SiteStatus, operator: Actor, reason: str) -> None:
+        async with self._control:
+            if not reason.strip() or not operator.strip():
+                raise RunError("a site status change needs an operator and a reason")
+            old = self.site_status
+            if old is SiteStatus.CEASED:
+                raise RunError(f"site {self.site.id} has ceased; it cannot change status")
+            if old is status:
+                raise RunError(f"site {self.site.id} is already {status.value}")
+            self.site_status = status  # from now on: no run starts while it is committed
+            audit = AuditEntry(
+                now_ns(), operator, "site.status", self.site.id, reason, old.value, status.value
+            )
+            await self._commit([audit])
+
+    async def _commit(self, records: list[Record]) -> None:
+        """Queue an operation's records as one transaction and wait for it, for a while."""
+        self.writer.add_group(records)
+        await self.writer.flush(within=COMMIT_WAIT_S)
+
+    # --- engines ------------------------------------------------------------------------------
+
+    def _standby(self, state: LineState, t: int) -> list[Record]:
+        """Watch the line's equipment from `t` on: its standby protocol's limits apply.
+        Returns the records saying so (an audit entry, and what the engine found at once)."""
+        line = state.line
+        proto = (
+            self.site.protocol(line.standby)
+            if line.standby is not None
+            else equipment_watch(line, self.site)
+        )
+        engine = Engine(None, proto, line.sources, line=line.id)
+        events = engine.enter_phase(proto.phases[0].id, t, "system")
+        events += self._catch_up(engine, line, t)
+        state.engine = engine
+        self._routes()
+        audit = AuditEntry(
+            t,
+            "system",
+            "line.standby",
+            line.id,
+            new=f"{proto.id} {proto.version}",
+            details={"hash": proto.hash},
+        )
+        return [audit, *self._note(events)]
+
+    def _catch_up(self, engine: Engine, line: Line, t: int) -> list[EngineEvent]:
+        """A new engine starts from what is known now: the devices not answering and the
+        latest reading of each point, judged at `t`."""
+        events: list[EngineEvent] = []
+        for device in sorted(self._down):
+            if device in line.devices:
+                events += engine.on_comm(CommStatus(device, t, ok=False, reason="not answering"))
+        for point in sorted(line.points):
+            sample = self._latest.get(point)
+            if sample is not None and sample.device not in self._down:
+                events += engine.on_sample(sample._replace(t=max(sample.t, t)))
+        return events
+
+    def _note(self, events: Iterable[EngineEvent]) -> list[EngineEvent]:
+        """Count and log the engine's events; they are returned to be queued."""
+        noted = []
+        for event in events:
+            if isinstance(event, Deviation):
+                self.counts["deviations"] += 1
+                log.warning(
+                    "deviation",
+                    run=event.run_id,
+                    line=event.line,
+                    cause=event.cause.value,
+                    description=event.description,
+                )
+            elif isinstance(event, ExcursionEvent) and event.change is ExcursionChange.OPENED:
+                self.counts["excursions"] += 1
+            noted.append(event)
+        return noted
+
+    def _emit(self, events: Iterable[EngineEvent]) -> None:
+        add = self.writer.add
+        for event in self._note(events):
+            add(event)
+
+    # --- resume -------------------------------------------------------------------------------
+
+    async def resume(self, store: Store) -> None:
+        """Take over after a start: the site's status, the runs that were running when the
+        daemon last stopped (or was killed), and every other line on standby."""
+        self.site_status = await asyncio.to_thread(store.site_status)
+        self._batches = {r.batch_id for r in await asyncio.to_thread(store.runs)}
+        running = await asyncio.to_thread(store.active_runs)
+        seen = await asyncio.to_thread(store.last_sample_times)
+        t = now_ns()
+        self.states = {line.id: LineState(line, None) for line in self.site.lines.values()}
+        for run in reversed(running):  # should a crash have left two on a line: the latest
+            state = self.states.get(run.line)
+            if state is None or state.run is not None:
+                self._orphan(run, t, "its line is not in the config" if state is None else "")
+                continue
+            state.run = run
+            await self._resume_run(store, state, seen, t)
+        for state in self.states.values():
+            if state.run is None:
+                await self._end_equipment_records(store, state.line, seen)
+                self._emit_records(self._standby(state, t))
+        self._routes()
+
+    def _emit_records(self, records: Iterable[Record]) -> None:
+        for record in records:
+            self.writer.add(record)
+
+    def _orphan(self, run: Run, t: int, why: str) -> None:
+        """A running run the config has no place for: it stays running, unmonitored."""
+        why = why or f"line {run.line} is running another run"
+        self._incident(
+            IncidentKind.CONFIGURATION,
+            "run-orphaned",
+            "daemon",
+            f"run {run.id} (batch {run.batch_id}) was running on line {run.line}, but {why}: "
+            "it is not monitored; restore the line to the config",
+            t,
+        )
+
+    async def _end_equipment_records(
+        self, store: Store, line: Line, seen: Mapping[tuple[str, str], int]
+    ) -> None:
+        """Equipment excursions left open by the last process end at the last data; the new
+        standby engine opens them again if they still hold."""
+        last = max((seen[p] for p in line.points if p in seen), default=None)
+        for exc in await asyncio.to_thread(store.line_excursions, line.id, open_only=True):
+            end = max(exc.start, last or exc.start)
+            self.writer.add(ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=end), end))
+
+    async def _resume_run(
+        self, store: Store, state: LineState, seen: Mapping[tuple[str, str], int], t: int
+    ) -> None:
+        run = state.run
+        assert run is not None
+        phases = await asyncio.to_thread(store.phases, run.id)
+        proto = await self._protocol_of(store, run)
+        if proto is None:
+            await self._unmonitored(store, run, phases[-1].phase if phases else "", t)
+            return
+        if not phases:  # a store written before run start was one transaction
+            first = PhaseChange(
+                run.id, run.started, proto.phases[0].id, None, "system", True, "restored"
+            )
+            self._incident(
+                IncidentKind.SOFTWARE,
+                "phase-restored",
+                "daemon",
+                f"run {run.id} had no phase record: it started in its first phase "
+                f"{first.phase!r}, recorded now",
+                t,
+            )
+            self.writer.add(first)
+            phases = [first]
+        last_phase = phases[-1]
+        sources = state.line.sources
+        last_seen = {p: seen[src] for p, src in sources.items() if src in seen}
+        excursions = await asyncio.to_thread(store.excursions, run.id)
+        deviations = await asyncio.to_thread(store.deviations, run.id)
+        lost_flagged = {d.excursion_id for d in deviations if d.cause is DeviationCause.DATA_LOSS}
+        # An outage that was going on goes on (one excursion for one outage); whatever else
+        # was open ends at the last data we have.
+        ongoing: dict[str, tuple[Excursion, bool]] = {}
+        cumulative: dict[tuple[str, str, ExcursionKind], float] = defaultdict(float)
+        for exc in excursions:
+            key = (exc.parameter, exc.phase, exc.kind)
+            if exc.end is not None:
+                cumulative[key] += (exc.end - exc.start) / NS
+                continue
+            resume_from = max(last_seen.get(exc.parameter, last_phase.t), last_phase.t)
+            if exc.kind is ExcursionKind.COMM_LOSS and exc.phase == last_phase.phase:
+                ongoing[exc.parameter] = (exc, exc.id in lost_flagged)
+                cumulative[key] += max(0, resume_from - exc.start) / NS
+                continue
+            end = max(exc.start, last_seen.get(exc.parameter, exc.start))
+            self.writer.add(ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=end), end))
+            cumulative[key] += (end - exc.start) / NS
+        spent = {
+            (d.parameter, d.phase)
+            for d in deviations
+            if d.cause is DeviationCause.BUDGET_SPENT and d.parameter
+        }
+        engine = Engine(run, proto, sources)
+        events = engine.resume(
+            last_phase.phase,
+            last_phase.t,
+            t,
+            last_seen=last_seen,
+            cumulative=cumulative,
+            budget_spent=spent,
+            ongoing=ongoing,
+        )
+        gap = (t - max(last_seen.values(), default=last_phase.t)) / NS
+        self._incident(
+            IncidentKind.SOFTWARE,
+            "restart",
+            "daemon",
+            f"resumed run {run.id} (batch {run.batch_id}) on line {run.line} in phase "
+            f"{last_phase.phase!r} after a gap of {gap:.1f} s without data",
+            t,
+        )
+        state.engine = engine
+        self._emit(events)
+        log.warning("run resumed", run=run.id, phase=last_phase.phase, gap_s=round(gap, 1))
+
+    async def _protocol_of(self, store: Store, run: Run) -> Protocol | None:
+        """The exact protocol the run started with, by hash: loaded from its file if that is
+        unchanged, else from the text the store kept. None if it is nowhere."""
+        for proto in self.site.protocols.values():
+            if proto.hash == run.protocol_hash:
+                return proto
+        kept = await asyncio.to_thread(store.protocol_text, run.protocol_hash)
+        if kept is None:
+            return None
+        try:
+            proto = protocol_from_text(kept.text, f"the store's copy of {kept.id} {kept.version}")
+        except ConfigError as exc:  # valid when it was loaded; this pocd checks more
+            log.error("the stored protocol no longer loads", run=run.id, problems=str(exc))
+            return None
+        if proto.hash != run.protocol_hash:
+            return None
+        log.info("run resumes on the stored protocol", run=run.id, protocol=proto.key)
+        return proto
+
+    async def _unmonitored(self, store: Store, run: Run, phase: str, t: int) -> None:
+        """The run's protocol is nowhere to be found: a deviation, and what was open ends now."""
+        message = (
+            f"run {run.id}: protocol {run.protocol_id} {run.protocol_version} with hash "
+            f"{run.protocol_hash[:12]} is neither loaded nor kept in the store; the run is "
+            "not monitored from now on"
+        )
+        log.error("run not monitored", run=run.id, reason=message)
+        self._incident(IncidentKind.CONFIGURATION, "protocol-missing", "daemon", message, t)
+        deviations = await asyncio.to_thread(store.deviations, run.id)
+        if not any(d.cause is DeviationCause.PROTOCOL_MISSING for d in deviations):
+            deviation = Deviation(
+                uuid.uuid4().hex,
+                run.id,
+                t,
+                DeviationCause.PROTOCOL_MISSING,
+                phase,
+                message,
+                line=run.line,
+            )
+            self._emit([deviation])  # once per run, not at every restart
+        for exc in await asyncio.to_thread(store.open_excursions, run.id):
+            end = max(t, exc.start)
+            self._emit([ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=end), end)])
