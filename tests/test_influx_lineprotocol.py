@@ -198,7 +198,8 @@ def test_changes_are_points_keyed_by_what_never_changes() -> None:
     line_open = encode_change("s", opened, batches)
     line_closed = encode_change("s", closed, batches)
     key = (
-        "pocd_excursion,batch=B-1,kind=action-high,parameter=temperature,phase=expansion,"
+        "pocd_excursion,batch=B-1,kind=action-high,line=main,parameter=temperature,"
+        "phase=expansion,"
         "run=r1,site=s"
     )
     assert line_open == (
@@ -211,12 +212,13 @@ def test_changes_are_points_keyed_by_what_never_changes() -> None:
         "d1", "r1", T0 + 5, DeviationCause.PHASE_ORDER, "harvest", 'skipped "expansion"\nby op'
     )
     assert encode_change("s", deviation, batches) == (
-        "pocd_deviation,batch=B-1,cause=phase-order,phase=harvest,run=r1,site=s "
+        "pocd_deviation,batch=B-1,cause=phase-order,line=main,phase=harvest,run=r1,site=s "
         f'id="d1",status="open",description="skipped \\"expansion\\"\\nby op" {T0 + 5}'
     )
     run = make_run("r1", T0, T0 + 10)
     assert encode_change("s", run, batches) == (
-        "pocd_run,batch=B\\ r1,protocol=CART-TCT,protocol_version=3.1,run=r1,site=s "
+        "pocd_run,batch=B\\ r1,line=main,protocol=CART-TCT,protocol_version=3.1,run=r1,"
+        "site=s "
         f'status="completed",operator="alice",protocol_hash="{"ab" * 32}",'
         f'timezone="Europe/London",ended={T0 + 10}i {T0}'
     )

@@ -283,6 +283,7 @@ def encode_change(site: str, change: Change, batches: Mapping[str, str]) -> str:
     if isinstance(change, Run):
         tags: dict[str, str | None] = {
             "site": site,
+            "line": change.line,
             "run": change.id,
             "batch": change.batch_id,
             "protocol": change.protocol_id,
@@ -314,6 +315,7 @@ def encode_change(site: str, change: Change, batches: Mapping[str, str]) -> str:
     if isinstance(change, Excursion):
         tags = {
             "site": site,
+            "line": change.line,
             "run": change.run_id,
             "batch": batches.get(change.run_id or ""),
             "parameter": change.parameter,
@@ -335,6 +337,7 @@ def encode_change(site: str, change: Change, batches: Mapping[str, str]) -> str:
     if isinstance(change, Deviation):
         tags = {
             "site": site,
+            "line": change.line,
             "run": change.run_id,
             "batch": batches.get(change.run_id or ""),
             "cause": change.cause.value,
