@@ -19,7 +19,7 @@ from aiohttp import web
 
 from pocd.model import NS, IncidentKind, PhaseChange, Run, Sample, now_ns
 from pocd.settings import Site, load_site
-from pocd.sinks import SinkError
+from pocd.sinks import SINKS, SinkError, get_sink_kind
 from pocd.sinks.forward import (
     Encoder,
     FarSide,
@@ -294,6 +294,33 @@ async def test_an_unreachable_far_side_keeps_the_data_until_it_answers(site: Sit
         assert sink.status()["backlog_events"] == events
     assert incidents(site) == [(IncidentKind.COMMUNICATION, "hook-unreachable")]
     assert stored_cursors(site).get("events", 0) == 0
+
+
+async def test_an_events_only_sink_quarantines_a_refused_event_by_what_it_is(site: Site) -> None:
+    t0 = now_ns()
+    run = a_run(site, t0)
+    with Store(site.store_path) as store:
+        store.write([run, PhaseChange(run.id, t0, "activation", None, "op")])
+        store.write([PhaseChange(run.id, t0 + NS, "expansion", "activation", "op")])
+        store.write([PhaseChange(run.id, t0 + 2 * NS, "harvest", "expansion", "op")])
+        events = store.change_count()
+    hook = Hook(poison=("phase=expansion,",))
+    async with serving(hook), forwarding(hook_sink(site, hook, Stream.EVENTS)) as sink:
+        await until(settled(sink, events=events))
+        status = sink.status()
+    assert (status["sent"], status["quarantined"]) == (3, 1)
+    with Store(site.store_path, readonly=True) as store:
+        ((_, incident),) = store.incidents_of("sink:hook", "hook-rejected")
+    assert incident.message.startswith(f"phase {run.id} expansion {t0 + NS} rejected by the hook")
+    assert incident.message.endswith("quarantined, later messages go on")
+    assert b"phase=expansion," in incident.raw
+
+
+def test_sink_kinds_are_found_by_their_config_section() -> None:
+    kind = get_sink_kind("influxdb")
+    assert kind.name == "influxdb" and set(SINKS) == {"influxdb"}
+    with pytest.raises(KeyError):
+        get_sink_kind("pigeon")
 
 
 def test_a_forwarder_needs_one_encoder_per_stream(site: Site) -> None:

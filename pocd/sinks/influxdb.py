@@ -2,7 +2,7 @@
 forwarder, nothing lost, nothing doubled. What lives here is what is InfluxDB's own: two
 writers, the encoders of the two streams into line protocol, and the sink's settings.
 
-Some 450 lines: the two write paths (about 250 of them) share their error and answer handling,
+Some 430 lines: the two write paths (about 250 of them) share their error and answer handling,
 and the encoders share one timeline; the write paths are the part to move out if it grows.
 
 Two write paths behind one encoder (pocd.sinks.lineprotocol): `V2Writer` writes through
@@ -325,6 +325,7 @@ class SampleLines:
         return store.sample_count()
 
     def refresh_timeline(self, store: Store) -> None:
+        # The outbox's head marks a new run or phase (the events stream's switch moves it too).
         mark = store.change_count()
         if mark != self._timeline_mark:
             self.lines.set_timeline(Timeline(*store.commit_marks()))
@@ -414,7 +415,6 @@ class InfluxSink(Forwarder):
             body=partial(line_body, gzipped=settings.gzip),
         )
         self.site_id = site.id
-        self.base = base
 
 
 def _build(site: Site, settings: SinkSettings) -> InfluxSink:
