@@ -4,11 +4,17 @@ far side confirmed, so nothing the store accepted can be lost downstream.
 
 Contract of a sink (`Sink.run`): forward until cancelled; own retries with backoff; never raise
 for a far-side fault (a dead database is a state, reported by `status()` and as incidents).
-This module holds the contract and `build_sinks`; each sink lives in its own module.
+This module holds the contract, the registry of sink kinds and `build_sinks`. Each kind lives
+in its own module that exposes `SINK`, a `SinkKind` named like its config section under
+`[sinks]`; modules are imported only when a config uses them. Kinds that forward by cursor
+build on pocd.sinks.forward, which owns lanes, retries, quarantine and cursors.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pocd.errors import PocdError
@@ -16,7 +22,15 @@ from pocd.errors import PocdError
 if TYPE_CHECKING:
     from pocd.settings import Site
 
-__all__ = ["Sink", "SinkError", "build_sinks"]
+__all__ = [
+    "SINKS",
+    "Sink",
+    "SinkError",
+    "SinkKind",
+    "SinkSettings",
+    "build_sinks",
+    "get_sink_kind",
+]
 
 
 class SinkError(PocdError):
@@ -41,10 +55,43 @@ class Sink(Protocol):
         ...
 
 
-def build_sinks(site: Site) -> list[Sink]:
-    """The enabled sinks configured in `[sinks]`."""
-    from pocd.sinks.influxdb import InfluxSink  # imports an HTTP client: only when configured
+class SinkSettings(Protocol):
+    """What every sink's settings have, whatever its kind."""
 
-    return [
-        InfluxSink(site, settings) for settings in site.config.sinks.influxdb if settings.enabled
-    ]
+    @property
+    def name(self) -> str: ...  # the sink's name: task, cursors, status
+
+    @property
+    def enabled(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SinkKind:
+    name: str  # its config section: [sinks.<name>] / [[sinks.<name>]]
+    # The sink of one entry of that section (its settings as validated at load). Opens
+    # nothing: the sink connects when it runs.
+    build: Callable[[Site, SinkSettings], Sink]
+
+
+SINKS: Mapping[str, str] = {
+    "influxdb": "pocd.sinks.influxdb",
+}
+
+
+def get_sink_kind(name: str) -> SinkKind:
+    """The sink kind of that config section. Raises KeyError for an unknown one."""
+    kind: SinkKind = importlib.import_module(SINKS[name]).SINK
+    return kind
+
+
+def build_sinks(site: Site) -> list[Sink]:
+    """The enabled sinks configured in `[sinks]`, in the order of the sections' kinds. A
+    section's module is imported only when it has an entry (it may import an HTTP client)."""
+    sinks: list[Sink] = []
+    for section in type(site.config.sinks).model_fields:
+        entries: list[SinkSettings] = getattr(site.config.sinks, section)
+        enabled = [settings for settings in entries if settings.enabled]
+        if enabled:
+            kind = get_sink_kind(section)
+            sinks += [kind.build(site, settings) for settings in enabled]
+    return sinks

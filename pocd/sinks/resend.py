@@ -25,15 +25,8 @@ from typing import TYPE_CHECKING
 from pocd.errors import StoreError
 from pocd.model import AuditEntry, Incident, IncidentKind, now_ns
 from pocd.sinks import SinkError
-from pocd.sinks.influxdb import (
-    QUARANTINE,
-    Writer,
-    WriteResult,
-    line_body,
-    open_writer,
-    redact,
-    refused_alone,
-)
+from pocd.sinks.forward import QUARANTINE_CURSOR, Writer, WriteResult, redact, refused_alone
+from pocd.sinks.influxdb import QUARANTINE, line_body, open_writer
 from pocd.store import Store
 
 if TYPE_CHECKING:
@@ -41,8 +34,6 @@ if TYPE_CHECKING:
     from pocd.sinks.config import InfluxSettings
 
 __all__ = ["QuarantineEntry", "ResendReport", "quarantine", "resend", "sink_settings"]
-
-CURSOR = "quarantine"  # the stream of the sink's cursors: incidents up to it were sent again
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +91,7 @@ def sink_settings(site: Site, name: str | None) -> InfluxSettings:
 
 def quarantine(store: Store, name: str) -> list[QuarantineEntry]:
     """The quarantine of sink `name` in `store`: the incidents not yet sent again."""
-    after = store.cursors(name).get(CURSOR, 0)
+    after = store.cursors(name).get(QUARANTINE_CURSOR, 0)
     return [
         QuarantineEntry(incident_id, i.t, i.raw.count(b"\n") + 1, i.message)
         for incident_id, i in store.incidents_of(f"sink:{name}", QUARANTINE, after=after)
@@ -116,7 +107,7 @@ async def resend(site: Site, settings: InfluxSettings, *, operator: str) -> Rese
     parameters = {src: name for name, src in site.parameter_source().items()}
     store = await asyncio.to_thread(Store, site.store_path, parameters=parameters)
     try:
-        after = store.cursors(settings.name).get(CURSOR, 0)
+        after = store.cursors(settings.name).get(QUARANTINE_CURSOR, 0)
         held = store.incidents_of(f"sink:{settings.name}", QUARANTINE, after=after)
         if not held:
             return ResendReport(settings.name, 0, 0, 0, 0, 0)
@@ -151,10 +142,10 @@ async def resend(site: Site, settings: InfluxSettings, *, operator: str) -> Rese
         await asyncio.to_thread(
             store.advance_cursors,
             settings.name,
-            {CURSOR: work.done},
+            {QUARANTINE_CURSOR: work.done},
             work.incidents,
             audit=[audit],
-            expected={CURSOR: after},
+            expected={QUARANTINE_CURSOR: after},
         )
         return report
     finally:
