@@ -37,7 +37,7 @@ from bench.store import make_samples
 from pocd.model import NS, PhaseChange, Run, Sample
 from pocd.settings import Site, load_site
 from pocd.sinks.influxdb import InfluxSink
-from pocd.sinks.lineprotocol import SampleEncoder, Timeline
+from pocd.sinks.lineprotocol import SampleEncoder, Timelines
 from pocd.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.influxkit
@@ -112,7 +112,7 @@ def bare_bodies(store: Store, site: Site, batch: int, gzipped: bool) -> list[byt
     """The line protocol pocd sends for the store's samples, in batches, ready to POST."""
     encoder = SampleEncoder(site.id)
     encoder.set_codes(*store.sample_codes())
-    encoder.set_timeline(Timeline(*store.commit_marks()))
+    encoder.set_timeline(Timelines(*store.commit_marks()))
     count = store.sample_count()
     bodies = []
     for first in range(1, count + 1, batch):

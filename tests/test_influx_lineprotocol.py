@@ -31,6 +31,7 @@ from pocd.sinks.lineprotocol import (
     SampleEncoder,
     Segment,
     Timeline,
+    Timelines,
     encode_change,
     field_string,
     tag_value,
@@ -130,22 +131,24 @@ def row(channel: int, quality: int, value: float | None, t: int) -> SampleRow:
 def test_sample_lines() -> None:
     encoder = SampleEncoder("site 1")
     encoder.set_codes(
-        {1: ("bio", "ph", "ph", ""), 2: ("bio", "raw,count", "", "")},
+        {1: ("bio", "ph", "ph", "main"), 2: ("bio", "raw,count", "", "main")},
         {0: (Quality.GOOD, ""), 3: (Quality.BAD, "nan"), 4: (Quality.UNCERTAIN, 'say "x"')},
     )
     run = make_run("r1", T0)
     # rowids 100..103; the run and its phase were committed before rowid 101
     phase = PhaseChange("r1", T0, "expansion", None, "op")
-    encoder.set_timeline(Timeline([(run, 101, None)], [(phase, 101)]))
+    encoder.set_timeline(Timelines([(run, 101, None)], [(phase, 101)]))
     rows = [row(1, 0, 7.1, T0 - 5), row(1, 0, 7.25, T0 + 5), row(2, 3, None, T0 + 6)]
     rows.append(row(2, 4, 1e-05, T0 + 7))
     assert encoder.encode(rows, 100) == [
-        f"pocd_sample,device=bio,parameter=ph,point=ph,site=site\\ 1 quality=0i,value=7.1 {T0 - 5}",
-        "pocd_sample,batch=B\\ r1,device=bio,parameter=ph,phase=expansion,point=ph,run=r1,"
-        f"site=site\\ 1 quality=0i,value=7.25 {T0 + 5}",
-        "pocd_sample,batch=B\\ r1,device=bio,phase=expansion,point=raw\\,count,run=r1,"
-        f'site=site\\ 1 quality=2i,reason="nan" {T0 + 6}',
-        "pocd_sample,batch=B\\ r1,device=bio,phase=expansion,point=raw\\,count,run=r1,"
+        "pocd_sample,device=bio,line=main,parameter=ph,point=ph,site=site\\ 1 quality=0i,"
+        f"value=7.1 {T0 - 5}",
+        "pocd_sample,batch=B\\ r1,device=bio,line=main,parameter=ph,phase=expansion,point=ph,"
+        f"run=r1,site=site\\ 1 quality=0i,value=7.25 {T0 + 5}",
+        "pocd_sample,batch=B\\ r1,device=bio,line=main,phase=expansion,point=raw\\,count,"
+        f'run=r1,site=site\\ 1 quality=2i,reason="nan" {T0 + 6}',
+        "pocd_sample,batch=B\\ r1,device=bio,line=main,phase=expansion,point=raw\\,count,"
+        "run=r1,"
         f'site=site\\ 1 quality=1i,reason="say \\"x\\"",value=1e-05 {T0 + 7}',
     ]
     # one segment for the whole batch: the same lines by the fast path
@@ -153,6 +156,31 @@ def test_sample_lines() -> None:
     assert encoder.encode([], 7) == []
     with pytest.raises(KeyError):  # a channel interned since: the caller refreshes the codes
         encoder.encode([row(9, 0, 1.0, T0)], 1)
+
+
+def test_runs_on_two_lines_at_once_tag_only_their_lines_samples() -> None:
+    """Two batches run at once on lines a and b; a sample takes the run and phase of the one
+    line its point belonged to, and a point shared by both lines takes neither."""
+    encoder = SampleEncoder("s")
+    encoder.set_codes(
+        {1: ("ra", "ph", "ph", "a"), 2: ("rb", "ph", "ph", "b"), 3: ("inc", "t", "t", "")},
+        {0: (Quality.GOOD, "")},
+    )
+    run_a = replace(make_run("ra1", T0), line="a")
+    run_b = replace(make_run("rb1", T0), line="b")
+    encoder.set_timeline(
+        Timelines(
+            [(run_a, 10, None), (run_b, 12, None)],
+            [(PhaseChange("ra1", T0, "load", None, "op"), 10)],
+        )
+    )
+    rows = [row(1, 0, 7.0, T0 + 1), row(2, 0, 7.1, T0 + 2), row(3, 0, 37.0, T0 + 3)]
+    lines = encoder.encode(rows * 2, 10)  # rowids 10..15: run b starts at 12
+    assert "run=ra1" in lines[0] and "phase=load" in lines[0]
+    assert "run=" not in lines[1]  # before run b started
+    assert "run=rb1" in lines[4] and "line=b" in lines[4]
+    assert "run=ra1" in lines[3]
+    assert "run=" not in lines[2] and "run=" not in lines[5] and "line=" not in lines[5]
 
 
 def test_values_keep_every_bit() -> None:

@@ -13,7 +13,9 @@ import pytest
 from pocd.errors import ConfigError
 from pocd.model import MAIN_LINE, ExcursionKind
 from pocd.settings import Site, load_site
+from pocd.sinks.influxdb import InfluxSink
 from pocd.store import Store
+from tests.influxkit import ADMIN, Influxd, drained, sink_toml
 from tests.sitekit import api, cli, running, until, write_site
 
 # Time in the sim scripts is seconds since the device runner started (the daemon's start).
@@ -321,3 +323,81 @@ async def test_the_equipment_is_watched_between_runs(tmp_path: Path) -> None:
             ("ph", ExcursionKind.BAD_QUALITY, "pocd-equipment-watch")
         ]
         assert store.line_deviations("line-a") == []
+
+
+# --- what the control site finds in InfluxDB ------------------------------------------------
+
+
+async def test_the_control_site_finds_every_sample_of_one_batch_in_influxdb(
+    tmp_path: Path, influxd: Influxd, database: str
+) -> None:
+    """The README's queries: a batch's run gives its line and time window; the samples of
+    the line's own points carry its run; a shared device's are found by the window."""
+    devices = DEVICES.format(script="[]", outages="[]", bad_b="[]")
+    config = write_site(tmp_path, devices, sink_toml(influxd, database) + LINES.format(standby=""))
+    (tmp_path / "password.txt").write_text(ADMIN[1] + "\n")
+    for name, text in PROTOCOLS.items():
+        (tmp_path / "protocols" / name).write_text(text)
+    site = load_site(config)
+    async with running(site) as daemon:
+        counted = daemon.counts
+        await until(lambda: counted["samples"] >= 30)
+        run_a = await _start(site, "line-a", "PATIENT-A", "WASH-A")
+        run_b = await _start(site, "line-b", "PATIENT-B", "EXPAND-B")
+        mark = counted["samples"]
+        await until(lambda: counted["samples"] >= mark + 60)
+        await api(site, "POST", f"/api/runs/{run_a['id']}/stop", {"operator": "al"})
+        mark = counted["samples"]
+        await until(lambda: counted["samples"] >= mark + 30)
+        await api(site, "POST", f"/api/runs/{run_b['id']}/stop", {"operator": "al"})
+        mark = counted["samples"]
+        await until(lambda: counted["samples"] >= mark + 30)
+        await daemon.flush()
+        (sink,) = daemon.sinks
+        assert isinstance(sink, InfluxSink)
+        await drained(sink, site)
+
+    with Store(site.store_path, readonly=True) as store:
+        stored = [s for _, s in store.samples()]
+        marks = {run.id: (first, end) for run, first, end in store.commit_marks()[0]}
+    assert influxd.count(database) == len(stored)
+    for run, own in ((run_a, "reactor-a"), (run_b, "reactor-b")):
+        # 1. the batch's run: its line, and its window from its start (the point's time) to
+        # its end (the `ended` field)
+        (point,) = influxd.query(
+            f'SELECT "ended" FROM "pocd_run" WHERE "batch" = \'{run["batch_id"]}\' '
+            'GROUP BY "line", "run"',
+            database,
+        )
+        assert point["tags"] == {"line": run["line"], "run": run["id"]}
+        started, ended = point["values"][0]
+        # 2. the samples of the line's own points carry the run: every one the engine
+        # judged in it, by commit order, and none of another line's
+        tagged = influxd.query(
+            f'SELECT count("quality") FROM "pocd_sample" WHERE "run" = \'{run["id"]}\' '
+            'GROUP BY "device"',
+            database,
+        )
+        assert {s["tags"]["device"]: s["values"][0][1] for s in tagged} == {
+            own: sum(
+                1
+                for i, s in enumerate(stored, start=1)
+                if s.device == own and marks[run["id"]][0] <= i < (marks[run["id"]][1] or 0)
+            )
+        }
+        # 3. a device the line shares (the chamber) carries no line: its samples of the
+        # batch are those of the window
+        (shared,) = influxd.query(
+            'SELECT count("quality") FROM "pocd_sample" WHERE "device" = \'incubator\' '
+            f"AND time >= {started} AND time <= {ended}",
+            database,
+        )
+        assert shared["values"][0][1] == sum(
+            1 for s in stored if s.device == "incubator" and started <= s.t <= ended
+        )
+    (untagged,) = influxd.query(
+        'SELECT count("quality") FROM "pocd_sample" WHERE "device" = \'incubator\' '
+        "AND \"line\" = ''",
+        database,
+    )
+    assert untagged["values"][0][1] == sum(1 for s in stored if s.device == "incubator")

@@ -48,7 +48,7 @@ from pocd.sinks.forward import (
     Writer,
     WriteResult,
 )
-from pocd.sinks.lineprotocol import SampleEncoder, Timeline, encode_change
+from pocd.sinks.lineprotocol import SampleEncoder, Timelines, encode_change
 from pocd.store import Change, Store
 
 if TYPE_CHECKING:
@@ -328,7 +328,7 @@ class SampleLines:
         # The outbox's head marks a new run or phase (the events stream's switch moves it too).
         mark = store.change_count()
         if mark != self._timeline_mark:
-            self.lines.set_timeline(Timeline(*store.commit_marks()))
+            self.lines.set_timeline(Timelines(*store.commit_marks()))
             self._timeline_mark = mark
 
     def encode(self, store: Store, first: int, last: int) -> Units:

@@ -24,6 +24,7 @@ import bisect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from pocd.model import NS, Deviation, Excursion, PhaseChange, Quality, Run
 from pocd.store import SAMPLE_KEY_BITS, Change, Channel, SampleRow
@@ -33,6 +34,7 @@ __all__ = [
     "SampleEncoder",
     "Segment",
     "Timeline",
+    "Timelines",
     "encode_change",
     "field_string",
     "tag_value",
@@ -160,6 +162,10 @@ class Timeline:
         self._starts = starts
         self._segments = segments
 
+    @property
+    def starts(self) -> list[int]:
+        return list(self._starts)
+
     def at(self, rowid: int) -> Segment | None:
         i = bisect.bisect_right(self._starts, rowid) - 1
         return self._segments[i] if i >= 0 else None
@@ -180,24 +186,81 @@ class Timeline:
             i += 1
 
 
+# Which segment each line is in at a stretch of rowids: (line, segment) pairs, by line.
+Assignment: TypeAlias = tuple[tuple[str, Segment | None], ...]
+
+
+class Timelines:
+    """The runs, batches and phases of every line by sample rowid: one `Timeline` per line,
+    fed the line's runs and their phase changes, so that runs on several lines at once each
+    keep their own segments. A sample is placed by the line its channel belonged to alone
+    (a point in several lines, or in none, belongs to no run)."""
+
+    def __init__(
+        self,
+        runs: Iterable[tuple[Run, int, int | None]],
+        phases: Iterable[tuple[PhaseChange, int]],
+    ) -> None:
+        runs_of: dict[str, list[tuple[Run, int, int | None]]] = {}
+        line_of: dict[str, str] = {}
+        for marked in runs:
+            runs_of.setdefault(marked[0].line, []).append(marked)
+            line_of[marked[0].id] = marked[0].line
+        phases_of: dict[str, list[tuple[PhaseChange, int]]] = {}
+        for change in phases:
+            line = line_of.get(change[0].run_id)
+            if line is not None:
+                phases_of.setdefault(line, []).append(change)
+        self.lines = {
+            line: Timeline(marked, phases_of.get(line, ())) for line, marked in runs_of.items()
+        }
+        self.batches = {run: b for t in self.lines.values() for run, b in t.batches.items()}
+        starts = sorted({start for t in self.lines.values() for start in t.starts})
+        self._starts = starts
+        self._assignments = [self._at(start) for start in starts]
+
+    def _at(self, rowid: int) -> Assignment:
+        return tuple((line, t.at(rowid)) for line, t in sorted(self.lines.items()))
+
+    def at(self, rowid: int) -> Assignment:
+        i = bisect.bisect_right(self._starts, rowid) - 1
+        return self._assignments[i] if i >= 0 else ()
+
+    def spans(self, first: int, last: int) -> list[tuple[int, int, Assignment]]:
+        """[(from rowid, to rowid inclusive, assignment)] covering first..last, in order."""
+        i = bisect.bisect_right(self._starts, first) - 1
+        found = []
+        low = first
+        while True:
+            assignment = self._assignments[i] if i >= 0 else ()
+            following = self._starts[i + 1] if i + 1 < len(self._starts) else None
+            if following is None or following > last:
+                found.append((low, last, assignment))
+                return found
+            found.append((low, following - 1, assignment))
+            low = following
+            i += 1
+
+
 # --- samples ----------------------------------------------------------------------------------
 
 
 class _Heads(dict[int, str]):
-    """Sample key -> the line up to its value (or its time, `bare`), for one run segment.
+    """Sample key -> the line up to its value (or its time, `bare`), for one assignment of
+    run segments to lines.
 
     Made on first use of a key: the channels times the qualities seen could be many, the
     pairs that occur are few.
     """
 
-    __slots__ = ("bare", "encoder", "segment")
+    __slots__ = ("bare", "encoder", "segments")
 
-    def __init__(self, encoder: SampleEncoder, segment: Segment | None, *, bare: bool) -> None:
+    def __init__(self, encoder: SampleEncoder, segments: Assignment, *, bare: bool) -> None:
         super().__init__()
-        self.encoder, self.segment, self.bare = encoder, segment, bare
+        self.encoder, self.segments, self.bare = encoder, dict(segments), bare
 
     def __missing__(self, key: int) -> str:
-        head = self.encoder.head(key, self.segment, bare=self.bare)
+        head = self.encoder.head(key, self.segments, bare=self.bare)
         self[key] = head
         return head
 
@@ -213,10 +276,10 @@ class SampleEncoder:
 
     def __init__(self, site: str) -> None:
         self.site = site
-        self.timeline = Timeline((), ())
+        self.timeline = Timelines((), ())
         self._channels: dict[int, Channel] = {}
         self._fields: dict[int, str] = {}  # quality code -> "quality=..i[,reason=..]"
-        self._heads: dict[tuple[Segment | None, bool], _Heads] = {}
+        self._heads: dict[tuple[Assignment, bool], _Heads] = {}
 
     def set_codes(
         self,
@@ -230,13 +293,15 @@ class SampleEncoder:
         }
         self._heads.clear()
 
-    def set_timeline(self, timeline: Timeline) -> None:
+    def set_timeline(self, timeline: Timelines) -> None:
         self.timeline = timeline
         self._heads.clear()
 
-    def head(self, key: int, segment: Segment | None, *, bare: bool) -> str:
-        """The line of a sample up to its value, or (`bare`: no value) up to its time."""
+    def head(self, key: int, segments: Mapping[str, Segment | None], *, bare: bool) -> str:
+        """The line of a sample up to its value, or (`bare`: no value) up to its time; its
+        run, batch and phase are its line's segment in `segments`."""
         device, point, parameter, line = self._channels[key >> SAMPLE_KEY_BITS]
+        segment = segments.get(line) if line else None
         fields = self._fields[key & _QUALITY_MASK]
         tags = {"site": self.site, "device": device, "point": point, "parameter": parameter}
         if line:  # the point belonged to one line alone (a shared one: see README, InfluxDB)
@@ -245,12 +310,12 @@ class SampleEncoder:
             tags |= {"run": segment.run, "batch": segment.batch, "phase": segment.phase}
         return f"{_tags(MEASUREMENTS['sample'], tags)} {fields}" + ("" if bare else ",value=")
 
-    def _heads_of(self, segment: Segment | None) -> tuple[_Heads, _Heads]:
-        found = self._heads.get((segment, False))
+    def _heads_of(self, segments: Assignment) -> tuple[_Heads, _Heads]:
+        found = self._heads.get((segments, False))
         if found is None:
-            found = self._heads[(segment, False)] = _Heads(self, segment, bare=False)
-            self._heads[(segment, True)] = _Heads(self, segment, bare=True)
-        return found, self._heads[(segment, True)]
+            found = self._heads[(segments, False)] = _Heads(self, segments, bare=False)
+            self._heads[(segments, True)] = _Heads(self, segments, bare=True)
+        return found, self._heads[(segments, True)]
 
     def encode(self, rows: Sequence[SampleRow], first: int) -> list[str]:
         """One line per row, in order; `first` is the rowid of the first row (row i has rowid
@@ -260,12 +325,12 @@ class SampleEncoder:
             return self._lines(rows, spans[0][2])
         # The batch crosses a run or phase boundary: each stretch with its own tags.
         lines: list[str] = []
-        for low, high, segment in spans:
-            lines += self._lines(rows[low - first : high - first + 1], segment)
+        for low, high, segments in spans:
+            lines += self._lines(rows[low - first : high - first + 1], segments)
         return lines
 
-    def _lines(self, rows: Sequence[SampleRow], segment: Segment | None) -> list[str]:
-        valued, bare = self._heads_of(segment)
+    def _lines(self, rows: Sequence[SampleRow], segments: Assignment) -> list[str]:
+        valued, bare = self._heads_of(segments)
         return [
             f"{valued[key]}{v!r} {t}" if v is not None else f"{bare[key]} {t}" for key, v, t in rows
         ]
