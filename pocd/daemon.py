@@ -67,7 +67,7 @@ class Daemon:
         self.runners: dict[str, DeviceRunner] = {}
         self.down: set[str] = set()  # devices whose transport says they do not answer
         self.incident_counts: defaultdict[str, int] = defaultdict(int)
-        self.counts: Counter[str] = Counter()  # samples, excursions, deviations since start
+        self.counts: Counter[str] = Counter()  # samples since start (the lines count events)
         self.started = asyncio.Event()  # set once the store is open and the API listens
         self.writer = StoreWriter(
             batch_size=site.config.store.batch_size,

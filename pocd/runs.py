@@ -11,8 +11,9 @@ a time; each takes the acting user's identity as a value, writes its audit entri
 returns once its records are committed (CommitTimeout after a bounded wait: they stay queued).
 An engine error on one reading is an incident, and the other lines judge it all the same.
 
-Some 450 lines: resuming runs after a restart belongs with starting them, as both build a
-line's engine from what the store holds.
+Some 700 lines in one module: starting, stopping and resuming a line's runs and its standby
+all build and replace the line's engine and its routing (`LineState`, `_routes`, `_standby`);
+split apart, that state would have to be public.
 
 Must not: read devices, or write to the store except through the writer.
 """
