@@ -460,11 +460,19 @@ class Lines:
         """Watch the line's equipment from `t` on: its standby protocol's limits apply.
         Returns the records saying so (an audit entry, and what the engine found at once)."""
         line = state.line
-        proto = (
-            self.site.protocol(line.standby)
-            if line.standby is not None
-            else equipment_watch(line, self.site)
-        )
+        proto = equipment_watch(line, self.site)
+        if line.standby is not None:
+            try:
+                proto = self.site.protocol(line.standby)
+            except KeyError:  # a reload took it away: the line is still watched
+                self._incident(
+                    IncidentKind.CONFIGURATION,
+                    "standby-missing",
+                    "daemon",
+                    f"line {line.id}: no approved standby protocol {line.standby!r} is loaded; "
+                    f"the line is watched by {proto.id} (comm-loss and bad quality) instead",
+                    t,
+                )
         engine = Engine(None, proto, line.sources, line=line.id)
         events = engine.enter_phase(proto.phases[0].id, t, "system")
         events += self._catch_up(engine, line, t)

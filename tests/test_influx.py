@@ -22,6 +22,7 @@ import structlog
 
 from pocd.daemon import Daemon
 from pocd.model import (
+    MAIN_LINE,
     NS,
     Deviation,
     DeviationCause,
@@ -307,7 +308,9 @@ async def test_a_late_phase_change_does_not_retag_points_already_sent(
     run = Run(
         "run-late", "B-late", site.id, "Europe/London", "CART-TCT", "3.1", "ab" * 32, "op", t0
     )
-    with Store(site.store_path) as store:
+    # the point is on the site's one line, as the daemon records it: it takes that line's run
+    lines = {("bio", "ph"): MAIN_LINE}
+    with Store(site.store_path, lines=lines) as store:
         store.write(
             [
                 run,
@@ -318,7 +321,7 @@ async def test_a_late_phase_change_does_not_retag_points_already_sent(
     await forward_all(site, "influxdb")
     # A device-stamped phase change that comes late: its time lies among the samples sent.
     # The engine judged those in activation; they stay tagged so.
-    with Store(site.store_path) as store:
+    with Store(site.store_path, lines=lines) as store:
         store.write(
             [
                 PhaseChange(run.id, t0 + 10 * NS, "transduction", "activation", "device:rotea"),
