@@ -24,7 +24,7 @@ import bisect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 from pocd.model import NS, Deviation, Excursion, PhaseChange, Quality, Run
 from pocd.store import SAMPLE_KEY_BITS, Change, Channel, SampleRow
@@ -109,6 +109,8 @@ class Segment:
     phase: str
 
 
+_V = TypeVar("_V")
+
 # At one mark: a run's end, then a run's start, then phase changes (in the order stored).
 _END, _START, _PHASE = 0, 1, 2
 
@@ -172,18 +174,26 @@ class Timeline:
 
     def spans(self, first: int, last: int) -> list[tuple[int, int, Segment | None]]:
         """[(from rowid, to rowid inclusive, segment)] covering first..last, in order."""
-        i = bisect.bisect_right(self._starts, first) - 1
-        found = []
-        low = first
-        while True:
-            segment = self._segments[i] if i >= 0 else None
-            following = self._starts[i + 1] if i + 1 < len(self._starts) else None
-            if following is None or following > last:
-                found.append((low, last, segment))
-                return found
-            found.append((low, following - 1, segment))
-            low = following
-            i += 1
+        return _spans(self._starts, self._segments, None, first, last)
+
+
+def _spans(
+    starts: list[int], values: list[_V], before: _V, first: int, last: int
+) -> list[tuple[int, int, _V]]:
+    """The stretches of first..last over which the value that holds from each start (and
+    `before` the first start) stays the same."""
+    i = bisect.bisect_right(starts, first) - 1
+    found = []
+    low = first
+    while True:
+        value = values[i] if i >= 0 else before
+        following = starts[i + 1] if i + 1 < len(starts) else None
+        if following is None or following > last:
+            found.append((low, last, value))
+            return found
+        found.append((low, following - 1, value))
+        low = following
+        i += 1
 
 
 # Which segment each line is in at a stretch of rowids: (line, segment) pairs, by line.
@@ -228,18 +238,7 @@ class Timelines:
 
     def spans(self, first: int, last: int) -> list[tuple[int, int, Assignment]]:
         """[(from rowid, to rowid inclusive, assignment)] covering first..last, in order."""
-        i = bisect.bisect_right(self._starts, first) - 1
-        found = []
-        low = first
-        while True:
-            assignment = self._assignments[i] if i >= 0 else ()
-            following = self._starts[i + 1] if i + 1 < len(self._starts) else None
-            if following is None or following > last:
-                found.append((low, last, assignment))
-                return found
-            found.append((low, following - 1, assignment))
-            low = following
-            i += 1
+        return _spans(self._starts, self._assignments, (), first, last)
 
 
 # --- samples ----------------------------------------------------------------------------------
