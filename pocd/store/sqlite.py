@@ -1,6 +1,6 @@
 """The embedded store: SQLite in WAL mode, the site's system of record.
 
-Some 1,100 lines in one module: one `Store` class, one connection and one lock, with the SQL of
+Some 1,250 lines in one module: one `Store` class, one connection and one lock, with the SQL of
 every record type beside the code that writes and reads it.
 
 `Store.write` commits a whole batch of records in one transaction before it returns, or raises
@@ -19,6 +19,13 @@ executemany, not SQLite, is what limits a Python writer. Their rowid is the curs
 forwarders: rows are never deleted, so rowids only grow. There is no index on samples; time
 windows use the block ranges in `sample_blocks` and the latest sample of each channel is kept
 in `channel_latest`, both updated by each write (see pocd.store.schema).
+
+Every change is an event (schema v7): a run written, an excursion's transition, a phase
+change, a deviation and an audit entry are append-only rows, put in one order by the `events`
+table that triggers append to in the same transaction; `events` reads them by that cursor,
+each as it was written. Within a batch, records other than samples are stored in the batch's
+order, so the events keep the engine's. `runs` and `excursions`, the current state that the
+queries read, are upserted from the events by triggers.
 
 Forwarders (pocd.sinks) read through their own connection: samples by rowid in the raw shape
 of `sample_rows`, and the changes to runs, phases, excursions and deviations through the
@@ -44,7 +51,7 @@ import math
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeAlias, cast
@@ -55,6 +62,7 @@ from pocd.model import (
     Deviation,
     DeviationCause,
     Excursion,
+    ExcursionChange,
     ExcursionEvent,
     ExcursionKind,
     Incident,
@@ -74,6 +82,7 @@ __all__ = [
     "AmbiguousRunError",
     "Change",
     "Channel",
+    "Event",
     "Record",
     "SampleRow",
     "Store",
@@ -84,6 +93,8 @@ Record: TypeAlias = (
 )
 # What a forwarder reads from the outbox: the current state of a changed record.
 Change: TypeAlias = Run | PhaseChange | Excursion | Deviation
+# What the event log holds (Store.events): every change as it was written.
+Event: TypeAlias = Run | PhaseChange | ExcursionEvent | Deviation | AuditEntry
 # A sample as the forwarders read it (see Store.sample_rows): (channel code << 32 | quality
 # code, value or None for NaN, receive time as decimal text).
 SampleRow: TypeAlias = tuple[int, float | None, str]
@@ -119,34 +130,24 @@ _RUN_COLUMNS: Final = (
     "id, batch_id, site_id, timezone, protocol_id, protocol_version, protocol_hash, operator, "
     "started, status, ended, end_reason, line"
 )
-# A run's sample marks (see pocd.store.schema, v4) are set by the write that first stores
-# its start and its end, and kept by every later write of the same state.
-_UPSERT_RUN: Final = f"""
-INSERT INTO runs ({_RUN_COLUMNS}, first_sample, end_sample)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET
-    batch_id = excluded.batch_id, site_id = excluded.site_id, timezone = excluded.timezone,
-    protocol_id = excluded.protocol_id, protocol_version = excluded.protocol_version,
-    protocol_hash = excluded.protocol_hash, operator = excluded.operator,
-    started = excluded.started, status = excluded.status, ended = excluded.ended,
-    end_reason = excluded.end_reason, line = excluded.line,
-    end_sample = coalesce(runs.end_sample, excluded.end_sample)
-"""
+# A run and an excursion are stored as events (schema v7): triggers append them to `events`
+# and upsert `runs` and `excursions` from them. A run event carries its sample mark (v4),
+# which sets the run's marks when it first stores its start and its end.
+_INSERT_RUN_EVENT: Final = (
+    "INSERT INTO run_events (run_id, batch_id, site_id, timezone, protocol_id, "
+    "protocol_version, protocol_hash, operator, started, status, ended, end_reason, line, "
+    f"sample) VALUES ({'?, ' * 13}?)"
+)
+_RUN_EVENT_COLUMNS: Final = "run_id" + _RUN_COLUMNS[2:]
 _EXCURSION_COLUMNS: Final = (
     "id, run_id, parameter, kind, protocol_id, protocol_version, phase, limit_value, start_t, "
     "end_t, worst, integral, line"
 )
-# Every event carries the whole snapshot, so one upsert serves opened, updated and closed; the
-# excursions_identity trigger refuses an event that would change what the excursion is.
-_UPSERT_EXCURSION: Final = f"""
-INSERT INTO excursions ({_EXCURSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET
-    run_id = excluded.run_id, parameter = excluded.parameter, kind = excluded.kind,
-    protocol_id = excluded.protocol_id, protocol_version = excluded.protocol_version,
-    phase = excluded.phase, limit_value = excluded.limit_value, start_t = excluded.start_t,
-    end_t = excluded.end_t, worst = excluded.worst, integral = excluded.integral,
-    line = excluded.line
-"""
+_EXCURSION_EVENT_COLUMNS: Final = "change, t, excursion_id" + _EXCURSION_COLUMNS[2:]
+# The excursions_identity trigger refuses an event that would change what the excursion is.
+_INSERT_EXCURSION_EVENT: Final = (
+    f"INSERT INTO excursion_events ({_EXCURSION_EVENT_COLUMNS}) VALUES ({'?, ' * 14}?)"
+)
 _DEVIATION_COLUMNS: Final = (
     "id, run_id, t, cause, phase, description, parameter, excursion_id, line"
 )
@@ -157,7 +158,7 @@ _PHASE_COLUMNS: Final = "run_id, t, phase, previous, actor, in_order, reason"
 _INSERT_PHASE: Final = f"INSERT INTO phases ({_PHASE_COLUMNS}, first_sample) VALUES ({'?, ' * 7}?)"
 # Records that mark where they fall among the samples (schema v4), and their statements.
 _MARKED: Final = (Run, PhaseChange)
-_MARKED_SQL: Final = (_UPSERT_RUN, _INSERT_PHASE)
+_MARKED_SQL: Final = (_INSERT_RUN_EVENT, _INSERT_PHASE)
 _AUDIT_COLUMNS: Final = "t, actor, action, target, reason, old_value, new_value, details"
 _INSERT_AUDIT: Final = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({'?, ' * 7}?)"
 # A protocol's text is the same whenever it is loaded again: kept once.
@@ -358,7 +359,7 @@ class Store:
                 for sql, params in rows:
                     if params and sql in _MARKED_SQL:
                         assert before is not None
-                        db.executemany(sql, _marked(sql, params, before + 1))
+                        db.executemany(sql, _marked(params, before + 1))
                     elif params:
                         db.executemany(sql, params)
                 db.execute("COMMIT")
@@ -638,19 +639,7 @@ class Store:
 
     def audit(self) -> list[AuditEntry]:
         rows = self._query(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY id")
-        return [
-            AuditEntry(
-                t=r[0],
-                actor=r[1],
-                action=r[2],
-                target=r[3],
-                reason=r[4],
-                old=r[5],
-                new=r[6],
-                details=json.loads(r[7]),
-            )
-            for r in rows
-        ]
+        return [_audit(r) for r in rows]
 
     def protocol_text(self, digest: str) -> ProtocolText | None:
         """The protocol text kept under that hash, if any."""
@@ -877,6 +866,63 @@ class Store:
             return {(kind, r[0]): _deviation(r) for r in rows}
         raise StoreError(f"{self.path}: outbox entry of unknown kind {kind!r}")
 
+    def event_count(self) -> int:
+        """The id of the latest event (0 when there is none)."""
+        return int(self._query("SELECT coalesce(max(id), 0) FROM events")[0][0])
+
+    def events(self, after: int, limit: int) -> list[tuple[int, Event]]:
+        """(event id, event) of up to `limit` events after event id `after`, in the order they
+        were committed: the order of the batches, and within a batch the order of its records.
+
+        Each event is the record as it was written (schema v7): a `Run` as it started
+        (status running) or ended, an `ExcursionEvent` with its change, time and snapshot, a
+        `PhaseChange`, a `Deviation` or an `AuditEntry`. Nothing is coalesced: an excursion
+        that opened, worsened and closed is three events.
+        """
+        rows = self._query(
+            "SELECT id, kind, ref FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        refs: dict[str, list[int]] = {}
+        for _, kind, ref in rows:
+            refs.setdefault(kind, []).append(int(ref))
+        found: dict[tuple[str, int], Event] = {}
+        for kind, keys in refs.items():
+            for i in range(0, len(keys), _MOST_ROWS_PER_INSERT):
+                found.update(self._events_of(kind, keys[i : i + _MOST_ROWS_PER_INSERT]))
+        try:
+            return [(int(event_id), found[(kind, int(ref))]) for event_id, kind, ref in rows]
+        except KeyError as e:
+            raise StoreError(f"{self.path}: event {e.args[0]} names no record") from None
+
+    def _events_of(self, kind: str, keys: list[int]) -> dict[tuple[str, int], Event]:
+        where = f"IN ({', '.join('?' * len(keys))})"
+        if kind == "run":
+            rows = self._query(
+                f"SELECT id, {_RUN_EVENT_COLUMNS} FROM run_events WHERE id {where}", keys
+            )
+            return {(kind, r[0]): _run(r[1:]) for r in rows}
+        if kind == "phase":
+            rows = self._query(f"SELECT id, {_PHASE_COLUMNS} FROM phases WHERE id {where}", keys)
+            return {(kind, r[0]): _phase(r[1:]) for r in rows}
+        if kind == "excursion":
+            rows = self._query(
+                f"SELECT id, {_EXCURSION_EVENT_COLUMNS} FROM excursion_events WHERE id {where}",
+                keys,
+            )
+            return {
+                (kind, r[0]): ExcursionEvent(ExcursionChange(r[1]), _excursion(r[3:]), r[2])
+                for r in rows
+            }
+        if kind == "deviation":
+            rows = self._query(
+                f"SELECT rowid, {_DEVIATION_COLUMNS} FROM deviations WHERE rowid {where}", keys
+            )
+            return {(kind, r[0]): _deviation(r[1:]) for r in rows}
+        if kind == "audit":
+            rows = self._query(f"SELECT id, {_AUDIT_COLUMNS} FROM audit WHERE id {where}", keys)
+            return {(kind, r[0]): _audit(r[1:]) for r in rows}
+        raise StoreError(f"{self.path}: event of unknown kind {kind!r}")
+
     def cursors(self, sink: str) -> dict[str, int]:
         """stream -> position of one sink's cursors; a stream never advanced is absent."""
         rows = self._query("SELECT stream, position FROM cursors WHERE sink = ?", (sink,))
@@ -975,112 +1021,99 @@ def _sample_offsets(batch: list[Record]) -> list[int]:
     return offsets
 
 
-def _marked(sql: str, params: list[Row], first: int) -> list[Row]:
-    """Rows of runs or phases with their sample offsets made rowids (`first`: the rowid of
-    the batch's first sample, or of the next sample if it holds none)."""
-    if sql == _UPSERT_RUN:
-        return [(*p[:-2], first + p[-2], None if p[-1] is None else first + p[-1]) for p in params]
+def _marked(params: list[Row], first: int) -> list[Row]:
+    """Rows of run events or phases with their sample offsets made rowids (`first`: the rowid
+    of the batch's first sample, or of the next sample if it holds none)."""
     return [(*p[:-1], first + p[-1]) for p in params]
 
 
 def _other_rows(records: list[Record], offsets: list[int]) -> list[tuple[str, list[Row]]]:
-    """The statement and parameter rows of every record that is not a sample. Runs and
-    phase changes end with their sample offsets (see `_marked`), taken from `offsets`."""
+    """The statements and parameter rows of every record that is not a sample, in the order
+    of the batch (consecutive records of one type share a statement), so that the events
+    they append (schema v7) keep the order the engine emitted them in. Run events and phase
+    changes end with their sample offsets (see `_marked`), taken from `offsets`."""
     marks = iter(offsets)
-    runs: list[Row] = []
-    phases: list[Row] = []
-    excursions: list[Row] = []
-    deviations: list[Row] = []
-    incidents: list[Row] = []
-    audit: list[Row] = []
-    protocols: list[Row] = []
+    segments: list[tuple[str, list[Row]]] = []
     for record in records:
-        match record:
-            case Run():
-                r = record
-                runs.append(
-                    (
-                        r.id,
-                        r.batch_id,
-                        r.site_id,
-                        r.timezone,
-                        r.protocol_id,
-                        r.protocol_version,
-                        r.protocol_hash,
-                        r.operator,
-                        r.started,
-                        r.status.value,
-                        r.ended,
-                        r.end_reason,
-                        r.line,
-                        offset := next(marks),
-                        None if r.status is RunStatus.RUNNING else offset,
-                    )
-                )
-            case PhaseChange():
-                p = record
-                phases.append(
-                    (
-                        p.run_id,
-                        p.t,
-                        p.phase,
-                        p.previous,
-                        p.actor,
-                        int(p.in_order),
-                        p.reason,
-                        next(marks),
-                    )
-                )
-            case ExcursionEvent(excursion=e):
-                excursions.append(
-                    (
-                        e.id,
-                        e.run_id,
-                        e.parameter,
-                        e.kind.value,
-                        e.protocol_id,
-                        e.protocol_version,
-                        e.phase,
-                        e.limit,
-                        e.start,
-                        e.end,
-                        e.worst,
-                        e.integral,
-                        e.line,
-                    )
-                )
-            case Deviation():
-                d = record
-                deviations.append(
-                    (
-                        d.id,
-                        d.run_id,
-                        d.t,
-                        d.cause.value,
-                        d.phase,
-                        d.description,
-                        d.parameter,
-                        d.excursion_id,
-                        d.line,
-                    )
-                )
-            case Incident():
-                incidents.append(_incident_row(record))
-            case AuditEntry():
-                audit.append(_audit_row(record))
-            case ProtocolText():
-                protocols.append((record.hash, record.id, record.version, record.text))
-            case _:
-                raise TypeError(f"Store.write cannot store a {type(record).__name__}")
-    return [
-        (_UPSERT_RUN, runs),
-        (_INSERT_PHASE, phases),
-        (_UPSERT_EXCURSION, excursions),
-        (_INSERT_DEVIATION, deviations),
-        (_INSERT_INCIDENT, incidents),
-        (_INSERT_AUDIT, audit),
-        (_INSERT_PROTOCOL, protocols),
-    ]
+        sql, row = _statement_row(record, marks)
+        if segments and segments[-1][0] == sql:
+            segments[-1][1].append(row)
+        else:
+            segments.append((sql, [row]))
+    return segments
+
+
+def _statement_row(record: Record, marks: Iterator[int]) -> tuple[str, Row]:
+    match record:
+        case Run():
+            r = record
+            return _INSERT_RUN_EVENT, (
+                r.id,
+                r.batch_id,
+                r.site_id,
+                r.timezone,
+                r.protocol_id,
+                r.protocol_version,
+                r.protocol_hash,
+                r.operator,
+                r.started,
+                r.status.value,
+                r.ended,
+                r.end_reason,
+                r.line,
+                next(marks),
+            )
+        case PhaseChange():
+            p = record
+            return _INSERT_PHASE, (
+                p.run_id,
+                p.t,
+                p.phase,
+                p.previous,
+                p.actor,
+                int(p.in_order),
+                p.reason,
+                next(marks),
+            )
+        case ExcursionEvent(excursion=e):
+            return _INSERT_EXCURSION_EVENT, (
+                record.change.value,
+                record.t,
+                e.id,
+                e.run_id,
+                e.parameter,
+                e.kind.value,
+                e.protocol_id,
+                e.protocol_version,
+                e.phase,
+                e.limit,
+                e.start,
+                e.end,
+                e.worst,
+                e.integral,
+                e.line,
+            )
+        case Deviation():
+            d = record
+            return _INSERT_DEVIATION, (
+                d.id,
+                d.run_id,
+                d.t,
+                d.cause.value,
+                d.phase,
+                d.description,
+                d.parameter,
+                d.excursion_id,
+                d.line,
+            )
+        case Incident():
+            return _INSERT_INCIDENT, _incident_row(record)
+        case AuditEntry():
+            return _INSERT_AUDIT, _audit_row(record)
+        case ProtocolText():
+            return _INSERT_PROTOCOL, (record.hash, record.id, record.version, record.text)
+        case _:
+            raise TypeError(f"Store.write cannot store a {type(record).__name__}")
 
 
 def _latest_of_channels(channels: list[Any], times: list[Any], first_id: int) -> list[Row]:
@@ -1143,6 +1176,19 @@ def _incident_row(i: Incident) -> Row:
 def _audit_row(a: AuditEntry) -> Row:
     details = json.dumps(a.details, sort_keys=True, ensure_ascii=False)
     return (a.t, a.actor, a.action, a.target, a.reason, a.old, a.new, details)
+
+
+def _audit(r: Row) -> AuditEntry:
+    return AuditEntry(
+        t=r[0],
+        actor=r[1],
+        action=r[2],
+        target=r[3],
+        reason=r[4],
+        old=r[5],
+        new=r[6],
+        details=json.loads(r[7]),
+    )
 
 
 def _incident(r: Row) -> Incident:
