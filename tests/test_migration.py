@@ -177,12 +177,17 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def test_the_committed_store_is_484da67s() -> None:
-    db = sqlite3.connect(f"{DATA.resolve().as_uri()}?mode=ro", uri=True)
+    # immutable: a read-only WAL reader would still leave -shm and -wal files beside it
+    db = sqlite3.connect(f"{DATA.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
     try:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         assert db.execute("SELECT count(*) FROM samples").fetchone()[0] == 3000
     finally:
         db.close()
+    assert sorted(p.name for p in DATA.parent.iterdir()) == [
+        "make_store_484da67.py",
+        "store_484da67.sqlite",
+    ]
 
 
 def test_every_record_is_found_in_the_queries(store: Store) -> None:
