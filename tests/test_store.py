@@ -339,7 +339,19 @@ def test_writes_from_several_threads_are_serialised(store: Store) -> None:
 
 
 @pytest.mark.parametrize(
-    "table", ["samples", "audit", "incidents", "phases", "deviations", "channels", "qualities"]
+    "table",
+    [
+        "samples",
+        "audit",
+        "incidents",
+        "phases",
+        "deviations",
+        "channels",
+        "qualities",
+        "run_events",
+        "excursion_events",
+        "events",
+    ],
 )
 def test_append_only_tables_refuse_update_and_delete(tmp_path: Path, table: str) -> None:
     path = tmp_path / "pocd.db"

@@ -402,6 +402,8 @@ ALTER TABLE channels_v6 RENAME TO channels;
 # 'running' event at its start and, if it ended, its final state at its end; a migrated
 # excursion has an 'opened' event at its start and, if it ended, a 'closed' one at its end,
 # both carrying its final snapshot (the store did not keep the ones in between).
+# A deviation's `ref` is its rowid, which VACUUM may renumber (its key is text): the store
+# is never vacuumed, and must not be.
 _RUN_EVENT_COLUMNS = (
     "run_id, batch_id, site_id, timezone, protocol_id, protocol_version, protocol_hash, "
     "operator, started, status, ended, end_reason, line"
