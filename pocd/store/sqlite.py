@@ -1,7 +1,9 @@
 """The embedded store: SQLite in WAL mode, the site's system of record.
 
-Some 1,250 lines in one module: one `Store` class, one connection and one lock, with the SQL of
-every record type beside the code that writes and reads it.
+Some 1,100 lines in one module: one `Store` class, one connection and one lock, with the SQL of
+every record type beside the code that writes and reads it. The columns of runs, phase
+changes, excursions and deviations, and how their rows map to records, are their descriptions
+in `pocd.store.recordtypes`.
 
 `Store.write` commits a whole batch of records in one transaction before it returns, or raises
 and keeps none of it; the query methods read them back as model records. This module must not
@@ -60,11 +62,9 @@ from pocd.errors import RecordRejected, RunError, StoreError
 from pocd.model import (
     AuditEntry,
     Deviation,
-    DeviationCause,
     Excursion,
     ExcursionChange,
     ExcursionEvent,
-    ExcursionKind,
     Incident,
     IncidentKind,
     PhaseChange,
@@ -76,6 +76,7 @@ from pocd.model import (
     SiteStatus,
 )
 from pocd.store import schema
+from pocd.store.recordtypes import DEVIATION, EXCURSION, PHASE_CHANGE, RUN
 
 __all__ = [
     "SAMPLE_KEY_BITS",
@@ -126,36 +127,40 @@ ON CONFLICT (block) DO UPDATE
     SET t_min = min(t_min, excluded.t_min), t_max = max(t_max, excluded.t_max)
 """
 
-_RUN_COLUMNS: Final = (
-    "id, batch_id, site_id, timezone, protocol_id, protocol_version, protocol_hash, operator, "
-    "started, status, ended, end_reason, line"
-)
+# The columns of runs, phase changes, excursions and deviations are their descriptions'
+# (pocd.store.recordtypes), each with its key first.
+_RUN_COLUMNS: Final = RUN.columns
+_PHASE_COLUMNS: Final = PHASE_CHANGE.columns
+_EXCURSION_COLUMNS: Final = EXCURSION.columns
+_DEVIATION_COLUMNS: Final = DEVIATION.columns
+
+
+def _values(columns: str, extra: int = 0) -> str:
+    return ", ".join("?" * (columns.count(",") + 1 + extra))
+
+
 # A run and an excursion are stored as events (schema v7): triggers append them to `events`
 # and upsert `runs` and `excursions` from them. A run event carries its sample mark (v4),
 # which sets the run's marks when it first stores its start and its end.
+_RUN_EVENT_COLUMNS: Final = "run_id" + _RUN_COLUMNS.removeprefix("id")
 _INSERT_RUN_EVENT: Final = (
-    "INSERT INTO run_events (run_id, batch_id, site_id, timezone, protocol_id, "
-    "protocol_version, protocol_hash, operator, started, status, ended, end_reason, line, "
-    f"sample) VALUES ({'?, ' * 13}?)"
+    f"INSERT INTO run_events ({_RUN_EVENT_COLUMNS}, sample) "
+    f"VALUES ({_values(_RUN_EVENT_COLUMNS, 1)})"
 )
-_RUN_EVENT_COLUMNS: Final = "run_id" + _RUN_COLUMNS[2:]
-_EXCURSION_COLUMNS: Final = (
-    "id, run_id, parameter, kind, protocol_id, protocol_version, phase, limit_value, start_t, "
-    "end_t, worst, integral, line"
-)
-_EXCURSION_EVENT_COLUMNS: Final = "change, t, excursion_id" + _EXCURSION_COLUMNS[2:]
+_EXCURSION_EVENT_COLUMNS: Final = "change, t, excursion_id" + _EXCURSION_COLUMNS.removeprefix("id")
 # The excursions_identity trigger refuses an event that would change what the excursion is.
 _INSERT_EXCURSION_EVENT: Final = (
-    f"INSERT INTO excursion_events ({_EXCURSION_EVENT_COLUMNS}) VALUES ({'?, ' * 14}?)"
+    f"INSERT INTO excursion_events ({_EXCURSION_EVENT_COLUMNS}) "
+    f"VALUES ({_values(_EXCURSION_EVENT_COLUMNS)})"
 )
-_DEVIATION_COLUMNS: Final = (
-    "id, run_id, t, cause, phase, description, parameter, excursion_id, line"
+_INSERT_DEVIATION: Final = (
+    f"INSERT INTO deviations ({_DEVIATION_COLUMNS}) VALUES ({_values(_DEVIATION_COLUMNS)})"
 )
-_INSERT_DEVIATION: Final = f"INSERT INTO deviations ({_DEVIATION_COLUMNS}) VALUES ({'?, ' * 8}?)"
+_INSERT_PHASE: Final = (
+    f"INSERT INTO phases ({_PHASE_COLUMNS}, first_sample) VALUES ({_values(_PHASE_COLUMNS, 1)})"
+)
 _INCIDENT_COLUMNS: Final = "t, kind, code, source, message, raw"
 _INSERT_INCIDENT: Final = f"INSERT INTO incidents ({_INCIDENT_COLUMNS}) VALUES ({'?, ' * 5}?)"
-_PHASE_COLUMNS: Final = "run_id, t, phase, previous, actor, in_order, reason"
-_INSERT_PHASE: Final = f"INSERT INTO phases ({_PHASE_COLUMNS}, first_sample) VALUES ({'?, ' * 7}?)"
 # Records that mark where they fall among the samples (schema v4), and their statements.
 _MARKED: Final = (Run, PhaseChange)
 _MARKED_SQL: Final = (_INSERT_RUN_EVENT, _INSERT_PHASE)
@@ -510,7 +515,9 @@ class Store:
 
     def runs(self) -> list[Run]:
         """Every run, in the order they started."""
-        return [_run(r) for r in self._query(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY rowid")]
+        return [
+            RUN.from_row(r) for r in self._query(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY rowid")
+        ]
 
     def run(self, key: str) -> Run | None:
         """The run with id `key`, else the latest run of batch `key`, else the one run whose
@@ -529,7 +536,7 @@ class Store:
             )
             if len(rows) > 1:
                 raise AmbiguousRunError(key, [r[0] for r in rows])
-        return _run(rows[0]) if rows else None
+        return RUN.from_row(rows[0]) if rows else None
 
     def active_run(self) -> Run | None:
         """The running run (the latest started, should a crash have left two running)."""
@@ -537,7 +544,7 @@ class Store:
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = ? ORDER BY rowid DESC LIMIT 1",
             (RunStatus.RUNNING.value,),
         )
-        return _run(rows[0]) if rows else None
+        return RUN.from_row(rows[0]) if rows else None
 
     def phases(self, run_id: str | None = None) -> list[PhaseChange]:
         """The phase changes of one run, or of every run, in the order they were recorded."""
@@ -547,7 +554,7 @@ class Store:
             rows = self._query(
                 f"SELECT {_PHASE_COLUMNS} FROM phases WHERE run_id = ? ORDER BY id", (run_id,)
             )
-        return [_phase(r) for r in rows]
+        return [PHASE_CHANGE.from_row(r) for r in rows]
 
     def excursions(self, run_id: str | None = None) -> list[Excursion]:
         """Excursions in the order they opened, of one run or of all."""
@@ -558,7 +565,7 @@ class Store:
                 f"SELECT {_EXCURSION_COLUMNS} FROM excursions WHERE run_id = ? ORDER BY rowid",
                 (run_id,),
             )
-        return [_excursion(r) for r in rows]
+        return [EXCURSION.from_row(r) for r in rows]
 
     def active_runs(self) -> list[Run]:
         """Every running run, in the order they started."""
@@ -566,7 +573,7 @@ class Store:
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = ? ORDER BY rowid",
             (RunStatus.RUNNING.value,),
         )
-        return [_run(r) for r in rows]
+        return [RUN.from_row(r) for r in rows]
 
     def line_excursions(self, line: str, *, open_only: bool = False) -> list[Excursion]:
         """The excursions of a line's equipment (of no run), in the order they opened."""
@@ -576,7 +583,7 @@ class Store:
             f"WHERE line = ? AND run_id IS NULL{still} ORDER BY rowid",
             (line,),
         )
-        return [_excursion(r) for r in rows]
+        return [EXCURSION.from_row(r) for r in rows]
 
     def line_deviations(self, line: str) -> list[Deviation]:
         """The deviations of a line's equipment (of no run), in the order they were raised."""
@@ -585,7 +592,7 @@ class Store:
             "WHERE line = ? AND run_id IS NULL ORDER BY rowid",
             (line,),
         )
-        return [_deviation(r) for r in rows]
+        return [DEVIATION.from_row(r) for r in rows]
 
     def open_excursions(self, run_id: str) -> list[Excursion]:
         rows = self._query(
@@ -593,7 +600,7 @@ class Store:
             "ORDER BY rowid",
             (run_id,),
         )
-        return [_excursion(r) for r in rows]
+        return [EXCURSION.from_row(r) for r in rows]
 
     def deviations(self, run_id: str | None = None) -> list[Deviation]:
         if run_id is None:
@@ -603,7 +610,7 @@ class Store:
                 f"SELECT {_DEVIATION_COLUMNS} FROM deviations WHERE run_id = ? ORDER BY rowid",
                 (run_id,),
             )
-        return [_deviation(r) for r in rows]
+        return [DEVIATION.from_row(r) for r in rows]
 
     def incidents(self, since: int | None = None) -> list[Incident]:
         """Incidents in the order they were recorded; with `since`, those at t >= since."""
@@ -811,8 +818,11 @@ class Store:
         )
         phases = self._query(f"SELECT {_PHASE_COLUMNS}, first_sample FROM phases ORDER BY id")
         return (
-            [(_run(r[:-2]), int(r[-2]), None if r[-1] is None else int(r[-1])) for r in runs],
-            [(_phase(r[:-1]), int(r[-1])) for r in phases],
+            [
+                (RUN.from_row(r[:-2]), int(r[-2]), None if r[-1] is None else int(r[-1]))
+                for r in runs
+            ],
+            [(PHASE_CHANGE.from_row(r[:-1]), int(r[-1])) for r in phases],
         )
 
     def change_count(self) -> int:
@@ -847,23 +857,23 @@ class Store:
         marks = ", ".join("?" * len(keys))
         if kind == "run":
             rows = self._query(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id IN ({marks})", keys)
-            return {(kind, r[0]): _run(r) for r in rows}
+            return {(kind, r[0]): RUN.from_row(r) for r in rows}
         if kind == "phase":
             rows = self._query(
                 f"SELECT id, {_PHASE_COLUMNS} FROM phases WHERE id IN ({marks})",
                 [int(k) for k in keys],
             )
-            return {(kind, str(r[0])): _phase(r[1:]) for r in rows}
+            return {(kind, str(r[0])): PHASE_CHANGE.from_row(r[1:]) for r in rows}
         if kind == "excursion":
             rows = self._query(
                 f"SELECT {_EXCURSION_COLUMNS} FROM excursions WHERE id IN ({marks})", keys
             )
-            return {(kind, r[0]): _excursion(r) for r in rows}
+            return {(kind, r[0]): EXCURSION.from_row(r) for r in rows}
         if kind == "deviation":
             rows = self._query(
                 f"SELECT {_DEVIATION_COLUMNS} FROM deviations WHERE id IN ({marks})", keys
             )
-            return {(kind, r[0]): _deviation(r) for r in rows}
+            return {(kind, r[0]): DEVIATION.from_row(r) for r in rows}
         raise StoreError(f"{self.path}: outbox entry of unknown kind {kind!r}")
 
     def event_count(self) -> int:
@@ -900,24 +910,24 @@ class Store:
             rows = self._query(
                 f"SELECT id, {_RUN_EVENT_COLUMNS} FROM run_events WHERE id {where}", keys
             )
-            return {(kind, r[0]): _run(r[1:]) for r in rows}
+            return {(kind, r[0]): RUN.from_row(r[1:]) for r in rows}
         if kind == "phase":
             rows = self._query(f"SELECT id, {_PHASE_COLUMNS} FROM phases WHERE id {where}", keys)
-            return {(kind, r[0]): _phase(r[1:]) for r in rows}
+            return {(kind, r[0]): PHASE_CHANGE.from_row(r[1:]) for r in rows}
         if kind == "excursion":
             rows = self._query(
                 f"SELECT id, {_EXCURSION_EVENT_COLUMNS} FROM excursion_events WHERE id {where}",
                 keys,
             )
             return {
-                (kind, r[0]): ExcursionEvent(ExcursionChange(r[1]), _excursion(r[3:]), r[2])
+                (kind, r[0]): ExcursionEvent(ExcursionChange(r[1]), EXCURSION.from_row(r[3:]), r[2])
                 for r in rows
             }
         if kind == "deviation":
             rows = self._query(
                 f"SELECT rowid, {_DEVIATION_COLUMNS} FROM deviations WHERE rowid {where}", keys
             )
-            return {(kind, r[0]): _deviation(r[1:]) for r in rows}
+            return {(kind, r[0]): DEVIATION.from_row(r[1:]) for r in rows}
         if kind == "audit":
             rows = self._query(f"SELECT id, {_AUDIT_COLUMNS} FROM audit WHERE id {where}", keys)
             return {(kind, r[0]): _audit(r[1:]) for r in rows}
@@ -1046,66 +1056,13 @@ def _other_rows(records: list[Record], offsets: list[int]) -> list[tuple[str, li
 def _statement_row(record: Record, marks: Iterator[int]) -> tuple[str, Row]:
     match record:
         case Run():
-            r = record
-            return _INSERT_RUN_EVENT, (
-                r.id,
-                r.batch_id,
-                r.site_id,
-                r.timezone,
-                r.protocol_id,
-                r.protocol_version,
-                r.protocol_hash,
-                r.operator,
-                r.started,
-                r.status.value,
-                r.ended,
-                r.end_reason,
-                r.line,
-                next(marks),
-            )
+            return _INSERT_RUN_EVENT, (*RUN.row(record), next(marks))
         case PhaseChange():
-            p = record
-            return _INSERT_PHASE, (
-                p.run_id,
-                p.t,
-                p.phase,
-                p.previous,
-                p.actor,
-                int(p.in_order),
-                p.reason,
-                next(marks),
-            )
+            return _INSERT_PHASE, (*PHASE_CHANGE.row(record), next(marks))
         case ExcursionEvent(excursion=e):
-            return _INSERT_EXCURSION_EVENT, (
-                record.change.value,
-                record.t,
-                e.id,
-                e.run_id,
-                e.parameter,
-                e.kind.value,
-                e.protocol_id,
-                e.protocol_version,
-                e.phase,
-                e.limit,
-                e.start,
-                e.end,
-                e.worst,
-                e.integral,
-                e.line,
-            )
+            return _INSERT_EXCURSION_EVENT, (record.change.value, record.t, *EXCURSION.row(e))
         case Deviation():
-            d = record
-            return _INSERT_DEVIATION, (
-                d.id,
-                d.run_id,
-                d.t,
-                d.cause.value,
-                d.phase,
-                d.description,
-                d.parameter,
-                d.excursion_id,
-                d.line,
-            )
+            return _INSERT_DEVIATION, DEVIATION.row(record)
         case Incident():
             return _INSERT_INCIDENT, _incident_row(record)
         case AuditEntry():
@@ -1143,32 +1100,6 @@ def _block_ranges(times: list[Any], first_id: int) -> list[Row]:
     return ranges
 
 
-def _phase(r: Row) -> PhaseChange:
-    return PhaseChange(
-        run_id=r[0],
-        t=r[1],
-        phase=r[2],
-        previous=r[3],
-        actor=r[4],
-        in_order=bool(r[5]),
-        reason=r[6],
-    )
-
-
-def _deviation(r: Row) -> Deviation:
-    return Deviation(
-        id=r[0],
-        run_id=r[1],
-        t=r[2],
-        cause=DeviationCause(r[3]),
-        phase=r[4],
-        description=r[5],
-        parameter=r[6],
-        excursion_id=r[7],
-        line=r[8],
-    )
-
-
 def _incident_row(i: Incident) -> Row:
     return (i.t, i.kind.value, i.code, i.source, i.message, bytes(i.raw))
 
@@ -1194,40 +1125,4 @@ def _audit(r: Row) -> AuditEntry:
 def _incident(r: Row) -> Incident:
     return Incident(
         t=r[0], kind=IncidentKind(r[1]), code=r[2], source=r[3], message=r[4], raw=bytes(r[5])
-    )
-
-
-def _run(r: Row) -> Run:
-    return Run(
-        id=r[0],
-        batch_id=r[1],
-        site_id=r[2],
-        timezone=r[3],
-        protocol_id=r[4],
-        protocol_version=r[5],
-        protocol_hash=r[6],
-        operator=r[7],
-        started=r[8],
-        status=RunStatus(r[9]),
-        ended=r[10],
-        end_reason=r[11],
-        line=r[12],
-    )
-
-
-def _excursion(r: Row) -> Excursion:
-    return Excursion(
-        id=r[0],
-        run_id=r[1],
-        parameter=r[2],
-        kind=ExcursionKind(r[3]),
-        protocol_id=r[4],
-        protocol_version=r[5],
-        phase=r[6],
-        limit=r[7],
-        start=r[8],
-        end=r[9],
-        worst=r[10],
-        integral=math.nan if r[11] is None else r[11],
-        line=r[12],
     )
