@@ -1,14 +1,17 @@
-"""One description per record type: how each field of a run, phase change, excursion and
-deviation maps to its store column, its JSON key and its InfluxDB tag or field.
+"""One description per record type: how each field of a run, phase change, excursion,
+deviation, incident and audit entry maps to its store column, its JSON key and its InfluxDB
+tag or field.
 
 The store's row mapping (`pocd.store.sqlite`) and the JSON views (`pocd.records`) are made
 from these descriptions, so a new field or record type is one edit here (plus its migration).
+Samples are the exception: their rows are the store's hot path, written column by column.
 The InfluxDB roles say what `pocd.sinks.lineprotocol` writes for each field; a test holds
 them to it. Nothing here does I/O or knows SQL beyond column names.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -18,18 +21,23 @@ from typing import Any, Final, Generic, Literal, TypeVar
 
 from pocd.model import (
     NS,
+    AuditEntry,
     Deviation,
     DeviationCause,
     Excursion,
     ExcursionKind,
+    Incident,
+    IncidentKind,
     PhaseChange,
     Run,
     RunStatus,
 )
 
 __all__ = [
+    "AUDIT_ENTRY",
     "DEVIATION",
     "EXCURSION",
+    "INCIDENT",
     "PHASE_CHANGE",
     "RUN",
     "Field",
@@ -72,9 +80,17 @@ class Field:
     enum: type[StrEnum] | None = None
     flag: bool = False  # stored as 0 or 1, read back as a bool
     null_is_nan: bool = False  # SQLite stores NaN as NULL: read back as NaN
+    to_column: Callable[[Any], Any] | None = None  # how it is stored, if not as it is
+    from_column: Callable[[Any], Any] | None = None  # and read back
+
+    def encode(self) -> Callable[[Any], Any]:
+        """What turns the field's value into the stored one."""
+        return self.to_column or _plain
 
     def decode(self) -> Callable[[Any], Any] | None:
         """What turns a stored value back into the field's; None when it reads as stored."""
+        if self.from_column is not None:
+            return self.from_column
         if self.enum is not None:
             return self.enum
         if self.flag:
@@ -101,11 +117,13 @@ class RecordType(Generic[R]):
     table: str
     fields: tuple[Field, ...]
     stored: tuple[Field, ...] = dataclass_field(init=False)
+    _encoders: tuple[tuple[str, Callable[[Any], Any]], ...] = dataclass_field(init=False)
     _decoders: tuple[Callable[[Any], Any] | None, ...] = dataclass_field(init=False)
 
     def __post_init__(self) -> None:
         stored = tuple(f for f in self.fields if f.column is not None)
         object.__setattr__(self, "stored", stored)
+        object.__setattr__(self, "_encoders", tuple((f.attr, f.encode()) for f in stored))
         object.__setattr__(self, "_decoders", tuple(f.decode() for f in stored))
 
     @property
@@ -115,7 +133,7 @@ class RecordType(Generic[R]):
 
     def row(self, record: R) -> tuple[Any, ...]:
         """The stored values of a record, in the order of `columns`."""
-        return tuple(_plain(getattr(record, f.attr)) for f in self.stored)
+        return tuple(encode(getattr(record, attr)) for attr, encode in self._encoders)
 
     def from_row(self, row: tuple[Any, ...] | list[Any]) -> R:
         """The record of a row of `columns`."""
@@ -210,5 +228,37 @@ DEVIATION: Final = RecordType(
         Field("description", "description", "description", "field"),
         Field("run_id", "run_id", "run_id", "tag", "run"),
         Field("line", "line", "line"),
+    ),
+)
+INCIDENT: Final = RecordType(
+    Incident,
+    "incidents",
+    (
+        Field("t", "t", "t", time=True),
+        Field("kind", "kind", "kind", enum=IncidentKind),
+        Field("code", "code", "code"),
+        Field("source", "source", "source"),
+        Field("message", "message", "message"),
+        Field("raw", "raw", None, to_column=bytes, from_column=bytes),
+    ),
+)
+AUDIT_ENTRY: Final = RecordType(
+    AuditEntry,
+    "audit",
+    (
+        Field("t", "t", "t", time=True),
+        Field("actor", "actor", "actor"),
+        Field("action", "action", "action"),
+        Field("target", "target", "target"),
+        Field("reason", "reason", "reason"),
+        Field("old", "old_value", "old"),
+        Field("new", "new_value", "new"),
+        Field(
+            "details",
+            "details",
+            "details",
+            to_column=lambda details: json.dumps(details, sort_keys=True, ensure_ascii=False),
+            from_column=json.loads,
+        ),
     ),
 )

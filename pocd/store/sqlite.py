@@ -1,9 +1,9 @@
 """The embedded store: SQLite in WAL mode, the site's system of record.
 
 Some 1,100 lines in one module: one `Store` class, one connection and one lock, with the SQL of
-every record type beside the code that writes and reads it. The columns of runs, phase
-changes, excursions and deviations, and how their rows map to records, are their descriptions
-in `pocd.store.recordtypes`.
+every record type beside the code that writes and reads it. The columns of the records other
+than samples, and how their rows map to records, are their descriptions in
+`pocd.store.recordtypes`.
 
 `Store.write` commits a whole batch of records in one transaction before it returns, or raises
 and keeps none of it; the query methods read them back as model records. This module must not
@@ -48,7 +48,6 @@ with write access to the file; tamper evidence belongs to the audit chain, not t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sqlite3
@@ -66,7 +65,6 @@ from pocd.model import (
     ExcursionChange,
     ExcursionEvent,
     Incident,
-    IncidentKind,
     PhaseChange,
     ProtocolText,
     Quality,
@@ -76,7 +74,14 @@ from pocd.model import (
     SiteStatus,
 )
 from pocd.store import schema
-from pocd.store.recordtypes import DEVIATION, EXCURSION, PHASE_CHANGE, RUN
+from pocd.store.recordtypes import (
+    AUDIT_ENTRY,
+    DEVIATION,
+    EXCURSION,
+    INCIDENT,
+    PHASE_CHANGE,
+    RUN,
+)
 
 __all__ = [
     "SAMPLE_KEY_BITS",
@@ -127,8 +132,8 @@ ON CONFLICT (block) DO UPDATE
     SET t_min = min(t_min, excluded.t_min), t_max = max(t_max, excluded.t_max)
 """
 
-# The columns of runs, phase changes, excursions and deviations are their descriptions'
-# (pocd.store.recordtypes), each with its key first.
+# The columns of the records other than samples are their descriptions' (see
+# pocd.store.recordtypes), the key first where a record has one.
 _RUN_COLUMNS: Final = RUN.columns
 _PHASE_COLUMNS: Final = PHASE_CHANGE.columns
 _EXCURSION_COLUMNS: Final = EXCURSION.columns
@@ -159,13 +164,15 @@ _INSERT_DEVIATION: Final = (
 _INSERT_PHASE: Final = (
     f"INSERT INTO phases ({_PHASE_COLUMNS}, first_sample) VALUES ({_values(_PHASE_COLUMNS, 1)})"
 )
-_INCIDENT_COLUMNS: Final = "t, kind, code, source, message, raw"
-_INSERT_INCIDENT: Final = f"INSERT INTO incidents ({_INCIDENT_COLUMNS}) VALUES ({'?, ' * 5}?)"
+_INCIDENT_COLUMNS: Final = INCIDENT.columns
+_INSERT_INCIDENT: Final = (
+    f"INSERT INTO incidents ({_INCIDENT_COLUMNS}) VALUES ({_values(_INCIDENT_COLUMNS)})"
+)
 # Records that mark where they fall among the samples (schema v4), and their statements.
 _MARKED: Final = (Run, PhaseChange)
 _MARKED_SQL: Final = (_INSERT_RUN_EVENT, _INSERT_PHASE)
-_AUDIT_COLUMNS: Final = "t, actor, action, target, reason, old_value, new_value, details"
-_INSERT_AUDIT: Final = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({'?, ' * 7}?)"
+_AUDIT_COLUMNS: Final = AUDIT_ENTRY.columns
+_INSERT_AUDIT: Final = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({_values(_AUDIT_COLUMNS)})"
 # A protocol's text is the same whenever it is loaded again: kept once.
 _INSERT_PROTOCOL: Final = (
     "INSERT INTO protocols (hash, id, version, text) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
@@ -620,7 +627,7 @@ class Store:
             rows = self._query(
                 f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE t >= ? ORDER BY id", (since,)
             )
-        return [_incident(r) for r in rows]
+        return [INCIDENT.from_row(r) for r in rows]
 
     def incidents_of(self, source: str, code: str, *, after: int = 0) -> list[tuple[int, Incident]]:
         """(id, incident) of the incidents of `source` with `code` after incident id `after`,
@@ -630,7 +637,7 @@ class Store:
             "WHERE id > ? AND source = ? AND code = ? ORDER BY id",
             (after, source, code),
         )
-        return [(int(r[0]), _incident(r[1:])) for r in rows]
+        return [(int(r[0]), INCIDENT.from_row(r[1:])) for r in rows]
 
     def incident_lines(self, source: str, code: str, *, after: int = 0) -> tuple[int, int]:
         """(incidents, lines of their raw bytes in all) of `incidents_of`, without reading
@@ -646,7 +653,7 @@ class Store:
 
     def audit(self) -> list[AuditEntry]:
         rows = self._query(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY id")
-        return [_audit(r) for r in rows]
+        return [AUDIT_ENTRY.from_row(r) for r in rows]
 
     def protocol_text(self, digest: str) -> ProtocolText | None:
         """The protocol text kept under that hash, if any."""
@@ -930,7 +937,7 @@ class Store:
             return {(kind, r[0]): DEVIATION.from_row(r[1:]) for r in rows}
         if kind == "audit":
             rows = self._query(f"SELECT id, {_AUDIT_COLUMNS} FROM audit WHERE id {where}", keys)
-            return {(kind, r[0]): _audit(r[1:]) for r in rows}
+            return {(kind, r[0]): AUDIT_ENTRY.from_row(r[1:]) for r in rows}
         raise StoreError(f"{self.path}: event of unknown kind {kind!r}")
 
     def cursors(self, sink: str) -> dict[str, int]:
@@ -956,8 +963,8 @@ class Store:
         (0 for never advanced): another process moved it meanwhile. Streams not in
         `positions` stay.
         """
-        incident_rows = [_incident_row(i) for i in incidents]
-        audit_rows = [_audit_row(a) for a in audit]
+        incident_rows = [INCIDENT.row(i) for i in incidents]
+        audit_rows = [AUDIT_ENTRY.row(a) for a in audit]
         with self._lock:
             self._check_open()
             if self.readonly:
@@ -1064,9 +1071,9 @@ def _statement_row(record: Record, marks: Iterator[int]) -> tuple[str, Row]:
         case Deviation():
             return _INSERT_DEVIATION, DEVIATION.row(record)
         case Incident():
-            return _INSERT_INCIDENT, _incident_row(record)
+            return _INSERT_INCIDENT, INCIDENT.row(record)
         case AuditEntry():
-            return _INSERT_AUDIT, _audit_row(record)
+            return _INSERT_AUDIT, AUDIT_ENTRY.row(record)
         case ProtocolText():
             return _INSERT_PROTOCOL, (record.hash, record.id, record.version, record.text)
         case _:
@@ -1098,31 +1105,3 @@ def _block_ranges(times: list[Any], first_id: int) -> list[Row]:
         part = times[low:high]
         ranges.append((block, min(part), max(part)))
     return ranges
-
-
-def _incident_row(i: Incident) -> Row:
-    return (i.t, i.kind.value, i.code, i.source, i.message, bytes(i.raw))
-
-
-def _audit_row(a: AuditEntry) -> Row:
-    details = json.dumps(a.details, sort_keys=True, ensure_ascii=False)
-    return (a.t, a.actor, a.action, a.target, a.reason, a.old, a.new, details)
-
-
-def _audit(r: Row) -> AuditEntry:
-    return AuditEntry(
-        t=r[0],
-        actor=r[1],
-        action=r[2],
-        target=r[3],
-        reason=r[4],
-        old=r[5],
-        new=r[6],
-        details=json.loads(r[7]),
-    )
-
-
-def _incident(r: Row) -> Incident:
-    return Incident(
-        t=r[0], kind=IncidentKind(r[1]), code=r[2], source=r[3], message=r[4], raw=bytes(r[5])
-    )
