@@ -169,3 +169,26 @@ def test_a_rejected_transition_leaves_no_event(store: Store) -> None:
             store.write([ExcursionEvent(ExcursionChange.UPDATED, moved, at(30))])
         assert store.event_count() == count
         assert store.excursions() == before
+
+
+def test_the_outbox_still_has_a_row_per_record_written(store: Store) -> None:
+    """The forwarders' outbox (schema v3) is fed as before: one row per run, phase change,
+    excursion transition and deviation written, naming the record by its key."""
+    with store:
+        emitted = _drive(store)
+        expected: list[tuple[str, str]] = []
+        phase_rowid = 0
+        for event in emitted:
+            match event:
+                case Run():
+                    expected.append(("run", event.id))
+                case PhaseChange():
+                    phase_rowid += 1
+                    expected.append(("phase", str(phase_rowid)))
+                case ExcursionEvent(excursion=e):
+                    expected.append(("excursion", e.id))
+                case Deviation():
+                    expected.append(("deviation", event.id))
+        rows = store._db.execute("SELECT kind, ref FROM outbox ORDER BY id").fetchall()
+        assert [(kind, str(ref)) for kind, ref in rows] == expected
+        assert store.change_count() == len(expected)
