@@ -3,6 +3,9 @@
 `PRAGMA user_version` is the number of migrations applied; `PRAGMA application_id` marks the
 file as a pocd store. A released migration is never edited: a change is a new migration appended
 to `MIGRATIONS`. Nothing here reads or writes records; that is `pocd.store.sqlite`.
+
+Some 600 lines in one module: every migration ever released, in order, since none may change
+and each is read against the ones before it.
 """
 
 from __future__ import annotations
