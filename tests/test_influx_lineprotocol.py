@@ -36,7 +36,8 @@ from pocd.sinks.lineprotocol import (
     field_string,
     tag_value,
 )
-from pocd.store import SAMPLE_KEY_BITS, SampleRow, Store, schema
+from pocd.store import SAMPLE_KEY_BITS, Change, SampleRow, Store, schema
+from pocd.store.recordtypes import DEVIATION, EXCURSION, PHASE_CHANGE, RUN
 
 T0 = 1_767_225_600 * NS
 
@@ -255,6 +256,73 @@ def test_changes_are_points_keyed_by_what_never_changes() -> None:
         "pocd_phase,batch=B-1,phase=activation,run=r1,site=s "
         f'previous="enrichment",actor="op",in_order=false,reason="r" {T0 + 3}'
     )
+
+
+def _split(text: str, separator: str) -> list[str]:
+    """`text` split at each `separator` that is neither escaped nor inside a quoted string."""
+    parts: list[str] = []
+    quoted, escaped, start = False, False, 0
+    for i, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+def _keys(line: str) -> tuple[set[str], set[str], str]:
+    """(tag keys, field keys, timestamp) of a line-protocol line."""
+    head, fields, timestamp = _split(line, " ")
+    return (
+        {tag.split("=", 1)[0] for tag in _split(head, ",")[1:]},
+        {field.split("=", 1)[0] for field in _split(fields, ",")},
+        timestamp,
+    )
+
+
+# What the encoder adds beyond the record's own fields: the sink's site, the run's batch, and
+# the state a point shows (an excursion still open, a deviation not yet dispositioned).
+_ADDED: dict[type, tuple[set[str], set[str]]] = {
+    Run: ({"site"}, set()),
+    PhaseChange: ({"site", "batch"}, set()),
+    Excursion: ({"site", "batch"}, {"open"}),
+    Deviation: ({"site", "batch"}, {"status"}),
+}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        make_run("r1", T0, T0 + 10),
+        replace(make_run("r1", T0, T0 + 10), end_reason="done"),
+        PhaseChange("r1", T0 + 3, "b", "a", "op", in_order=False, reason="r"),
+        PhaseChange("r1", T0 + 3, "a", None, "op"),
+        Excursion(
+            "e1", "r1", "t", ExcursionKind.ALERT_HIGH, "P", "1", "a", 38.0, T0, T0 + NS, 39.0, 1.5
+        ),
+        Deviation("d1", "r1", T0 + 5, DeviationCause.ACTION_LIMIT, "a", "text", "t", "e1"),
+    ],
+)
+def test_the_record_descriptions_say_what_the_encoder_writes(record: Change) -> None:
+    description = {Run: RUN, PhaseChange: PHASE_CHANGE, Excursion: EXCURSION, Deviation: DEVIATION}
+    kind = description[type(record)]
+    added_tags, added_fields = _ADDED[type(record)]
+    tags, fields, timestamp = _keys(encode_change("s", record, {"r1": "B-1"}))
+    assert set(kind.influx_keys("tag").values()) == tags - added_tags
+    # a field without a value (None, '') is left out of the line
+    present = {
+        key
+        for attr, key in kind.influx_keys("field").items()
+        if getattr(record, attr) not in (None, "")
+    }
+    assert present == fields - added_fields
+    (time_attr,) = kind.influx_keys("time")
+    assert timestamp == str(getattr(record, time_attr))
 
 
 # -- the store's side: outbox, cursors, raw rows ------------------------------------------------

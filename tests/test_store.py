@@ -339,7 +339,19 @@ def test_writes_from_several_threads_are_serialised(store: Store) -> None:
 
 
 @pytest.mark.parametrize(
-    "table", ["samples", "audit", "incidents", "phases", "deviations", "channels", "qualities"]
+    "table",
+    [
+        "samples",
+        "audit",
+        "incidents",
+        "phases",
+        "deviations",
+        "channels",
+        "qualities",
+        "run_events",
+        "excursion_events",
+        "events",
+    ],
 )
 def test_append_only_tables_refuse_update_and_delete(tmp_path: Path, table: str) -> None:
     path = tmp_path / "pocd.db"
@@ -685,3 +697,43 @@ def test_a_v3_store_with_data_is_migrated_to_v4(tmp_path: Path) -> None:
         assert "migration_parameters" not in tables
     finally:
         db.close()
+
+
+def test_a_v6_store_gets_its_history_as_events(tmp_path: Path) -> None:
+    path = tmp_path / "v6.db"
+    db = raw(path)
+    schema.migrate(db, path, target=6)
+    db.execute("BEGIN")
+    db.execute(
+        "INSERT INTO runs VALUES ('r1', 'B-1', 's', 'UTC', 'P', '1', 'h', 'op', ?, "
+        "'aborted', NULL, 'crashed', 1, NULL, 'L1')",
+        (T0 + 10,),
+    )
+    db.execute(
+        "INSERT INTO excursions VALUES ('e1', NULL, 'x', 'comm-loss', 'S', '1', 'standby', "
+        "NULL, ?, ?, NULL, 0.5, 'L1')",
+        (T0, T0 + 20),
+    )
+    db.execute(
+        "INSERT INTO deviations VALUES ('d1', NULL, ?, 'data-loss', 'standby', 'lost', 'x', "
+        "'e1', 'L1')",
+        (T0 + 5,),
+    )
+    db.execute("COMMIT")
+    outbox = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    db.close()
+    with Store(path) as store:
+        (run,) = store.runs()
+        (exc,) = store.excursions()
+        assert [event for _, event in store.events(0, 10)] == [
+            ExcursionEvent(ExcursionChange.OPENED, exc, T0),
+            store.deviations()[0],
+            # a run that ended without an end time: its end is its last event, at its start
+            replace(run, status=RunStatus.RUNNING, end_reason=""),
+            run,
+            ExcursionEvent(ExcursionChange.CLOSED, exc, T0 + 20),
+        ]
+        assert exc.run_id is None
+        assert exc.line == run.line == "L1"
+        assert store.change_count() == outbox  # the backfill forwards nothing twice
+        assert store.commit_marks()[0] == [(run, 1, None)]

@@ -1,7 +1,9 @@
 """The embedded store: SQLite, the site's system of record (see `pocd.store.sqlite`).
 
 Everything the daemon keeps goes through `Store`; readers open their own read-only `Store`.
-Nothing outside this package writes SQL against the store file.
+Every change is an append-only event, read in one order by cursor (`Store.events`); how each
+record type maps to columns, JSON and InfluxDB is described once, in
+`pocd.store.recordtypes`. Nothing outside this package writes SQL against the store file.
 """
 
 from pocd.store.schema import SCHEMA_VERSION
@@ -10,6 +12,7 @@ from pocd.store.sqlite import (
     AmbiguousRunError,
     Change,
     Channel,
+    Event,
     Record,
     SampleRow,
     Store,
@@ -21,6 +24,7 @@ __all__ = [
     "AmbiguousRunError",
     "Change",
     "Channel",
+    "Event",
     "Record",
     "SampleRow",
     "Store",

@@ -3,6 +3,9 @@
 `PRAGMA user_version` is the number of migrations applied; `PRAGMA application_id` marks the
 file as a pocd store. A released migration is never edited: a change is a new migration appended
 to `MIGRATIONS`. Nothing here reads or writes records; that is `pocd.store.sqlite`.
+
+Some 600 lines in one module: every migration ever released, in order, since none may change
+and each is read against the ones before it.
 """
 
 from __future__ import annotations
@@ -388,7 +391,147 @@ ALTER TABLE channels_v6 RENAME TO channels;
 {_append_only_triggers(("channels",))}
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4, _V5, _V6)
+# v7: every change is an append-only event. A run written (started, or ended) is a row of
+# `run_events`, an excursion's transition (opened, updated, closed, with the engine's `t` and
+# the whole snapshot after it) a row of `excursion_events`; phase changes, deviations and
+# audit entries were append-only already. `events` puts all of them in one order, the order
+# they were committed in: its id is the forwarders' cursor, `kind` names the table and `ref`
+# the rowid there; triggers append to it in the transaction that stores the record. `runs`
+# and `excursions` stay for queries, derived: the triggers that append an event also upsert
+# them (so the v3 outbox, whose triggers stay on them, gets the same rows as before), and a
+# run event carries its sample mark (v4), from which the run's marks are set.
+# Existing records are backfilled as events in time order (at equal times: run start, phase,
+# excursion opened, deviation, excursion closed, run end, audit). A migrated run has a
+# 'running' event at its start and, if it ended, its final state at its end; a migrated
+# excursion has an 'opened' event at its start and, if it ended, a 'closed' one at its end,
+# both carrying its final snapshot (the store did not keep the ones in between).
+# A deviation's `ref` is its rowid, which VACUUM may renumber (its key is text): the store
+# is never vacuumed, and must not be.
+_RUN_EVENT_COLUMNS = (
+    "run_id, batch_id, site_id, timezone, protocol_id, protocol_version, protocol_hash, "
+    "operator, started, status, ended, end_reason, line"
+)
+_EXCURSION_SNAPSHOT = (
+    "run_id, parameter, kind, protocol_id, protocol_version, phase, limit_value, start_t, "
+    "end_t, worst, integral, line"
+)
+_V7: Final = f"""
+CREATE TABLE run_events (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    site_id TEXT NOT NULL,
+    timezone TEXT NOT NULL,
+    protocol_id TEXT NOT NULL,
+    protocol_version TEXT NOT NULL,
+    protocol_hash TEXT NOT NULL,
+    operator TEXT NOT NULL,
+    started INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    ended INTEGER,
+    end_reason TEXT NOT NULL,
+    line TEXT NOT NULL,
+    sample INTEGER  -- the rowid of the first sample committed after it (v4)
+);
+CREATE INDEX run_events_run ON run_events (run_id);
+CREATE TABLE excursion_events (
+    id INTEGER PRIMARY KEY,
+    change TEXT NOT NULL,
+    t INTEGER,  -- when the engine made it; NULL if the writer did not say
+    excursion_id TEXT NOT NULL,
+    run_id TEXT,
+    parameter TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    protocol_id TEXT NOT NULL,
+    protocol_version TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    limit_value REAL,
+    start_t INTEGER NOT NULL,
+    end_t INTEGER,
+    worst REAL,
+    integral REAL,
+    line TEXT NOT NULL
+);
+CREATE INDEX excursion_events_excursion ON excursion_events (excursion_id);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    ref INTEGER NOT NULL
+);
+
+INSERT INTO run_events ({_RUN_EVENT_COLUMNS}, sample)
+SELECT {_RUN_EVENT_COLUMNS}, sample FROM (
+    SELECT id AS run_id, batch_id, site_id, timezone, protocol_id, protocol_version,
+        protocol_hash, operator, started, 'running' AS status, NULL AS ended,
+        '' AS end_reason, line, first_sample AS sample, started AS at, 0 AS rank, rowid AS r
+    FROM runs
+    UNION ALL
+    SELECT id, batch_id, site_id, timezone, protocol_id, protocol_version, protocol_hash,
+        operator, started, status, ended, end_reason, line, end_sample,
+        coalesce(ended, started), 1, rowid
+    FROM runs WHERE status <> 'running'
+) ORDER BY at, rank, r;
+INSERT INTO excursion_events (change, t, excursion_id, {_EXCURSION_SNAPSHOT})
+SELECT change, at, id, {_EXCURSION_SNAPSHOT} FROM (
+    SELECT 'opened' AS change, start_t AS at, 0 AS rank, rowid AS r, * FROM excursions
+    UNION ALL
+    SELECT 'closed', end_t, 1, rowid, * FROM excursions WHERE end_t IS NOT NULL
+) ORDER BY at, rank, r;
+INSERT INTO events (kind, ref)
+SELECT kind, ref FROM (
+    SELECT 'run' AS kind, id AS ref,
+        CASE status WHEN 'running' THEN started ELSE coalesce(ended, started) END AS at,
+        CASE status WHEN 'running' THEN 0 ELSE 5 END AS rank
+    FROM run_events
+    UNION ALL SELECT 'phase', id, t, 1 FROM phases
+    UNION ALL
+    SELECT 'excursion', id, t, CASE change WHEN 'opened' THEN 2 ELSE 4 END FROM excursion_events
+    UNION ALL SELECT 'deviation', rowid, t, 3 FROM deviations
+    UNION ALL SELECT 'audit', id, t, 6 FROM audit
+) ORDER BY at, rank, ref;
+
+CREATE TRIGGER run_events_derive AFTER INSERT ON run_events
+BEGIN
+    INSERT INTO events (kind, ref) VALUES ('run', NEW.id);
+    INSERT INTO runs (id, batch_id, site_id, timezone, protocol_id, protocol_version,
+        protocol_hash, operator, started, status, ended, end_reason, line, first_sample,
+        end_sample)
+    VALUES (NEW.run_id, NEW.batch_id, NEW.site_id, NEW.timezone, NEW.protocol_id,
+        NEW.protocol_version, NEW.protocol_hash, NEW.operator, NEW.started, NEW.status,
+        NEW.ended, NEW.end_reason, NEW.line, NEW.sample,
+        CASE WHEN NEW.status = 'running' THEN NULL ELSE NEW.sample END)
+    ON CONFLICT (id) DO UPDATE SET
+        batch_id = excluded.batch_id, site_id = excluded.site_id,
+        timezone = excluded.timezone, protocol_id = excluded.protocol_id,
+        protocol_version = excluded.protocol_version, protocol_hash = excluded.protocol_hash,
+        operator = excluded.operator, started = excluded.started, status = excluded.status,
+        ended = excluded.ended, end_reason = excluded.end_reason, line = excluded.line,
+        end_sample = coalesce(runs.end_sample, excluded.end_sample);
+END;
+CREATE TRIGGER excursion_events_derive AFTER INSERT ON excursion_events
+BEGIN
+    INSERT INTO events (kind, ref) VALUES ('excursion', NEW.id);
+    INSERT INTO excursions (id, {_EXCURSION_SNAPSHOT})
+    VALUES (NEW.excursion_id, NEW.run_id, NEW.parameter, NEW.kind, NEW.protocol_id,
+        NEW.protocol_version, NEW.phase, NEW.limit_value, NEW.start_t, NEW.end_t, NEW.worst,
+        NEW.integral, NEW.line)
+    ON CONFLICT (id) DO UPDATE SET
+        run_id = excluded.run_id, parameter = excluded.parameter, kind = excluded.kind,
+        protocol_id = excluded.protocol_id, protocol_version = excluded.protocol_version,
+        phase = excluded.phase, limit_value = excluded.limit_value,
+        start_t = excluded.start_t, end_t = excluded.end_t, worst = excluded.worst,
+        integral = excluded.integral, line = excluded.line;
+END;
+CREATE TRIGGER phases_event AFTER INSERT ON phases
+BEGIN INSERT INTO events (kind, ref) VALUES ('phase', NEW.id); END;
+CREATE TRIGGER deviations_event AFTER INSERT ON deviations
+BEGIN INSERT INTO events (kind, ref) VALUES ('deviation', NEW.rowid); END;
+CREATE TRIGGER audit_event AFTER INSERT ON audit
+BEGIN INSERT INTO events (kind, ref) VALUES ('audit', NEW.id); END;
+{_append_only_triggers(("run_events", "excursion_events", "events"))}
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

@@ -1,7 +1,9 @@
 """The embedded store: SQLite in WAL mode, the site's system of record.
 
 Some 1,100 lines in one module: one `Store` class, one connection and one lock, with the SQL of
-every record type beside the code that writes and reads it.
+every record type beside the code that writes and reads it. The columns of the records other
+than samples, and how their rows map to records, are their descriptions in
+`pocd.store.recordtypes`.
 
 `Store.write` commits a whole batch of records in one transaction before it returns, or raises
 and keeps none of it; the query methods read them back as model records. This module must not
@@ -19,6 +21,13 @@ executemany, not SQLite, is what limits a Python writer. Their rowid is the curs
 forwarders: rows are never deleted, so rowids only grow. There is no index on samples; time
 windows use the block ranges in `sample_blocks` and the latest sample of each channel is kept
 in `channel_latest`, both updated by each write (see pocd.store.schema).
+
+Every change is an event (schema v7): a run written, an excursion's transition, a phase
+change, a deviation and an audit entry are append-only rows, put in one order by the `events`
+table that triggers append to in the same transaction; `events` reads them by that cursor,
+each as it was written. Within a batch, records other than samples are stored in the batch's
+order, so the events keep the engine's. `runs` and `excursions`, the current state that the
+queries read, are upserted from the events by triggers.
 
 Forwarders (pocd.sinks) read through their own connection: samples by rowid in the raw shape
 of `sample_rows`, and the changes to runs, phases, excursions and deviations through the
@@ -39,12 +48,11 @@ with write access to the file; tamper evidence belongs to the audit chain, not t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeAlias, cast
@@ -53,12 +61,10 @@ from pocd.errors import RecordRejected, RunError, StoreError
 from pocd.model import (
     AuditEntry,
     Deviation,
-    DeviationCause,
     Excursion,
+    ExcursionChange,
     ExcursionEvent,
-    ExcursionKind,
     Incident,
-    IncidentKind,
     PhaseChange,
     ProtocolText,
     Quality,
@@ -68,12 +74,21 @@ from pocd.model import (
     SiteStatus,
 )
 from pocd.store import schema
+from pocd.store.recordtypes import (
+    AUDIT_ENTRY,
+    DEVIATION,
+    EXCURSION,
+    INCIDENT,
+    PHASE_CHANGE,
+    RUN,
+)
 
 __all__ = [
     "SAMPLE_KEY_BITS",
     "AmbiguousRunError",
     "Change",
     "Channel",
+    "Event",
     "Record",
     "SampleRow",
     "Store",
@@ -84,6 +99,8 @@ Record: TypeAlias = (
 )
 # What a forwarder reads from the outbox: the current state of a changed record.
 Change: TypeAlias = Run | PhaseChange | Excursion | Deviation
+# What the event log holds (Store.events): every change as it was written.
+Event: TypeAlias = Run | PhaseChange | ExcursionEvent | Deviation | AuditEntry
 # A sample as the forwarders read it (see Store.sample_rows): (channel code << 32 | quality
 # code, value or None for NaN, receive time as decimal text).
 SampleRow: TypeAlias = tuple[int, float | None, str]
@@ -115,51 +132,47 @@ ON CONFLICT (block) DO UPDATE
     SET t_min = min(t_min, excluded.t_min), t_max = max(t_max, excluded.t_max)
 """
 
-_RUN_COLUMNS: Final = (
-    "id, batch_id, site_id, timezone, protocol_id, protocol_version, protocol_hash, operator, "
-    "started, status, ended, end_reason, line"
+# The columns of the records other than samples are their descriptions' (see
+# pocd.store.recordtypes), the key first where a record has one.
+_RUN_COLUMNS: Final = RUN.columns
+_PHASE_COLUMNS: Final = PHASE_CHANGE.columns
+_EXCURSION_COLUMNS: Final = EXCURSION.columns
+_DEVIATION_COLUMNS: Final = DEVIATION.columns
+
+
+def _values(columns: str, extra: int = 0) -> str:
+    return ", ".join("?" * (columns.count(",") + 1 + extra))
+
+
+# A run and an excursion are stored as events (schema v7): triggers append them to `events`
+# and upsert `runs` and `excursions` from them. A run event carries its sample mark (v4),
+# which sets the run's marks when it first stores its start and its end.
+_RUN_EVENT_COLUMNS: Final = "run_id" + _RUN_COLUMNS.removeprefix("id")
+_INSERT_RUN_EVENT: Final = (
+    f"INSERT INTO run_events ({_RUN_EVENT_COLUMNS}, sample) "
+    f"VALUES ({_values(_RUN_EVENT_COLUMNS, 1)})"
 )
-# A run's sample marks (see pocd.store.schema, v4) are set by the write that first stores
-# its start and its end, and kept by every later write of the same state.
-_UPSERT_RUN: Final = f"""
-INSERT INTO runs ({_RUN_COLUMNS}, first_sample, end_sample)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET
-    batch_id = excluded.batch_id, site_id = excluded.site_id, timezone = excluded.timezone,
-    protocol_id = excluded.protocol_id, protocol_version = excluded.protocol_version,
-    protocol_hash = excluded.protocol_hash, operator = excluded.operator,
-    started = excluded.started, status = excluded.status, ended = excluded.ended,
-    end_reason = excluded.end_reason, line = excluded.line,
-    end_sample = coalesce(runs.end_sample, excluded.end_sample)
-"""
-_EXCURSION_COLUMNS: Final = (
-    "id, run_id, parameter, kind, protocol_id, protocol_version, phase, limit_value, start_t, "
-    "end_t, worst, integral, line"
+_EXCURSION_EVENT_COLUMNS: Final = "change, t, excursion_id" + _EXCURSION_COLUMNS.removeprefix("id")
+# The excursions_identity trigger refuses an event that would change what the excursion is.
+_INSERT_EXCURSION_EVENT: Final = (
+    f"INSERT INTO excursion_events ({_EXCURSION_EVENT_COLUMNS}) "
+    f"VALUES ({_values(_EXCURSION_EVENT_COLUMNS)})"
 )
-# Every event carries the whole snapshot, so one upsert serves opened, updated and closed; the
-# excursions_identity trigger refuses an event that would change what the excursion is.
-_UPSERT_EXCURSION: Final = f"""
-INSERT INTO excursions ({_EXCURSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET
-    run_id = excluded.run_id, parameter = excluded.parameter, kind = excluded.kind,
-    protocol_id = excluded.protocol_id, protocol_version = excluded.protocol_version,
-    phase = excluded.phase, limit_value = excluded.limit_value, start_t = excluded.start_t,
-    end_t = excluded.end_t, worst = excluded.worst, integral = excluded.integral,
-    line = excluded.line
-"""
-_DEVIATION_COLUMNS: Final = (
-    "id, run_id, t, cause, phase, description, parameter, excursion_id, line"
+_INSERT_DEVIATION: Final = (
+    f"INSERT INTO deviations ({_DEVIATION_COLUMNS}) VALUES ({_values(_DEVIATION_COLUMNS)})"
 )
-_INSERT_DEVIATION: Final = f"INSERT INTO deviations ({_DEVIATION_COLUMNS}) VALUES ({'?, ' * 8}?)"
-_INCIDENT_COLUMNS: Final = "t, kind, code, source, message, raw"
-_INSERT_INCIDENT: Final = f"INSERT INTO incidents ({_INCIDENT_COLUMNS}) VALUES ({'?, ' * 5}?)"
-_PHASE_COLUMNS: Final = "run_id, t, phase, previous, actor, in_order, reason"
-_INSERT_PHASE: Final = f"INSERT INTO phases ({_PHASE_COLUMNS}, first_sample) VALUES ({'?, ' * 7}?)"
+_INSERT_PHASE: Final = (
+    f"INSERT INTO phases ({_PHASE_COLUMNS}, first_sample) VALUES ({_values(_PHASE_COLUMNS, 1)})"
+)
+_INCIDENT_COLUMNS: Final = INCIDENT.columns
+_INSERT_INCIDENT: Final = (
+    f"INSERT INTO incidents ({_INCIDENT_COLUMNS}) VALUES ({_values(_INCIDENT_COLUMNS)})"
+)
 # Records that mark where they fall among the samples (schema v4), and their statements.
 _MARKED: Final = (Run, PhaseChange)
-_MARKED_SQL: Final = (_UPSERT_RUN, _INSERT_PHASE)
-_AUDIT_COLUMNS: Final = "t, actor, action, target, reason, old_value, new_value, details"
-_INSERT_AUDIT: Final = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({'?, ' * 7}?)"
+_MARKED_SQL: Final = (_INSERT_RUN_EVENT, _INSERT_PHASE)
+_AUDIT_COLUMNS: Final = AUDIT_ENTRY.columns
+_INSERT_AUDIT: Final = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({_values(_AUDIT_COLUMNS)})"
 # A protocol's text is the same whenever it is loaded again: kept once.
 _INSERT_PROTOCOL: Final = (
     "INSERT INTO protocols (hash, id, version, text) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
@@ -358,7 +371,7 @@ class Store:
                 for sql, params in rows:
                     if params and sql in _MARKED_SQL:
                         assert before is not None
-                        db.executemany(sql, _marked(sql, params, before + 1))
+                        db.executemany(sql, _marked(params, before + 1))
                     elif params:
                         db.executemany(sql, params)
                 db.execute("COMMIT")
@@ -509,7 +522,9 @@ class Store:
 
     def runs(self) -> list[Run]:
         """Every run, in the order they started."""
-        return [_run(r) for r in self._query(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY rowid")]
+        return [
+            RUN.from_row(r) for r in self._query(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY rowid")
+        ]
 
     def run(self, key: str) -> Run | None:
         """The run with id `key`, else the latest run of batch `key`, else the one run whose
@@ -528,7 +543,7 @@ class Store:
             )
             if len(rows) > 1:
                 raise AmbiguousRunError(key, [r[0] for r in rows])
-        return _run(rows[0]) if rows else None
+        return RUN.from_row(rows[0]) if rows else None
 
     def active_run(self) -> Run | None:
         """The running run (the latest started, should a crash have left two running)."""
@@ -536,7 +551,7 @@ class Store:
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = ? ORDER BY rowid DESC LIMIT 1",
             (RunStatus.RUNNING.value,),
         )
-        return _run(rows[0]) if rows else None
+        return RUN.from_row(rows[0]) if rows else None
 
     def phases(self, run_id: str | None = None) -> list[PhaseChange]:
         """The phase changes of one run, or of every run, in the order they were recorded."""
@@ -546,7 +561,7 @@ class Store:
             rows = self._query(
                 f"SELECT {_PHASE_COLUMNS} FROM phases WHERE run_id = ? ORDER BY id", (run_id,)
             )
-        return [_phase(r) for r in rows]
+        return [PHASE_CHANGE.from_row(r) for r in rows]
 
     def excursions(self, run_id: str | None = None) -> list[Excursion]:
         """Excursions in the order they opened, of one run or of all."""
@@ -557,7 +572,7 @@ class Store:
                 f"SELECT {_EXCURSION_COLUMNS} FROM excursions WHERE run_id = ? ORDER BY rowid",
                 (run_id,),
             )
-        return [_excursion(r) for r in rows]
+        return [EXCURSION.from_row(r) for r in rows]
 
     def active_runs(self) -> list[Run]:
         """Every running run, in the order they started."""
@@ -565,7 +580,7 @@ class Store:
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = ? ORDER BY rowid",
             (RunStatus.RUNNING.value,),
         )
-        return [_run(r) for r in rows]
+        return [RUN.from_row(r) for r in rows]
 
     def line_excursions(self, line: str, *, open_only: bool = False) -> list[Excursion]:
         """The excursions of a line's equipment (of no run), in the order they opened."""
@@ -575,7 +590,7 @@ class Store:
             f"WHERE line = ? AND run_id IS NULL{still} ORDER BY rowid",
             (line,),
         )
-        return [_excursion(r) for r in rows]
+        return [EXCURSION.from_row(r) for r in rows]
 
     def line_deviations(self, line: str) -> list[Deviation]:
         """The deviations of a line's equipment (of no run), in the order they were raised."""
@@ -584,7 +599,7 @@ class Store:
             "WHERE line = ? AND run_id IS NULL ORDER BY rowid",
             (line,),
         )
-        return [_deviation(r) for r in rows]
+        return [DEVIATION.from_row(r) for r in rows]
 
     def open_excursions(self, run_id: str) -> list[Excursion]:
         rows = self._query(
@@ -592,7 +607,7 @@ class Store:
             "ORDER BY rowid",
             (run_id,),
         )
-        return [_excursion(r) for r in rows]
+        return [EXCURSION.from_row(r) for r in rows]
 
     def deviations(self, run_id: str | None = None) -> list[Deviation]:
         if run_id is None:
@@ -602,7 +617,7 @@ class Store:
                 f"SELECT {_DEVIATION_COLUMNS} FROM deviations WHERE run_id = ? ORDER BY rowid",
                 (run_id,),
             )
-        return [_deviation(r) for r in rows]
+        return [DEVIATION.from_row(r) for r in rows]
 
     def incidents(self, since: int | None = None) -> list[Incident]:
         """Incidents in the order they were recorded; with `since`, those at t >= since."""
@@ -612,7 +627,7 @@ class Store:
             rows = self._query(
                 f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE t >= ? ORDER BY id", (since,)
             )
-        return [_incident(r) for r in rows]
+        return [INCIDENT.from_row(r) for r in rows]
 
     def incidents_of(self, source: str, code: str, *, after: int = 0) -> list[tuple[int, Incident]]:
         """(id, incident) of the incidents of `source` with `code` after incident id `after`,
@@ -622,7 +637,7 @@ class Store:
             "WHERE id > ? AND source = ? AND code = ? ORDER BY id",
             (after, source, code),
         )
-        return [(int(r[0]), _incident(r[1:])) for r in rows]
+        return [(int(r[0]), INCIDENT.from_row(r[1:])) for r in rows]
 
     def incident_lines(self, source: str, code: str, *, after: int = 0) -> tuple[int, int]:
         """(incidents, lines of their raw bytes in all) of `incidents_of`, without reading
@@ -638,19 +653,7 @@ class Store:
 
     def audit(self) -> list[AuditEntry]:
         rows = self._query(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY id")
-        return [
-            AuditEntry(
-                t=r[0],
-                actor=r[1],
-                action=r[2],
-                target=r[3],
-                reason=r[4],
-                old=r[5],
-                new=r[6],
-                details=json.loads(r[7]),
-            )
-            for r in rows
-        ]
+        return [AUDIT_ENTRY.from_row(r) for r in rows]
 
     def protocol_text(self, digest: str) -> ProtocolText | None:
         """The protocol text kept under that hash, if any."""
@@ -822,8 +825,11 @@ class Store:
         )
         phases = self._query(f"SELECT {_PHASE_COLUMNS}, first_sample FROM phases ORDER BY id")
         return (
-            [(_run(r[:-2]), int(r[-2]), None if r[-1] is None else int(r[-1])) for r in runs],
-            [(_phase(r[:-1]), int(r[-1])) for r in phases],
+            [
+                (RUN.from_row(r[:-2]), int(r[-2]), None if r[-1] is None else int(r[-1]))
+                for r in runs
+            ],
+            [(PHASE_CHANGE.from_row(r[:-1]), int(r[-1])) for r in phases],
         )
 
     def change_count(self) -> int:
@@ -858,24 +864,81 @@ class Store:
         marks = ", ".join("?" * len(keys))
         if kind == "run":
             rows = self._query(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id IN ({marks})", keys)
-            return {(kind, r[0]): _run(r) for r in rows}
+            return {(kind, r[0]): RUN.from_row(r) for r in rows}
         if kind == "phase":
             rows = self._query(
                 f"SELECT id, {_PHASE_COLUMNS} FROM phases WHERE id IN ({marks})",
                 [int(k) for k in keys],
             )
-            return {(kind, str(r[0])): _phase(r[1:]) for r in rows}
+            return {(kind, str(r[0])): PHASE_CHANGE.from_row(r[1:]) for r in rows}
         if kind == "excursion":
             rows = self._query(
                 f"SELECT {_EXCURSION_COLUMNS} FROM excursions WHERE id IN ({marks})", keys
             )
-            return {(kind, r[0]): _excursion(r) for r in rows}
+            return {(kind, r[0]): EXCURSION.from_row(r) for r in rows}
         if kind == "deviation":
             rows = self._query(
                 f"SELECT {_DEVIATION_COLUMNS} FROM deviations WHERE id IN ({marks})", keys
             )
-            return {(kind, r[0]): _deviation(r) for r in rows}
+            return {(kind, r[0]): DEVIATION.from_row(r) for r in rows}
         raise StoreError(f"{self.path}: outbox entry of unknown kind {kind!r}")
+
+    def event_count(self) -> int:
+        """The id of the latest event (0 when there is none)."""
+        return int(self._query("SELECT coalesce(max(id), 0) FROM events")[0][0])
+
+    def events(self, after: int, limit: int) -> list[tuple[int, Event]]:
+        """(event id, event) of up to `limit` events after event id `after`, in the order they
+        were committed: the order of the batches, and within a batch the order of its records.
+
+        Each event is the record as it was written (schema v7): a `Run` as it started
+        (status running) or ended, an `ExcursionEvent` with its change, time and snapshot, a
+        `PhaseChange`, a `Deviation` or an `AuditEntry`. Nothing is coalesced: an excursion
+        that opened, worsened and closed is three events.
+        """
+        rows = self._query(
+            "SELECT id, kind, ref FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        refs: dict[str, list[int]] = {}
+        for _, kind, ref in rows:
+            refs.setdefault(kind, []).append(int(ref))
+        found: dict[tuple[str, int], Event] = {}
+        for kind, keys in refs.items():
+            for i in range(0, len(keys), _MOST_ROWS_PER_INSERT):
+                found.update(self._events_of(kind, keys[i : i + _MOST_ROWS_PER_INSERT]))
+        try:
+            return [(int(event_id), found[(kind, int(ref))]) for event_id, kind, ref in rows]
+        except KeyError as e:
+            raise StoreError(f"{self.path}: event {e.args[0]} names no record") from None
+
+    def _events_of(self, kind: str, keys: list[int]) -> dict[tuple[str, int], Event]:
+        where = f"IN ({', '.join('?' * len(keys))})"
+        if kind == "run":
+            rows = self._query(
+                f"SELECT id, {_RUN_EVENT_COLUMNS} FROM run_events WHERE id {where}", keys
+            )
+            return {(kind, r[0]): RUN.from_row(r[1:]) for r in rows}
+        if kind == "phase":
+            rows = self._query(f"SELECT id, {_PHASE_COLUMNS} FROM phases WHERE id {where}", keys)
+            return {(kind, r[0]): PHASE_CHANGE.from_row(r[1:]) for r in rows}
+        if kind == "excursion":
+            rows = self._query(
+                f"SELECT id, {_EXCURSION_EVENT_COLUMNS} FROM excursion_events WHERE id {where}",
+                keys,
+            )
+            return {
+                (kind, r[0]): ExcursionEvent(ExcursionChange(r[1]), EXCURSION.from_row(r[3:]), r[2])
+                for r in rows
+            }
+        if kind == "deviation":
+            rows = self._query(
+                f"SELECT rowid, {_DEVIATION_COLUMNS} FROM deviations WHERE rowid {where}", keys
+            )
+            return {(kind, r[0]): DEVIATION.from_row(r[1:]) for r in rows}
+        if kind == "audit":
+            rows = self._query(f"SELECT id, {_AUDIT_COLUMNS} FROM audit WHERE id {where}", keys)
+            return {(kind, r[0]): AUDIT_ENTRY.from_row(r[1:]) for r in rows}
+        raise StoreError(f"{self.path}: event of unknown kind {kind!r}")
 
     def cursors(self, sink: str) -> dict[str, int]:
         """stream -> position of one sink's cursors; a stream never advanced is absent."""
@@ -900,8 +963,8 @@ class Store:
         (0 for never advanced): another process moved it meanwhile. Streams not in
         `positions` stay.
         """
-        incident_rows = [_incident_row(i) for i in incidents]
-        audit_rows = [_audit_row(a) for a in audit]
+        incident_rows = [INCIDENT.row(i) for i in incidents]
+        audit_rows = [AUDIT_ENTRY.row(a) for a in audit]
         with self._lock:
             self._check_open()
             if self.readonly:
@@ -975,112 +1038,46 @@ def _sample_offsets(batch: list[Record]) -> list[int]:
     return offsets
 
 
-def _marked(sql: str, params: list[Row], first: int) -> list[Row]:
-    """Rows of runs or phases with their sample offsets made rowids (`first`: the rowid of
-    the batch's first sample, or of the next sample if it holds none)."""
-    if sql == _UPSERT_RUN:
-        return [(*p[:-2], first + p[-2], None if p[-1] is None else first + p[-1]) for p in params]
+def _marked(params: list[Row], first: int) -> list[Row]:
+    """Rows of run events or phases with their sample offsets made rowids (`first`: the rowid
+    of the batch's first sample, or of the next sample if it holds none)."""
     return [(*p[:-1], first + p[-1]) for p in params]
 
 
 def _other_rows(records: list[Record], offsets: list[int]) -> list[tuple[str, list[Row]]]:
-    """The statement and parameter rows of every record that is not a sample. Runs and
-    phase changes end with their sample offsets (see `_marked`), taken from `offsets`."""
+    """The statements and parameter rows of every record that is not a sample, in the order
+    of the batch (consecutive records of one type share a statement), so that the events
+    they append (schema v7) keep the order the engine emitted them in. Run events and phase
+    changes end with their sample offsets (see `_marked`), taken from `offsets`."""
     marks = iter(offsets)
-    runs: list[Row] = []
-    phases: list[Row] = []
-    excursions: list[Row] = []
-    deviations: list[Row] = []
-    incidents: list[Row] = []
-    audit: list[Row] = []
-    protocols: list[Row] = []
+    segments: list[tuple[str, list[Row]]] = []
     for record in records:
-        match record:
-            case Run():
-                r = record
-                runs.append(
-                    (
-                        r.id,
-                        r.batch_id,
-                        r.site_id,
-                        r.timezone,
-                        r.protocol_id,
-                        r.protocol_version,
-                        r.protocol_hash,
-                        r.operator,
-                        r.started,
-                        r.status.value,
-                        r.ended,
-                        r.end_reason,
-                        r.line,
-                        offset := next(marks),
-                        None if r.status is RunStatus.RUNNING else offset,
-                    )
-                )
-            case PhaseChange():
-                p = record
-                phases.append(
-                    (
-                        p.run_id,
-                        p.t,
-                        p.phase,
-                        p.previous,
-                        p.actor,
-                        int(p.in_order),
-                        p.reason,
-                        next(marks),
-                    )
-                )
-            case ExcursionEvent(excursion=e):
-                excursions.append(
-                    (
-                        e.id,
-                        e.run_id,
-                        e.parameter,
-                        e.kind.value,
-                        e.protocol_id,
-                        e.protocol_version,
-                        e.phase,
-                        e.limit,
-                        e.start,
-                        e.end,
-                        e.worst,
-                        e.integral,
-                        e.line,
-                    )
-                )
-            case Deviation():
-                d = record
-                deviations.append(
-                    (
-                        d.id,
-                        d.run_id,
-                        d.t,
-                        d.cause.value,
-                        d.phase,
-                        d.description,
-                        d.parameter,
-                        d.excursion_id,
-                        d.line,
-                    )
-                )
-            case Incident():
-                incidents.append(_incident_row(record))
-            case AuditEntry():
-                audit.append(_audit_row(record))
-            case ProtocolText():
-                protocols.append((record.hash, record.id, record.version, record.text))
-            case _:
-                raise TypeError(f"Store.write cannot store a {type(record).__name__}")
-    return [
-        (_UPSERT_RUN, runs),
-        (_INSERT_PHASE, phases),
-        (_UPSERT_EXCURSION, excursions),
-        (_INSERT_DEVIATION, deviations),
-        (_INSERT_INCIDENT, incidents),
-        (_INSERT_AUDIT, audit),
-        (_INSERT_PROTOCOL, protocols),
-    ]
+        sql, row = _statement_row(record, marks)
+        if segments and segments[-1][0] == sql:
+            segments[-1][1].append(row)
+        else:
+            segments.append((sql, [row]))
+    return segments
+
+
+def _statement_row(record: Record, marks: Iterator[int]) -> tuple[str, Row]:
+    match record:
+        case Run():
+            return _INSERT_RUN_EVENT, (*RUN.row(record), next(marks))
+        case PhaseChange():
+            return _INSERT_PHASE, (*PHASE_CHANGE.row(record), next(marks))
+        case ExcursionEvent(excursion=e):
+            return _INSERT_EXCURSION_EVENT, (record.change.value, record.t, *EXCURSION.row(e))
+        case Deviation():
+            return _INSERT_DEVIATION, DEVIATION.row(record)
+        case Incident():
+            return _INSERT_INCIDENT, INCIDENT.row(record)
+        case AuditEntry():
+            return _INSERT_AUDIT, AUDIT_ENTRY.row(record)
+        case ProtocolText():
+            return _INSERT_PROTOCOL, (record.hash, record.id, record.version, record.text)
+        case _:
+            raise TypeError(f"Store.write cannot store a {type(record).__name__}")
 
 
 def _latest_of_channels(channels: list[Any], times: list[Any], first_id: int) -> list[Row]:
@@ -1108,80 +1105,3 @@ def _block_ranges(times: list[Any], first_id: int) -> list[Row]:
         part = times[low:high]
         ranges.append((block, min(part), max(part)))
     return ranges
-
-
-def _phase(r: Row) -> PhaseChange:
-    return PhaseChange(
-        run_id=r[0],
-        t=r[1],
-        phase=r[2],
-        previous=r[3],
-        actor=r[4],
-        in_order=bool(r[5]),
-        reason=r[6],
-    )
-
-
-def _deviation(r: Row) -> Deviation:
-    return Deviation(
-        id=r[0],
-        run_id=r[1],
-        t=r[2],
-        cause=DeviationCause(r[3]),
-        phase=r[4],
-        description=r[5],
-        parameter=r[6],
-        excursion_id=r[7],
-        line=r[8],
-    )
-
-
-def _incident_row(i: Incident) -> Row:
-    return (i.t, i.kind.value, i.code, i.source, i.message, bytes(i.raw))
-
-
-def _audit_row(a: AuditEntry) -> Row:
-    details = json.dumps(a.details, sort_keys=True, ensure_ascii=False)
-    return (a.t, a.actor, a.action, a.target, a.reason, a.old, a.new, details)
-
-
-def _incident(r: Row) -> Incident:
-    return Incident(
-        t=r[0], kind=IncidentKind(r[1]), code=r[2], source=r[3], message=r[4], raw=bytes(r[5])
-    )
-
-
-def _run(r: Row) -> Run:
-    return Run(
-        id=r[0],
-        batch_id=r[1],
-        site_id=r[2],
-        timezone=r[3],
-        protocol_id=r[4],
-        protocol_version=r[5],
-        protocol_hash=r[6],
-        operator=r[7],
-        started=r[8],
-        status=RunStatus(r[9]),
-        ended=r[10],
-        end_reason=r[11],
-        line=r[12],
-    )
-
-
-def _excursion(r: Row) -> Excursion:
-    return Excursion(
-        id=r[0],
-        run_id=r[1],
-        parameter=r[2],
-        kind=ExcursionKind(r[3]),
-        protocol_id=r[4],
-        protocol_version=r[5],
-        phase=r[6],
-        limit=r[7],
-        start=r[8],
-        end=r[9],
-        worst=r[10],
-        integral=math.nan if r[11] is None else r[11],
-        line=r[12],
-    )
