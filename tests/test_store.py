@@ -737,3 +737,139 @@ def test_a_v6_store_gets_its_history_as_events(tmp_path: Path) -> None:
         assert exc.line == run.line == "L1"
         assert store.change_count() == outbox  # the backfill forwards nothing twice
         assert store.commit_marks()[0] == [(run, 1, None)]
+
+
+# -- lines (schema v6) ------------------------------------------------------------------------
+
+
+def test_runs_on_several_lines_at_once(store: Store) -> None:
+    first = replace(make_run("run-a", "B-A"), line="prodigy-1")
+    second = replace(make_run("run-b", "B-B", T0 + NS), line="cocoon-2")
+    done = replace(make_run("run-c", "B-C", T0 - NS), line="prodigy-1")
+    store.write([done, first, second])
+    store.write([replace(done, status=RunStatus.COMPLETED, ended=T0)])
+    assert store.active_runs() == [first, second]  # every running run, in start order
+    assert store.active_run() == second  # the latest started, until the daemon asks per line
+    assert [r.line for r in store.runs()] == ["prodigy-1", "prodigy-1", "cocoon-2"]
+    with pytest.raises(RecordRejected, match="line of a run is fixed"):
+        store.write([replace(first, line="cocoon-2")])
+    store.write([replace(first, status=RunStatus.ABORTED, ended=T0 + 2 * NS, end_reason="x")])
+    assert store.active_runs() == [second]
+    assert store.run("run-a") == replace(
+        first, status=RunStatus.ABORTED, ended=T0 + 2 * NS, end_reason="x"
+    )
+
+
+def test_equipment_records_belong_to_their_line_and_no_run(store: Store) -> None:
+    run = replace(make_run(), line="L1")
+    of_run = make_excursion(line="L1")
+    closed = make_excursion(id="eq-1", run_id=None, phase="standby", line="L1", end=T0 + 20 * NS)
+    still_open = make_excursion(id="eq-2", run_id=None, phase="standby", line="L1")
+    elsewhere = make_excursion(id="eq-3", run_id=None, phase="standby", line="L2")
+    run_deviation = Deviation(
+        "dev-1", run.id, T0, DeviationCause.ACTION_LIMIT, "expansion", "high", line="L1"
+    )
+    line_deviation = Deviation(
+        "dev-2", None, T0 + 1, DeviationCause.DATA_LOSS, "standby", "comm lost", line="L1"
+    )
+    other_deviation = replace(line_deviation, id="dev-3", line="L2")
+    store.write(
+        [run]
+        + [
+            ExcursionEvent(ExcursionChange.OPENED, e, e.start)
+            for e in (of_run, replace(closed, end=None), still_open, elsewhere)
+        ]
+        + [ExcursionEvent(ExcursionChange.CLOSED, closed, closed.end)]
+        + [run_deviation, line_deviation, other_deviation]
+    )
+    assert store.line_excursions("L1") == [closed, still_open]
+    assert store.line_excursions("L1", open_only=True) == [still_open]
+    assert store.line_excursions("L2") == [elsewhere]
+    assert store.line_excursions("L3") == []
+    assert store.excursions(run.id) == [of_run]  # a run's own only
+    assert store.open_excursions(run.id) == [of_run]
+    assert store.line_deviations("L1") == [line_deviation]
+    assert store.line_deviations("L2") == [other_deviation]
+    assert store.deviations(run.id) == [run_deviation]
+    assert [e.id for e in store.excursions()] == ["exc-1", "eq-1", "eq-2", "eq-3"]
+    with pytest.raises(RecordRejected, match="fixed"):  # an equipment excursion stays the line's
+        store.write([ExcursionEvent(ExcursionChange.UPDATED, replace(still_open, run_id=run.id))])
+    with pytest.raises(RecordRejected, match="fixed"):
+        store.write([ExcursionEvent(ExcursionChange.UPDATED, replace(still_open, line="L2"))])
+
+
+def test_a_sample_keeps_the_line_its_point_belonged_to_alone(tmp_path: Path) -> None:
+    path = tmp_path / "pocd.db"
+    lines = {("incubator", "t"): "L1", ("rotea", "step"): "L2"}
+    with Store(path, parameters={("incubator", "t"): "temperature"}, lines=lines) as store:
+        store.write([Sample("incubator", "t", T0, 37.0), Sample("rotea", "step", T0, 1.0)])
+    # the incubator is shared by both lines now: its samples belong to no line alone
+    with Store(path, parameters={("incubator", "t"): "temperature"}, lines={}) as store:
+        store.write([Sample("incubator", "t", T0 + 1, 37.1), Sample("rotea", "step", T0 + 1, 2.0)])
+    with Store(path, lines=lines) as store:
+        store.write([Sample("incubator", "t", T0 + 2, 37.2)])
+    with Store(path, readonly=True) as reader:
+        channels, _ = reader.sample_codes()
+        by_rowid = [channels[key >> SAMPLE_KEY_BITS] for key, _, _ in reader.sample_rows(1, 5)]
+        assert by_rowid == [
+            ("incubator", "t", "temperature", "L1"),
+            ("rotea", "step", "", "L2"),
+            ("incubator", "t", "temperature", ""),
+            ("rotea", "step", "", ""),
+            ("incubator", "t", "", "L1"),
+        ]
+        # one point, whatever line it belonged to
+        assert [s.value for _, s in reader.samples(device="incubator")] == [37.0, 37.1, 37.2]
+        assert reader.last_sample_times()[("incubator", "t")] == T0 + 2
+
+
+def test_a_v5_store_is_migrated_to_v6(tmp_path: Path) -> None:
+    path = tmp_path / "v5.db"
+    db = raw(path)
+    schema.migrate(db, path, target=5)
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO channels (id, device, point, parameter) VALUES (?, ?, ?, ?)",
+        [(1, "incubator", "t", "temperature"), (2, "rotea", "step", "")],
+    )
+    db.executemany(
+        "INSERT INTO samples (ch, t, dt, v, q) VALUES (?, ?, NULL, ?, 0)",
+        [(1, T0, 37.0), (2, T0 + 1, 1.0)],
+    )
+    db.execute(
+        "INSERT INTO runs VALUES ('r1', 'B-1', 's', 'UTC', 'P', '1', 'h', 'op', ?, "
+        "'running', NULL, '', 1, NULL)",
+        (T0,),
+    )
+    db.execute(
+        "INSERT INTO excursions VALUES ('e1', 'r1', 'temperature', 'alert-high', 'P', '1', "
+        "'a', 37.5, ?, NULL, 38.0, 0.5)",
+        (T0,),
+    )
+    db.execute(
+        "INSERT INTO deviations VALUES ('d1', 'r1', ?, 'action-limit', 'a', 'high', "
+        "'temperature', 'e1')",
+        (T0,),
+    )
+    db.execute("COMMIT")
+    db.close()
+    with Store(path, lines={("incubator", "t"): "L1"}) as store:
+        (run,) = store.active_runs()
+        assert run.line == "main"  # the one implicit line of the config that wrote them
+        assert [(e.id, e.run_id, e.line) for e in store.excursions()] == [("e1", "r1", "main")]
+        assert [(d.id, d.run_id, d.line) for d in store.deviations()] == [("d1", "r1", "main")]
+        assert store.line_excursions("main") == store.line_deviations("main") == []
+        assert store.sample_codes()[0] == {
+            1: ("incubator", "t", "temperature", "L1"),
+            2: ("rotea", "step", "", ""),
+        }
+        # equipment records can be stored now: run_id may be NULL
+        store.write([Deviation("d2", None, T0 + 2, DeviationCause.DATA_LOSS, "standby", "lost")])
+        assert [d.id for d in store.line_deviations("main")] == ["d2"]
+    db = raw(path)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_temp_schema")}
+        assert "migration_lines" not in tables
+    finally:
+        db.close()
