@@ -26,8 +26,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
-from pocd.model import NS, Deviation, Excursion, PhaseChange, Quality, Run
-from pocd.store import SAMPLE_KEY_BITS, Change, Channel, SampleRow
+from pocd.model import (
+    NS,
+    AuditEntry,
+    Deviation,
+    Excursion,
+    ExcursionEvent,
+    PhaseChange,
+    Quality,
+    Run,
+    RunStatus,
+)
+from pocd.store import SAMPLE_KEY_BITS, Change, Channel, Event, SampleRow
 
 __all__ = [
     "MEASUREMENTS",
@@ -36,6 +46,7 @@ __all__ = [
     "Timeline",
     "Timelines",
     "encode_change",
+    "encode_event",
     "field_string",
     "tag_value",
 ]
@@ -46,6 +57,8 @@ MEASUREMENTS = {
     "phase": "pocd_phase",
     "excursion": "pocd_excursion",
     "deviation": "pocd_deviation",
+    "excursion_event": "pocd_excursion_event",
+    "run_event": "pocd_run_event",
 }
 _QUALITY_MASK = (1 << SAMPLE_KEY_BITS) - 1
 
@@ -418,3 +431,50 @@ def encode_change(site: str, change: Change, batches: Mapping[str, str]) -> str:
         }
         return f"{_tags(MEASUREMENTS['deviation'], tags)} {_fields(fields)} {change.t}"
     raise TypeError(f"cannot encode a {type(change).__name__}")
+
+
+def encode_event(site: str, event: Event, batches: Mapping[str, str]) -> list[str]:
+    """The lines of one event of the store's log (`Store.events`): the record's point in its
+    state after the event (overwritten by each later one, as `encode_change`), and for a
+    transition of a run or an excursion, a point of the transition itself at the time it
+    was made, which no later one overwrites. Audit entries are not sent (they stay in the
+    store's audit trail)."""
+    if isinstance(event, AuditEntry):
+        return []
+    if isinstance(event, ExcursionEvent):
+        e = event.excursion
+        state = encode_change(site, e, batches)
+        tags: dict[str, str | None] = {
+            "site": site,
+            "line": e.line,
+            "run": e.run_id,
+            "batch": batches.get(e.run_id or ""),
+            "parameter": e.parameter,
+            "kind": e.kind.value,
+            "phase": e.phase,
+            "change": event.change.value,
+        }
+        fields: dict[str, str | int | float | bool | None] = {
+            "id": e.id,
+            "start": e.start,
+            "end": e.end,
+            "limit": e.limit,
+            "worst": e.worst,
+            "integral": e.integral,
+        }
+        t = e.start if event.t is None else event.t
+        return [state, f"{_tags(MEASUREMENTS['excursion_event'], tags)} {_fields(fields)} {t}"]
+    if isinstance(event, Run):
+        state = encode_change(site, event, batches)
+        ended = event.status is not RunStatus.RUNNING
+        tags = {
+            "site": site,
+            "line": event.line,
+            "run": event.id,
+            "batch": event.batch_id,
+            "change": "ended" if ended else "started",
+        }
+        fields = {"status": event.status.value, "end_reason": event.end_reason or None}
+        t = event.ended if ended and event.ended is not None else event.started
+        return [state, f"{_tags(MEASUREMENTS['run_event'], tags)} {_fields(fields)} {t}"]
+    return [encode_change(site, event, batches)]

@@ -179,7 +179,7 @@ RUN: Final = RecordType(
         Field("started", "started", "started", "time", time=True),
         Field("ended", "ended", "ended", "field", time=True),
         Field("end_reason", "end_reason", "end_reason", "field"),
-        Field("line", "line", "line"),
+        Field("line", "line", "line", influx="tag"),
     ),
 )
 PHASE_CHANGE: Final = RecordType(
@@ -212,7 +212,7 @@ EXCURSION: Final = RecordType(
         Field("worst", "worst", "worst", "field"),
         Field("integral", "integral", "integral", "field", null_is_nan=True),
         Field("run_id", "run_id", "run_id", "tag", "run"),
-        Field("line", "line", "line"),
+        Field("line", "line", "line", influx="tag"),
     ),
 )
 DEVIATION: Final = RecordType(
@@ -227,7 +227,7 @@ DEVIATION: Final = RecordType(
         Field("excursion_id", "excursion_id", "excursion_id", "field"),
         Field("description", "description", "description", "field"),
         Field("run_id", "run_id", "run_id", "tag", "run"),
-        Field("line", "line", "line"),
+        Field("line", "line", "line", influx="tag"),
     ),
 )
 INCIDENT: Final = RecordType(
