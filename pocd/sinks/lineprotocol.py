@@ -27,17 +27,18 @@ from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
 from pocd.model import (
-    NS,
     AuditEntry,
     Deviation,
     Excursion,
     ExcursionEvent,
+    Incident,
     PhaseChange,
     Quality,
     Run,
     RunStatus,
 )
 from pocd.store import SAMPLE_KEY_BITS, Change, Channel, Event, SampleRow
+from pocd.store.recordtypes import RECORD_TYPES
 
 __all__ = [
     "MEASUREMENTS",
@@ -93,10 +94,11 @@ def _tags(measurement: str, tags: Mapping[str, str | None]) -> str:
 
 
 def _fields(fields: Mapping[str, str | int | float | bool | None]) -> str:
-    """`k=v,...` for the fields that have a value; a NaN float is left out like None."""
+    """`k=v,...` for the fields that have a value; a NaN float and an empty text are left out
+    like None."""
     out = []
     for key, value in fields.items():
-        if value is None:
+        if value is None or value == "":
             continue
         if isinstance(value, bool):
             out.append(f"{key}={'true' if value else 'false'}")
@@ -352,85 +354,34 @@ class SampleEncoder:
 
 
 def encode_change(site: str, change: Change, batches: Mapping[str, str]) -> str:
-    """The line of a run, phase change, excursion or deviation in its current state.
+    """The line of a run, phase change, excursion or deviation in its current state, as its
+    record type's description (pocd.store.recordtypes) says, with the site and the run's batch.
 
     Its tags are what identifies it and never changes, and its timestamp is when it began, so
     each later state overwrites the same point. `batches` maps run ids to batch ids.
     """
-    if isinstance(change, Run):
-        tags: dict[str, str | None] = {
-            "site": site,
-            "line": change.line,
-            "run": change.id,
-            "batch": change.batch_id,
-            "protocol": change.protocol_id,
-            "protocol_version": change.protocol_version,
-        }
-        fields: dict[str, str | int | float | bool | None] = {
-            "status": change.status.value,
-            "operator": change.operator,
-            "protocol_hash": change.protocol_hash,
-            "timezone": change.timezone,
-            "ended": change.ended,
-            "end_reason": change.end_reason or None,
-        }
-        return f"{_tags(MEASUREMENTS['run'], tags)} {_fields(fields)} {change.started}"
-    if isinstance(change, PhaseChange):
-        tags = {
-            "site": site,
-            "run": change.run_id,
-            "batch": batches.get(change.run_id or ""),
-            "phase": change.phase,
-        }
-        fields = {
-            "previous": change.previous,
-            "actor": change.actor,
-            "in_order": change.in_order,
-            "reason": change.reason or None,
-        }
-        return f"{_tags(MEASUREMENTS['phase'], tags)} {_fields(fields)} {change.t}"
+    kind = RECORD_TYPES.get(type(change))
+    if kind is None or isinstance(change, (Incident, AuditEntry)):
+        raise TypeError(f"cannot encode a {type(change).__name__}")
+    tags, fields, t = kind.influx(change)
+    tags["site"] = site
+    if not isinstance(change, Run):
+        tags["batch"] = batches.get(change.run_id or "")
     if isinstance(change, Excursion):
-        tags = {
-            "site": site,
-            "line": change.line,
-            "run": change.run_id,
-            "batch": batches.get(change.run_id or ""),
-            "parameter": change.parameter,
-            "kind": change.kind.value,
-            "phase": change.phase,
-        }
-        fields = {
-            "id": change.id,
-            "open": change.end is None,
-            "end": change.end,
-            "duration_s": None if change.end is None else (change.end - change.start) / NS,
-            "limit": change.limit,
-            "worst": change.worst,
-            "integral": change.integral,
-            "protocol": change.protocol_id,
-            "protocol_version": change.protocol_version,
-        }
-        return f"{_tags(MEASUREMENTS['excursion'], tags)} {_fields(fields)} {change.start}"
-    if isinstance(change, Deviation):
-        tags = {
-            "site": site,
-            "line": change.line,
-            "run": change.run_id,
-            "batch": batches.get(change.run_id or ""),
-            "cause": change.cause.value,
-            "phase": change.phase,
-            "parameter": change.parameter,
-        }
-        fields = {
-            "id": change.id,
-            # pocd records no disposition yet: every deviation stays open until a later
-            # release writes its state to this same point.
-            "status": "open",
-            "description": change.description,
-            "excursion_id": change.excursion_id,
-        }
-        return f"{_tags(MEASUREMENTS['deviation'], tags)} {_fields(fields)} {change.t}"
-    raise TypeError(f"cannot encode a {type(change).__name__}")
+        fields["open"] = change.end is None
+    elif isinstance(change, Deviation):
+        # pocd records no disposition yet: every deviation stays open until a later release
+        # writes its state to this same point.
+        fields["status"] = "open"
+    return f"{_tags(MEASUREMENTS[_MEASURED[type(change)]], tags)} {_fields(fields)} {t}"
+
+
+_MEASURED: dict[type, str] = {
+    Run: "run",
+    PhaseChange: "phase",
+    Excursion: "excursion",
+    Deviation: "deviation",
+}
 
 
 def encode_event(site: str, event: Event, batches: Mapping[str, str]) -> list[str]:
