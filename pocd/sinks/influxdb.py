@@ -12,9 +12,9 @@ Debian's 1.6). A 2xx is ok; 400, 413 and 422 (a partial write too) reject what t
 holds, and `dropped=N` in InfluxDB's words says it dropped N points whole (beyond the
 retention policy); anything else, or no answer, is a failure to retry.
 
-`InfluxSink` forwards two streams: samples by rowid, and runs, phase changes, excursions and
-deviations by the id of the store's outbox (cursor names and the forwarding rules: see
-pocd.sinks.forward). A rejected point is quarantined as an `influx-rejected` incident holding
+`InfluxSink` forwards two streams: samples by rowid, and the store's event log (run starts
+and ends, phase changes, excursion transitions, deviations) by event id, every transition its
+own point (cursor names and the forwarding rules: see pocd.sinks.forward). A rejected point is quarantined as an `influx-rejected` incident holding
 its lines, counted in `status()` until `pocd sink resend` (pocd.sinks.resend) sends it again.
 Secrets never appear in messages, logs or status.
 
