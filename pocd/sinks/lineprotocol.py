@@ -1,5 +1,8 @@
 """InfluxDB line protocol: the one encoder behind both write paths (v1 /write, v2 /api/v2/write).
 
+Some 430 lines: the sample encoder and the timelines that place a sample in its line's run
+and phase are one hot path, read together.
+
 Pure: store rows and records in, lines out; no I/O, no clock, no decision about what to send
 or when (that is the forwarder's). The schema it writes is documented in README.md
 ("InfluxDB"); every point's timestamp is a time from the store, in nanoseconds, and its tags
