@@ -1,7 +1,7 @@
 """`pocd demo`: two lines of simulated CAR-T manufacture on the embedded store, with a live
 terminal view.
 
-Some 400 lines in one module: the script, the simulators it starts and the live view are one
+Some 550 lines in one module: the script, the simulators it starts and the live view are one
 demo, read together.
 
 It starts simulated devices in process (a Thermo CTS Rotea over OPC UA, a Modbus TCP CO2

@@ -1,6 +1,6 @@
 """Loading and validating site configs, process protocols and driver files (all TOML).
 
-Some 1,100 lines: the config models, their loaders and the messages that name file, key and
+Some 1,300 lines: the config models, their loaders and the messages that name file, key and
 device. The load-time checks of a whole site (buses, files) are the next part to move to a
 module of their own.
 

@@ -265,7 +265,7 @@ async def drained(sink: InfluxSink, site: Site, within: float = 60.0) -> None:
             head = store.sample_count()
             return bool(
                 cursors["samples"] == cursors["samples.live"] == head
-                and cursors["events"] == store.change_count()
+                and cursors["events"] == store.event_count()
                 and status["state"] == "idle"
             )
 

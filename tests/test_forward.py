@@ -30,7 +30,7 @@ from pocd.sinks.forward import (
     WriteResult,
     refused_alone,
 )
-from pocd.sinks.influxdb import ChangeLines, SampleLines
+from pocd.sinks.influxdb import EventLines, SampleLines
 from pocd.store import Store
 from tests.sitekit import free_port, until, write_site
 
@@ -129,7 +129,7 @@ def hook_sink(site: Site, hook: Hook, *streams: Stream, batch_size: int = 10) ->
     samples = SampleLines(site.id)
     encoders: dict[Stream, Encoder] = {
         Stream.SAMPLES: samples,
-        Stream.EVENTS: ChangeLines(site.id, samples),
+        Stream.EVENTS: EventLines(site.id, samples),
     }
 
     def open_writer() -> tuple[Writer, list[str]]:
@@ -189,19 +189,20 @@ async def test_an_events_only_sink_forwards_events_and_never_reads_samples(site:
         run = a_run(site, t0)
         store.write([run, *[Sample("bio", "ph", t0 + i * NS, 7.0) for i in range(50)]])
         store.write([PhaseChange(run.id, t0, "activation", None, "op")])
-        events = store.change_count()
+        events = store.event_count()
     async with serving(Hook()) as hook, forwarding(hook_sink(site, hook, Stream.EVENTS)) as sink:
         await until(settled(sink, events=events))
         assert sink.status()["backlog_samples"] == 0
         with Store(site.store_path) as store:
             store.write([PhaseChange(run.id, t0 + NS, "expansion", "activation", "op")])
-            events = store.change_count()
+            events = store.event_count()
         await until(settled(sink, events=events))
         status = sink.status()
     measurements = [line.split(",")[0] for line in hook.received]
-    assert measurements == ["pocd_run", "pocd_phase", "pocd_phase"]
+    # the run's state, its start as a transition of its own, then each phase entered
+    assert measurements == ["pocd_run", "pocd_run_event", "pocd_phase", "pocd_phase"]
     assert not any(line.startswith("pocd_sample") for line in hook.received)
-    assert (status["kind"], status["sent"], status["backlog"]) == ("hook", 3, 0)
+    assert (status["kind"], status["sent"], status["backlog"]) == ("hook", 4, 0)
     assert stored_cursors(site) == {"events": events}  # no sample cursor is ever stored
     assert incidents(site) == []
 
@@ -286,7 +287,7 @@ async def test_an_unreachable_far_side_keeps_the_data_until_it_answers(site: Sit
     with Store(site.store_path) as store:
         run = a_run(site, t0)
         store.write([run, PhaseChange(run.id, t0, "activation", None, "op")])
-        events = store.change_count()
+        events = store.event_count()
     hook = Hook(url=f"http://127.0.0.1:{free_port()}")  # nothing listens there
     async with forwarding(hook_sink(site, hook, Stream.EVENTS)) as sink:
         await until(lambda: sink.status()["failures"] >= 2)
@@ -303,12 +304,12 @@ async def test_an_events_only_sink_quarantines_a_refused_event_by_what_it_is(sit
         store.write([run, PhaseChange(run.id, t0, "activation", None, "op")])
         store.write([PhaseChange(run.id, t0 + NS, "expansion", "activation", "op")])
         store.write([PhaseChange(run.id, t0 + 2 * NS, "harvest", "expansion", "op")])
-        events = store.change_count()
+        events = store.event_count()
     hook = Hook(poison=("phase=expansion,",))
     async with serving(hook), forwarding(hook_sink(site, hook, Stream.EVENTS)) as sink:
         await until(settled(sink, events=events))
         status = sink.status()
-    assert (status["sent"], status["quarantined"]) == (3, 1)
+    assert (status["sent"], status["quarantined"]) == (4, 1)
     with Store(site.store_path, readonly=True) as store:
         ((_, incident),) = store.incidents_of("sink:hook", "hook-rejected")
     assert incident.message.startswith(f"phase {run.id} expansion {t0 + NS} rejected by the hook")

@@ -26,6 +26,7 @@ from pocd.model import (
     NS,
     Deviation,
     DeviationCause,
+    ExcursionEvent,
     IncidentKind,
     PhaseChange,
     Quality,
@@ -583,3 +584,98 @@ async def test_two_sites_in_one_database_and_the_control_site_queries(
     assert found[("gosh-mm-2", "temperature")] == [0, 38.59]
     assert found[("gosh-mm-2", "co2")] == [2, None]  # a NaN reading: no value, quality bad
     assert influxd.query(queries["every site's open excursions"], database) == []
+
+
+# -- every transition, across an outage ---------------------------------------------------------
+
+QUICK_PROTOCOL = """
+id = "QUICK"
+version = "1"
+title = "Quick limits"
+status = "approved"
+
+[parameters.temperature]
+unit = "C"
+critical = true
+limits = { alert_high = 37.5, action_high = 38.0 }
+
+[[phases]]
+id = "only"
+"""
+
+WARMING_INCUBATOR = """
+[[devices]]
+id = "incubator"
+driver = "sim"
+transport = { interval = 0.05, seed = 1 }
+[devices.points.temperature]
+parameter = "temperature"
+unit = "C"
+base = 37.0
+script = [{ start = 4, duration = 1, action = "offset", value = 1.2 }]
+"""
+
+
+async def test_an_outage_loses_no_transition_of_an_excursion_or_a_deviation(
+    tmp_path: Path,
+) -> None:
+    """InfluxDB is down while an excursion opens, grows and closes and a deviation opens:
+    once it is back it holds each transition, not just the final state."""
+    with running_influxd(tmp_path / "influxd") as server:
+        server.create_database("transitions")
+        config = write_site(tmp_path / "site", WARMING_INCUBATOR, sink_toml(server, "transitions"))
+        (tmp_path / "site" / "password.txt").write_text(ADMIN[1] + "\n")
+        (tmp_path / "site" / "protocols" / "quick.toml").write_text(QUICK_PROTOCOL)
+        site = load_site(config)
+        async with running(site) as daemon:
+            (sink,) = daemon.sinks
+            assert isinstance(sink, InfluxSink)
+            body = {"batch_id": "B-T", "protocol": "QUICK", "operator": "op"}
+            status, run = await api(site, "POST", "/api/runs", body)
+            assert status == 201, run
+            await until(lambda: sink.status()["sent"] > 0)
+            server.kill()
+            # the chamber warms past both limits at 4 s and is back at 5 s
+            await until(lambda: daemon.lines.counts["deviations"] >= 1, 15)
+            with Store(site.store_path, readonly=True) as store:
+                await until(lambda: all(e.end for e in store.excursions(run["id"])), 15)
+            server.start()
+            await api(site, "POST", "/api/run/stop", {"operator": "op"})
+            await daemon.flush()
+            await drained(sink, site)
+            sent = sink.status()["cursors"]["samples"]
+        with Store(site.store_path, readonly=True) as store:
+            excursions = store.excursions(run["id"])
+            (deviation,) = store.deviations(run["id"])
+            transitions = [e for _, e in store.events(0, 10_000) if isinstance(e, ExcursionEvent)]
+        assert server.count("transitions") == sent
+        series = server.query(
+            'SELECT "id", "worst" FROM "pocd_excursion_event" GROUP BY "kind", "change"',
+            "transitions",
+        )
+        found = sorted(
+            (s["tags"]["kind"], s["tags"]["change"], v[1], v[2])
+            for s in series
+            for v in s["values"]
+        )
+        expected = sorted(
+            (e.excursion.kind.value, e.change.value, e.excursion.id, e.excursion.worst)
+            for e in transitions
+        )
+        assert found == expected
+        assert {(kind, change) for kind, change, _, _ in found} >= {
+            ("action-high", "opened"),
+            ("action-high", "closed"),
+            ("alert-high", "opened"),
+            ("alert-high", "closed"),
+        }
+        assert {e.kind.value for e in excursions} == {"alert-high", "action-high"}
+        (point,) = server.query('SELECT "id", "status" FROM "pocd_deviation"', "transitions")
+        assert point["values"][0][1:] == [deviation.id, "open"]
+        runs = server.query(
+            'SELECT "status" FROM "pocd_run_event" GROUP BY "change"', "transitions"
+        )
+        assert {s["tags"]["change"]: s["values"][0][1] for s in runs} == {
+            "started": "running",
+            "ended": "completed",
+        }

@@ -232,24 +232,26 @@ def test_changes_are_points_keyed_by_what_never_changes() -> None:
         "run=r1,site=s"
     )
     assert line_open == (
-        f'{key} id="e1",open=true,limit=38.0,worst=38.4,protocol="CART-TCT",'
-        f'protocol_version="3.1" {T0}'
+        f'{key} id="e1",protocol="CART-TCT",protocol_version="3.1",limit=38.0,worst=38.4,'
+        f"open=true {T0}"
     )
-    assert line_closed.startswith(f'{key} id="e1",open=false,end={T0 + 90 * NS}i,duration_s=90.0,')
-    assert line_closed.endswith(f" {T0}")
+    assert line_closed == (
+        f'{key} id="e1",protocol="CART-TCT",protocol_version="3.1",limit=38.0,'
+        f"end={T0 + 90 * NS}i,duration_s=90.0,worst=38.9,integral=12.5,open=false {T0}"
+    )
     deviation = Deviation(
         "d1", "r1", T0 + 5, DeviationCause.PHASE_ORDER, "harvest", 'skipped "expansion"\nby op'
     )
     assert encode_change("s", deviation, batches) == (
         "pocd_deviation,batch=B-1,cause=phase-order,line=main,phase=harvest,run=r1,site=s "
-        f'id="d1",status="open",description="skipped \\"expansion\\"\\nby op" {T0 + 5}'
+        f'id="d1",description="skipped \\"expansion\\"\\nby op",status="open" {T0 + 5}'
     )
     run = make_run("r1", T0, T0 + 10)
     assert encode_change("s", run, batches) == (
         "pocd_run,batch=B\\ r1,line=main,protocol=CART-TCT,protocol_version=3.1,run=r1,"
         "site=s "
-        f'status="completed",operator="alice",protocol_hash="{"ab" * 32}",'
-        f'timezone="Europe/London",ended={T0 + 10}i {T0}'
+        f'timezone="Europe/London",protocol_hash="{"ab" * 32}",operator="alice",'
+        f'status="completed",ended={T0 + 10}i {T0}'
     )
     change = PhaseChange("r1", T0 + 3, "activation", "enrichment", "op", in_order=False, reason="r")
     assert encode_change("s", change, batches) == (

@@ -1,5 +1,6 @@
 """The serial simulator: serves any serial driver file on one end of a pty pair, for the demo,
-the tests, the bench and `pocd simulate DRIVER`.
+the tests, the bench and `pocd simulate DRIVER`. Some 630 lines: the framing, the reply
+templates and the faults act on one reply at a time and are read together.
 
 It answers the commands listed in the driver's `[defaults.sim]` table with reply templates
 filled from the points' signal models (base + sine + noise, `sim` of each point), frames them

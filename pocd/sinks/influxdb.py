@@ -12,9 +12,9 @@ Debian's 1.6). A 2xx is ok; 400, 413 and 422 (a partial write too) reject what t
 holds, and `dropped=N` in InfluxDB's words says it dropped N points whole (beyond the
 retention policy); anything else, or no answer, is a failure to retry.
 
-`InfluxSink` forwards two streams: samples by rowid, and runs, phase changes, excursions and
-deviations by the id of the store's outbox (cursor names and the forwarding rules: see
-pocd.sinks.forward). A rejected point is quarantined as an `influx-rejected` incident holding
+`InfluxSink` forwards two streams: samples by rowid, and the store's event log (run starts
+and ends, phase changes, excursion transitions, deviations) by event id, every transition its
+own point (cursor names and the forwarding rules: see pocd.sinks.forward). A rejected point is quarantined as an `influx-rejected` incident holding
 its lines, counted in `status()` until `pocd sink resend` (pocd.sinks.resend) sends it again.
 Secrets never appear in messages, logs or status.
 
@@ -28,7 +28,7 @@ import gzip
 import json
 import re
 from base64 import b64encode
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import aiohttp
 
 from pocd.errors import StoreError
-from pocd.model import Deviation, Excursion, PhaseChange, Run
+from pocd.model import Deviation, ExcursionEvent, PhaseChange, Run, RunStatus
 from pocd.sinks import SinkError, SinkKind, SinkSettings
 from pocd.sinks.config import InfluxSettings, SecretValue
 from pocd.sinks.forward import (
@@ -48,8 +48,8 @@ from pocd.sinks.forward import (
     Writer,
     WriteResult,
 )
-from pocd.sinks.lineprotocol import SampleEncoder, Timelines, encode_change
-from pocd.store import Change, Store
+from pocd.sinks.lineprotocol import SampleEncoder, Timelines, encode_event
+from pocd.store import Event, Store
 
 if TYPE_CHECKING:
     from pocd.settings import Site
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 __all__ = [
     "QUARANTINE",
     "SINK",
-    "ChangeLines",
+    "EventLines",
     "InfluxSink",
     "SampleLines",
     "V1Writer",
@@ -325,8 +325,8 @@ class SampleLines:
         return store.sample_count()
 
     def refresh_timeline(self, store: Store) -> None:
-        # The outbox's head marks a new run or phase (the events stream's switch moves it too).
-        mark = store.change_count()
+        # The event log's head moves with every new run or phase (and more).
+        mark = store.event_count()
         if mark != self._timeline_mark:
             self.lines.set_timeline(Timelines(*store.commit_marks()))
             self._timeline_mark = mark
@@ -345,13 +345,10 @@ class SampleLines:
             return Units(last, self.lines.encode(rows, first))
 
 
-# The events stream: the one place that reads `Store.changes()` and encodes changes. It moves to
-# `Store.events()` (every transition, no coalescing) in its own change.
-
-
-class ChangeLines:
-    """The events stream (the store's outbox) as line protocol, tagged with the batch ids of
-    the samples' timeline."""
+class EventLines:
+    """The events stream: the store's event log (`Store.events`) as line protocol, every
+    transition its own point (see `encode_event`), with the batch ids of the samples'
+    timeline."""
 
     stream = Stream.EVENTS
 
@@ -363,37 +360,34 @@ class ChangeLines:
         """Nothing of its own: the timeline is the samples encoder's."""
 
     def head(self, store: Store) -> int:
-        return store.change_count()
+        return store.event_count()
 
     def encode(self, store: Store, first: int, last: int) -> Units | None:
-        changes = store.changes(first - 1, last - first + 1)
-        if not changes:
+        events = store.events(first - 1, last - first + 1)
+        if not events:
             return None
         self.samples.refresh_timeline(store)
-        # A record changed several times in the batch goes once, in its current state.
-        latest: dict[tuple[str, ...], Change] = {}
-        for _, change in changes:
-            key = _identity(change)
-            latest.pop(key, None)
-            latest[key] = change
-        lines = self._change_lines(latest.values())
-        return Units(changes[-1][0], lines, [" ".join(key) for key in latest])
-
-    def _change_lines(self, changes: Iterable[Change]) -> list[str]:
         batches = self.samples.lines.timeline.batches
-        return [encode_change(self.site_id, c, batches) for c in changes]
+        lines: list[str] = []
+        refs: list[str] = []
+        for _, event in events:
+            found = encode_event(self.site_id, event, batches)
+            lines += found
+            refs += [_ref(event)] * len(found)
+        return Units(events[-1][0], lines, refs)
 
 
-def _identity(change: Change) -> tuple[str, ...]:
-    if isinstance(change, Run):
-        return ("run", change.id)
-    if isinstance(change, PhaseChange):
-        return ("phase", change.run_id, change.phase, str(change.t))
-    if isinstance(change, Excursion):
-        return ("excursion", change.id)
-    if isinstance(change, Deviation):
-        return ("deviation", change.id)
-    raise TypeError(type(change).__name__)
+def _ref(event: Event) -> str:
+    """What an event is, for people (a quarantine incident names it so)."""
+    if isinstance(event, Run):
+        return f"run {event.id} {'started' if event.status is RunStatus.RUNNING else 'ended'}"
+    if isinstance(event, PhaseChange):
+        return f"phase {event.run_id} {event.phase} {event.t}"
+    if isinstance(event, ExcursionEvent):
+        return f"excursion {event.excursion.id} {event.change.value}"
+    if isinstance(event, Deviation):
+        return f"deviation {event.id}"
+    return f"audit {event.action} {event.target}"
 
 
 # --- the sink ---------------------------------------------------------------------------------
@@ -410,7 +404,7 @@ class InfluxSink(Forwarder):
             name=settings.name,
             far=FarSide("influxdb", "InfluxDB", "influx", settings.where()),
             settings=settings,
-            encoders=[ChangeLines(site.id, samples), samples],
+            encoders=[EventLines(site.id, samples), samples],
             open_writer=partial(open_writer, settings, base),
             body=partial(line_body, gzipped=settings.gzip),
         )

@@ -1,5 +1,8 @@
 """InfluxDB line protocol: the one encoder behind both write paths (v1 /write, v2 /api/v2/write).
 
+Some 430 lines: the sample encoder and the timelines that place a sample in its line's run
+and phase are one hot path, read together.
+
 Pure: store rows and records in, lines out; no I/O, no clock, no decision about what to send
 or when (that is the forwarder's). The schema it writes is documented in README.md
 ("InfluxDB"); every point's timestamp is a time from the store, in nanoseconds, and its tags
@@ -26,8 +29,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
-from pocd.model import NS, Deviation, Excursion, PhaseChange, Quality, Run
-from pocd.store import SAMPLE_KEY_BITS, Change, Channel, SampleRow
+from pocd.model import (
+    AuditEntry,
+    Deviation,
+    Excursion,
+    ExcursionEvent,
+    Incident,
+    PhaseChange,
+    Quality,
+    Run,
+    RunStatus,
+)
+from pocd.store import SAMPLE_KEY_BITS, Change, Channel, Event, SampleRow
+from pocd.store.recordtypes import RECORD_TYPES
 
 __all__ = [
     "MEASUREMENTS",
@@ -36,6 +50,7 @@ __all__ = [
     "Timeline",
     "Timelines",
     "encode_change",
+    "encode_event",
     "field_string",
     "tag_value",
 ]
@@ -46,6 +61,8 @@ MEASUREMENTS = {
     "phase": "pocd_phase",
     "excursion": "pocd_excursion",
     "deviation": "pocd_deviation",
+    "excursion_event": "pocd_excursion_event",
+    "run_event": "pocd_run_event",
 }
 _QUALITY_MASK = (1 << SAMPLE_KEY_BITS) - 1
 
@@ -80,10 +97,11 @@ def _tags(measurement: str, tags: Mapping[str, str | None]) -> str:
 
 
 def _fields(fields: Mapping[str, str | int | float | bool | None]) -> str:
-    """`k=v,...` for the fields that have a value; a NaN float is left out like None."""
+    """`k=v,...` for the fields that have a value; a NaN float and an empty text are left out
+    like None."""
     out = []
     for key, value in fields.items():
-        if value is None:
+        if value is None or value == "":
             continue
         if isinstance(value, bool):
             out.append(f"{key}={'true' if value else 'false'}")
@@ -339,82 +357,78 @@ class SampleEncoder:
 
 
 def encode_change(site: str, change: Change, batches: Mapping[str, str]) -> str:
-    """The line of a run, phase change, excursion or deviation in its current state.
+    """The line of a run, phase change, excursion or deviation in its current state, as its
+    record type's description (pocd.store.recordtypes) says, with the site and the run's batch.
 
     Its tags are what identifies it and never changes, and its timestamp is when it began, so
     each later state overwrites the same point. `batches` maps run ids to batch ids.
     """
-    if isinstance(change, Run):
+    kind = RECORD_TYPES.get(type(change))
+    if kind is None or isinstance(change, (Incident, AuditEntry)):
+        raise TypeError(f"cannot encode a {type(change).__name__}")
+    tags, fields, t = kind.influx(change)
+    tags["site"] = site
+    if not isinstance(change, Run):
+        tags["batch"] = batches.get(change.run_id or "")
+    if isinstance(change, Excursion):
+        fields["open"] = change.end is None
+    elif isinstance(change, Deviation):
+        # pocd records no disposition yet: every deviation stays open until a later release
+        # writes its state to this same point.
+        fields["status"] = "open"
+    return f"{_tags(MEASUREMENTS[_MEASURED[type(change)]], tags)} {_fields(fields)} {t}"
+
+
+_MEASURED: dict[type, str] = {
+    Run: "run",
+    PhaseChange: "phase",
+    Excursion: "excursion",
+    Deviation: "deviation",
+}
+
+
+def encode_event(site: str, event: Event, batches: Mapping[str, str]) -> list[str]:
+    """The lines of one event of the store's log (`Store.events`): the record's point in its
+    state after the event (overwritten by each later one, as `encode_change`), and for a
+    transition of a run or an excursion, a point of the transition itself at the time it
+    was made, which no later one overwrites. Audit entries are not sent (they stay in the
+    store's audit trail)."""
+    if isinstance(event, AuditEntry):
+        return []
+    if isinstance(event, ExcursionEvent):
+        e = event.excursion
+        state = encode_change(site, e, batches)
         tags: dict[str, str | None] = {
             "site": site,
-            "line": change.line,
-            "run": change.id,
-            "batch": change.batch_id,
-            "protocol": change.protocol_id,
-            "protocol_version": change.protocol_version,
+            "line": e.line,
+            "run": e.run_id,
+            "batch": batches.get(e.run_id or ""),
+            "parameter": e.parameter,
+            "kind": e.kind.value,
+            "phase": e.phase,
+            "change": event.change.value,
         }
         fields: dict[str, str | int | float | bool | None] = {
-            "status": change.status.value,
-            "operator": change.operator,
-            "protocol_hash": change.protocol_hash,
-            "timezone": change.timezone,
-            "ended": change.ended,
-            "end_reason": change.end_reason or None,
+            "id": e.id,
+            "start": e.start,
+            "end": e.end,
+            "limit": e.limit,
+            "worst": e.worst,
+            "integral": e.integral,
         }
-        return f"{_tags(MEASUREMENTS['run'], tags)} {_fields(fields)} {change.started}"
-    if isinstance(change, PhaseChange):
+        t = e.start if event.t is None else event.t
+        return [state, f"{_tags(MEASUREMENTS['excursion_event'], tags)} {_fields(fields)} {t}"]
+    if isinstance(event, Run):
+        state = encode_change(site, event, batches)
+        ended = event.status is not RunStatus.RUNNING
         tags = {
             "site": site,
-            "run": change.run_id,
-            "batch": batches.get(change.run_id or ""),
-            "phase": change.phase,
+            "line": event.line,
+            "run": event.id,
+            "batch": event.batch_id,
+            "change": "ended" if ended else "started",
         }
-        fields = {
-            "previous": change.previous,
-            "actor": change.actor,
-            "in_order": change.in_order,
-            "reason": change.reason or None,
-        }
-        return f"{_tags(MEASUREMENTS['phase'], tags)} {_fields(fields)} {change.t}"
-    if isinstance(change, Excursion):
-        tags = {
-            "site": site,
-            "line": change.line,
-            "run": change.run_id,
-            "batch": batches.get(change.run_id or ""),
-            "parameter": change.parameter,
-            "kind": change.kind.value,
-            "phase": change.phase,
-        }
-        fields = {
-            "id": change.id,
-            "open": change.end is None,
-            "end": change.end,
-            "duration_s": None if change.end is None else (change.end - change.start) / NS,
-            "limit": change.limit,
-            "worst": change.worst,
-            "integral": change.integral,
-            "protocol": change.protocol_id,
-            "protocol_version": change.protocol_version,
-        }
-        return f"{_tags(MEASUREMENTS['excursion'], tags)} {_fields(fields)} {change.start}"
-    if isinstance(change, Deviation):
-        tags = {
-            "site": site,
-            "line": change.line,
-            "run": change.run_id,
-            "batch": batches.get(change.run_id or ""),
-            "cause": change.cause.value,
-            "phase": change.phase,
-            "parameter": change.parameter,
-        }
-        fields = {
-            "id": change.id,
-            # pocd records no disposition yet: every deviation stays open until a later
-            # release writes its state to this same point.
-            "status": "open",
-            "description": change.description,
-            "excursion_id": change.excursion_id,
-        }
-        return f"{_tags(MEASUREMENTS['deviation'], tags)} {_fields(fields)} {change.t}"
-    raise TypeError(f"cannot encode a {type(change).__name__}")
+        fields = {"status": event.status.value, "end_reason": event.end_reason or None}
+        t = event.ended if ended and event.ended is not None else event.started
+        return [state, f"{_tags(MEASUREMENTS['run_event'], tags)} {_fields(fields)} {t}"]
+    return [encode_change(site, event, batches)]

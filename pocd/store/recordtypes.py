@@ -39,6 +39,7 @@ __all__ = [
     "EXCURSION",
     "INCIDENT",
     "PHASE_CHANGE",
+    "RECORD_TYPES",
     "RUN",
     "Field",
     "RecordType",
@@ -158,6 +159,22 @@ class RecordType(Generic[R]):
                 out[f.json] = value
         return out
 
+    def influx(self, record: R) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """The record's InfluxDB tags and fields (key -> value, enums as their text) and the
+        point's time, as its fields' roles say."""
+        tags: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
+        time = 0
+        for f in self.fields:
+            if f.influx is None:
+                continue
+            value = _plain(getattr(record, f.attr))
+            if f.influx == "time":
+                time = value
+            else:
+                (tags if f.influx == "tag" else fields)[f.influx_key or f.json or f.attr] = value
+        return tags, fields, time
+
     def influx_keys(self, role: InfluxRole) -> dict[str, str]:
         """attribute -> line-protocol key of the fields that have `role`."""
         return {f.attr: f.influx_key or f.json or f.attr for f in self.fields if f.influx == role}
@@ -179,7 +196,7 @@ RUN: Final = RecordType(
         Field("started", "started", "started", "time", time=True),
         Field("ended", "ended", "ended", "field", time=True),
         Field("end_reason", "end_reason", "end_reason", "field"),
-        Field("line", "line", "line"),
+        Field("line", "line", "line", influx="tag"),
     ),
 )
 PHASE_CHANGE: Final = RecordType(
@@ -212,7 +229,7 @@ EXCURSION: Final = RecordType(
         Field("worst", "worst", "worst", "field"),
         Field("integral", "integral", "integral", "field", null_is_nan=True),
         Field("run_id", "run_id", "run_id", "tag", "run"),
-        Field("line", "line", "line"),
+        Field("line", "line", "line", influx="tag"),
     ),
 )
 DEVIATION: Final = RecordType(
@@ -227,7 +244,7 @@ DEVIATION: Final = RecordType(
         Field("excursion_id", "excursion_id", "excursion_id", "field"),
         Field("description", "description", "description", "field"),
         Field("run_id", "run_id", "run_id", "tag", "run"),
-        Field("line", "line", "line"),
+        Field("line", "line", "line", influx="tag"),
     ),
 )
 INCIDENT: Final = RecordType(
@@ -262,3 +279,9 @@ AUDIT_ENTRY: Final = RecordType(
         ),
     ),
 )
+
+# The description of each record class.
+RECORD_TYPES: Final[dict[type, RecordType[Any]]] = {
+    d.record: d  # type: ignore[misc]
+    for d in (RUN, PHASE_CHANGE, EXCURSION, DEVIATION, INCIDENT, AUDIT_ENTRY)
+}

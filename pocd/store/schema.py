@@ -531,7 +531,15 @@ BEGIN INSERT INTO events (kind, ref) VALUES ('audit', NEW.id); END;
 {_append_only_triggers(("run_events", "excursion_events", "events"))}
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
+# v8: the sinks forward the event log (v7), every transition, instead of the outbox's current
+# states. A sink's `events` cursor was a position in the outbox, which means nothing in the
+# event log: it starts again from the first event, so the sink sends the site's history once
+# more (the current-state points overwrite themselves; the transition points are new).
+_V8: Final = """
+DELETE FROM cursors WHERE stream = 'events';
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

@@ -1,4 +1,5 @@
 """The one place that talks to pymodbus: a `Link` is a TCP connection or a serial port.
+Some 490 lines, because everything that touches the library stays here.
 
 A link owns one pymodbus client, one lock and the pause between frames, and is shared by every
 device on it: several unit ids on one RS-485 port, or behind one TCP gateway. Runners find

@@ -1,4 +1,5 @@
 """One connection to an OPC UA server: the only module that talks to asyncua's client.
+Some 580 lines, because everything that touches the library stays here.
 
 `OpcuaSession` opens a secure channel and a session (checking the server certificate first,
 then the user), resolves node ids and browse paths against the server, creates one
