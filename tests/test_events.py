@@ -5,6 +5,7 @@ agree with a replay of the events."""
 from __future__ import annotations
 
 import itertools
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -171,24 +172,28 @@ def test_a_rejected_transition_leaves_no_event(store: Store) -> None:
         assert store.excursions() == before
 
 
-def test_the_outbox_still_has_a_row_per_record_written(store: Store) -> None:
-    """The forwarders' outbox (schema v3) is fed as before: one row per run, phase change,
-    excursion transition and deviation written, naming the record by its key."""
+def test_the_current_state_is_written_by_the_events_only(store: Store) -> None:
+    """`runs` and `excursions` refuse a write that is not the latest event's (schema v9), so
+    what the queries read cannot drift from the log; and the outbox the log replaced is gone."""
     with store:
-        emitted = _drive(store)
-        expected: list[tuple[str, str]] = []
-        phase_rowid = 0
-        for event in emitted:
-            match event:
-                case Run():
-                    expected.append(("run", event.id))
-                case PhaseChange():
-                    phase_rowid += 1
-                    expected.append(("phase", str(phase_rowid)))
-                case ExcursionEvent(excursion=e):
-                    expected.append(("excursion", e.id))
-                case Deviation():
-                    expected.append(("deviation", event.id))
-        rows = store._db.execute("SELECT kind, ref FROM outbox ORDER BY id").fetchall()
-        assert [(kind, str(ref)) for kind, ref in rows] == expected
-        assert store.change_count() == len(expected)
+        _drive(store)
+        before = (store.runs(), store.excursions(), store.event_count())
+        db = store._db
+        refused = [
+            "UPDATE runs SET status = 'aborted', end_reason = 'edited'",
+            "UPDATE excursions SET worst = 99.0",
+            "UPDATE excursions SET end_t = NULL",
+            "INSERT INTO runs (id, batch_id, site_id, timezone, protocol_id, protocol_version, "
+            "protocol_hash, operator, started, status, ended, end_reason, line) "
+            "VALUES ('R9', 'B9', 's', 'UTC', 'P', '1', 'h', 'op', 1, 'running', NULL, '', 'main')",
+            "INSERT INTO excursions (id, run_id, parameter, kind, protocol_id, protocol_version, "
+            "phase, limit_value, start_t, line) "
+            "VALUES ('x9', NULL, 'x', 'stale', 'P', '1', 'a', NULL, 1, 'main')",
+        ]
+        for sql in refused:
+            with pytest.raises(sqlite3.IntegrityError, match="derived from"):
+                db.execute(sql)
+        assert (store.runs(), store.excursions(), store.event_count()) == before
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_schema")}
+        assert "outbox" not in tables
+        assert not [name for name in tables if "outbox" in name]

@@ -1,5 +1,5 @@
 """The InfluxDB line-protocol encoder, the run/phase timeline, and the store's forwarder API
-(cursors, outbox): plain values and real SQLite files, no InfluxDB needed."""
+(cursors, event log): plain values and real SQLite files, no InfluxDB needed."""
 
 from __future__ import annotations
 
@@ -327,42 +327,42 @@ def test_the_record_descriptions_say_what_the_encoder_writes(record: Change) -> 
     assert timestamp == str(getattr(record, time_attr))
 
 
-# -- the store's side: outbox, cursors, raw rows ------------------------------------------------
+# -- the store's side: event log, cursors, raw rows ---------------------------------------------
 
 
-def test_the_outbox_records_every_change_in_the_same_transaction(tmp_path: Path) -> None:
+def test_the_event_log_records_every_change_in_the_same_transaction(tmp_path: Path) -> None:
     run = make_run("r1", T0)
     opened = Excursion(
         "e1", "r1", "ph", ExcursionKind.BAD_QUALITY, "CART-TCT", "3.1", "expansion", None, T0
     )
     deviation = Deviation("d1", "r1", T0, DeviationCause.DATA_LOSS, "expansion", "lost")
     with Store(tmp_path / "s.db") as store:
-        assert store.change_count() == 0
+        assert store.event_count() == 0
         store.write([run, PhaseChange("r1", T0, "expansion", None, "op")])
         store.write([ExcursionEvent(ExcursionChange.OPENED, opened), Sample("d", "p", T0, 1.0)])
         closed = replace(opened, end=T0 + NS)
         store.write([ExcursionEvent(ExcursionChange.CLOSED, closed), deviation])
         ended = replace(run, status=RunStatus.COMPLETED, ended=T0 + 2 * NS)
         store.write([ended])
-        changes = store.changes(0, 100)
-        assert [i for i, _ in changes] == [1, 2, 3, 4, 5, 6]
-        # each entry reads the record as it is now
-        assert [c for _, c in changes] == [
-            ended,
+        events = store.events(0, 100)
+        assert [i for i, _ in events] == [1, 2, 3, 4, 5, 6]
+        # each event is the record as it was written, not as it is now
+        assert [e for _, e in events] == [
+            run,
             PhaseChange("r1", T0, "expansion", None, "op"),
-            closed,
-            closed,
+            ExcursionEvent(ExcursionChange.OPENED, opened),
+            ExcursionEvent(ExcursionChange.CLOSED, closed),
             deviation,
             ended,
         ]
-        assert store.changes(4, 1) == [(5, deviation)]
-        assert store.change_count() == 6
-        # a failed batch leaves no outbox entry behind
+        assert store.events(4, 1) == [(5, deviation)]
+        assert store.event_count() == 6
+        # a failed batch leaves no event behind
         with pytest.raises(StoreError):
             store.write([deviation])  # duplicate id
-        assert store.change_count() == 6
+        assert store.event_count() == 6
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-            store._db.execute("DELETE FROM outbox")
+            store._db.execute("DELETE FROM events")
 
 
 def test_cursors_only_move_forward_and_carry_incidents(tmp_path: Path) -> None:
@@ -409,7 +409,7 @@ def test_sample_rows_are_the_raw_columns_by_rowid(tmp_path: Path) -> None:
         assert store.sample_time(4) is None
 
 
-def test_a_v2_store_gets_the_outbox_with_its_history(tmp_path: Path) -> None:
+def test_a_v2_store_gets_its_history_as_events(tmp_path: Path) -> None:
     path = tmp_path / "v2.db"
     db = sqlite3.connect(path, isolation_level=None)
     schema.migrate(db, path, target=2)
@@ -423,6 +423,6 @@ def test_a_v2_store_gets_the_outbox_with_its_history(tmp_path: Path) -> None:
     )
     db.close()
     with Store(path) as store:
-        kinds = [type(c).__name__ for _, c in store.changes(0, 10)]
+        kinds = [type(e).__name__ for _, e in store.events(0, 10)]
         assert kinds == ["Run", "PhaseChange"]
         assert store.cursors("influxdb") == {}

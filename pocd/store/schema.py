@@ -4,7 +4,12 @@
 file as a pocd store. A released migration is never edited: a change is a new migration appended
 to `MIGRATIONS`. Nothing here reads or writes records; that is `pocd.store.sqlite`.
 
-Some 600 lines in one module: every migration ever released, in order, since none may change
+A store migrated to v8 or later forwards from its event log (v7), not from the outbox of v3
+(gone in v9): a sink's `events` cursor, a position in the outbox, cannot map onto the log, so
+v8 starts it again and the sink sends the site's history once more (InfluxDB overwrites the
+points it already held). Samples cursors stay.
+
+Some 650 lines in one module: every migration ever released, in order, since none may change
 and each is read against the ones before it.
 """
 
@@ -539,7 +544,52 @@ _V8: Final = """
 DELETE FROM cursors WHERE stream = 'events';
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
+# v9: the event log replaces the outbox (v3). Nothing reads the outbox since the sinks forward
+# the events (v8); it held only pointers to records, every one of which is an event, so it
+# goes with its triggers. And the current state is only ever the events': a row of `runs` or
+# `excursions` may be written only as the latest event of its table says (which is what the
+# v7 triggers do, inside the INSERT of that event), so a write to them from anywhere else is
+# refused.
+_RUN_AS_LATEST_EVENT = """NOT EXISTS (
+    SELECT 1 FROM run_events AS e WHERE e.id = (SELECT max(id) FROM run_events)
+        AND e.run_id = NEW.id AND e.status = NEW.status AND e.ended IS NEW.ended
+        AND e.end_reason = NEW.end_reason)"""
+_EXCURSION_AS_LATEST_EVENT = """NOT EXISTS (
+    SELECT 1 FROM excursion_events AS e WHERE e.id = (SELECT max(id) FROM excursion_events)
+        AND e.excursion_id = NEW.id AND e.protocol_id = NEW.protocol_id
+        AND e.protocol_version = NEW.protocol_version AND e.phase = NEW.phase
+        AND e.limit_value IS NEW.limit_value AND e.end_t IS NEW.end_t AND e.worst IS NEW.worst
+        AND e.integral IS NEW.integral)"""
+_V9: Final = "\n".join(
+    [
+        *(
+            f"DROP TRIGGER {name};"
+            for name in (
+                "runs_outbox_insert",
+                "runs_outbox_update",
+                "phases_outbox_insert",
+                "excursions_outbox_insert",
+                "excursions_outbox_update",
+                "deviations_outbox_insert",
+                "outbox_no_update",
+                "outbox_no_delete",
+            )
+        ),
+        "DROP TABLE outbox;",
+        *(
+            f"CREATE TRIGGER {table}_derived_{verb.lower()} BEFORE {verb} ON {table}\n"
+            f"WHEN {condition}\n"
+            f"BEGIN SELECT RAISE(ABORT, '{table} are derived from {events}: {verb} refused'); END;"
+            for table, events, condition in (
+                ("runs", "run_events", _RUN_AS_LATEST_EVENT),
+                ("excursions", "excursion_events", _EXCURSION_AS_LATEST_EVENT),
+            )
+            for verb in ("INSERT", "UPDATE")
+        ),
+    ]
+)
+
+MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

@@ -27,11 +27,11 @@ change, a deviation and an audit entry are append-only rows, put in one order by
 table that triggers append to in the same transaction; `events` reads them by that cursor,
 each as it was written. Within a batch, records other than samples are stored in the batch's
 order, so the events keep the engine's. `runs` and `excursions`, the current state that the
-queries read, are upserted from the events by triggers.
+queries read, are upserted from the events by triggers, and refuse any other write (v9).
 
 Forwarders (pocd.sinks) read through their own connection: samples by rowid in the raw shape
-of `sample_rows`, and the changes to runs, phases, excursions and deviations through the
-outbox that triggers append to in the same transaction (`changes`); they keep their cursors
+of `sample_rows`, and every other change by the event log's id (`events`; the outbox of
+schema v3 that it replaced is gone since v9); they keep their cursors
 here (`advance_cursors`, never backwards, with the incidents they raised on the way).
 What a forwarded sample is tagged with is fixed when it is committed (schema v4): its
 channel holds the parameter its point fed under the writer's config (`Store(parameters=)`),
@@ -97,7 +97,7 @@ __all__ = [
 Record: TypeAlias = (
     Sample | ExcursionEvent | Deviation | Incident | Run | PhaseChange | AuditEntry | ProtocolText
 )
-# What a forwarder reads from the outbox: the current state of a changed record.
+# A record that has a state of its own to show (encoded as one point per record).
 Change: TypeAlias = Run | PhaseChange | Excursion | Deviation
 # What the event log holds (Store.events): every change as it was written.
 Event: TypeAlias = Run | PhaseChange | ExcursionEvent | Deviation | AuditEntry
@@ -769,7 +769,7 @@ class Store:
         )
         return {(device, point): t for device, point, t in rows}
 
-    # -- forwarders (pocd.sinks): cursors, raw sample rows, the outbox -----------------------
+    # -- forwarders (pocd.sinks): cursors, raw sample rows, the event log --------------------
 
     def sample_codes(self) -> tuple[dict[int, Channel], dict[int, tuple[Quality, str]]]:
         """The codes of `sample_rows`: channel -> (device, point, the parameter it fed or '',
@@ -831,57 +831,6 @@ class Store:
             ],
             [(PHASE_CHANGE.from_row(r[:-1]), int(r[-1])) for r in phases],
         )
-
-    def change_count(self) -> int:
-        """The id of the latest outbox entry (0 when there is none)."""
-        return int(self._query("SELECT coalesce(max(id), 0) FROM outbox")[0][0])
-
-    def changes(self, after: int, limit: int) -> list[tuple[int, Change]]:
-        """(outbox id, the record as it is now) of up to `limit` changes after outbox id `after`.
-
-        The outbox is appended to by triggers in the transaction that changed the record (see
-        pocd.store.schema, v3). A record changed several times appears once per change, each
-        time in its current state.
-        """
-        rows = self._query(
-            "SELECT id, kind, ref FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
-        )
-        refs: dict[str, set[str]] = {}
-        for _, kind, ref in rows:
-            refs.setdefault(kind, set()).add(str(ref))
-        found: dict[tuple[str, str], Change] = {}
-        for kind, keys in refs.items():
-            ordered = sorted(keys)
-            for i in range(0, len(ordered), _MOST_ROWS_PER_INSERT):
-                chunk = ordered[i : i + _MOST_ROWS_PER_INSERT]
-                found.update(self._changed(kind, chunk))
-        try:
-            return [(outbox_id, found[(kind, str(ref))]) for outbox_id, kind, ref in rows]
-        except KeyError as e:
-            raise StoreError(f"{self.path}: outbox entry {e.args[0]} names no record") from None
-
-    def _changed(self, kind: str, keys: list[str]) -> dict[tuple[str, str], Change]:
-        marks = ", ".join("?" * len(keys))
-        if kind == "run":
-            rows = self._query(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id IN ({marks})", keys)
-            return {(kind, r[0]): RUN.from_row(r) for r in rows}
-        if kind == "phase":
-            rows = self._query(
-                f"SELECT id, {_PHASE_COLUMNS} FROM phases WHERE id IN ({marks})",
-                [int(k) for k in keys],
-            )
-            return {(kind, str(r[0])): PHASE_CHANGE.from_row(r[1:]) for r in rows}
-        if kind == "excursion":
-            rows = self._query(
-                f"SELECT {_EXCURSION_COLUMNS} FROM excursions WHERE id IN ({marks})", keys
-            )
-            return {(kind, r[0]): EXCURSION.from_row(r) for r in rows}
-        if kind == "deviation":
-            rows = self._query(
-                f"SELECT {_DEVIATION_COLUMNS} FROM deviations WHERE id IN ({marks})", keys
-            )
-            return {(kind, r[0]): DEVIATION.from_row(r) for r in rows}
-        raise StoreError(f"{self.path}: outbox entry of unknown kind {kind!r}")
 
     def event_count(self) -> int:
         """The id of the latest event (0 when there is none)."""
