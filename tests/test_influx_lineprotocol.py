@@ -13,6 +13,7 @@ import pytest
 from pocd.errors import StoreError
 from pocd.model import (
     NS,
+    AuditEntry,
     Deviation,
     DeviationCause,
     Excursion,
@@ -33,10 +34,11 @@ from pocd.sinks.lineprotocol import (
     Timeline,
     Timelines,
     encode_change,
+    encode_event,
     field_string,
     tag_value,
 )
-from pocd.store import SAMPLE_KEY_BITS, Change, SampleRow, Store, schema
+from pocd.store import SAMPLE_KEY_BITS, Change, Event, SampleRow, Store, schema
 from pocd.store.recordtypes import DEVIATION, EXCURSION, PHASE_CHANGE, RUN
 
 T0 = 1_767_225_600 * NS
@@ -325,6 +327,61 @@ def test_the_record_descriptions_say_what_the_encoder_writes(record: Change) -> 
     assert present == fields - added_fields
     (time_attr,) = kind.influx_keys("time")
     assert timestamp == str(getattr(record, time_attr))
+
+
+def test_each_transition_is_a_point_of_its_own_beside_the_current_state() -> None:
+    batches = {"r1": "B-1"}
+    opened = Excursion(
+        "e1", "r1", "t", ExcursionKind.ALERT_HIGH, "P", "1", "a", 37.5, T0, worst=37.8
+    )
+    closed = replace(opened, end=T0 + 9 * NS, worst=38.1, integral=1.5)
+    key = "batch=B-1,{}kind=alert-high,line=main,parameter=t,phase=a,run=r1,site=s"
+    state, transition = encode_event(
+        "s", ExcursionEvent(ExcursionChange.CLOSED, closed, T0 + 11 * NS), batches
+    )
+    assert state == encode_change("s", closed, batches)
+    assert transition == (
+        f"pocd_excursion_event,{key.format('change=closed,')} "
+        f'id="e1",protocol="P",protocol_version="1",limit=37.5,end={T0 + 9 * NS}i,'
+        f"duration_s=9.0,worst=38.1,integral=1.5,open=false,start={T0}i {T0 + 11 * NS}"
+    )
+    # every transition: the record's point with a change tag, at the time it was made
+    started = make_run("r1", T0)
+    ended = replace(started, status=RunStatus.ABORTED, ended=T0 + NS, end_reason="power")
+    events: list[tuple[Event, Change, str, int]] = [
+        (
+            ExcursionEvent(ExcursionChange.OPENED, opened, T0 + 2 * NS),
+            opened,
+            "opened",
+            T0 + 2 * NS,
+        ),
+        (
+            ExcursionEvent(ExcursionChange.UPDATED, opened, T0 + 3 * NS),
+            opened,
+            "updated",
+            T0 + 3 * NS,
+        ),
+        (ExcursionEvent(ExcursionChange.OPENED, opened), opened, "opened", T0),  # t unknown
+        (started, started, "started", T0),
+        (ended, ended, "ended", T0 + NS),
+        (replace(ended, ended=None), replace(ended, ended=None), "ended", T0),
+    ]
+    for event, record, change, at in events:
+        state, transition = encode_event("s", event, batches)
+        assert state == encode_change("s", record, batches)
+        tags, fields, timestamp = _keys(state)
+        measurement = state.split(",", 1)[0]
+        assert transition.startswith(f"{measurement}_event,")
+        (time_key,) = {Run: RUN, Excursion: EXCURSION}[type(record)].influx_keys("time").values()
+        assert _keys(transition) == (tags | {"change"}, fields | {time_key}, str(at))
+        assert f",change={change}," in transition
+        assert f"{time_key}={timestamp}i" in transition
+    # the other events are their record's point alone; audit entries stay in the store
+    phase = PhaseChange("r1", T0 + 3, "a", None, "op")
+    deviation = Deviation("d1", "r1", T0 + 5, DeviationCause.ACTION_LIMIT, "a", "high")
+    assert encode_event("s", phase, batches) == [encode_change("s", phase, batches)]
+    assert encode_event("s", deviation, batches) == [encode_change("s", deviation, batches)]
+    assert encode_event("s", AuditEntry(T0, "op", "run.start", "r1"), batches) == []
 
 
 # -- the store's side: event log, cursors, raw rows ---------------------------------------------

@@ -34,7 +34,6 @@ from pocd.model import (
     Deviation,
     Excursion,
     ExcursionEvent,
-    Incident,
     PhaseChange,
     Quality,
     Run,
@@ -363,20 +362,36 @@ def encode_change(site: str, change: Change, batches: Mapping[str, str]) -> str:
     Its tags are what identifies it and never changes, and its timestamp is when it began, so
     each later state overwrites the same point. `batches` maps run ids to batch ids.
     """
-    kind = RECORD_TYPES.get(type(change))
-    if kind is None or isinstance(change, (Incident, AuditEntry)):
-        raise TypeError(f"cannot encode a {type(change).__name__}")
-    tags, fields, t = kind.influx(change)
-    tags["site"] = site
-    if not isinstance(change, Run):
-        tags["batch"] = batches.get(change.run_id or "")
-    if isinstance(change, Excursion):
-        fields["open"] = change.end is None
-    elif isinstance(change, Deviation):
-        # pocd records no disposition yet: every deviation stays open until a later release
-        # writes its state to this same point.
-        fields["status"] = "open"
+    tags, fields, t = _point(site, change, batches)
     return f"{_tags(MEASUREMENTS[_MEASURED[type(change)]], tags)} {_fields(fields)} {t}"
+
+
+def encode_event(site: str, event: Event, batches: Mapping[str, str]) -> list[str]:
+    """The lines of one event of the store's log (`Store.events`): the record's point in its
+    state after the event (overwritten by each later one, as `encode_change`), and for a
+    transition of a run or an excursion, a point of the transition itself, which no later one
+    overwrites: the record's point with a `change` tag, at the time the change was made (the
+    record's own time is then a field). Audit entries are not sent (they stay in the store's
+    audit trail)."""
+    if isinstance(event, AuditEntry):
+        return []
+    if isinstance(event, ExcursionEvent):
+        record: Change = event.excursion
+        change = event.change.value
+        at = event.t
+    elif isinstance(event, Run):
+        record = event
+        change = "started" if event.status is RunStatus.RUNNING else "ended"
+        at = event.started if change == "started" else event.ended
+    else:
+        return [encode_change(site, event, batches)]
+    tags, fields, t = _point(site, record, batches)
+    state = f"{_tags(MEASUREMENTS[_MEASURED[type(record)]], tags)} {_fields(fields)} {t}"
+    (time_key,) = RECORD_TYPES[type(record)].influx_keys("time").values()
+    fields[time_key] = t
+    tags["change"] = change
+    measurement = MEASUREMENTS[f"{_MEASURED[type(record)]}_event"]
+    return [state, f"{_tags(measurement, tags)} {_fields(fields)} {t if at is None else at}"]
 
 
 _MEASURED: dict[type, str] = {
@@ -387,48 +402,23 @@ _MEASURED: dict[type, str] = {
 }
 
 
-def encode_event(site: str, event: Event, batches: Mapping[str, str]) -> list[str]:
-    """The lines of one event of the store's log (`Store.events`): the record's point in its
-    state after the event (overwritten by each later one, as `encode_change`), and for a
-    transition of a run or an excursion, a point of the transition itself at the time it
-    was made, which no later one overwrites. Audit entries are not sent (they stay in the
-    store's audit trail)."""
-    if isinstance(event, AuditEntry):
-        return []
-    if isinstance(event, ExcursionEvent):
-        e = event.excursion
-        state = encode_change(site, e, batches)
-        tags: dict[str, str | None] = {
-            "site": site,
-            "line": e.line,
-            "run": e.run_id,
-            "batch": batches.get(e.run_id or ""),
-            "parameter": e.parameter,
-            "kind": e.kind.value,
-            "phase": e.phase,
-            "change": event.change.value,
-        }
-        fields: dict[str, str | int | float | bool | None] = {
-            "id": e.id,
-            "start": e.start,
-            "end": e.end,
-            "limit": e.limit,
-            "worst": e.worst,
-            "integral": e.integral,
-        }
-        t = e.start if event.t is None else event.t
-        return [state, f"{_tags(MEASUREMENTS['excursion_event'], tags)} {_fields(fields)} {t}"]
-    if isinstance(event, Run):
-        state = encode_change(site, event, batches)
-        ended = event.status is not RunStatus.RUNNING
-        tags = {
-            "site": site,
-            "line": event.line,
-            "run": event.id,
-            "batch": event.batch_id,
-            "change": "ended" if ended else "started",
-        }
-        fields = {"status": event.status.value, "end_reason": event.end_reason or None}
-        t = event.ended if ended and event.ended is not None else event.started
-        return [state, f"{_tags(MEASUREMENTS['run_event'], tags)} {_fields(fields)} {t}"]
-    return [encode_change(site, event, batches)]
+def _point(
+    site: str, record: Change, batches: Mapping[str, str]
+) -> tuple[dict[str, str | None], dict[str, str | int | float | bool | None], int]:
+    """(tags, fields, time) of a record's point: its description's, with the site, the batch
+    of its run, and the state it shows (an excursion still open, a deviation not yet
+    dispositioned)."""
+    kind = RECORD_TYPES.get(type(record))
+    if kind is None or type(record) not in _MEASURED:
+        raise TypeError(f"cannot encode a {type(record).__name__}")
+    tags, fields, t = kind.influx(record)
+    tags["site"] = site
+    if not isinstance(record, Run):
+        tags["batch"] = batches.get(record.run_id or "")
+    if isinstance(record, Excursion):
+        fields["open"] = record.end is None
+    elif isinstance(record, Deviation):
+        # pocd records no disposition yet: every deviation stays open until a later release
+        # writes its state to this same point.
+        fields["status"] = "open"
+    return tags, fields, t

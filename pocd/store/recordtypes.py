@@ -2,11 +2,11 @@
 deviation, incident and audit entry maps to its store column, its JSON key and its InfluxDB
 tag or field.
 
-The store's row mapping (`pocd.store.sqlite`) and the JSON views (`pocd.records`) are made
-from these descriptions, so a new field or record type is one edit here (plus its migration).
-Samples are the exception: their rows are the store's hot path, written column by column.
-The InfluxDB roles say what `pocd.sinks.lineprotocol` writes for each field; a test holds
-them to it. Nothing here does I/O or knows SQL beyond column names.
+The store's row mapping (`pocd.store.sqlite`), the JSON views (`pocd.records`) and the
+InfluxDB points (`pocd.sinks.lineprotocol`: a record's point and its transition points) are
+made from these descriptions, so a new field or record type is one edit here (plus its
+migration). Samples are the exception: their rows are the store's and the encoder's hot path,
+written column by column. Nothing here does I/O or knows SQL beyond column names.
 """
 
 from __future__ import annotations
