@@ -3,6 +3,7 @@ concurrent readers and durability across kill -9."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -36,6 +37,7 @@ from pocd.model import (
     Sample,
     SiteStatus,
 )
+from pocd.records import json_bytes, run_detail, run_summary
 from pocd.store import SAMPLE_KEY_BITS, SCHEMA_VERSION, AmbiguousRunError, Record, Store, schema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -872,3 +874,57 @@ def test_a_v5_store_is_migrated_to_v6(tmp_path: Path) -> None:
         assert "migration_lines" not in tables
     finally:
         db.close()
+
+
+def test_a_runs_json_holds_its_line_and_only_its_own_records(store: Store) -> None:
+    """The JSON views (pocd.records, from the record descriptions) of what the store holds."""
+    run = replace(make_run(), line="L1")
+    other = replace(make_run("run-0002", "B-002"), line="L2")
+    closed = make_excursion(line="L1", end=T0 + 70 * NS, worst=38.5)
+    store.write(
+        [
+            run,
+            other,
+            PhaseChange(run.id, T0, "expansion", None, "alice"),
+            ExcursionEvent(ExcursionChange.CLOSED, closed, closed.end),
+            ExcursionEvent(
+                ExcursionChange.OPENED, make_excursion(id="exc-2", run_id=other.id, line="L2")
+            ),
+            ExcursionEvent(
+                ExcursionChange.OPENED, make_excursion(id="exc-3", run_id=None, line="L1")
+            ),
+            Deviation(
+                "dev-1", run.id, T0, DeviationCause.ACTION_LIMIT, "expansion", "hi", line="L1"
+            ),
+            Deviation("dev-2", None, T0, DeviationCause.DATA_LOSS, "standby", "lost", line="L1"),
+        ]
+    )
+    detail = json.loads(json_bytes(run_detail(store, run)))
+    assert detail["id"] == run.id
+    assert detail["line"] == "L1"
+    assert (detail["started"], detail["started_ns"]) == ("2026-01-01T00:00:00.000Z", T0)
+    assert (detail["ended"], detail["ended_ns"], detail["status"]) == (None, None, "running")
+    assert [p["phase"] for p in detail["phases"]] == ["expansion"]
+    (excursion,) = detail["excursions"]  # not the other run's, not the line's equipment's
+    assert excursion == {
+        "id": "exc-1",
+        "parameter": "temperature",
+        "kind": "action-high",
+        "phase": "expansion",
+        "protocol_id": "CART-TCT",
+        "protocol_version": "3.1",
+        "limit": 38.0,
+        "start": "2026-01-01T00:00:10.000Z",
+        "start_ns": T0 + 10 * NS,
+        "end": "2026-01-01T00:01:10.000Z",
+        "end_ns": T0 + 70 * NS,
+        "duration_s": 60.0,
+        "worst": 38.5,
+        "integral": 0.0,
+        "run_id": run.id,
+        "line": "L1",
+    }
+    (deviation,) = detail["deviations"]
+    assert (deviation["id"], deviation["run_id"], deviation["line"]) == ("dev-1", run.id, "L1")
+    assert (deviation["t"], deviation["t_ns"]) == ("2026-01-01T00:00:00.000Z", T0)
+    assert json.loads(json_bytes(run_summary(other)))["line"] == "L2"

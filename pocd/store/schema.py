@@ -9,7 +9,7 @@ A store migrated to v8 or later forwards from its event log (v7), not from the o
 v8 starts it again and the sink sends the site's history once more (InfluxDB overwrites the
 points it already held). Samples cursors stay.
 
-Some 650 lines in one module: every migration ever released, in order, since none may change
+Some 700 lines in one module: every migration ever released, in order, since none may change
 and each is read against the ones before it.
 """
 

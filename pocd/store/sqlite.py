@@ -52,7 +52,7 @@ import math
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeAlias, cast
@@ -196,6 +196,21 @@ _CHECKPOINT_PAGES: Final = 10_000
 _WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 
 Row: TypeAlias = tuple[Any, ...]
+
+
+def _excursion_event(row: Row) -> ExcursionEvent:
+    return ExcursionEvent(ExcursionChange(row[0]), EXCURSION.from_row(row[2:]), row[1])
+
+
+# What each kind of entry in `events` refers to (schema v7): the table its `ref` is a rowid
+# of, the columns to read there, and the event they make.
+_EVENT_SOURCES: Final[dict[str, tuple[str, str, Callable[[Row], Event]]]] = {
+    "run": ("run_events", _RUN_EVENT_COLUMNS, RUN.from_row),
+    "phase": ("phases", _PHASE_COLUMNS, PHASE_CHANGE.from_row),
+    "excursion": ("excursion_events", _EXCURSION_EVENT_COLUMNS, _excursion_event),
+    "deviation": ("deviations", _DEVIATION_COLUMNS, DEVIATION.from_row),
+    "audit": ("audit", _AUDIT_COLUMNS, AUDIT_ENTRY.from_row),
+}
 
 
 class AmbiguousRunError(RunError, LookupError):
@@ -861,33 +876,15 @@ class Store:
             raise StoreError(f"{self.path}: event {e.args[0]} names no record") from None
 
     def _events_of(self, kind: str, keys: list[int]) -> dict[tuple[str, int], Event]:
-        where = f"IN ({', '.join('?' * len(keys))})"
-        if kind == "run":
-            rows = self._query(
-                f"SELECT id, {_RUN_EVENT_COLUMNS} FROM run_events WHERE id {where}", keys
-            )
-            return {(kind, r[0]): RUN.from_row(r[1:]) for r in rows}
-        if kind == "phase":
-            rows = self._query(f"SELECT id, {_PHASE_COLUMNS} FROM phases WHERE id {where}", keys)
-            return {(kind, r[0]): PHASE_CHANGE.from_row(r[1:]) for r in rows}
-        if kind == "excursion":
-            rows = self._query(
-                f"SELECT id, {_EXCURSION_EVENT_COLUMNS} FROM excursion_events WHERE id {where}",
-                keys,
-            )
-            return {
-                (kind, r[0]): ExcursionEvent(ExcursionChange(r[1]), EXCURSION.from_row(r[3:]), r[2])
-                for r in rows
-            }
-        if kind == "deviation":
-            rows = self._query(
-                f"SELECT rowid, {_DEVIATION_COLUMNS} FROM deviations WHERE rowid {where}", keys
-            )
-            return {(kind, r[0]): DEVIATION.from_row(r[1:]) for r in rows}
-        if kind == "audit":
-            rows = self._query(f"SELECT id, {_AUDIT_COLUMNS} FROM audit WHERE id {where}", keys)
-            return {(kind, r[0]): AUDIT_ENTRY.from_row(r[1:]) for r in rows}
-        raise StoreError(f"{self.path}: event of unknown kind {kind!r}")
+        try:
+            table, columns, make = _EVENT_SOURCES[kind]
+        except KeyError:
+            raise StoreError(f"{self.path}: event of unknown kind {kind!r}") from None
+        rows = self._query(
+            f"SELECT rowid, {columns} FROM {table} WHERE rowid IN ({', '.join('?' * len(keys))})",
+            keys,
+        )
+        return {(kind, r[0]): make(r[1:]) for r in rows}
 
     def cursors(self, sink: str) -> dict[str, int]:
         """stream -> position of one sink's cursors; a stream never advanced is absent."""
