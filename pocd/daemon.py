@@ -2,7 +2,7 @@
 the sinks and the API, and owns their tasks and the signals.
 
 Data moves one way: runners put readings into the inbox; the engine task stores each sample
-once (it queues it in the store writer, pocd.writer, which commits in batches) and has every
+once (it queues it in the store writer, pocd.store.writer, which commits in batches) and has every
 line it belongs to judge it (pocd.runs). Every task is named and lives in one TaskGroup. A
 failing device runner is restarted on its own. Only a store that cannot be opened ends the
 daemon (and an API that cannot listen, at start). Run control lives in pocd.runs and the
@@ -41,8 +41,8 @@ from pocd.settings import Site, load_site
 from pocd.sinks import build_sinks
 from pocd.status import LiveStatus
 from pocd.store import Store
+from pocd.store.writer import StoreWriter
 from pocd.transports import Device, DeviceRunner, get_transport
-from pocd.writer import StoreWriter
 
 __all__ = ["Daemon", "run_until"]
 
@@ -77,6 +77,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._clock = ClockWatch()
         self.sinks = build_sinks(site)
+        for sink in self.sinks:
+            sink.follow(self.writer.commits)
         self.lines = Lines(
             site, self.writer, incident=self._incident, latest=self.latest, down=self.down
         )

@@ -62,7 +62,7 @@ from pocd.protocol import (
 )
 from pocd.settings import Line, Site, protocol_from_text
 from pocd.store import Record, Store
-from pocd.writer import StoreWriter
+from pocd.store.writer import StoreWriter
 
 __all__ = ["COMMIT_WAIT_S", "Actor", "LineState", "Lines", "equipment_watch"]
 

@@ -15,8 +15,8 @@ from pocd.model import Quality, Sample
 from pocd.runs import Lines, LineState
 from pocd.settings import Site
 from pocd.sinks import Sink
+from pocd.store.writer import StoreWriter
 from pocd.transports import DeviceRunner
-from pocd.writer import StoreWriter
 
 __all__ = ["LiveStatus", "PointStatus"]
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -32,6 +34,7 @@ from pocd.sinks.forward import (
 )
 from pocd.sinks.influxdb import EventLines, SampleLines
 from pocd.store import Store
+from pocd.store.writer import StoreWriter
 from tests.sitekit import free_port, until, write_site
 
 pytestmark = pytest.mark.usefixtures("no_leaked_tasks")
@@ -125,7 +128,9 @@ def body(lines: Sequence[str]) -> bytes:
     return "\n".join(lines).encode()
 
 
-def hook_sink(site: Site, hook: Hook, *streams: Stream, batch_size: int = 10) -> Forwarder:
+def hook_sink(
+    site: Site, hook: Hook, *streams: Stream, batch_size: int = 10, flush_interval: float = 0.05
+) -> Forwarder:
     samples = SampleLines(site.id)
     encoders: dict[Stream, Encoder] = {
         Stream.SAMPLES: samples,
@@ -139,7 +144,7 @@ def hook_sink(site: Site, hook: Hook, *streams: Stream, batch_size: int = 10) ->
         site,
         name="hook",
         far=FarSide("hook", "the hook", "hook", hook.url or "nowhere", unit="message"),
-        settings=HookSettings(batch_size=batch_size),
+        settings=HookSettings(batch_size=batch_size, flush_interval=flush_interval),
         encoders=[encoders[s] for s in streams],
         open_writer=open_writer,
         body=body,
@@ -327,3 +332,38 @@ def test_sink_kinds_are_found_by_their_config_section() -> None:
 def test_a_forwarder_needs_one_encoder_per_stream(site: Site) -> None:
     with pytest.raises(ValueError, match="one encoder per stream"):
         hook_sink(site, Hook(), Stream.EVENTS, Stream.EVENTS)
+
+
+async def test_a_sink_following_the_writer_sends_at_its_commit_and_does_not_poll(
+    site: Site,
+) -> None:
+    """In the daemon the sink waits on the store writer's commits: idle, it reads the store
+    once per flush interval at most (30 s here), yet what is committed goes at once."""
+    writer = StoreWriter(batch_size=100, high_water=1000, on_incident=lambda _: None)
+    t0 = now_ns()
+    with Store(site.store_path) as store:
+        writer.store = store
+        async with serving(Hook()) as hook:
+            sink = hook_sink(site, hook, Stream.SAMPLES, flush_interval=30.0)
+            sink.follow(writer.commits)
+            reads = 0
+            plain_next_batch = sink._next_batch
+
+            def counting_next_batch(now: float) -> Any:  # counts the sink's store reads
+                nonlocal reads
+                reads += 1
+                return plain_next_batch(now)
+
+            sink._next_batch = counting_next_batch  # type: ignore[method-assign]
+            async with forwarding(sink):
+                await until(lambda: sink.status()["state"] == "idle")
+                before = reads
+                await asyncio.sleep(1.0)
+                assert reads - before <= 1, "idle, it waits for a commit instead of polling"
+                for i in range(5):
+                    writer.add(Sample("bio", "ph", t0 + i * NS, 7.0))
+                committed = time.monotonic()
+                await writer.flush()
+                await until(lambda: len(hook.received) == 5, within=2.0)
+                assert time.monotonic() - committed < 2.0
+        writer.store = None

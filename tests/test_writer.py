@@ -22,7 +22,7 @@ from pocd.model import (
     Sample,
 )
 from pocd.store import Store
-from pocd.writer import StoreWriter
+from pocd.store.writer import StoreWriter
 
 T0 = 1_767_225_600 * NS
 

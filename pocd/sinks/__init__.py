@@ -21,6 +21,7 @@ from pocd.errors import PocdError
 
 if TYPE_CHECKING:
     from pocd.settings import Site
+    from pocd.store.writer import Commits
 
 __all__ = [
     "SINKS",
@@ -52,6 +53,10 @@ class Sink(Protocol):
 
     def status(self) -> dict[str, Any]:
         """Backlog, age of the oldest unsent record, last error: for status and metrics."""
+        ...
+
+    def follow(self, commits: Commits) -> None:
+        """Wait on the daemon's store writer for new records instead of polling the store."""
         ...
 
 

@@ -54,6 +54,7 @@ import structlog
 from pocd.model import NS, Incident, IncidentKind, now_ns
 from pocd.sinks import SinkError
 from pocd.store import Store
+from pocd.store.writer import Commits
 
 if TYPE_CHECKING:
     from pocd.settings import Site
@@ -302,7 +303,8 @@ class Forwarder:
         self._open_writer = open_writer
         self._body = body
         # Only for a store this sink happens to open first: its migration takes the mapping.
-        self._parameters = {src: name for name, src in site.parameter_source().items()}
+        self._parameters = site.point_parameters()
+        self._lines = site.point_lines()
         self._store: Store | None = None
         self._writer: Writer | None = None
         self._secrets: list[str] = []
@@ -313,6 +315,10 @@ class Forwarder:
         self._oldest_unsent: int | None = None
         self._last_send = {Lane.MAIN: 0.0, Lane.LIVE: 0.0}
         self._last_commit = 0.0
+        # The daemon's writer announces its commits (`follow`); without it (another process)
+        # the store is polled.
+        self._commits: Commits | None = None
+        self._seen_commits = 0
         self._dirty = False
         self._incidents: list[Incident] = []  # waiting to be committed with the cursors
         # For status and logs.
@@ -374,7 +380,7 @@ class Forwarder:
         """Forward until cancelled; recover from anything but cancellation."""
         with structlog.contextvars.bound_contextvars(sink=self.name, far=self.far.kind):
             self._store = await asyncio.to_thread(
-                Store, self.store_path, parameters=self._parameters
+                Store, self.store_path, parameters=self._parameters, lines=self._lines
             )
             try:
                 while True:
@@ -456,6 +462,8 @@ class Forwarder:
         async with asyncio.TaskGroup() as tg:
             while True:
                 if len(inflight) < _IN_FLIGHT:
+                    # before reading: a commit during the read is then not waited for
+                    self._seen_commits = self._commits.count if self._commits else 0
                     batch = await asyncio.to_thread(self._next_batch, time.monotonic())
                     if batch is not None:
                         task = tg.create_task(writer.write(batch.body), name=f"{self.source}:write")
@@ -480,7 +488,15 @@ class Forwarder:
         if self._dirty:
             await self._commit()
         self._state = "idle" if not self._failures else self._state
-        await asyncio.sleep(min(0.1, self.settings.flush_interval / 4))
+        if self._commits is not None:  # until the writer's next commit (another process's
+            # records are found within a flush interval)
+            await self._commits.after(self._seen_commits, self.settings.flush_interval)
+        else:
+            await asyncio.sleep(min(0.1, self.settings.flush_interval / 4))
+
+    def follow(self, commits: Commits) -> None:
+        """Wait on the daemon's writer for new records instead of polling the store."""
+        self._commits = commits
 
     # -- planning (in a worker thread: reads the store, encodes, compresses) -------------------
 

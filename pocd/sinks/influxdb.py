@@ -14,8 +14,9 @@ retention policy); anything else, or no answer, is a failure to retry.
 
 `InfluxSink` forwards two streams: samples by rowid, and the store's event log (run starts
 and ends, phase changes, excursion transitions, deviations) by event id, every transition its
-own point (cursor names and the forwarding rules: see pocd.sinks.forward). A rejected point is quarantined as an `influx-rejected` incident holding
-its lines, counted in `status()` until `pocd sink resend` (pocd.sinks.resend) sends it again.
+own point (cursor names and the forwarding rules: see pocd.sinks.forward). A rejected point
+is quarantined as an `influx-rejected` incident holding its lines, counted in `status()` until
+`pocd sink resend` (pocd.sinks.resend) sends it again.
 Secrets never appear in messages, logs or status.
 
 Must not: write to the store (the forwarder writes its cursors and incidents); raise for a

@@ -104,8 +104,9 @@ async def resend(site: Site, settings: InfluxSettings, *, operator: str) -> Rese
     moved the quarantine cursor meanwhile (then nothing of this one is stored)."""
     if not site.store_path.exists():
         raise StoreError(f"no store yet at {site.store_path}: the daemon has not run")
-    parameters = {src: name for name, src in site.parameter_source().items()}
-    store = await asyncio.to_thread(Store, site.store_path, parameters=parameters)
+    store = await asyncio.to_thread(
+        Store, site.store_path, parameters=site.point_parameters(), lines=site.point_lines()
+    )
     try:
         after = store.cursors(settings.name).get(QUARANTINE_CURSOR, 0)
         held = store.incidents_of(f"sink:{settings.name}", QUARANTINE, after=after)

@@ -13,12 +13,16 @@ that record is found: it is set aside as an incident holding it, and the rest is
 batch the store fails on (a full disk, an I/O error) stays at the head of the queue and is
 tried again with backoff; whatever of it was already committed is not written twice.
 
+Every commit is announced (`commits`): in-process forwarders wait on it for new records
+instead of polling the store.
+
 Must not: drop, reorder or interpret a record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,13 +34,38 @@ from pocd.errors import CommitTimeout, RecordRejected, StoreError
 from pocd.model import Incident, IncidentKind, now_ns
 from pocd.store import Record, Store
 
-__all__ = ["StoreWriter"]
+__all__ = ["Commits", "StoreWriter"]
 
-log = structlog.get_logger("pocd.writer")
+log = structlog.get_logger("pocd.store.writer")
 
 # Attempts of the last flush, at shutdown, before what is left is given up (and said so).
 _FINAL_ATTEMPTS: Final = 5
 _MOST_BACKOFF_S: Final = 5.0
+
+
+class Commits:
+    """The writer's word that it committed: `count` grows by one with every commit and `at`
+    says when the last one was (wall time, ns). A forwarder takes `count`, reads the store,
+    and when it found nothing new waits with `after(count)`, which returns at the next commit
+    (or at the timeout: what another process wrote is found then)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.at: int | None = None
+        self._next = asyncio.Event()
+
+    def note(self) -> None:
+        self.count += 1
+        self.at = now_ns()
+        self._next.set()
+        self._next = asyncio.Event()
+
+    async def after(self, count: int, longest: float) -> None:
+        """Return once a commit after `count` happened, or after `longest` seconds."""
+        if self.count > count:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._next.wait(), longest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +112,7 @@ class StoreWriter:
         self.quarantined = 0  # records the store refused, set aside as incidents
         self.failing: str | None = None  # the store's error while writes fail
         self.stopping = False  # the last flush gives up after a few attempts
-        self.last_commit: int | None = None  # wall time of the last commit
+        self.commits = Commits()
 
     def __len__(self) -> int:
         """Records waiting to be committed."""
@@ -166,7 +195,7 @@ class StoreWriter:
                     await asyncio.sleep(min(0.1 * 2**failures, _MOST_BACKOFF_S))
                 else:
                     due -= len(batch)
-                    self.last_commit = now_ns()
+                    self.commits.note()
                     if failures:
                         log.info("store write recovered", attempts=failures + 1)
                     failures = 0
@@ -189,6 +218,11 @@ class StoreWriter:
             if type(entry) is _Group:
                 self._groups += 1
                 self._grouped += len(entry.records) - 1
+
+    @property
+    def last_commit(self) -> int | None:
+        """Wall time of the last commit (ns), None before the first."""
+        return self.commits.at
 
     async def _write(self, batch: list[_Entry]) -> None:
         """Commit the batch, setting aside each record the store refuses. _Unwritten if the
