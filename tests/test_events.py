@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from pocd.model import (
 )
 from pocd.protocol import Limits, ProtocolKind
 from pocd.store import Event, Record, Store
+from pocd.store.writer import StoreWriter
 from tests.enginekit import at, protocol, run
 
 # Steps after the run started: (seconds, what, *args). The excursions open, worsen, close,
@@ -71,15 +73,15 @@ def _step(engine: Engine, step: tuple[Any, ...]) -> tuple[list[Sample], list[Eng
     return [], engine.finish(at(t))
 
 
-def _drive(store: Store) -> list[Event]:
-    """Run a batch and then the line's standby monitoring, writing every record the way the
-    store writer does (samples and the events they caused in one batch); return the events
-    in the order they were emitted."""
+def _drive(store: Store, commit: Callable[[list[Record]], None] | None = None) -> list[Event]:
+    """Run a batch and then the line's standby monitoring, committing every record (samples
+    and the events they caused in one batch, unless `commit` says otherwise); return the
+    events in the order they were emitted."""
     started = run()
     emitted: list[Event] = []
 
     def write(records: list[Record]) -> None:
-        store.write(records)
+        (commit or store.write)(records)
         emitted.extend(r for r in records if not isinstance(r, Sample))
 
     write([started, AuditEntry(started.started, "op", "run.start", started.id, new="running")])
@@ -127,6 +129,24 @@ def test_every_transition_is_an_event_in_emission_order(store: Store) -> None:
             paged.extend(page)
         assert paged == logged
         assert store.events(store.event_count(), 10) == []
+
+
+async def test_the_store_writer_keeps_the_order_across_its_transactions(store: Store) -> None:
+    """Written as the daemon writes, through the store writer, in transactions of a few
+    records that cut through the engine's batches: the log is still in emission order."""
+    writer = StoreWriter(batch_size=3, high_water=10_000, on_incident=lambda _: None)
+    writer.store = store
+
+    def queue(records: list[Record]) -> None:
+        for record in records:
+            writer.add(record)
+
+    with store:
+        emitted = _drive(store, queue)
+        await writer.flush()
+        assert writer.commits.count > len(emitted) // 3
+        assert [event for _, event in store.events(0, 10_000)] == emitted
+        assert store.incidents() == []
 
 
 def test_the_current_state_is_a_replay_of_the_events(store: Store) -> None:
