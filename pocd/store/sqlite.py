@@ -192,6 +192,7 @@ _STORE_FAULTS: Final = (
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 _BUSY_TIMEOUT_MS: Final = 10_000
+_OPTIMIZE_WAIT_MS: Final = 100
 _CHECKPOINT_PAGES: Final = 10_000
 _WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 
@@ -333,9 +334,19 @@ class Store:
             self._closed = True
             try:
                 if not self.readonly:
-                    self._db.execute("PRAGMA optimize")  # keeps query plans good; cheap
+                    self._optimize()
             finally:
                 self._db.close()
+
+    def _optimize(self) -> None:
+        """Keep query plans good (cheap). Only an aid: while another connection holds the
+        write lock (the daemon's writer, as a sink closes its own) it is skipped, not waited
+        for nor raised."""
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {_OPTIMIZE_WAIT_MS}")
+            self._db.execute("PRAGMA optimize")
+        except sqlite3.OperationalError:
+            pass
 
     def __enter__(self) -> Self:
         return self
