@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -929,4 +928,3 @@ def test_a_runs_json_holds_its_line_and_only_its_own_records(store: Store) -> No
     assert (deviation["id"], deviation["run_id"], deviation["line"]) == ("dev-1", run.id, "L1")
     assert (deviation["t"], deviation["t_ns"]) == ("2026-01-01T00:00:00.000Z", T0)
     assert json.loads(json_bytes(run_summary(other)))["line"] == "L2"
-
