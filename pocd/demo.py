@@ -543,8 +543,8 @@ async def _demo(
                         await asyncio.sleep(0.25)
                 except asyncio.CancelledError:  # Ctrl-C: complete the runs, then stop
                     summary["interrupted"] = True
+                live.update(render(daemon, started))  # the last screen stays: the runs at the end
                 for going in lines.runs():
                     await lines.stop_run("demo-operator", run=going.id)
-                live.update(render(daemon, started))  # the last screen stays
 
         await run_until(daemon, operate)

@@ -158,8 +158,10 @@ class LiveStatus:
                         }
                         pending = ",".join(f"{k.value} pending" for k in view.pending)
                         state_text = ",".join(k.value for k in view.open) or pending or "normal"
-                        if not running and state_text == "normal" and not any(limits.values()):
-                            state_text = "no-run"  # the equipment watch: no limits to show
+                        if not any(value is not None for value in limits.values()):
+                            limits = {}  # the equipment watch: no limits to show
+                            if not running and state_text == "normal":
+                                state_text = "no-run"
                     if sample is None and state_text in ("normal", "no-run"):
                         state_text = "no-data"
                     out.append(
