@@ -373,3 +373,24 @@ async def test_serve_follows_the_schedule_given() -> None:
     values = [s.value for s in inbox.samples()]
     start = values.index(3.0)
     assert values[start : start + 3] == [3.0, 1.0, 2.0]  # 3, then around again
+
+
+async def test_a_stop_that_meets_a_reply_cancels_the_runner_not_fails_it() -> None:
+    """asyncua's wait_for2 raises a CancelledError subclass when a request is cancelled as
+    its reply arrives (a stop during subscribe, seen in the suite). The runner must then end
+    cancelled: Python 3.11's TaskGroup reported the subclass as an error."""
+    from wait_for2.impl import CancelledWithResultError
+
+    from pocd.transports.opcua.runner import OpcuaRunner
+    from tests.opcuakit import RecordingInbox
+
+    runner = OpcuaRunner(opcua_device("thermo-rotea", endpoint="opc.tcp://127.0.0.1:1"))
+
+    async def stopped_as_the_reply_came() -> None:  # the race, raised as wait_for2 raises it
+        raise CancelledWithResultError(b"reply", None)
+
+    runner._sessions = stopped_as_the_reply_came  # type: ignore[method-assign]
+    task = asyncio.create_task(runner.run(RecordingInbox()))
+    with pytest.raises(asyncio.CancelledError) as ended:
+        await task
+    assert type(ended.value) is asyncio.CancelledError

@@ -129,7 +129,15 @@ class OpcuaRunner:
             group.create_task(
                 report_repeats(self.repeats, inbox), name=f"opcua-repeats:{self.device.id}"
             )
-            await self._sessions()
+            try:
+                await self._sessions()
+            except asyncio.CancelledError as exc:
+                if type(exc) is asyncio.CancelledError:
+                    raise
+                # asyncua (wait_for2) cancels with a subclass when a reply came as it was
+                # cancelled; Python 3.11's TaskGroup tells cancellation by identity and would
+                # end with that as an error instead of being cancelled.
+                raise asyncio.CancelledError(*exc.args) from None
 
     async def _sessions(self) -> None:
         settings = self.settings
