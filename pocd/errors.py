@@ -7,6 +7,7 @@ become incidents; only fatal errors end the daemon.
 from __future__ import annotations
 
 __all__ = [
+    "AccessError",
     "CommitTimeout",
     "ConfigError",
     "ConfigProblem",
@@ -16,6 +17,7 @@ __all__ = [
     "PocdError",
     "RecordRejected",
     "RunError",
+    "SignatureRequired",
     "StoreError",
 ]
 
@@ -55,6 +57,15 @@ class ConfigError(PocdError):
 
 class RunError(PocdError):
     """A run operation was refused (draft protocol, inactive site, unknown phase, ...)."""
+
+
+class SignatureRequired(RunError):
+    """The operation is critical: it is done only with the actor's electronic signature."""
+
+
+class AccessError(PocdError):
+    """Who is asking may not do this: not logged in, a wrong password, a role that does not
+    allow it, a locked account, a password that breaks the policy. The message says which."""
 
 
 class StoreError(PocdError):
