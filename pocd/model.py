@@ -32,7 +32,10 @@ __all__ = [
     "Run",
     "RunStatus",
     "Sample",
+    "Signature",
     "SiteStatus",
+    "User",
+    "UserChange",
     "now_ns",
 ]
 
@@ -279,3 +282,45 @@ class AuditEntry:
     old: str | None = None
     new: str | None = None
     details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A named account. `login` is never reused and a user is never deleted, only disabled,
+    so every record that names a login names one person for good. `roles` are
+    pocd.access.Role values; `password_hash` an argon2id hash."""
+
+    login: str
+    name: str  # the full printed name shown in signatures and records
+    roles: tuple[str, ...]
+    password_hash: str = field(repr=False)
+    disabled: bool = False
+    created: int = 0
+    changed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UserChange:
+    """A user's new name, roles, password or state, stored in place of their current ones
+    (the audit entry written with it keeps the old and the new value)."""
+
+    user: User
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """An electronic signature (21 CFR 11.50, 11.70): who signed, when, meaning what, and
+    the SHA-256 of the record they signed, so that any later change of that record shows.
+
+    `record` names the record signed (`run:<id>`, `phase:<run>:<t>`, `audit:<action>:<t>`),
+    `record_hash` is pocd.store.recordtypes.digest of it. Stored append-only."""
+
+    t: int
+    utc_offset: str  # the site's offset from UTC at `t`, as +HH:MM
+    login: str
+    name: str  # the signer's printed name when they signed
+    meaning: str  # pocd.access.Meaning: performed, reviewed, approved, released
+    action: str  # the pocd.access.Action signed: run.abort, run.phase.override, site.status
+    record: str
+    record_hash: str
+    run_id: str | None = None

@@ -11,6 +11,7 @@ written column by column. Nothing here does I/O or knows SQL beyond column names
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from pocd.model import (
     PhaseChange,
     Run,
     RunStatus,
+    Signature,
+    User,
 )
 
 __all__ = [
@@ -41,8 +44,11 @@ __all__ = [
     "PHASE_CHANGE",
     "RECORD_TYPES",
     "RUN",
+    "SIGNATURE",
+    "USER",
     "Field",
     "RecordType",
+    "digest",
     "iso",
 ]
 
@@ -280,8 +286,55 @@ AUDIT_ENTRY: Final = RecordType(
     ),
 )
 
+SIGNATURE: Final = RecordType(
+    Signature,
+    "signatures",
+    (
+        Field("t", "t", "t", "time", time=True),
+        Field("utc_offset", "utc_offset", "utc_offset", "field"),
+        Field("login", "login", "login", "tag"),
+        Field("name", "name", "name", "field"),
+        Field("meaning", "meaning", "meaning", "tag"),
+        Field("action", "action", "action", "tag"),
+        Field("record", "record", "record", "field"),
+        Field("record_hash", "record_hash", "record_hash", "field"),
+        Field("run_id", "run_id", "run_id", "tag", "run"),
+    ),
+)
+USER: Final = RecordType(
+    User,
+    "users",
+    (
+        Field("login", "login", "login"),
+        Field("name", "name", "name"),
+        Field(
+            "roles",
+            "roles",
+            "roles",
+            to_column=" ".join,
+            from_column=lambda text: tuple(text.split()),
+        ),
+        Field("password_hash", "password_hash", None),  # never in a view
+        Field("disabled", "disabled", "disabled", flag=True),
+        Field("created", "created", "created", time=True),
+        Field("changed", "changed", "changed", time=True),
+    ),
+)
+
 # The description of each record class.
 RECORD_TYPES: Final[dict[type, RecordType[Any]]] = {
     d.record: d  # type: ignore[misc]
-    for d in (RUN, PHASE_CHANGE, EXCURSION, DEVIATION, INCIDENT, AUDIT_ENTRY)
+    for d in (RUN, PHASE_CHANGE, EXCURSION, DEVIATION, INCIDENT, AUDIT_ENTRY, SIGNATURE)
 }
+
+
+def digest(record: Any) -> str:
+    """The SHA-256 (hex) of a record's stored content: every stored column by name, as
+    canonical JSON. What an electronic signature binds to: the same record read back from the
+    store gives the same digest, and any change of a stored value gives another."""
+    kind = RECORD_TYPES[type(record)]
+    content = dict(zip((str(f.column) for f in kind.stored), kind.row(record), strict=True))
+    text = json.dumps(
+        content, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -589,7 +589,45 @@ _V9: Final = "\n".join(
     ]
 )
 
-MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)
+# v10: named users and electronic signatures. A user is never deleted and a login never
+# changes, so a login in any record names one person for good; their name, roles, password
+# and state change in place, each change with an audit entry that keeps the old and new
+# value. Signatures are append-only, like the audit trail they are entered in.
+_V10: Final = """
+CREATE TABLE users (
+    login TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    roles TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    disabled INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    changed INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER users_no_delete BEFORE DELETE ON users
+BEGIN SELECT RAISE(ABORT, 'a user is never deleted: disable them'); END;
+CREATE TRIGGER users_login_fixed BEFORE UPDATE OF login ON users
+BEGIN SELECT RAISE(ABORT, 'a login never changes: it names one person for good'); END;
+
+CREATE TABLE signatures (
+    id INTEGER PRIMARY KEY,
+    t INTEGER NOT NULL,
+    utc_offset TEXT NOT NULL,
+    login TEXT NOT NULL,
+    name TEXT NOT NULL,
+    meaning TEXT NOT NULL,
+    action TEXT NOT NULL,
+    record TEXT NOT NULL,
+    record_hash TEXT NOT NULL,
+    run_id TEXT
+);
+CREATE INDEX signatures_run ON signatures (run_id);
+CREATE TRIGGER signatures_no_update BEFORE UPDATE ON signatures
+BEGIN SELECT RAISE(ABORT, 'signatures are append-only'); END;
+CREATE TRIGGER signatures_no_delete BEFORE DELETE ON signatures
+BEGIN SELECT RAISE(ABORT, 'signatures are append-only'); END;
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

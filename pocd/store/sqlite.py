@@ -71,7 +71,10 @@ from pocd.model import (
     Run,
     RunStatus,
     Sample,
+    Signature,
     SiteStatus,
+    User,
+    UserChange,
 )
 from pocd.store import schema
 from pocd.store.recordtypes import (
@@ -81,6 +84,8 @@ from pocd.store.recordtypes import (
     INCIDENT,
     PHASE_CHANGE,
     RUN,
+    SIGNATURE,
+    USER,
 )
 
 __all__ = [
@@ -95,7 +100,17 @@ __all__ = [
 ]
 
 Record: TypeAlias = (
-    Sample | ExcursionEvent | Deviation | Incident | Run | PhaseChange | AuditEntry | ProtocolText
+    Sample
+    | ExcursionEvent
+    | Deviation
+    | Incident
+    | Run
+    | PhaseChange
+    | AuditEntry
+    | ProtocolText
+    | Signature
+    | User
+    | UserChange
 )
 # A record that has a state of its own to show (encoded as one point per record).
 Change: TypeAlias = Run | PhaseChange | Excursion | Deviation
@@ -173,6 +188,16 @@ _MARKED: Final = (Run, PhaseChange)
 _MARKED_SQL: Final = (_INSERT_RUN_EVENT, _INSERT_PHASE)
 _AUDIT_COLUMNS: Final = AUDIT_ENTRY.columns
 _INSERT_AUDIT: Final = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({_values(_AUDIT_COLUMNS)})"
+_SIGNATURE_COLUMNS: Final = SIGNATURE.columns
+_INSERT_SIGNATURE: Final = (
+    f"INSERT INTO signatures ({_SIGNATURE_COLUMNS}) VALUES ({_values(_SIGNATURE_COLUMNS)})"
+)
+_USER_COLUMNS: Final = USER.columns
+# A new user: a login taken before (by anyone, disabled or not) is refused by the key.
+_INSERT_USER: Final = f"INSERT INTO users ({_USER_COLUMNS}) VALUES ({_values(_USER_COLUMNS)})"
+_UPDATE_USER: Final = (
+    "UPDATE users SET " + ", ".join(f"{f.column} = ?" for f in USER.stored[1:]) + " WHERE login = ?"
+)
 # A protocol's text is the same whenever it is loaded again: kept once.
 _INSERT_PROTOCOL: Final = (
     "INSERT INTO protocols (hash, id, version, text) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
@@ -681,6 +706,23 @@ class Store:
         rows = self._query(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY id")
         return [AUDIT_ENTRY.from_row(r) for r in rows]
 
+    def signatures(self, run_id: str | None = None) -> list[Signature]:
+        """Every electronic signature, or those of one run, in the order they were made."""
+        where, params = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
+        rows = self._query(
+            f"SELECT {_SIGNATURE_COLUMNS} FROM signatures {where} ORDER BY id", params
+        )
+        return [SIGNATURE.from_row(r) for r in rows]
+
+    def users(self) -> list[User]:
+        """Every user, disabled ones too, by login."""
+        rows = self._query(f"SELECT {_USER_COLUMNS} FROM users ORDER BY login")
+        return [USER.from_row(r) for r in rows]
+
+    def user(self, login: str) -> User | None:
+        rows = self._query(f"SELECT {_USER_COLUMNS} FROM users WHERE login = ?", (login,))
+        return USER.from_row(rows[0]) if rows else None
+
     def protocol_text(self, digest: str) -> ProtocolText | None:
         """The protocol text kept under that hash, if any."""
         rows = self._query(
@@ -1033,6 +1075,13 @@ def _statement_row(record: Record, marks: Iterator[int]) -> tuple[str, Row]:
             return _INSERT_AUDIT, AUDIT_ENTRY.row(record)
         case ProtocolText():
             return _INSERT_PROTOCOL, (record.hash, record.id, record.version, record.text)
+        case Signature():
+            return _INSERT_SIGNATURE, SIGNATURE.row(record)
+        case User():
+            return _INSERT_USER, USER.row(record)
+        case UserChange(user=user):
+            login, *rest = USER.row(user)
+            return _UPDATE_USER, (*rest, login)
         case _:
             raise TypeError(f"Store.write cannot store a {type(record).__name__}")
 
