@@ -290,8 +290,21 @@ def run_text(detail: dict[str, Any]) -> str:
         *(_excursion_line(e) for e in detail["excursions"]),
         f"deviations: {len(detail['deviations'])}",
         *(f"  {d['t']}  {d['cause']:<13} {d['description']}" for d in detail["deviations"]),
+        f"signatures: {len(detail['signatures'])}",
+        *(_signature_line(s) for s in detail["signatures"]),
     ]
     return "\n".join(lines)
+
+
+def _signature_line(signature: dict[str, Any]) -> str:
+    """A signature as it is printed: the meaning, the printed name, local time with the
+    offset, what was signed, and whether the record is still as signed."""
+    state = "intact" if signature["intact"] else "BROKEN: the record changed since it was signed"
+    return (
+        f"  {signature['meaning']} by {signature['name']} ({signature['login']}) at "
+        f"{signature['t']} (UTC{signature['utc_offset']})  {signature['action']} "
+        f"{signature['record']}  sha256 {signature['record_hash'][:16]}  {state}"
+    )
 
 
 def _site_status(args: argparse.Namespace) -> int:

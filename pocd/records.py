@@ -15,7 +15,8 @@ from pydantic import ConfigDict, TypeAdapter
 
 from pocd.model import Run
 from pocd.store import Store
-from pocd.store.recordtypes import DEVIATION, EXCURSION, PHASE_CHANGE, RUN, iso
+from pocd.signatures import verify
+from pocd.store.recordtypes import DEVIATION, EXCURSION, PHASE_CHANGE, RUN, SIGNATURE, iso
 
 __all__ = ["iso", "json_bytes", "readable", "run_detail", "run_summary"]
 
@@ -50,4 +51,8 @@ def run_detail(store: Store, run: Run) -> dict[str, Any]:
         "phases": [PHASE_CHANGE.json(p) for p in store.phases(run.id)],
         "excursions": [EXCURSION.json(e) for e in store.excursions(run.id)],
         "deviations": [DEVIATION.json(d) for d in store.deviations(run.id)],
+        # each with whether the record it signs is still as it was signed
+        "signatures": [
+            {**SIGNATURE.json(s), "intact": verify(store, s)} for s in store.signatures(run.id)
+        ],
     }

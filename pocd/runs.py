@@ -31,7 +31,7 @@ from typing import Final
 import structlog
 
 from pocd.engine import Engine, EngineEvent, ParameterView
-from pocd.errors import ConfigError, RunError
+from pocd.errors import ConfigError, RunError, SignatureRequired
 from pocd.model import (
     NS,
     AuditEntry,
@@ -61,6 +61,7 @@ from pocd.protocol import (
     canonical_hash,
 )
 from pocd.settings import Line, Site, protocol_from_text
+from pocd.signatures import SignedRecord, Signer, sign
 from pocd.store import Record, Store
 from pocd.store.writer import StoreWriter
 
@@ -377,16 +378,46 @@ class Lines:
         return proto
 
     async def advance_phase(
-        self, phase: str, operator: Actor, reason: str = "", *, run: str | None = None
+        self,
+        phase: str,
+        operator: Actor,
+        reason: str = "",
+        *,
+        run: str | None = None,
+        signature: Signer | None = None,
     ) -> PhaseChange:
-        """Enter `phase` in run `run` (None: the run of the site's only line)."""
+        """Enter `phase` in run `run` (None: the run of the site's only line). Out of the
+        protocol's order it is an override: it needs `signature` (SignatureRequired)."""
         async with self._control:
             state = self.state_of_run(run)
             if state.engine is None:
                 raise RunError(f"run {state.run.id if state.run else ''} is not monitored")
+            engine = state.engine
+            override = any(p.id == phase for p in engine.protocol.phases) and not (
+                phase == engine.phase or engine.in_order(phase)
+            )
+            if override and signature is None:
+                raise SignatureRequired(
+                    f"phase {phase!r} is out of protocol order: the override needs your "
+                    "electronic signature"
+                )
             change, records = self._phase_records(state, phase, operator, reason, now_ns())
+            if override:
+                assert signature is not None
+                records += self._signed(signature, "run.phase.override", change, change.run_id)
             await self._commit(records)
             return change
+
+    def _signed(
+        self, signer: Signer, action: str, record: SignedRecord, run_id: str | None
+    ) -> list[Record]:
+        """The signature of `record` and its audit entry, to commit with the record."""
+        t = record.t if not isinstance(record, Run) else record.ended or record.started
+        return list(
+            sign(
+                signer, action, record, t=t, timezone=self.site.config.site.timezone, run_id=run_id
+            )
+        )
 
     def _phase_records(
         self, state: LineState, phase: str, actor: str, reason: str, t: int
@@ -408,13 +439,17 @@ class Lines:
         abort: bool = False,
         reason: str = "",
         run: str | None = None,
+        signature: Signer | None = None,
     ) -> Run:
-        """Complete (or abort, with a reason) run `run` (None: the site's only line's)."""
+        """Complete (or abort, with a reason and `signature`) run `run` (None: the site's
+        only line's)."""
         async with self._control:
             state = self.state_of_run(run)
             assert state.run is not None
             if abort and not reason.strip():
                 raise RunError("aborting a run needs a reason")
+            if abort and signature is None:
+                raise SignatureRequired("aborting a run needs your electronic signature")
             t = now_ns()
             events: list[EngineEvent] = state.engine.finish(t) if state.engine else []
             status = RunStatus.ABORTED if abort else RunStatus.COMPLETED
@@ -428,16 +463,22 @@ class Lines:
                 old=RunStatus.RUNNING.value,
                 new=status.value,
             )
+            signed = self._signed(signature, "run.abort", ended, ended.id) if signature else []
             state.run = None
             standby = self._standby(state, t)
-            await self._commit([*self._note(events), ended, audit, *standby])
+            await self._commit([*self._note(events), ended, audit, *signed, *standby])
             log.info("run ended", run=ended.id, status=status.value, line=state.line.id)
             return ended
 
-    async def set_site_status(self, status: SiteStatus, operator: Actor, reason: str) -> None:
+    async def set_site_status(
+        self, status: SiteStatus, operator: Actor, reason: str, *, signature: Signer | None = None
+    ) -> None:
+        """Suspend, cease or reactivate the site: a critical change, done only signed."""
         async with self._control:
             if not reason.strip() or not operator.strip():
                 raise RunError("a site status change needs an operator and a reason")
+            if signature is None:
+                raise SignatureRequired("a site status change needs your electronic signature")
             old = self.site_status
             if old is SiteStatus.CEASED:
                 raise RunError(f"site {self.site.id} has ceased; it cannot change status")
@@ -447,7 +488,7 @@ class Lines:
             audit = AuditEntry(
                 now_ns(), operator, "site.status", self.site.id, reason, old.value, status.value
             )
-            await self._commit([audit])
+            await self._commit([audit, *self._signed(signature, "site.status", audit, None)])
 
     async def _commit(self, records: list[Record]) -> None:
         """Queue an operation's records as one transaction and wait for it, for a while."""

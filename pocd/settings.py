@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from pocd.configtypes import (
+    ConfigFile,
     Duration,
     PathUse,
     StrictModel,
@@ -376,18 +377,44 @@ class StoreSection(StrictModel):
         return value
 
 
-class ApiSection(StrictModel):
-    listen: str = "127.0.0.1:8470"
+# The read endpoints that may be served to callers without a login (`api.public`), by name;
+# the API's route table says which paths each is (pocd.api.http).
+PublicRead = Literal["metrics", "health", "openapi", "status", "lines", "runs"]
 
-    @field_validator("listen")
+
+def _default_public() -> list[PublicRead]:
+    return ["metrics", "health", "openapi"]
+
+
+class ApiSection(StrictModel):
+    """The control API: a plain listener (loopback by default) and an optional TLS one, for
+    clients on other machines (the QP's, the control site's)."""
+
+    listen: str = "127.0.0.1:8470"
+    tls_listen: str | None = None  # host:port of the TLS listener, with tls_cert and tls_key
+    tls_cert: ConfigFile | None = None  # PEM certificate chain
+    tls_key: ConfigFile | None = None  # PEM private key
+    # Read endpoints served without a login; every other request needs one.
+    public: list[PublicRead] = Field(default_factory=_default_public)
+
+    @field_validator("listen", "tls_listen")
     @classmethod
-    def _address(cls, value: str) -> str:
+    def _address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         host, _, port = value.rpartition(":")
         if not (_valid_host(host) and re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536):
             raise ValueError(
                 f"{value!r} is not host:port, such as 127.0.0.1:8470, [::1]:8470 or localhost:8470"
             )
         return value
+
+    @model_validator(mode="after")
+    def _tls_is_whole(self) -> ApiSection:
+        given = [self.tls_listen is not None, self.tls_cert is not None, self.tls_key is not None]
+        if any(given) and not all(given):
+            raise ValueError("tls_listen, tls_cert and tls_key are given together or not at all")
+        return self
 
     @property
     def host(self) -> str:
@@ -408,6 +435,19 @@ def _valid_host(host: str) -> bool:
         return True
     label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     return re.fullmatch(rf"{label}(?:\.{label})*", host) is not None
+
+
+class AccessSection(StrictModel):
+    """Named users' sessions and logins (21 CFR 11.10(d), 11.300): how long a session lasts
+    idle and at most, and when failed logins lock an account or slow an address."""
+
+    session_idle: Duration = 900.0  # 15 min without a request ends a session
+    session_max: Duration = 12 * 3600.0  # a shift: log in again after it
+    lockout_after: int = Field(5, ge=1, le=100)  # failed logins of a user within `window`
+    lockout: Duration = 900.0  # how long a locked account stays locked (an admin may unlock)
+    address_limit: int = Field(20, ge=1, le=10_000)  # failed logins from one address in `window`
+    window: Duration = 900.0
+    password_min: int = Field(12, ge=8, le=128)
 
 
 class ProtocolsSection(StrictModel):
@@ -483,6 +523,7 @@ class SiteConfig(StrictModel):
     site: SiteSection
     store: StoreSection = StoreSection()
     api: ApiSection = ApiSection()
+    access: AccessSection = AccessSection()
     protocols: ProtocolsSection = ProtocolsSection()
     run: RunSection = RunSection()
     drivers_dir: str | None = None

@@ -9,25 +9,30 @@ client sent, or nothing. Nothing here does I/O or knows about HTTP.
 from __future__ import annotations
 
 import unicodedata
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, StringConstraints, ValidationError, model_validator
 
+from pocd.access import Meaning
 from pocd.configtypes import StrictModel
 from pocd.model import SiteStatus
 
 __all__ = [
     "IDENTIFIER_MAX",
+    "PASSWORD_MAX",
     "REASON_MAX",
+    "LoginRequest",
     "PhaseRequest",
     "RunStartRequest",
     "RunStopRequest",
+    "SignatureBody",
     "SiteStatusRequest",
     "explain",
 ]
 
-IDENTIFIER_MAX = 128  # characters of a batch id, protocol id or version, phase, operator
+IDENTIFIER_MAX = 128  # characters of a batch id, protocol id or version, phase, login
 REASON_MAX = 2000  # characters of a reason: a justification of a few paragraphs, not a file
+PASSWORD_MAX = 1024  # characters of a password: argon2 takes any length, a request does not
 
 
 def _identifier(value: str) -> str:
@@ -55,6 +60,25 @@ Identifier = Annotated[
 Reason = Annotated[str, StringConstraints(max_length=REASON_MAX), AfterValidator(_text)]
 
 
+Password = Annotated[str, StringConstraints(min_length=1, max_length=PASSWORD_MAX)]
+
+
+class LoginRequest(StrictModel):
+    """POST /api/login: a browser gets a session cookie (and a CSRF token to send back as
+    X-CSRF-Token), the CLI (`client: "cli"`) a bearer token."""
+
+    login: Identifier
+    password: Password
+    client: Literal["browser", "cli"] = "browser"
+
+
+class SignatureBody(StrictModel):
+    """An electronic signature: the signer's password, given again, and what it means."""
+
+    password: Password
+    meaning: Meaning = Meaning.PERFORMED
+
+
 class RunStartRequest(StrictModel):
     """POST /api/runs: start a run of `batch_id` on the approved `protocol` (or `version`),
     on `line` (which a site of one line need not name)."""
@@ -63,24 +87,24 @@ class RunStartRequest(StrictModel):
     batch_id: Identifier
     protocol: Identifier
     version: Identifier | None = None
-    operator: Identifier
 
 
 class PhaseRequest(StrictModel):
-    """POST /api/runs/{id}/phase: enter `phase`; out of protocol order it needs a reason."""
+    """POST /api/runs/{id}/phase: enter `phase`; out of protocol order it is an override that
+    needs a reason and a signature."""
 
     phase: Identifier
-    operator: Identifier
     reason: Reason = ""
+    signature: SignatureBody | None = None
 
 
 class RunStopRequest(StrictModel):
-    """POST /api/runs/{id}/stop: complete the run, or abort it (`abort: true`, with a
-    reason)."""
+    """POST /api/runs/{id}/stop: complete the run, or abort it (`abort: true`, with a reason
+    and a signature)."""
 
-    operator: Identifier
     abort: bool = False
     reason: Reason = ""
+    signature: SignatureBody | None = None
 
     @model_validator(mode="after")
     def _abort_has_a_reason(self) -> Self:
@@ -93,8 +117,8 @@ class SiteStatusRequest(StrictModel):
     """POST /api/site/status: the control site suspends, ceases or reactivates the site."""
 
     status: SiteStatus
-    operator: Identifier
     reason: Reason
+    signature: SignatureBody | None = None
 
     @model_validator(mode="after")
     def _reason_is_given(self) -> Self:

@@ -1,29 +1,37 @@
-"""The control API over HTTP (aiohttp): run start, phase, stop, site status, live status, the
-records of runs, and Prometheus metrics.
+"""The control API over HTTP (aiohttp): logins, run start, phase, stop, site status, live
+status, the records of runs, Prometheus metrics and the OpenAPI schema of it all.
 
-Listens on the site's `api.listen` (127.0.0.1 by default). Until named users arrive with the
-console, a request is served only if it comes from a client on this machine and not from a web
-page: its Host must name this API (pocd.api.authority), a browser's Origin must be this API's,
-and a body must be `application/json` in UTF-8 (a page of another site cannot send that without
-a CORS preflight, which is not answered). Bodies are typed models (pocd.api.bodies).
+Every endpoint is one `Route` of `ROUTES`: its method and path, the action of the
+permission matrix it takes (pocd.access.roles), its body and answer models. The same table
+makes the application and its OpenAPI schema (pocd.api.openapi), so the schema cannot drift
+from what is served. Who is asking, and whether they may, is the guard's (pocd.api.guard):
+every request but a login and the reads `api.public` opens comes from a named user's session,
+a browser's cookie or the CLI's bearer token, and the identity in the records is the
+session's, never a field of the body.
+
+Listens on the site's `api.listen` (127.0.0.1 by default) and, with `api.tls_listen`, over TLS
+too. A request's Host must name this API (pocd.api.authority), a browser's Origin must be this
+API's, and a body must be `application/json` in UTF-8 (a page of another site cannot send that
+without a CORS preflight, which is not answered). Bodies are typed models (pocd.api.bodies).
 
 Every answer is valid JSON (a non-finite number is null), errors as {"error": ...}: 400 a
-malformed request, naming the field; 403 a foreign Origin; 413 a body over CLIENT_MAX_SIZE;
-415 a body that is not JSON in UTF-8; 409 an operation run control refused; 503 one it could
-not complete (the store did not commit in time). Never a 500 for anything a client sent.
+malformed request, naming the field; 401 no session (or an ended one), a wrong login; 403 a
+role that does not allow the action, a foreign Origin, a missing CSRF token, a wrong signature
+password; 413 a body over CLIENT_MAX_SIZE; 415 a body that is not JSON in UTF-8; 409 an
+operation run control refused; 428 an operation that needs an electronic signature; 429 a
+locked account; 503 one not completed (the store did not commit in time). Never a 500 for
+anything a client sent.
 
-It depends on run control, the status view and a read-only store through small interfaces,
-never on the daemon: reads of the record run in a thread of their own on their own read-only
-connection, so a long commit stalls neither them nor the event loop (and so the devices).
+It depends on run control, the status view, a recorder of audit entries and a read-only
+store through small interfaces, never on the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+import ssl
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,46 +39,67 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import hdrs, web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from pocd.access import Action, SessionKind
+from pocd.api import answers
 from pocd.api.authority import Authority
 from pocd.api.bodies import (
+    LoginRequest,
     PhaseRequest,
     RunStartRequest,
     RunStopRequest,
     SiteStatusRequest,
     explain,
 )
+from pocd.api.guard import Guard, Principal, Recorder, Refusal
 from pocd.api.metrics import render_metrics
+from pocd.api.openapi import openapi_document
+from pocd.api.reader import StoreReader
 from pocd.configtypes import StrictModel
-from pocd.errors import PocdError, RunError
+from pocd.errors import PocdError, RunError, SignatureRequired
 from pocd.model import PhaseChange, Run, SiteStatus
 from pocd.records import json_bytes, run_detail, run_summary
+from pocd.signatures import Signer
 from pocd.store import Store
+from pocd.store.recordtypes import iso
 
 if TYPE_CHECKING:
-    from pocd.settings import ApiSection
+    from pocd.settings import AccessSection, ApiSection
 
-__all__ = ["CLIENT_MAX_SIZE", "Authority", "RunControl", "StatusView", "make_app", "serve_api"]
+__all__ = [
+    "CLIENT_MAX_SIZE",
+    "COOKIE",
+    "CSRF_HEADER",
+    "ROUTES",
+    "Authority",
+    "Route",
+    "RunControl",
+    "StatusView",
+    "make_app",
+    "serve_api",
+]
 
 log = structlog.get_logger("pocd.api")
 
-# The largest body read. Every valid body is far smaller (five identifiers of at most 128
-# characters and a reason of at most 2000, even escaped as \uXXXX pairs); a bigger one is
-# refused before it is parsed.
+# The largest body read. Every valid body is far smaller (a few identifiers of at most 128
+# characters, a reason of at most 2000 and a password of at most 1024, even escaped as \uXXXX
+# pairs); a bigger one is refused before it is parsed.
 CLIENT_MAX_SIZE = 64 * 1024
+COOKIE = "pocd_session"
+CSRF_HEADER = "X-CSRF-Token"
 _SAFE_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD, hdrs.METH_OPTIONS})
 _UTF8 = frozenset({"utf-8", "utf8"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Body = TypeVar("Body", bound=StrictModel)
-T = TypeVar("T")
 
 
 class RunControl(Protocol):
     """Start runs on lines, advance and stop them by id, change the site's status; each
-    answers once committed. `line` or `run` None: the site's only line, or its run. Raises
-    RunError for an operation refused, another PocdError for one not completed."""
+    answers once committed. `line` or `run` None: the site's only line, or its run. A
+    critical operation takes the actor's `signature`. Raises SignatureRequired for one that
+    needs it, RunError for an operation refused, another PocdError for one not completed."""
 
     async def start_run(
         self,
@@ -83,14 +112,28 @@ class RunControl(Protocol):
     ) -> Run: ...
 
     async def advance_phase(
-        self, phase: str, operator: str, reason: str = "", *, run: str | None = None
+        self,
+        phase: str,
+        operator: str,
+        reason: str = "",
+        *,
+        run: str | None = None,
+        signature: Signer | None = None,
     ) -> PhaseChange: ...
 
     async def stop_run(
-        self, operator: str, *, abort: bool = False, reason: str = "", run: str | None = None
+        self,
+        operator: str,
+        *,
+        abort: bool = False,
+        reason: str = "",
+        run: str | None = None,
+        signature: Signer | None = None,
     ) -> Run: ...
 
-    async def set_site_status(self, status: SiteStatus, operator: str, reason: str) -> None: ...
+    async def set_site_status(
+        self, status: SiteStatus, operator: str, reason: str, *, signature: Signer | None = None
+    ) -> None: ...
 
 
 class StatusView(Protocol):
@@ -103,59 +146,64 @@ class StatusView(Protocol):
         ...
 
 
-class _Records:
-    """The API's own read-only connection to the store. Every read runs in the API's one
-    reader thread: a read neither waits for the writer's lock nor holds up the event loop,
-    and a burst of reads queues there instead of taking the worker threads the store writer
-    commits in. The connection is opened at the first read (so the API listens at once) and
-    closed with the app."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._store: Store | None = None
-        self._opening = threading.Lock()
-        # One thread: the connection serves one query at a time anyway.
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="pocd-api-read")
-
-    async def read(self, query: Callable[[Store], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._read, query)
-
-    def _read(self, query: Callable[[Store], T]) -> T:
-        with self._opening:
-            if self._store is None:
-                self._store = Store(self.path, readonly=True)
-            store = self._store
-        return query(store)
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=True)  # the reads under way finish first
-        with self._opening:
-            if self._store is not None:
-                self._store.close()
-                self._store = None
-
-
 @dataclass(frozen=True, slots=True)
 class _Parts:
     control: RunControl
     view: StatusView
-    records: _Records
+    records: StoreReader
+    guard: Guard
     metrics: Callable[[], bytes]
-    authority: Authority
+    authorities: tuple[Authority, ...]
+    public: frozenset[str]
+    openapi: dict[str, Any]
 
 
 PARTS: web.AppKey[_Parts] = web.AppKey("parts")
 
 
-class _Refusal(Exception):
-    """A request refused before it reaches run control; becomes {"error": message}."""
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A request as a route's handler gets it: who asks (None on an open route), its body,
+    and the signer, where the body carried a signature that checked out."""
 
-    def __init__(self, status: int, message: str, fields: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.fields = fields
+    request: web.Request
+    principal: Principal | None
+    body: Any
+    signer: Signer | None = None
+
+    @property
+    def parts(self) -> _Parts:
+        return self.request.app[PARTS]
+
+    @property
+    def login(self) -> str:
+        assert self.principal is not None
+        return self.principal.login
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One endpoint. `action` is what the permission matrix is asked (of the body, where it
+    depends on it), None for a login, which needs no session; `public` names the `api.public`
+    entry that opens it to callers without one; `signs` the action a body's signature signs.
+    `body` and `answer` are the models the OpenAPI schema is made of."""
+
+    method: str
+    path: str
+    handler: Callable[[Call], Awaitable[web.StreamResponse]]
+    summary: str
+    action: Action | Callable[[Any], Action] | None
+    body: type[StrictModel] | None = None
+    answer: type[BaseModel] | None = None
+    status: int = 200
+    public: str | None = None
+    signs: Callable[[Any], Action] | None = None
+    content_type: str = "application/json"
+
+    def action_of(self, body: Any) -> Action | None:
+        if self.action is None or isinstance(self.action, Action):
+            return self.action
+        return self.action(body)
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -168,11 +216,16 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
-def _error(status: int, message: str, fields: list[str] | None = None) -> web.Response:
+def _error(
+    status: int,
+    message: str,
+    fields: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     body: dict[str, Any] = {"error": message}
     if fields is not None:
         body["fields"] = fields
-    return _json(body, status)
+    return _json(body, status, headers)
 
 
 @web.middleware
@@ -181,8 +234,10 @@ async def _answers(request: web.Request, handler: Handler) -> web.StreamResponse
     405, 413) and, should a handler have a bug, a 500 that says so."""
     try:
         return await handler(request)
-    except _Refusal as exc:
-        return _error(exc.status, exc.message, exc.fields)
+    except Refusal as exc:
+        return _error(exc.status, exc.message, exc.fields, exc.headers)
+    except SignatureRequired as exc:
+        return _error(428, str(exc), ["signature"])
     except RunError as exc:
         return _error(409, str(exc))
     except PocdError as exc:  # the operation was not completed (e.g. not committed in time)
@@ -205,32 +260,33 @@ async def _answers(request: web.Request, handler: Handler) -> web.StreamResponse
 async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse what a web page could send: a foreign Host (DNS rebinding), a foreign Origin,
     and a body that is not JSON (a cross-site form or text/plain POST needs no preflight)."""
-    authority = request.app[PARTS].authority
+    authorities = request.app[PARTS].authorities
     host = request.headers.get(hdrs.HOST)
-    if not authority.accepts_host(host):
+    if not any(a.accepts_host(host) for a in authorities):
         said = "no Host header" if host is None else f"Host {host!r}"
-        raise _Refusal(
+        listens = " or ".join(a.listen for a in authorities)
+        raise Refusal(
             400,
-            f"{said} does not name this API (api.listen = {authority.listen}); "
+            f"{said} does not name this API (it listens on {listens}); "
             "requests are served only to clients that address it as it listens",
             ["Host"],
         )
     origin = request.headers.get(hdrs.ORIGIN)
-    if origin is not None and not authority.accepts_origin(origin):
-        raise _Refusal(
+    if origin is not None and not any(a.accepts_origin(origin) for a in authorities):
+        raise Refusal(
             403, f"a request from the web page {origin!r} is refused: it is not this API's"
         )
     routed = request.match_info.http_exception is None  # else a 404 or 405 says more
     if routed and request.method not in _SAFE_METHODS:
         if request.content_type != "application/json":
-            raise _Refusal(
+            raise Refusal(
                 415,
                 f"Content-Type must be application/json (got {request.content_type})",
                 ["Content-Type"],
             )
         charset = request.charset
         if charset is not None and charset.lower() not in _UTF8:
-            raise _Refusal(415, f"a JSON body is UTF-8, not charset {charset!r}", ["Content-Type"])
+            raise Refusal(415, f"a JSON body is UTF-8, not charset {charset!r}", ["Content-Type"])
     return await handler(request)
 
 
@@ -239,33 +295,133 @@ async def _body(request: web.Request, model: type[Body]) -> Body:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _Refusal(400, f"body: not UTF-8 text (byte {exc.start})", ["body"]) from None
+        raise Refusal(400, f"body: not UTF-8 text (byte {exc.start})", ["body"]) from None
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         message, fields = explain(exc)
-        raise _Refusal(400, message, fields) from None
+        raise Refusal(400, message, fields) from None
 
 
-def _parts(request: web.Request) -> _Parts:
-    return request.app[PARTS]
+async def _principal(request: web.Request, guard: Guard) -> Principal:
+    """The session of a request: its bearer token (the CLI), else its cookie (a browser,
+    whose state-changing requests also carry the CSRF token)."""
+    authorization = request.headers.get(hdrs.AUTHORIZATION)
+    if authorization is not None:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Refusal(401, "Authorization: only `Bearer <token>` is accepted", ["Authorization"])
+        return await guard.principal(token.strip(), "bearer", csrf=False)
+    csrf: str | None | bool = (
+        False if request.method in _SAFE_METHODS else request.headers.get(CSRF_HEADER)
+    )
+    return await guard.principal(request.cookies.get(COOKIE), "cookie", csrf=csrf)
 
 
-async def status(request: web.Request) -> web.Response:
-    return _json(_parts(request).view.status())
+def _endpoint(route: Route) -> Handler:
+    """The handler of a route: the session (unless the route is open), the body, the
+    permission check, the signature check, then the route's own handler."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        parts = request.app[PARTS]
+        open_ = route.action is None or (route.public is not None and route.public in parts.public)
+        principal = None if open_ else await _principal(request, parts.guard)
+        body = await _body(request, route.body) if route.body is not None else None
+        signer = None
+        if principal is not None:
+            action = route.action_of(body)
+            assert action is not None
+            await parts.guard.authorize(principal, action, request.path)
+            signature = getattr(body, "signature", None)
+            if signature is not None and route.signs is not None:
+                signed = route.signs(body)
+                signer = await parts.guard.sign(principal, signed, signature, _address(request))
+        return await route.handler(Call(request, principal, body, signer))
+
+    handle.__name__ = route.handler.__name__
+    return handle
 
 
-async def prometheus(request: web.Request) -> web.Response:
-    body = _parts(request).metrics()
-    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+def _address(request: web.Request) -> str:
+    return request.remote or ""
+
+
+# --- the handlers ---------------------------------------------------------------------------
+
+
+def _session_answer(parts: _Parts, principal: Principal) -> dict[str, Any]:
+    session, user = principal.session, principal.user
+    return {
+        "login": user.login,
+        "name": user.name,
+        "roles": list(user.roles),
+        "client": session.kind.value,
+        "session": session.id,
+        "expires": iso(session.created + int(parts.guard.access.session_max * 1e9)),
+        "idle_timeout_s": parts.guard.access.session_idle,
+    }
+
+
+async def login(call: Call) -> web.StreamResponse:
+    body: LoginRequest = call.body
+    parts, request = call.parts, call.request
+    kind = SessionKind(body.client)
+    token, session, user = await parts.guard.login(
+        body.login, body.password, kind, _address(request)
+    )
+    principal = Principal(user, session, token, "cookie" if kind is SessionKind.BROWSER else "bearer")
+    answer = _session_answer(parts, principal)
+    if kind is SessionKind.BROWSER:
+        response = _json({**answer, "csrf": session.csrf})
+        response.set_cookie(
+            COOKIE,
+            token,
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+            path="/",
+            max_age=int(parts.guard.access.session_max),
+        )
+        return response
+    return _json({**answer, "token": token})
+
+
+async def logout(call: Call) -> web.StreamResponse:
+    assert call.principal is not None
+    await call.parts.guard.logout(call.principal)
+    response = _json({"logged_out": call.login})
+    if call.principal.via == "cookie":
+        response.del_cookie(COOKIE, path="/")
+    return response
+
+
+async def session(call: Call) -> web.StreamResponse:
+    assert call.principal is not None
+    return _json(_session_answer(call.parts, call.principal))
+
+
+async def health(call: Call) -> web.StreamResponse:
+    return _json({"status": "ok"})
+
+
+async def openapi(call: Call) -> web.StreamResponse:
+    return _json(call.parts.openapi)
+
+
+async def status(call: Call) -> web.StreamResponse:
+    return _json(call.parts.view.status())
+
+
+async def prometheus(call: Call) -> web.StreamResponse:
+    return web.Response(body=call.parts.metrics(), content_type="text/plain", charset="utf-8")
 
 
 def _runs_of(records: Store) -> list[dict[str, Any]]:
     return [run_summary(r) for r in records.runs()]
 
 
-async def list_runs(request: web.Request) -> web.Response:
-    return _json(await _parts(request).records.read(_runs_of))
+async def list_runs(call: Call) -> web.StreamResponse:
+    return _json(await call.parts.records.read(_runs_of))
 
 
 def _detail_of(records: Store, *, key: str) -> dict[str, Any] | None:
@@ -273,31 +429,35 @@ def _detail_of(records: Store, *, key: str) -> dict[str, Any] | None:
     return None if run is None else run_detail(records, run)
 
 
-async def show_run(request: web.Request) -> web.Response:
-    key = request.match_info["run"]
-    detail = await _parts(request).records.read(partial(_detail_of, key=key))
+async def show_run(call: Call) -> web.StreamResponse:
+    key = call.request.match_info["run"]
+    detail = await call.parts.records.read(partial(_detail_of, key=key))
     if detail is None:
-        raise _Refusal(404, f"no run {key!r} (give a run id, a unique prefix or a batch id)")
+        raise Refusal(404, f"no run {key!r} (give a run id, a unique prefix or a batch id)")
     return _json(detail)
 
 
-async def list_lines(request: web.Request) -> web.Response:
-    return _json(_parts(request).view.line_status())
+async def list_lines(call: Call) -> web.StreamResponse:
+    return _json(call.parts.view.line_status())
 
 
-async def start_run(request: web.Request) -> web.Response:
-    body = await _body(request, RunStartRequest)
-    run = await _parts(request).control.start_run(
-        body.batch_id, body.protocol, body.version, body.operator, line=body.line
+async def start_run(call: Call) -> web.StreamResponse:
+    body: RunStartRequest = call.body
+    run = await call.parts.control.start_run(
+        body.batch_id, body.protocol, body.version, call.login, line=body.line
     )
     return _json(run_summary(run), status=201)
 
 
-async def phase(request: web.Request) -> web.Response:
+async def phase(call: Call) -> web.StreamResponse:
     """POST /api/runs/{run}/phase, or /api/run/phase: the run of a site with one line."""
-    body = await _body(request, PhaseRequest)
-    change = await _parts(request).control.advance_phase(
-        body.phase, body.operator, body.reason, run=request.match_info.get("run")
+    body: PhaseRequest = call.body
+    change = await call.parts.control.advance_phase(
+        body.phase,
+        call.login,
+        body.reason,
+        run=call.request.match_info.get("run"),
+        signature=call.signer,
     )
     return _json(
         {
@@ -309,19 +469,72 @@ async def phase(request: web.Request) -> web.Response:
     )
 
 
-async def stop_run(request: web.Request) -> web.Response:
+async def stop_run(call: Call) -> web.StreamResponse:
     """POST /api/runs/{run}/stop, or /api/run/stop: the run of a site with one line."""
-    body = await _body(request, RunStopRequest)
-    run = await _parts(request).control.stop_run(
-        body.operator, abort=body.abort, reason=body.reason, run=request.match_info.get("run")
+    body: RunStopRequest = call.body
+    run = await call.parts.control.stop_run(
+        call.login,
+        abort=body.abort,
+        reason=body.reason,
+        run=call.request.match_info.get("run"),
+        signature=call.signer,
     )
     return _json(run_summary(run))
 
 
-async def site_status(request: web.Request) -> web.Response:
-    body = await _body(request, SiteStatusRequest)
-    await _parts(request).control.set_site_status(body.status, body.operator, body.reason)
+async def site_status(call: Call) -> web.StreamResponse:
+    body: SiteStatusRequest = call.body
+    await call.parts.control.set_site_status(
+        body.status, call.login, body.reason, signature=call.signer
+    )
     return _json({"status": body.status.value})
+
+
+def _stop_action(body: RunStopRequest) -> Action:
+    return Action.RUN_ABORT if body.abort else Action.RUN_STOP
+
+
+def _phase_signs(_: PhaseRequest) -> Action:
+    return Action.RUN_PHASE_OVERRIDE
+
+
+def _site_signs(_: SiteStatusRequest) -> Action:
+    return Action.SITE_STATUS
+
+
+_PHASE = dict(
+    handler=phase,
+    action=Action.RUN_PHASE,
+    body=PhaseRequest,
+    answer=answers.PhaseAnswer,
+    signs=_phase_signs,
+)
+_STOP = dict(
+    handler=stop_run,
+    action=_stop_action,
+    body=RunStopRequest,
+    answer=answers.RunAnswer,
+    signs=_stop_action,
+)
+
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/api/login", login, "Log in: a session", None, LoginRequest, answers.SessionAnswer),
+    Route("POST", "/api/logout", logout, "Log out: end this session", Action.SESSION_READ, answer=answers.LogoutAnswer),
+    Route("GET", "/api/session", session, "Who is logged in", Action.SESSION_READ, answer=answers.SessionAnswer),
+    Route("GET", "/api/health", health, "Whether the API answers", Action.STATUS_READ, answer=answers.HealthAnswer, public="health"),
+    Route("GET", "/api/openapi.json", openapi, "This schema", Action.STATUS_READ, answer=answers.ObjectAnswer, public="openapi"),
+    Route("GET", "/metrics", prometheus, "Prometheus metrics", Action.STATUS_READ, public="metrics", content_type="text/plain"),
+    Route("GET", "/api/status", status, "The live status of the site", Action.STATUS_READ, answer=answers.ObjectAnswer, public="status"),
+    Route("GET", "/api/lines", list_lines, "The lines and what each is doing", Action.LINES_READ, answer=answers.LinesAnswer, public="lines"),
+    Route("GET", "/api/runs", list_runs, "Every run", Action.RUNS_READ, answer=answers.RunsAnswer, public="runs"),
+    Route("GET", "/api/runs/{run}", show_run, "A run with its records and signatures", Action.RUNS_READ, answer=answers.ObjectAnswer, public="runs"),
+    Route("POST", "/api/runs", start_run, "Start a run", Action.RUN_START, RunStartRequest, answers.RunAnswer, status=201),
+    Route("POST", "/api/runs/{run}/phase", summary="Enter a phase (out of order: signed)", **_PHASE),  # type: ignore[arg-type]
+    Route("POST", "/api/runs/{run}/stop", summary="Complete or abort (signed) a run", **_STOP),  # type: ignore[arg-type]
+    Route("POST", "/api/run/phase", summary="Enter a phase of the only line's run", **_PHASE),  # type: ignore[arg-type]
+    Route("POST", "/api/run/stop", summary="Complete or abort the only line's run", **_STOP),  # type: ignore[arg-type]
+    Route("POST", "/api/site/status", site_status, "Suspend, cease or reactivate the site (signed)", Action.SITE_STATUS, SiteStatusRequest, answers.SiteStatusAnswer, signs=_site_signs),
+)  # fmt: skip
 
 
 def make_app(
@@ -330,64 +543,90 @@ def make_app(
     view: StatusView,
     store_path: Path,
     metrics: Callable[[], bytes],
-    authority: Authority,
+    authorities: Collection[Authority],
+    access: AccessSection,
+    recorder: Recorder,
+    public: Collection[str] = ("metrics", "health", "openapi"),
 ) -> web.Application:
     """The API's application: control and view as given, reads from the store at
-    `store_path` (its own read-only connection), `metrics` renders /metrics."""
+    `store_path` (its own read-only connection), `metrics` renders /metrics, the guard's
+    audit entries go to `recorder`, and the reads named in `public` need no login."""
     app = web.Application(middlewares=[_answers, _same_origin], client_max_size=CLIENT_MAX_SIZE)
-    records = _Records(store_path)
-    app[PARTS] = _Parts(control, view, records, metrics, authority)
-
-    async def close_records(_: web.Application) -> None:
-        await asyncio.to_thread(records.close)
-
-    app.on_cleanup.append(close_records)
-    app.add_routes(
-        [
-            web.get("/api/status", status),
-            web.get("/metrics", prometheus),
-            web.get("/api/lines", list_lines),
-            web.get("/api/runs", list_runs),
-            web.get("/api/runs/{run}", show_run),
-            web.post("/api/runs", start_run),
-            web.post("/api/runs/{run}/phase", phase),
-            web.post("/api/runs/{run}/stop", stop_run),
-            # the run of a site with one line, as before lines
-            web.post("/api/run/phase", phase),
-            web.post("/api/run/stop", stop_run),
-            web.post("/api/site/status", site_status),
-        ]
+    records = StoreReader(store_path)
+    guard = Guard(access, reader=records, recorder=recorder)
+    public_set = frozenset(public)
+    app[PARTS] = _Parts(
+        control,
+        view,
+        records,
+        guard,
+        metrics,
+        tuple(authorities),
+        public_set,
+        openapi_document(ROUTES, public_set),
     )
+
+    async def close(_: web.Application) -> None:
+        await asyncio.to_thread(records.close)
+        await asyncio.to_thread(guard.close)
+
+    app.on_cleanup.append(close)
+    app.add_routes([web.route(r.method, r.path, _endpoint(r)) for r in ROUTES])
     return app
+
+
+def _tls_context(api: ApiSection) -> ssl.SSLContext:
+    assert api.tls_cert is not None and api.tls_key is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(api.tls_cert, api.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise PocdError(
+            f"api.tls_cert / api.tls_key ({api.tls_cert}, {api.tls_key}): cannot load: {exc}"
+        ) from None
+    return context
 
 
 async def serve_api(
     api: ApiSection,
+    access: AccessSection,
     *,
     control: RunControl,
     view: StatusView,
+    recorder: Recorder,
     store_path: Path,
     ready: asyncio.Event | None = None,
 ) -> None:
-    """Serve the API on `api.listen` until cancelled; `ready` is set once the socket is bound.
-    The store at `store_path` is open (and migrated) already."""
+    """Serve the API on `api.listen` (and `api.tls_listen`) until cancelled; `ready` is set
+    once the sockets are bound. The store at `store_path` is open (and migrated) already."""
     # Listening on every interface, the machine is also addressed by its host name (the
     # kernel's, no DNS lookup); any other name needs api.listen to say it.
+    names = [socket.gethostname()]
+    listens = [api.listen, *([api.tls_listen] if api.tls_listen else [])]
     app = make_app(
         control=control,
         view=view,
         store_path=store_path,
         metrics=lambda: render_metrics(view.status()),
-        authority=Authority.of_listen(api.listen, [socket.gethostname()]),
+        authorities=[Authority.of_listen(listen, names) for listen in listens],
+        access=access,
+        recorder=recorder,
+        public=api.public,
     )
+    tls = _tls_context(api) if api.tls_listen else None
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, api.host, api.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise PocdError(f"the API cannot listen on {api.listen}: {exc.strerror}") from None
+        sites = [web.TCPSite(runner, api.host, api.port)]
+        if api.tls_listen is not None:
+            host, _, port = api.tls_listen.rpartition(":")
+            sites.append(web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=tls))
+        for site, listen in zip(sites, listens, strict=True):
+            try:
+                await site.start()
+            except OSError as exc:
+                raise PocdError(f"the API cannot listen on {listen}: {exc.strerror}") from None
         if ready is not None:
             ready.set()
         await asyncio.Event().wait()

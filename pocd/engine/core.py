@@ -197,6 +197,13 @@ class Engine:
 
     # --- run and phase control ---------------------------------------------------------------
 
+    def in_order(self, phase_id: str) -> bool:
+        """Whether entering `phase_id` now keeps the protocol's order: it is the first phase
+        of a run not yet in one, or the phase after the current one."""
+        order = [p.id for p in self.protocol.phases]
+        expected = 0 if self.phase is None else order.index(self.phase) + 1
+        return expected < len(order) and order[expected] == phase_id
+
     def enter_phase(self, phase_id: str, t: int, actor: str, reason: str = "") -> list[EngineEvent]:
         """Switch to `phase_id` at `t`. Out of protocol order it needs a reason and opens a
         deviation. Open excursions close at `t` and are re-evaluated against the new limits."""
@@ -208,7 +215,7 @@ class Engine:
         if phase_id == self.phase:
             raise RunError(f"{self._what} is already in phase {phase_id!r}")
         expected = 0 if self.phase is None else order.index(self.phase) + 1
-        in_order = order.index(phase_id) == expected
+        in_order = self.in_order(phase_id)
         if not in_order and not reason.strip():
             want = order[expected] if expected < len(order) else "none (last phase)"
             raise RunError(

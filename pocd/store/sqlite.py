@@ -714,6 +714,32 @@ class Store:
         )
         return [SIGNATURE.from_row(r) for r in rows]
 
+    def audit_of(self, action: str, target: str, *, after: int = 0) -> list[AuditEntry]:
+        """The audit entries of `action` on `target` made after `after` (ns), oldest first."""
+        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE action = ? AND target = ? AND t > ?"
+        rows = self._query(f"{sql} ORDER BY id", (action, target, after))
+        return [AUDIT_ENTRY.from_row(r) for r in rows]
+
+    def signed_record(self, reference: str) -> Run | PhaseChange | AuditEntry | None:
+        """The record a signature names (pocd.signatures.reference): `run:<id>`,
+        `phase:<run id>:<t>` or `audit:<action>:<t>`; None if there is none."""
+        kind, _, key = reference.partition(":")
+        if kind == "run":
+            rows = self._query(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (key,))
+            return RUN.from_row(rows[0]) if rows else None
+        head, _, t = key.rpartition(":")
+        if not t.isdigit():
+            return None
+        if kind == "phase":
+            sql = f"SELECT {_PHASE_COLUMNS} FROM phases WHERE run_id = ? AND t = ? ORDER BY id"
+            rows = self._query(sql, (head, int(t)))
+            return PHASE_CHANGE.from_row(rows[0]) if rows else None
+        if kind == "audit":
+            sql = f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE action = ? AND t = ? ORDER BY id"
+            rows = self._query(sql, (head, int(t)))
+            return AUDIT_ENTRY.from_row(rows[0]) if rows else None
+        return None
+
     def users(self) -> list[User]:
         """Every user, disabled ones too, by login."""
         rows = self._query(f"SELECT {_USER_COLUMNS} FROM users ORDER BY login")
