@@ -16,7 +16,7 @@ import contextlib
 import random
 import signal
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Final
 
@@ -40,7 +40,7 @@ from pocd.runs import COMMIT_WAIT_S, Lines
 from pocd.settings import Site, load_site
 from pocd.sinks import build_sinks
 from pocd.status import LiveStatus
-from pocd.store import Store
+from pocd.store import Record, Store
 from pocd.store.writer import StoreWriter
 from pocd.transports import Device, DeviceRunner, get_transport
 
@@ -149,8 +149,10 @@ class Daemon:
                 tg.create_task(
                     serve_api(
                         self.site.config.api,
+                        self.site.config.access,
                         control=self.lines,
                         view=self.view,
+                        recorder=self,
                         store_path=self.site.store_path,
                         ready=ready,
                     ),
@@ -344,6 +346,12 @@ class Daemon:
     async def flush(self, *, within: float | None = None) -> None:
         """Commit everything queued (see StoreWriter.flush)."""
         await self.writer.flush(within=within)
+
+    async def record(self, records: Sequence[Record]) -> None:
+        """Commit records as one transaction, waiting for it a while (the API's audit
+        entries of logins, refusals and signatures: pocd.api.guard.Recorder)."""
+        self.writer.add_group(records)
+        await self.writer.flush(within=COMMIT_WAIT_S)
 
     @property
     def pending_count(self) -> int:

@@ -14,8 +14,8 @@ from typing import Any
 from pydantic import ConfigDict, TypeAdapter
 
 from pocd.model import Run
-from pocd.store import Store
 from pocd.signatures import verify
+from pocd.store import Store
 from pocd.store.recordtypes import DEVIATION, EXCURSION, PHASE_CHANGE, RUN, SIGNATURE, iso
 
 __all__ = ["iso", "json_bytes", "readable", "run_detail", "run_summary"]

@@ -210,7 +210,7 @@ class Guard:
     # --- sessions ---------------------------------------------------------------------------
 
     async def principal(
-        self, token: str | None, via: Literal["cookie", "bearer"], *, csrf: str | None | bool
+        self, token: str | None, via: Literal["cookie", "bearer"], *, csrf: str | bool | None
     ) -> Principal:
         """The user of a session token; Refusal 401 without a live session, 403 when a
         browser's state-changing request lacks its CSRF token (`csrf` is the header offered,

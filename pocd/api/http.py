@@ -310,9 +310,11 @@ async def _principal(request: web.Request, guard: Guard) -> Principal:
     if authorization is not None:
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Refusal(401, "Authorization: only `Bearer <token>` is accepted", ["Authorization"])
+            raise Refusal(
+                401, "Authorization: only `Bearer <token>` is accepted", ["Authorization"]
+            )
         return await guard.principal(token.strip(), "bearer", csrf=False)
-    csrf: str | None | bool = (
+    csrf: str | bool | None = (
         False if request.method in _SAFE_METHODS else request.headers.get(CSRF_HEADER)
     )
     return await guard.principal(request.cookies.get(COOKIE), "cookie", csrf=csrf)
@@ -369,7 +371,9 @@ async def login(call: Call) -> web.StreamResponse:
     token, session, user = await parts.guard.login(
         body.login, body.password, kind, _address(request)
     )
-    principal = Principal(user, session, token, "cookie" if kind is SessionKind.BROWSER else "bearer")
+    principal = Principal(
+        user, session, token, "cookie" if kind is SessionKind.BROWSER else "bearer"
+    )
     answer = _session_answer(parts, principal)
     if kind is SessionKind.BROWSER:
         response = _json({**answer, "csrf": session.csrf})
@@ -502,39 +506,63 @@ def _site_signs(_: SiteStatusRequest) -> Action:
     return Action.SITE_STATUS
 
 
-_PHASE = dict(
-    handler=phase,
-    action=Action.RUN_PHASE,
-    body=PhaseRequest,
-    answer=answers.PhaseAnswer,
-    signs=_phase_signs,
-)
-_STOP = dict(
-    handler=stop_run,
-    action=_stop_action,
-    body=RunStopRequest,
-    answer=answers.RunAnswer,
-    signs=_stop_action,
-)
+def _route(
+    method: str, path: str, handler: Callable[[Call], Awaitable[web.StreamResponse]], summary: str
+) -> Callable[..., Route]:
+    return partial(Route, method, path, handler, summary)
 
+
+A = Action
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/api/login", login, "Log in: a session", None, LoginRequest, answers.SessionAnswer),
-    Route("POST", "/api/logout", logout, "Log out: end this session", Action.SESSION_READ, answer=answers.LogoutAnswer),
-    Route("GET", "/api/session", session, "Who is logged in", Action.SESSION_READ, answer=answers.SessionAnswer),
-    Route("GET", "/api/health", health, "Whether the API answers", Action.STATUS_READ, answer=answers.HealthAnswer, public="health"),
-    Route("GET", "/api/openapi.json", openapi, "This schema", Action.STATUS_READ, answer=answers.ObjectAnswer, public="openapi"),
-    Route("GET", "/metrics", prometheus, "Prometheus metrics", Action.STATUS_READ, public="metrics", content_type="text/plain"),
-    Route("GET", "/api/status", status, "The live status of the site", Action.STATUS_READ, answer=answers.ObjectAnswer, public="status"),
-    Route("GET", "/api/lines", list_lines, "The lines and what each is doing", Action.LINES_READ, answer=answers.LinesAnswer, public="lines"),
-    Route("GET", "/api/runs", list_runs, "Every run", Action.RUNS_READ, answer=answers.RunsAnswer, public="runs"),
-    Route("GET", "/api/runs/{run}", show_run, "A run with its records and signatures", Action.RUNS_READ, answer=answers.ObjectAnswer, public="runs"),
-    Route("POST", "/api/runs", start_run, "Start a run", Action.RUN_START, RunStartRequest, answers.RunAnswer, status=201),
-    Route("POST", "/api/runs/{run}/phase", summary="Enter a phase (out of order: signed)", **_PHASE),  # type: ignore[arg-type]
-    Route("POST", "/api/runs/{run}/stop", summary="Complete or abort (signed) a run", **_STOP),  # type: ignore[arg-type]
-    Route("POST", "/api/run/phase", summary="Enter a phase of the only line's run", **_PHASE),  # type: ignore[arg-type]
-    Route("POST", "/api/run/stop", summary="Complete or abort the only line's run", **_STOP),  # type: ignore[arg-type]
-    Route("POST", "/api/site/status", site_status, "Suspend, cease or reactivate the site (signed)", Action.SITE_STATUS, SiteStatusRequest, answers.SiteStatusAnswer, signs=_site_signs),
-)  # fmt: skip
+    _route("POST", "/api/login", login, "Log in: a session")(
+        None, LoginRequest, answers.SessionAnswer
+    ),
+    _route("POST", "/api/logout", logout, "Log out: end this session")(
+        A.SESSION_READ, answer=answers.LogoutAnswer
+    ),
+    _route("GET", "/api/session", session, "Who is logged in")(
+        A.SESSION_READ, answer=answers.SessionAnswer
+    ),
+    _route("GET", "/api/health", health, "Whether the API answers")(
+        A.STATUS_READ, answer=answers.HealthAnswer, public="health"
+    ),
+    _route("GET", "/api/openapi.json", openapi, "This schema")(
+        A.STATUS_READ, answer=answers.ObjectAnswer, public="openapi"
+    ),
+    _route("GET", "/metrics", prometheus, "Prometheus metrics")(
+        A.STATUS_READ, public="metrics", content_type="text/plain"
+    ),
+    _route("GET", "/api/status", status, "The live status of the site")(
+        A.STATUS_READ, answer=answers.ObjectAnswer, public="status"
+    ),
+    _route("GET", "/api/lines", list_lines, "The lines and what each is doing")(
+        A.LINES_READ, answer=answers.LinesAnswer, public="lines"
+    ),
+    _route("GET", "/api/runs", list_runs, "Every run")(
+        A.RUNS_READ, answer=answers.RunsAnswer, public="runs"
+    ),
+    _route("GET", "/api/runs/{run}", show_run, "A run with its records and signatures")(
+        A.RUNS_READ, answer=answers.ObjectAnswer, public="runs"
+    ),
+    _route("POST", "/api/runs", start_run, "Start a run")(
+        A.RUN_START, RunStartRequest, answers.RunAnswer, status=201
+    ),
+    *(
+        _route("POST", path, phase, "Enter a phase (out of protocol order: signed)")(
+            A.RUN_PHASE, PhaseRequest, answers.PhaseAnswer, signs=_phase_signs
+        )
+        for path in ("/api/runs/{run}/phase", "/api/run/phase")  # the second: the only line's
+    ),
+    *(
+        _route("POST", path, stop_run, "Complete, or abort (signed), a run")(
+            _stop_action, RunStopRequest, answers.RunAnswer, signs=_stop_action
+        )
+        for path in ("/api/runs/{run}/stop", "/api/run/stop")
+    ),
+    _route("POST", "/api/site/status", site_status, "Suspend, cease or reactivate the site")(
+        A.SITE_STATUS, SiteStatusRequest, answers.SiteStatusAnswer, signs=_site_signs
+    ),
+)
 
 
 def make_app(
