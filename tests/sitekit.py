@@ -9,17 +9,20 @@ import socket
 import subprocess
 import sys
 import time
+import functools
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from pocd.access import hash_password
 from pocd.daemon import Daemon
 from pocd.engine import Engine
-from pocd.model import Run
+from pocd.model import Run, User, now_ns
 from pocd.settings import Site, load_site
+from pocd.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,9 +77,43 @@ listen = "127.0.0.1:{free_port()}"
     return config
 
 
+# Every test user has this password; its hash is computed once (argon2 takes ~50 ms a hash).
+PASSWORD = "correct horse battery staple"
+# The test users `running` adds to every store: the default one acts on runs and the site.
+USERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "op": ("Olive Operator", ("operator", "supervisor", "qa")),
+}
+DEFAULT_USER = "op"
+
+
+@functools.cache
+def password_hash(password: str = PASSWORD) -> str:
+    return hash_password(password)
+
+
+def add_user(
+    store_path: Path, login: str, roles: Sequence[str], name: str = "", *, disabled: bool = False
+) -> User:
+    """A user with PASSWORD in the store at `store_path` (made if need be), as `pocd user add`
+    would make them."""
+    t = now_ns()
+    user = User(login, name or login.title(), tuple(roles), password_hash(), disabled, t, t)
+    with Store(store_path) as store:
+        if store.user(login) is None:
+            store.write([user])
+    return user
+
+
+def add_test_users(site: Site) -> None:
+    for login, (name, roles) in USERS.items():
+        add_user(site.store_path, login, roles, name)
+
+
 @contextlib.asynccontextmanager
 async def running(site: Site) -> AsyncIterator[Daemon]:
-    """The daemon serving `site` in this event loop, stopped (flushed, closed) on exit."""
+    """The daemon serving `site` in this event loop, stopped (flushed, closed) on exit. The
+    store holds the test users (USERS)."""
+    add_test_users(site)
     daemon = Daemon(site)
     task = asyncio.create_task(daemon.serve(handle_signals=False))
     started = asyncio.create_task(daemon.started.wait())
@@ -104,11 +141,52 @@ def run_of(daemon: Daemon) -> Run | None:
     return state.run
 
 
-async def api(site: Site, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    url = f"http://{site.config.api.listen}{path}"
-    async with aiohttp.ClientSession() as session, session.request(method, url, json=body) as resp:
-        data = await resp.json()
-        return resp.status, data
+# Bearer tokens of the test users, by (API address, login): a login costs an argon2 hash.
+_TOKENS: dict[tuple[str, str], str] = {}
+
+
+async def login(listen: str, user: str = DEFAULT_USER, password: str = PASSWORD) -> str:
+    """A bearer token of `user` at the API on `listen`, as `pocd login` gets one."""
+    body = {"login": user, "password": password, "client": "cli"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://{listen}/api/login", json=body) as resp,
+    ):
+        answer = await resp.json()
+        assert resp.status == 200, answer
+        token: str = answer["token"]
+        return token
+
+
+async def api(
+    site: Site | str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    user: str | None = DEFAULT_USER,
+) -> Any:
+    """(status, JSON answer) of one request to the API as `user` (logged in once per daemon;
+    None: no session). A body's `signature` of True is the user's signature with PASSWORD."""
+    listen = site if isinstance(site, str) else site.config.api.listen
+    if body is not None and body.get("signature") is True:
+        body = {**body, "signature": {"password": PASSWORD, "meaning": "performed"}}
+    for attempt in range(2):
+        headers = {}
+        if user is not None:
+            if (listen, user) not in _TOKENS:
+                _TOKENS[listen, user] = await login(listen, user)
+            headers["Authorization"] = f"Bearer {_TOKENS[listen, user]}"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, f"http://{listen}{path}", json=body, headers=headers) as resp,
+        ):
+            data = await resp.json()
+            if resp.status == 401 and user is not None and attempt == 0:
+                del _TOKENS[listen, user]  # a daemon restarted on this address: log in again
+                continue
+            return resp.status, data
+    raise AssertionError("unreachable")
 
 
 async def until(check: Callable[[], bool], within: float = 10.0) -> None:
@@ -122,6 +200,7 @@ async def until(check: Callable[[], bool], within: float = 10.0) -> None:
 def spawn_daemon(config: Path) -> subprocess.Popen[bytes]:
     """`pocd serve` in its own process, waited for until its API answers. Its log goes to
     `pocd.log` beside the config: a pipe nobody reads would fill and stop the daemon."""
+    add_test_users(load_site(config))
     log = config.parent / "pocd.log"
     with log.open("ab") as stderr:
         proc = subprocess.Popen(
@@ -133,7 +212,7 @@ def spawn_daemon(config: Path) -> subprocess.Popen[bytes]:
     deadline = time.monotonic() + 20
     while True:
         try:
-            with urllib.request.urlopen(f"http://{listen}/api/status", timeout=1):
+            with urllib.request.urlopen(f"http://{listen}/api/health", timeout=1):
                 return proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:

@@ -187,12 +187,12 @@ async def test_garbage_on_every_transport_stops_nothing_healthy(
                     (
                         "POST",
                         "/api/runs",
-                        {"batch_id": "B-1", "protocol": "CART-TCT", "operator": "op"},
+                        {"batch_id": "B-1", "protocol": "CART-TCT"},
                     ),
                     ("GET", "/api/status", None),
-                    ("POST", "/api/run/phase", {"phase": "activation", "operator": "op"}),
+                    ("POST", "/api/run/phase", {"phase": "activation"}),
                     ("GET", "/api/runs", None),
-                    ("POST", "/api/run/stop", {"operator": "op"}),
+                    ("POST", "/api/run/stop", {}),
                     ("GET", "/metrics", None),
                 ]
             )

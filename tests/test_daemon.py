@@ -27,7 +27,7 @@ async def test_run_lifecycle_through_the_api(tmp_path: Path) -> None:
             site,
             "POST",
             "/api/runs",
-            {"batch_id": "B-001", "protocol": "CART-TCT", "operator": "alice"},
+            {"batch_id": "B-001", "protocol": "CART-TCT"},
         )
         assert status == 201, run
         assert run["protocol_version"] == "3.1"
@@ -36,17 +36,17 @@ async def test_run_lifecycle_through_the_api(tmp_path: Path) -> None:
             site,
             "POST",
             "/api/runs",
-            {"batch_id": "B-002", "protocol": "CART-TCT", "operator": "bob"},
+            {"batch_id": "B-002", "protocol": "CART-TCT"},
         )
         assert status == 409
         assert "still running" in body["error"]
 
         status, change = await api(
-            site, "POST", "/api/run/phase", {"phase": "activation", "operator": "alice"}
+            site, "POST", "/api/run/phase", {"phase": "activation"}
         )
         assert (status, change["in_order"]) == (200, True)
         status, body = await api(
-            site, "POST", "/api/run/phase", {"phase": "harvest", "operator": "alice"}
+            site, "POST", "/api/run/phase", {"phase": "harvest"}
         )
         assert status == 409
         assert "out of protocol order" in body["error"]
@@ -54,7 +54,7 @@ async def test_run_lifecycle_through_the_api(tmp_path: Path) -> None:
             site,
             "POST",
             "/api/run/phase",
-            {"phase": "harvest", "operator": "alice", "reason": "expansion done on the bench"},
+            {"phase": "harvest", "reason": "expansion done on the bench"},
         )
         assert (status, change["in_order"]) == (200, False)
 
@@ -66,7 +66,7 @@ async def test_run_lifecycle_through_the_api(tmp_path: Path) -> None:
         assert temperature["quality"] == "good"
         assert math.isclose(temperature["value"], 37.0, abs_tol=0.1)
         await asyncio.sleep(0.3)
-        status, ended = await api(site, "POST", "/api/run/stop", {"operator": "alice"})
+        status, ended = await api(site, "POST", "/api/run/stop", {})
         assert (status, ended["status"]) == (200, "completed")
 
     with Store(site.store_path, readonly=True) as store:
@@ -98,10 +98,10 @@ async def test_run_lifecycle_through_the_api(tmp_path: Path) -> None:
 async def test_site_status_gates_runs_and_is_audited(tmp_path: Path) -> None:
     site = load_site(write_site(tmp_path))
     async with running(site):
-        body = {"status": "suspended", "operator": "cs-admin", "reason": "audit findings"}
+        body = {"status": "suspended", "reason": "audit findings", "signature": True}
         assert (await api(site, "POST", "/api/site/status", body))[0] == 200
         status, refused = await api(
-            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"}
+            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT"}
         )
         assert status == 409
         assert "suspended" in refused["error"]
@@ -123,7 +123,7 @@ async def test_draft_protocol_cannot_start_a_run(tmp_path: Path) -> None:
     (tmp_path / "protocols" / "cart-tct-3.2.toml").write_text(draft)
     site = load_site(config)
     async with running(site):
-        body = {"batch_id": "B", "protocol": "CART-TCT", "version": "3.2", "operator": "op"}
+        body = {"batch_id": "B", "protocol": "CART-TCT", "version": "3.2"}
         status, refused = await api(site, "POST", "/api/runs", body)
         assert status == 409
         assert "draft" in refused["error"]
@@ -150,11 +150,11 @@ async def test_nan_and_outage_are_recorded_and_other_devices_keep_going(tmp_path
     site = load_site(write_site(tmp_path, FAULTY_DEVICES))
     async with running(site):
         await api(
-            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"}
+            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT"}
         )
-        await api(site, "POST", "/api/run/phase", {"phase": "activation", "operator": "op"})
+        await api(site, "POST", "/api/run/phase", {"phase": "activation"})
         await asyncio.sleep(1.6)
-        await api(site, "POST", "/api/run/stop", {"operator": "op"})
+        await api(site, "POST", "/api/run/stop", {})
     with Store(site.store_path, readonly=True) as store:
         (run,) = store.runs()
         run_id = run.id
@@ -191,12 +191,12 @@ phases = { "1" = "enrichment", "2" = "activation", "3" = "transduction", "4" = "
     site = load_site(write_site(tmp_path, devices, extra))
     async with running(site) as daemon:
         await api(
-            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"}
+            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT"}
         )
         await until(
             lambda: engine_of(daemon) is not None and engine_of(daemon).phase == "expansion"
         )
-        await api(site, "POST", "/api/run/stop", {"operator": "op"})
+        await api(site, "POST", "/api/run/stop", {})
     with Store(site.store_path, readonly=True) as store:
         (run,) = store.runs()
         phases = store.phases(run.id)
@@ -347,7 +347,7 @@ async def test_reload_takes_new_protocols_and_an_invalid_config_is_an_incident(
             source.replace('version = "3.1"', 'version = "3.2"')
         )
         daemon.reload()
-        body = {"batch_id": "B", "protocol": "CART-TCT", "version": "3.2", "operator": "op"}
+        body = {"batch_id": "B", "protocol": "CART-TCT", "version": "3.2"}
         status, run = await api(site, "POST", "/api/runs", body)
         assert (status, run["protocol_version"]) == (201, "3.2")
 

@@ -105,16 +105,16 @@ async def test_100k_samples_through_the_daemon_arrive_once(
     devices = burst_devices(2, 50, 0.004, quiet_after=8.0)
     site = site_with_sink(tmp_path, sink_toml(influxd, database), devices)
     async with running(site) as daemon:
-        body = {"batch_id": "B 100k", "protocol": "CART-TCT", "operator": "alice"}
+        body = {"batch_id": "B 100k", "protocol": "CART-TCT"}
         status, run = await api(site, "POST", "/api/runs", body)
         assert status == 201, run
         await until(lambda: daemon.counts["samples"] >= 50_000, 30)
-        body = {"phase": "transduction", "operator": "alice", "reason": "activation on bench"}
+        body = {"phase": "transduction", "reason": "activation on bench"}
         status, _ = await api(site, "POST", "/api/run/phase", body)
         assert status == 200
         await until(lambda: daemon.counts["samples"] >= 100_000, 30)
         await quiet(daemon)  # the devices fell silent: no more samples come
-        await api(site, "POST", "/api/run/stop", {"operator": "alice"})
+        await api(site, "POST", "/api/run/stop", {})
         await daemon.flush()
         (sink,) = daemon.sinks
         assert isinstance(sink, InfluxSink)
@@ -170,7 +170,7 @@ async def test_influxd_killed_for_a_minute_mid_run_loses_and_doubles_nothing(
                 site,
                 "POST",
                 "/api/runs",
-                {"batch_id": "B-outage", "protocol": "CART-TCT", "operator": "op"},
+                {"batch_id": "B-outage", "protocol": "CART-TCT"},
             )
             await until(lambda: sink.status()["sent"] > 2000, 20)
             server.kill()
@@ -188,7 +188,7 @@ async def test_influxd_killed_for_a_minute_mid_run_loses_and_doubles_nothing(
                 seen.append(sink.status())
                 assert time.monotonic() < deadline, sink.status()
                 await asyncio.sleep(0.02)
-            await api(site, "POST", "/api/run/stop", {"operator": "op"})
+            await api(site, "POST", "/api/run/stop", {})
             daemon.stop()  # the devices stop with it; the sink sends what it confirmed
         # positions never went back, on either lane
         for key in ("samples", "samples.split", "samples.live"):
@@ -630,7 +630,7 @@ async def test_an_outage_loses_no_transition_of_an_excursion_or_a_deviation(
         async with running(site) as daemon:
             (sink,) = daemon.sinks
             assert isinstance(sink, InfluxSink)
-            body = {"batch_id": "B-T", "protocol": "QUICK", "operator": "op"}
+            body = {"batch_id": "B-T", "protocol": "QUICK"}
             status, run = await api(site, "POST", "/api/runs", body)
             assert status == 201, run
             await until(lambda: sink.status()["sent"] > 0)
@@ -640,7 +640,7 @@ async def test_an_outage_loses_no_transition_of_an_excursion_or_a_deviation(
             with Store(site.store_path, readonly=True) as store:
                 await until(lambda: all(e.end for e in store.excursions(run["id"])), 15)
             server.start()
-            await api(site, "POST", "/api/run/stop", {"operator": "op"})
+            await api(site, "POST", "/api/run/stop", {})
             await daemon.flush()
             await drained(sink, site)
             sent = sink.status()["cursors"]["samples"]

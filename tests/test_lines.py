@@ -109,7 +109,7 @@ async def _start(site: Site, line: str, batch: str, protocol: str) -> dict[str, 
         site,
         "POST",
         "/api/runs",
-        {"line": line, "batch_id": batch, "protocol": protocol, "operator": "alice"},
+        {"line": line, "batch_id": batch, "protocol": protocol},
     )
     assert status == 201, run
     return dict(run)
@@ -198,7 +198,7 @@ async def test_two_lines_run_two_batches_and_a_shared_device_counts_for_both(
         status, body = await _start_refused(site, "line-b", "PATIENT-A", "EXPAND-B")
         assert status == 409 and "unique" in body["error"]  # a batch id once per site
         status, change = await api(
-            site, "POST", f"/api/runs/{run_a['id']}/phase", {"phase": "wash", "operator": "bob"}
+            site, "POST", f"/api/runs/{run_a['id']}/phase", {"phase": "wash"}
         )
         assert status == 200 and change["run"] == run_a["id"]
         status, lines = await api(site, "GET", "/api/lines")
@@ -217,7 +217,7 @@ async def test_two_lines_run_two_batches_and_a_shared_device_counts_for_both(
         await until(chamber_back, within=15)
         for run in (run_a, run_b):
             status, ended = await api(
-                site, "POST", f"/api/runs/{run['id']}/stop", {"operator": "alice"}
+                site, "POST", f"/api/runs/{run['id']}/stop", {}
             )
             assert status == 200 and ended["status"] == "completed"
 
@@ -250,7 +250,7 @@ async def test_two_lines_run_two_batches_and_a_shared_device_counts_for_both(
 
 
 async def _start_refused(site: Site, line: str, batch: str, protocol: str) -> Any:
-    body = {"line": line, "batch_id": batch, "protocol": protocol, "operator": "alice"}
+    body = {"line": line, "batch_id": batch, "protocol": protocol}
     return await api(site, "POST", "/api/runs", body)
 
 
@@ -295,7 +295,7 @@ async def test_the_equipment_is_watched_between_runs(tmp_path: Path) -> None:
         await until(lambda: chamber_on_a("alert-high"), within=10)
         run = await _start(site, "line-a", "PATIENT-A", "WASH-A")
         await until(lambda: chamber_on_a("action-high"), within=10)
-        status, _ = await api(site, "POST", f"/api/runs/{run['id']}/stop", {"operator": "al"})
+        status, _ = await api(site, "POST", f"/api/runs/{run['id']}/stop", {})
         assert status == 200
         await until(lambda: not chamber_on_a("action-high") and chamber_on_a("alert-high"))
 
@@ -346,10 +346,10 @@ async def test_the_control_site_finds_every_sample_of_one_batch_in_influxdb(
         run_b = await _start(site, "line-b", "PATIENT-B", "EXPAND-B")
         mark = counted["samples"]
         await until(lambda: counted["samples"] >= mark + 60)
-        await api(site, "POST", f"/api/runs/{run_a['id']}/stop", {"operator": "al"})
+        await api(site, "POST", f"/api/runs/{run_a['id']}/stop", {})
         mark = counted["samples"]
         await until(lambda: counted["samples"] >= mark + 30)
-        await api(site, "POST", f"/api/runs/{run_b['id']}/stop", {"operator": "al"})
+        await api(site, "POST", f"/api/runs/{run_b['id']}/stop", {})
         mark = counted["samples"]
         await until(lambda: counted["samples"] >= mark + 30)
         await daemon.flush()

@@ -75,7 +75,7 @@ points.sensor_value = {{ parameter = "temperature" }}
                 site,
                 "POST",
                 "/api/runs",
-                {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"},
+                {"batch_id": "B", "protocol": "CART-TCT"},
             )
             assert status == 201
             await until(lambda: key in daemon.latest, within=15)
@@ -89,7 +89,7 @@ points.sensor_value = {{ parameter = "temperature" }}
                 await until(lambda: daemon.latest[key].t > killed_at, within=10)
                 resumed_after = time.monotonic() - back
                 await asyncio.sleep(1.0)
-                await api(site, "POST", "/api/run/stop", {"operator": "op"})
+                await api(site, "POST", "/api/run/stop", {})
     assert resumed_after < 10, f"samples resumed {resumed_after:.1f} s after the server came back"
     with Store(site.store_path, readonly=True) as store:
         (run,) = store.runs()
@@ -124,7 +124,7 @@ phases = { "1" = "enrichment", "2" = "activation", "3" = "transduction", "4" = "
     site = load_site(write_site(tmp_path, devices, extra))
     async with sim, running(site) as daemon:
         await api(
-            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"}
+            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT"}
         )
         await until(lambda: ("rotea", "protocol_step_number") in daemon.latest, within=15)
         sim.set_value("protocol_step_number", 2)
@@ -135,7 +135,7 @@ phases = { "1" = "enrichment", "2" = "activation", "3" = "transduction", "4" = "
         await until(
             lambda: engine_of(daemon) is not None and engine_of(daemon).phase == "expansion"
         )
-        await api(site, "POST", "/api/run/stop", {"operator": "op"})
+        await api(site, "POST", "/api/run/stop", {})
     with Store(site.store_path, readonly=True) as store:
         (run,) = store.runs()
         phases = store.phases(run.id)
@@ -178,7 +178,7 @@ points.sensor_value = {{ parameter = "temperature", unit = "C", stale_after = 0.
                 site,
                 "POST",
                 "/api/runs",
-                {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"},
+                {"batch_id": "B", "protocol": "CART-TCT"},
             )
         )[0] == 201
         await until(lambda: ("lads", "sensor_value") in daemon.latest, within=15)
@@ -189,7 +189,7 @@ points.sensor_value = {{ parameter = "temperature", unit = "C", stale_after = 0.
         status, live = await api(site, "GET", "/api/status")
         name = next(p for p in live["points"] if p["point"] == "protocol_name")
         assert status == 200 and name["text"] == "CAR-T Wash 3"
-        assert (await api(site, "POST", "/api/run/stop", {"operator": "op"}))[0] == 200
+        assert (await api(site, "POST", "/api/run/stop", {}))[0] == 200
     with Store(site.store_path, readonly=True) as store:
         (run,) = store.runs()
         kinds = {e.kind for e in store.excursions(run.id)}

@@ -41,7 +41,7 @@ transport = { interval = 0.05, seed = 1 }
 points.temperature = { parameter = "temperature", unit = "C", base = 37.0 }
 """
 
-START = {"batch_id": "B-1", "protocol": "CART-TCT", "operator": "op"}
+START = {"batch_id": "B-1", "protocol": "CART-TCT"}
 
 
 async def timed(call: Any) -> tuple[float, Any]:
@@ -76,7 +76,7 @@ async def test_a_record_the_store_cannot_hold_does_not_stop_later_writes(tmp_pat
         before = daemon.store.sample_count()
         elapsed, (status, _) = await timed(api(site, "POST", "/api/runs", START))
         assert status == 201 and elapsed < 2.0
-        elapsed, (status, _) = await timed(api(site, "POST", "/api/run/stop", {"operator": "op"}))
+        elapsed, (status, _) = await timed(api(site, "POST", "/api/run/stop", {}))
         assert status == 200 and elapsed < 2.0
         await until(lambda: daemon.store is not None and daemon.store.sample_count() > before + 20)
     with Store(site.store_path, readonly=True) as store:
@@ -148,7 +148,7 @@ phases = { "1" = "enrichment", "9" = "cryopreservation" }
         await until(lambda: daemon.incident_counts["rotea"] >= 1)
         await asyncio.sleep(0.5)  # many readings of the value: still one incident
         assert engine_of(daemon) is not None and engine_of(daemon).phase == "enrichment"
-        status, _ = await api(site, "POST", "/api/run/stop", {"operator": "op"})
+        status, _ = await api(site, "POST", "/api/run/stop", {})
         assert status == 200
     with Store(site.store_path, readonly=True) as store:
         (incident,) = [i for i in store.incidents() if i.code == "phase-unknown"]
@@ -171,7 +171,7 @@ async def test_an_engine_error_is_a_software_incident_and_samples_are_kept(tmp_p
         await until(lambda: daemon.counts["samples"] > count + 20)
         status, live = await api(site, "GET", "/api/status")
         assert status == 200 and live["engine_errors"] > 20
-        assert (await api(site, "POST", "/api/run/stop", {"operator": "op"}))[0] == 200
+        assert (await api(site, "POST", "/api/run/stop", {}))[0] == 200
     with Store(site.store_path, readonly=True) as store:
         (incident,) = [i for i in store.incidents() if i.code == "engine-failed"]
         assert incident.kind is IncidentKind.SOFTWARE and "ZeroDivisionError" in incident.message
@@ -191,7 +191,7 @@ phases = { "1" = "enrichment" }
         await daemon.inbox.put(Sample("incubator", "temperature", now_ns(), float("inf")))
         count = daemon.counts["samples"]
         await until(lambda: daemon.counts["samples"] > count + 5)
-        assert (await api(site, "POST", "/api/run/stop", {"operator": "op"}))[0] == 200
+        assert (await api(site, "POST", "/api/run/stop", {}))[0] == 200
 
 
 # --- item 4: back-pressure from the store -------------------------------------------------------
@@ -250,7 +250,7 @@ async def test_a_run_resumes_on_its_protocol_after_the_file_was_superseded(tmp_p
         assert engine_of(daemon) is not None, "the run is monitored"
         assert engine_of(daemon).protocol.version == "3.1"
         assert engine_of(daemon).protocol.status.value == "approved"  # as it was at the start
-        assert (await api(site, "POST", "/api/run/stop", {"operator": "op"}))[0] == 200
+        assert (await api(site, "POST", "/api/run/stop", {}))[0] == 200
     with Store(site.store_path, readonly=True) as store:
         (run,) = store.runs()
         assert all(e.end is not None for e in store.excursions(run.id))
@@ -266,7 +266,7 @@ async def test_a_run_whose_protocol_is_gone_opens_a_deviation_and_closes_what_wa
         store.write([run, PhaseChange(run.id, t, "enrichment", None, "op")])
     async with running(site) as daemon:
         assert engine_of(daemon) is None and run_of(daemon) is not None
-        assert (await api(site, "POST", "/api/run/stop", {"operator": "op"}))[0] == 200
+        assert (await api(site, "POST", "/api/run/stop", {}))[0] == 200
     with Store(site.store_path, readonly=True) as store:
         (deviation,) = store.deviations(run.id)
         assert deviation.cause is DeviationCause.PROTOCOL_MISSING
@@ -284,7 +284,7 @@ async def test_a_run_without_a_phase_record_resumes_in_its_first_phase(tmp_path:
         store.write([run])
     async with running(site) as daemon:
         assert engine_of(daemon) is not None and engine_of(daemon).phase == "enrichment"
-        assert (await api(site, "POST", "/api/run/stop", {"operator": "op"}))[0] == 200
+        assert (await api(site, "POST", "/api/run/stop", {}))[0] == 200
     with Store(site.store_path, readonly=True) as store:
         (phase,) = store.phases(run.id)
         assert (phase.phase, phase.t) == ("enrichment", t)
@@ -367,7 +367,7 @@ async def test_an_outage_across_restarts_is_one_comm_loss_excursion(tmp_path: Pa
 
 async def test_concurrent_site_status_changes_make_one_audit_entry(tmp_path: Path) -> None:
     site = load_site(write_site(tmp_path, ONE_DEVICE))
-    body = {"status": "suspended", "operator": "cs", "reason": "inspection"}
+    body = {"status": "suspended", "reason": "inspection", "signature": True}
     async with running(site):
         answers = await asyncio.gather(
             api(site, "POST", "/api/site/status", body),

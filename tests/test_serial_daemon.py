@@ -31,7 +31,7 @@ points.temperature = {{ parameter = "temperature" }}
                     site,
                     "POST",
                     "/api/runs",
-                    {"batch_id": "B", "protocol": "CART-TCT", "operator": "op"},
+                    {"batch_id": "B", "protocol": "CART-TCT"},
                 )
                 await until(lambda: daemon.counts["samples"] >= 3)
                 await pair.unplug()
@@ -43,7 +43,7 @@ points.temperature = {{ parameter = "temperature" }}
                 assert status == 200
                 point = next(p for p in live["points"] if p["parameter"] == "temperature")
                 assert point["quality"] == "good"
-                await api(site, "POST", "/api/run/stop", {"operator": "op"})
+                await api(site, "POST", "/api/run/stop", {})
         finally:
             sim.cancel()
             with contextlib.suppress(asyncio.CancelledError):
