@@ -158,6 +158,16 @@ async def login(listen: str, user: str = DEFAULT_USER, password: str = PASSWORD)
         return token
 
 
+SIGNATURE = {"password": PASSWORD, "meaning": "performed"}
+
+
+async def bearer(listen: str, user: str = DEFAULT_USER) -> dict[str, str]:
+    """The Authorization header of `user` at the API on `listen` (logged in once)."""
+    if (listen, user) not in _TOKENS:
+        _TOKENS[listen, user] = await login(listen, user)
+    return {"Authorization": f"Bearer {_TOKENS[listen, user]}"}
+
+
 async def api(
     site: Site | str,
     method: str,
@@ -170,13 +180,9 @@ async def api(
     None: no session). A body's `signature` of True is the user's signature with PASSWORD."""
     listen = site if isinstance(site, str) else site.config.api.listen
     if body is not None and body.get("signature") is True:
-        body = {**body, "signature": {"password": PASSWORD, "meaning": "performed"}}
+        body = {**body, "signature": SIGNATURE}
     for attempt in range(2):
-        headers = {}
-        if user is not None:
-            if (listen, user) not in _TOKENS:
-                _TOKENS[listen, user] = await login(listen, user)
-            headers["Authorization"] = f"Bearer {_TOKENS[listen, user]}"
+        headers = {} if user is None else await bearer(listen, user)
         async with (
             aiohttp.ClientSession() as session,
             session.request(method, f"http://{listen}{path}", json=body, headers=headers) as resp,
