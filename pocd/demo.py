@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
+import secrets
 import shutil
 import socket
 import sys
@@ -39,15 +41,18 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from pocd.access import hash_password
 from pocd.daemon import Daemon, run_until
 from pocd.logs import configure_logging
-from pocd.model import Quality
-from pocd.settings import load_driver, load_site
+from pocd.model import AuditEntry, Quality, User, now_ns
+from pocd.settings import Site, load_driver, load_site
+from pocd.signatures import Signer
 from pocd.sim.modbus import Fault, ModbusSimulator, unit_from_driver
 from pocd.sim.opcua import OpcuaSimulator
 from pocd.sim.pty import pty_pair
 from pocd.sim.serial import serve as serve_serial
 from pocd.status import PointStatus
+from pocd.store import Store
 from pocd.transports.modbus import ModbusSettings
 
 __all__ = ["PHASE_SECONDS", "SHORTEST", "DemoScript", "run_demo", "write_demo_site"]
@@ -463,6 +468,37 @@ def render(daemon: Daemon, started: float) -> Group:
     return Group(head, table)
 
 
+# The demo's named users: (printed name, roles). Made in the demo's store at its first run,
+# each with a random password kept in DATA_DIR/demo-users.txt (0600), so that the demo needs no
+# typing and `pocd login -c DATA_DIR/pocd.toml --user demo-qa` works afterwards.
+DEMO_USERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "demo-operator": ("Demo Operator", ("operator",)),
+    "demo-supervisor": ("Demo Supervisor", ("supervisor",)),
+    "demo-qa": ("Demo QA Reviewer", ("qa",)),
+    "demo-qp": ("Demo Qualified Person", ("qp",)),
+    "demo-admin": ("Demo Administrator", ("admin",)),
+}
+
+
+def demo_users(site: Site) -> Path:
+    """Make the demo's users that the store does not hold yet; returns the file that keeps
+    their passwords."""
+    passwords = site.data_dir / "demo-users.txt"
+    with Store(site.store_path) as store:
+        for login, (name, roles) in DEMO_USERS.items():
+            if store.user(login) is not None:
+                continue
+            password = secrets.token_urlsafe(12)
+            t = now_ns()
+            user = User(login, name, roles, hash_password(password), False, t, t)
+            audit = AuditEntry(t, "local:demo", "user.add", login, new=" ".join(roles))
+            store.write([user, audit])
+            fd = os.open(passwords, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a") as out:
+                out.write(f"{login}\t{password}\t{' '.join(roles)}\n")
+    return passwords
+
+
 def run_demo(*, seconds: float | None, data_dir: str) -> int:
     """The demo for `seconds` (None: until Ctrl-C); ValueError for a length too short."""
     script = DemoScript.for_seconds(seconds)
@@ -493,6 +529,7 @@ def run_demo(*, seconds: float | None, data_dir: str) -> int:
         f"{counts['deviations']} deviations, {sum(daemon.incident_counts.values())} incidents."
     )
     print(f"The data is in {daemon.site.store_path} (log: {log_path}).")
+    print(f"The demo's users and their passwords are in {summary['users']}.")
     print("See it with:")
     print(f"  {prog} run list -c {config}")
     print(f"  {prog} run show -c {config} {run}")
@@ -509,10 +546,19 @@ async def _demo(
         daemon = Daemon(load_site(config))
         summary["daemon"], summary["config"] = daemon, config
 
+        summary["users"] = demo_users(daemon.site)
+        supervisor = Signer("demo-supervisor", DEMO_USERS["demo-supervisor"][0], "performed")
+
         async def operate() -> None:
             lines = daemon.lines
             for run in lines.runs():  # a demo interrupted earlier: close its runs
-                await lines.stop_run("demo", abort=True, reason="a new demo run starts", run=run.id)
+                await lines.stop_run(
+                    supervisor.login,
+                    abort=True,
+                    reason="a new demo run starts",
+                    run=run.id,
+                    signature=supervisor,
+                )
             batch = "DEMO-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
             run = await lines.start_run(batch, PROTOCOL, None, "demo-operator", line="prodigy")
             summary["run"], summary["batch"] = run.id, batch

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import shutil
 import socket
 import subprocess
 import sys
 import time
-import functools
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path

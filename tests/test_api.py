@@ -350,9 +350,7 @@ async def test_run_reads_do_not_wait_for_the_writers_commit(tmp_path: Path) -> N
     which the device runners share, keeps turning."""
     site = load_site(write_site(tmp_path))
     async with running(site) as daemon:
-        status, run = await post(
-            site, "/api/runs", {"batch_id": "B-1", "protocol": "CART-TCT"}
-        )
+        status, run = await post(site, "/api/runs", {"batch_id": "B-1", "protocol": "CART-TCT"})
         assert status == 201
         assert daemon.store is not None
         writer_lock = daemon.store._lock  # what a commit holds for its whole length

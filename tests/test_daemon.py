@@ -41,13 +41,9 @@ async def test_run_lifecycle_through_the_api(tmp_path: Path) -> None:
         assert status == 409
         assert "still running" in body["error"]
 
-        status, change = await api(
-            site, "POST", "/api/run/phase", {"phase": "activation"}
-        )
+        status, change = await api(site, "POST", "/api/run/phase", {"phase": "activation"})
         assert (status, change["in_order"]) == (200, True)
-        status, body = await api(
-            site, "POST", "/api/run/phase", {"phase": "harvest"}
-        )
+        status, body = await api(site, "POST", "/api/run/phase", {"phase": "harvest"})
         assert status == 409
         assert "out of protocol order" in body["error"]
         status, change = await api(
@@ -149,9 +145,7 @@ points.ph = { parameter = "ph", unit = "pH", base = 7.1, script = [
 async def test_nan_and_outage_are_recorded_and_other_devices_keep_going(tmp_path: Path) -> None:
     site = load_site(write_site(tmp_path, FAULTY_DEVICES))
     async with running(site):
-        await api(
-            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT"}
-        )
+        await api(site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT"})
         await api(site, "POST", "/api/run/phase", {"phase": "activation"})
         await asyncio.sleep(1.6)
         await api(site, "POST", "/api/run/stop", {})
@@ -190,9 +184,7 @@ phases = { "1" = "enrichment", "2" = "activation", "3" = "transduction", "4" = "
 """
     site = load_site(write_site(tmp_path, devices, extra))
     async with running(site) as daemon:
-        await api(
-            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT"}
-        )
+        await api(site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT"})
         await until(
             lambda: engine_of(daemon) is not None and engine_of(daemon).phase == "expansion"
         )

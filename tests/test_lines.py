@@ -216,9 +216,7 @@ async def test_two_lines_run_two_batches_and_a_shared_device_counts_for_both(
         await until(lambda: daemon.lines.counts["excursions"] >= 3, within=15)
         await until(chamber_back, within=15)
         for run in (run_a, run_b):
-            status, ended = await api(
-                site, "POST", f"/api/runs/{run['id']}/stop", {}
-            )
+            status, ended = await api(site, "POST", f"/api/runs/{run['id']}/stop", {})
             assert status == 200 and ended["status"] == "completed"
 
     shows = {}

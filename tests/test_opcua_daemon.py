@@ -123,9 +123,7 @@ phases = { "1" = "enrichment", "2" = "activation", "3" = "transduction", "4" = "
 """
     site = load_site(write_site(tmp_path, devices, extra))
     async with sim, running(site) as daemon:
-        await api(
-            site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT"}
-        )
+        await api(site, "POST", "/api/runs", {"batch_id": "B", "protocol": "CART-TCT"})
         await until(lambda: ("rotea", "protocol_step_number") in daemon.latest, within=15)
         sim.set_value("protocol_step_number", 2)
         await until(

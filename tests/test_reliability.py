@@ -31,7 +31,8 @@ from pocd.model import (
 )
 from pocd.settings import load_site
 from pocd.store import Store
-from tests.sitekit import api, engine_of, run_of, running, until, write_site
+from pocd.signatures import Signer
+from tests.sitekit import api, bearer, engine_of, run_of, running, until, write_site
 
 ONE_DEVICE = """
 [[devices]]
@@ -88,6 +89,7 @@ async def test_a_control_call_on_a_dead_store_answers_in_bounded_time(tmp_path: 
     site = load_site(write_site(tmp_path, ONE_DEVICE))
     async with running(site) as daemon:
         assert daemon.store is not None
+        await bearer(site.config.api.listen)  # logged in while the store still commits
         store, write = daemon.store, daemon.store.write
 
         def dead_disk_write(records: Any) -> None:  # fault injection: every commit fails
@@ -203,6 +205,7 @@ async def test_a_store_that_does_not_keep_up_holds_readings_back_and_says_so(
     site = load_site(write_site(tmp_path))  # five points every 50 ms
     async with running(site) as daemon:
         assert daemon.store is not None
+        await bearer(site.config.api.listen)  # logged in while the store still commits
         daemon.writer.high_water = 40
         slow_store(daemon.store, 0.5)
         await until(lambda: not daemon.writer.room.is_set(), within=10)
@@ -313,7 +316,10 @@ async def test_the_event_loop_turns_while_the_store_commits(tmp_path: Path) -> N
         try:
             await asyncio.sleep(0.3)  # a commit is under way in the writer thread
             await daemon.lines.start_run("B-1", "CART-TCT", None, "op")  # looks up the site status
-            await daemon.lines.set_site_status(SiteStatus.SUSPENDED, "cs", "audit")
+            signer = Signer("cs", "Control Site", "performed")
+            await daemon.lines.set_site_status(
+                SiteStatus.SUSPENDED, "cs", "audit", signature=signer
+            )
         finally:
             ticking.cancel()
         assert max(stalls) < 0.5, f"the event loop stalled {max(stalls):.2f} s"
