@@ -28,7 +28,7 @@ from pocd.model import NS, Quality
 from pocd.settings import load_site
 from pocd.sim.modbus import ModbusSimulator, parse_fault, unit_from_driver
 from pocd.store import Store
-from tests.sitekit import free_port, spawn_daemon, write_site
+from tests.sitekit import bearer, free_port, spawn_daemon, write_site
 
 SECONDS = float(os.environ.get("POCD_BAD_INPUT_SECONDS", "20"))  # of garbage
 HEALTHY_INTERVAL = 0.05  # the sim device: 20 samples a second
@@ -180,7 +180,8 @@ async def test_garbage_on_every_transport_stops_nothing_healthy(
     timings: list[tuple[str, float, int]] = []
     rss: list[int] = []
     try:
-        async with aiohttp.ClientSession() as session:
+        headers = await bearer(site.config.api.listen)
+        async with aiohttp.ClientSession(headers=headers) as session:
             began = time.monotonic()
             calls = itertools.cycle(
                 [
