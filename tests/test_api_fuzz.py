@@ -37,7 +37,7 @@ from schemathesis.specs.openapi.checks import (
 
 from pocd.api.http import ROUTES
 from pocd.api.openapi import openapi_document
-from pocd.settings import load_site
+from pocd.settings import ApiSection, load_site
 from tests.sitekit import PASSWORD, add_user, spawn_daemon, write_site
 
 # The conformance checks, not the data acceptance ones: an identifier the schema allows (any
@@ -240,15 +240,17 @@ def test_the_session_lasted_the_whole_fuzz(fuzzed: Fuzzed) -> None:
     assert answer.json()["login"] == FUZZER
 
 
+PUBLIC = frozenset(ApiSection().public)  # the fuzzed site's: it does not set api.public
 SESSION_NEEDED = [
     pytest.param(r.method, r.path, id=f"{r.method} {r.path}")
     for r in ROUTES
-    if r.action is not None and r.public is None
+    if r.action is not None and r.public not in PUBLIC
 ]
 
 
 @pytest.mark.parametrize(("method", "path"), SESSION_NEEDED)
 def test_without_a_session_only_401(fuzzed: Fuzzed, method: str, path: str) -> None:
+    assert fuzzed.public == PUBLIC
     operation = fuzzed.operation(method, path)
     assert operation.definition.raw["security"], "the schema says it needs no session"
 
@@ -260,6 +262,14 @@ def test_without_a_session_only_401(fuzzed: Fuzzed, method: str, path: str) -> N
         assert response.headers["www-authenticate"] == ['Bearer realm="pocd"']
 
     fuzz()
+
+
+def test_the_public_reads_need_no_session(fuzzed: Fuzzed) -> None:
+    opened = [r for r in ROUTES if r.public in PUBLIC]
+    assert {r.path for r in opened} == {"/api/health", "/api/openapi.json", "/metrics"}
+    for route in opened:
+        answer = requests.request(route.method, f"{fuzzed.base}{route.path}", timeout=30)
+        assert answer.status_code == 200, (route.path, answer.text)
 
 
 # --- what the fuzz found, pinned ---------------------------------------------------------------
