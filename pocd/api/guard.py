@@ -249,10 +249,12 @@ class Guard:
     async def sign(
         self, principal: Principal, action: Action, signature: SignatureBody, address: str
     ) -> Signer:
-        """The signer of `action`, once their password is checked again; Refusal 400 for a
-        meaning this action is not signed with, 403 for a wrong password (audited, counted
-        towards a lockout)."""
-        meanings = SIGNED[action]
+        """The signer of `action`, once their password is checked again; Refusal 400 for an
+        action that is not signed (completing a run) or a meaning it is not signed with, 403
+        for a wrong password (audited, counted towards a lockout)."""
+        meanings = SIGNED.get(action)
+        if meanings is None:
+            raise Refusal(400, f"signature: {action.value} is not signed; send none", ["signature"])
         if signature.meaning not in meanings:
             allowed = ", ".join(sorted(m.value for m in meanings))
             raise Refusal(

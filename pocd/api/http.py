@@ -277,7 +277,9 @@ async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResp
             403, f"a request from the web page {origin!r} is refused: it is not this API's"
         )
     routed = request.match_info.http_exception is None  # else a 404 or 405 says more
-    if routed and request.method not in _SAFE_METHODS:
+    # A POST without a body (a logout) has nothing to type; one a page sent carries no
+    # session a page can give it (the cookie needs its CSRF header, which needs a preflight).
+    if routed and request.method not in _SAFE_METHODS and request.body_exists:
         if request.content_type != "application/json":
             raise Refusal(
                 415,
@@ -632,6 +634,7 @@ async def serve_api(
     # kernel's, no DNS lookup); any other name needs api.listen to say it.
     names = [socket.gethostname()]
     listens = [api.listen, *([api.tls_listen] if api.tls_listen else [])]
+    tls = _tls_context(api) if api.tls_listen else None  # before the app opens the store
     app = make_app(
         control=control,
         view=view,
@@ -642,7 +645,6 @@ async def serve_api(
         recorder=recorder,
         public=api.public,
     )
-    tls = _tls_context(api) if api.tls_listen else None
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
