@@ -203,7 +203,7 @@ SITE_CASES = {
     "unknown-key-top-level": Bad(
         (("[site]", 'colour = "red"\n[site]'),),
         "colour",
-        "unknown key (known keys here: api, devices, drivers_dir, lines, protocols, run, sinks, "
+        "unknown key (known keys here: access, api, devices, drivers_dir, lines, protocols, run, sinks, "
         "site, store)",
     ),
     "unknown-key-nested": Bad(

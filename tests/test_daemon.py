@@ -43,15 +43,16 @@ async def test_run_lifecycle_through_the_api(tmp_path: Path) -> None:
 
         status, change = await api(site, "POST", "/api/run/phase", {"phase": "activation"})
         assert (status, change["in_order"]) == (200, True)
-        status, body = await api(site, "POST", "/api/run/phase", {"phase": "harvest"})
-        assert status == 409
+        override = {"phase": "harvest", "reason": "expansion done on the bench"}
+        status, body = await api(site, "POST", "/api/run/phase", override)
+        assert (status, body["fields"]) == (428, ["signature"])
         assert "out of protocol order" in body["error"]
-        status, change = await api(
-            site,
-            "POST",
-            "/api/run/phase",
-            {"phase": "harvest", "reason": "expansion done on the bench"},
+        status, body = await api(
+            site, "POST", "/api/run/phase", {"phase": "harvest", "signature": True}
         )
+        assert status == 409
+        assert "needs a reason" in body["error"]
+        status, change = await api(site, "POST", "/api/run/phase", {**override, "signature": True})
         assert (status, change["in_order"]) == (200, False)
 
         status, live = await api(site, "GET", "/api/status")
@@ -80,14 +81,16 @@ async def test_run_lifecycle_through_the_api(tmp_path: Path) -> None:
         # between runs, the line's equipment is watched (the built-in watch: no standby)
         assert actions[3:] == [
             "line.standby",
+            "login",
             "run.start",
             "run.phase",
             "run.phase",
+            "signature",
             "run.stop",
             "line.standby",
         ]
         assert audit[3].new == "pocd-equipment-watch 1"
-        assert [a.actor for a in audit][4:8] == ["alice"] * 4
+        assert [a.actor for a in audit][4:10] == ["op"] * 6
         assert store.sample_count() >= daemon.counts["samples"] > 0
 
 
@@ -109,7 +112,7 @@ async def test_site_status_gates_runs_and_is_audited(tmp_path: Path) -> None:
         assert "ceased" in refused["error"]
     with Store(site.store_path, readonly=True) as store:
         changes = [(a.old, a.new, a.actor) for a in store.audit() if a.action == "site.status"]
-        assert changes == [("active", "suspended", "cs-admin"), ("suspended", "ceased", "cs-admin")]
+        assert changes == [("active", "suspended", "op"), ("suspended", "ceased", "op")]
 
 
 async def test_draft_protocol_cannot_start_a_run(tmp_path: Path) -> None:

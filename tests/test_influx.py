@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +108,7 @@ async def test_100k_samples_through_the_daemon_arrive_once(
         status, run = await api(site, "POST", "/api/runs", body)
         assert status == 201, run
         await until(lambda: daemon.counts["samples"] >= 50_000, 30)
-        body = {"phase": "transduction", "reason": "activation on bench"}
+        body = {"phase": "transduction", "reason": "activation on bench", "signature": True}
         status, _ = await api(site, "POST", "/api/run/phase", body)
         assert status == 200
         await until(lambda: daemon.counts["samples"] >= 100_000, 30)
@@ -140,7 +139,7 @@ async def test_100k_samples_through_the_daemon_arrive_once(
     assert tagged["tags"] == {"run": run["id"], "batch": "B 100k"}
     assert tagged["values"][0][1] == in_transduction
     (run_point,) = influxd.query('SELECT "status", "operator" FROM "pocd_run"', database)
-    assert run_point["values"][0][1:] == ["completed", "alice"]
+    assert run_point["values"][0][1:] == ["completed", "op"]
     (deviation,) = influxd.query(
         'SELECT "status", "cause", "phase" FROM "pocd_deviation"', database
     )
@@ -227,9 +226,10 @@ async def test_influxd_killed_for_a_minute_mid_run_loses_and_doubles_nothing(
 
 
 def daemon_status(site: Site) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://{site.config.api.listen}/api/status", timeout=5) as r:
-        status: dict[str, Any] = json.load(r)["sinks"]["influxdb"]
-        return status
+    """The sink's live status, as the test user (logged in once per daemon)."""
+    _, live = asyncio.run(api(site, "GET", "/api/status"))
+    status: dict[str, Any] = live["sinks"]["influxdb"]
+    return status
 
 
 def test_daemon_killed_mid_forward_resends_without_doubling(

@@ -30,8 +30,8 @@ from pocd.model import (
     now_ns,
 )
 from pocd.settings import load_site
-from pocd.store import Store
 from pocd.signatures import Signer
+from pocd.store import Store
 from tests.sitekit import api, bearer, engine_of, run_of, running, until, write_site
 
 ONE_DEVICE = """
