@@ -463,7 +463,9 @@ class Lines:
                 old=RunStatus.RUNNING.value,
                 new=status.value,
             )
-            signed = self._signed(signature, "run.abort", ended, ended.id) if abort and signature else []
+            signed = (
+                self._signed(signature, "run.abort", ended, ended.id) if abort and signature else []
+            )
             state.run = None
             standby = self._standby(state, t)
             await self._commit([*self._note(events), ended, audit, *signed, *standby])
