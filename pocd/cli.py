@@ -1,17 +1,25 @@
-"""The `pocd` command line: check [--connect], serve, status, run, site, sink, demo.
+"""The `pocd` command line: check [--connect], serve, status, run, site, sink, user, login,
+logout, demo.
 
-One module of some 500 lines: one argparse tree, each command a small handler; a command that
-grows beyond that moves to its own module, as `pocd sink` did (pocd.sinks.resend).
+One module of some 950 lines: one argparse tree, each command a small handler; what a command
+needs beyond that lives in its own module, as `pocd sink` (pocd.sinks.resend), `pocd user`
+(pocd.users) and the saved sessions of `pocd login` (pocd.tokens) do.
 
 Exit codes: 0 success, 1 an operation was refused or failed, 2 invalid input (config, usage).
-Control commands (run start|phase|stop, site set, status) talk to the running daemon's API;
-`run list|show` and `site status` read the store directly, so they work when it is stopped.
+Control commands (run start|phase|stop, site set, status, line list) talk to the running
+daemon's API as the user `pocd login` logged in (its saved bearer token); `run list|show`,
+`site status` and `user ...` use the store directly, so they work when it is stopped.
+
+Passwords are asked on the terminal (a new one twice). Without a terminal (a script, a pipe)
+each is read as one line of stdin, in the order they would be asked: a new user's password
+first, then the admin's (`--as`); a signature's password where the operation needs one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import sys
 import urllib.error
@@ -20,12 +28,16 @@ import urllib.request
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from pocd import tokens
+from pocd.access import SIGNED, Action, Meaning, Role
 from pocd.errors import ConfigError, ConfigProblem, PocdError
 from pocd.records import json_bytes, readable
 from pocd.settings import Site, check_files, load_site
 
 if TYPE_CHECKING:
     from pocd.sinks import Sink
+    from pocd.store import Store
+    from pocd.users import Admin
 
 __all__ = ["main", "run_text", "status_text"]
 
@@ -109,13 +121,28 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _api(site: Site, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+class _Refused(Exception):
+    """The daemon answered an HTTP error: its status and its {"error": ...} message."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+def _call(
+    site: Site, method: str, path: str, body: dict[str, Any] | None, token: str | None
+) -> Any:
+    """One request to the daemon's API: its JSON answer, _Refused for an HTTP error, and
+    CommandError when the daemon does not answer."""
     api = site.config.api
     url = f"http://{api.listen}{path}"
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
@@ -124,14 +151,88 @@ def _api(site: Site, method: str, path: str, body: dict[str, Any] | None = None)
             message = json.load(exc).get("error", exc.reason)
         except (ValueError, AttributeError):
             message = exc.reason
-        if exc.code == 409:
-            raise CommandError(f"refused: {message}") from None
-        raise CommandError(f"the daemon answered {exc.code} {exc.reason}: {message}") from None
+        raise _Refused(exc.code, str(exc.reason), str(message)) from None
     except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
         raise CommandError(
             f"the daemon does not answer at {url} ({getattr(exc, 'reason', exc)}): "
             f"is `pocd serve -c {site.path}` running?"
         ) from None
+
+
+def _api(
+    site: Site,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    meaning: str = Meaning.PERFORMED.value,
+) -> Any:
+    """A request as the user logged in at this API (`pocd login`). An operation the daemon
+    says needs a signature (428) is sent again once, signed with `meaning`."""
+    saved = tokens.find(site.config.api.listen)
+    token = None if saved is None else saved.token
+    try:
+        return _call(site, method, path, body, token)
+    except _Refused as exc:
+        if exc.status != 428 or body is None or "signature" in body:
+            raise _refusal(site, exc, saved) from None
+        signed = {**body, "signature": _signature(site, meaning, exc.message)}
+    try:
+        return _call(site, method, path, signed, token)
+    except _Refused as exc:
+        raise _refusal(site, exc, saved) from None
+
+
+def _refusal(site: Site, exc: _Refused, saved: tokens.SavedToken | None) -> CommandError:
+    if exc.status == 401:
+        if saved is None:
+            return _not_logged_in(site)
+        return CommandError(
+            f"the daemon refused the session of {saved.login} ({exc.message}): "
+            f"run `pocd login -c {site.path}`"
+        )
+    if exc.status in (403, 409, 428, 429):
+        return CommandError(f"refused: {exc.message}")
+    return CommandError(f"the daemon answered {exc.status} {exc.reason}: {exc.message}")
+
+
+def _not_logged_in(site: Site) -> CommandError:
+    return CommandError(
+        f"not logged in at {site.config.api.listen}: run `pocd login -c {site.path}`"
+    )
+
+
+def _secret(prompt: str, *, new: bool = False) -> str:
+    """A password: asked on the terminal (a `new` one twice, as it cannot be seen), else the
+    next line of stdin, as scripts give them."""
+    stdin = sys.stdin
+    if stdin is not None and stdin.isatty():
+        secret = getpass.getpass(f"{prompt}: ")
+        if new and getpass.getpass("the same again: ") != secret:
+            raise CommandError("the two passwords differ: nothing was changed")
+        return secret
+    line = stdin.readline() if stdin is not None else ""
+    if not line:
+        raise CommandError(
+            f"{prompt}: stdin has no line for it (without a terminal, each password is read "
+            "as one line of stdin)"
+        )
+    return line.removesuffix("\n").removesuffix("\r")
+
+
+def _signature(site: Site, meaning: str, why: str) -> dict[str, str]:
+    """The electronic signature of the user logged in at this API: their password, asked
+    again, with what it means (`why` says what it signs)."""
+    saved = tokens.find(site.config.api.listen)
+    if saved is None:
+        raise _not_logged_in(site)
+    if sys.stdin is not None and sys.stdin.isatty():
+        print(why, file=sys.stderr)
+    try:
+        password = _secret(f"the password of {saved.login}, signing as {meaning}")
+    except CommandError as exc:
+        raise CommandError(f"{why}; {exc}") from None
+    return {"password": password, "meaning": meaning}
 
 
 def _print(data: Any, as_json: bool, text: str) -> None:
@@ -193,7 +294,6 @@ def _run_start(args: argparse.Namespace) -> int:
         "batch_id": args.batch,
         "protocol": args.protocol,
         "version": args.version,
-        "operator": args.operator,
     }
     run = _api(_site(args), "POST", "/api/runs", body)
     print(
@@ -204,16 +304,23 @@ def _run_start(args: argparse.Namespace) -> int:
 
 
 def _run_phase(args: argparse.Namespace) -> int:
-    body = {"phase": args.phase, "operator": args.operator, "reason": args.reason}
-    change = _api(_site(args), "POST", _run_path(args, "phase"), body)
+    body = {"phase": args.phase, "reason": args.reason}
+    change = _api(_site(args), "POST", _run_path(args, "phase"), body, meaning=args.meaning)
     order = "" if change["in_order"] else " (out of order: recorded as a deviation)"
     print(f"phase {change['previous']} -> {change['phase']}{order}")
     return 0
 
 
 def _run_stop(args: argparse.Namespace) -> int:
-    body = {"operator": args.operator, "abort": args.abort, "reason": args.reason}
-    run = _api(_site(args), "POST", _run_path(args, "stop"), body)
+    site = _site(args)
+    body: dict[str, Any] = {"abort": args.abort, "reason": args.reason}
+    if args.abort:
+        if not args.reason.strip():
+            print("pocd: run stop --abort needs --reason", file=sys.stderr)
+            return 2
+        why = "aborting a run needs your electronic signature"
+        body["signature"] = _signature(site, args.meaning, why)
+    run = _api(site, "POST", _run_path(args, "stop"), body)
     print(f"run {run['id']} {run['status']}")
     return 0
 
@@ -315,9 +422,199 @@ def _site_status(args: argparse.Namespace) -> int:
 
 
 def _site_set(args: argparse.Namespace) -> int:
-    body = {"status": args.status, "operator": args.operator, "reason": args.reason}
-    _api(_site(args), "POST", "/api/site/status", body)
+    site = _site(args)
+    why = "a site status change needs your electronic signature"
+    body = {
+        "status": args.status,
+        "reason": args.reason,
+        "signature": _signature(site, args.meaning, why),
+    }
+    _api(site, "POST", "/api/site/status", body)
     print(f"site status: {args.status}")
+    return 0
+
+
+# --- users, logins ----------------------------------------------------------------------------
+
+
+def _accounts(site: Site) -> Store:
+    """The store, to write users to (made if need be: the first admin may come first)."""
+    from pocd.store import Store
+
+    # As the daemon opens it: a store of an older schema is migrated with the site's points.
+    return Store(site.store_path, parameters=site.point_parameters(), lines=site.point_lines())
+
+
+def _admin(args: argparse.Namespace) -> Admin | None:
+    """The admin of `--as`, with their password (asked after any new password)."""
+    from pocd.users import Admin
+
+    if args.as_admin is None:
+        return None
+    return Admin(args.as_admin, _secret(f"password of admin {args.as_admin}"))
+
+
+def _new_password(site: Site, login: str) -> str:
+    from pocd.users import check_new_password
+
+    password = _secret(f"new password of {login}", new=True)
+    # Checked before anything else is asked: a password refused is asked again at once.
+    check_new_password(login, password, password_min=site.config.access.password_min)
+    return password
+
+
+def _user_add(args: argparse.Namespace) -> int:
+    from pocd.users import add_user, check_new_user
+
+    site = _site(args)
+    check_new_user(args.login, args.name, args.role)  # before a password is asked for it
+    password = _new_password(site, args.login)
+    admin = _admin(args)
+    with _accounts(site) as store:
+        user = add_user(
+            store,
+            args.login,
+            args.name,
+            args.role,
+            password,
+            admin=admin,
+            password_min=site.config.access.password_min,
+        )
+    print(f"user {user.login} added: {user.name} ({', '.join(user.roles)})")
+    return 0
+
+
+def _user_disable(args: argparse.Namespace) -> int:
+    from pocd.users import disable_user
+
+    site = _site(args)
+    admin = _admin(args)
+    with _accounts(site) as store:
+        disable_user(store, args.login, admin=admin)
+    print(f"user {args.login} disabled: their sessions end at their next request")
+    return 0
+
+
+def _user_enable(args: argparse.Namespace) -> int:
+    from pocd.users import enable_user
+
+    site = _site(args)
+    admin = _admin(args)
+    with _accounts(site) as store:
+        enable_user(store, args.login, admin=admin)
+    print(f"user {args.login} enabled")
+    return 0
+
+
+def _user_passwd(args: argparse.Namespace) -> int:
+    from pocd.users import set_password
+
+    site = _site(args)
+    password = _new_password(site, args.login)
+    admin = _admin(args)
+    with _accounts(site) as store:
+        set_password(
+            store,
+            args.login,
+            password,
+            admin=admin,
+            password_min=site.config.access.password_min,
+        )
+    print(f"password of {args.login} set")
+    return 0
+
+
+def _user_roles(args: argparse.Namespace) -> int:
+    from pocd.users import set_roles
+
+    site = _site(args)
+    admin = _admin(args)
+    with _accounts(site) as store:
+        user = set_roles(store, args.login, args.role, admin=admin)
+    print(f"user {user.login}: {', '.join(user.roles)}")
+    return 0
+
+
+def _user_unlock(args: argparse.Namespace) -> int:
+    from pocd.users import unlock_user
+
+    site = _site(args)
+    admin = _admin(args)
+    with _accounts(site) as store:
+        unlock_user(store, args.login, admin=admin)
+    print(f"user {args.login} unlocked: the daemon lifts their lockout at their next login")
+    return 0
+
+
+def _user_list(args: argparse.Namespace) -> int:
+    from pocd.store.recordtypes import iso
+
+    site = _site(args)
+    if not site.store_path.exists():
+        raise CommandError(
+            f"no store yet at {site.store_path}, so no users: add the first admin with "
+            f'`pocd user add LOGIN --name "Full Name" --role admin -c {site.path}`'
+        )
+    with _open_store(site) as store:
+        # Field by field: the password hash is never shown, nor written out as JSON.
+        found = [
+            {
+                "login": u.login,
+                "name": u.name,
+                "roles": list(u.roles),
+                "disabled": u.disabled,
+                "created": iso(u.created),
+                "changed": iso(u.changed),
+            }
+            for u in store.users()
+        ]
+    text = "\n".join(
+        f"{u['login']:<16} {u['name']:<28} {', '.join(u['roles']):<28} "
+        f"{'disabled' if u['disabled'] else 'enabled':<8} {u['created']}"
+        for u in found
+    )
+    _print(found, args.json, text or "no users")
+    return 0
+
+
+def _login(args: argparse.Namespace) -> int:
+    site = _site(args)
+    listen = site.config.api.listen
+    login = args.user or getpass.getuser()
+    password = _secret(f"password of {login} at {listen}")
+    body = {"login": login, "password": password, "client": "cli"}
+    try:
+        answer = _call(site, "POST", "/api/login", body, None)
+    except _Refused as exc:
+        raise CommandError(f"login refused: {exc.message}") from None
+    saved = tokens.SavedToken(
+        answer["login"], answer["token"], answer["session"], answer["expires"]
+    )
+    path = tokens.save(listen, saved)
+    print(
+        f"logged in at {listen} as {answer['name']} ({answer['login']}: "
+        f"{', '.join(answer['roles'])}) until {answer['expires']}, or until "
+        f"{answer['idle_timeout_s']:g} s without a request; the token is in {path}"
+    )
+    return 0
+
+
+def _logout(args: argparse.Namespace) -> int:
+    site = _site(args)
+    listen = site.config.api.listen
+    saved = tokens.find(listen)
+    if saved is None:
+        print(f"not logged in at {listen}")
+        return 0
+    note = ""
+    try:
+        _call(site, "POST", "/api/logout", None, saved.token)
+    except _Refused as exc:  # the session ended already (a restart, a timeout): forget it
+        note = f" (the daemon said: {exc.message})"
+    except CommandError:
+        note = " (the daemon does not answer; its sessions end when it stops)"
+    tokens.forget(listen)
+    print(f"logged out {saved.login} at {listen}{note}")
     return 0
 
 
@@ -420,6 +717,92 @@ def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+SECRETS = (
+    "Passwords are asked on the terminal (a new one twice). Without a terminal (a script, a "
+    "pipe) each is read as one line of stdin, in the order they would be asked: a new "
+    "password first, then the admin's (--as), then a signature's."
+)
+
+
+def with_meaning(p: argparse.ArgumentParser, action: Action) -> argparse.ArgumentParser:
+    meanings = sorted(m.value for m in SIGNED[action])
+    p.add_argument(
+        "--meaning",
+        choices=meanings,
+        default=Meaning.PERFORMED.value,
+        help="what your signature means, where one is needed (default: performed)",
+    )
+    return p
+
+
+def _account_command(sub: Any, name: str, help_: str) -> argparse.ArgumentParser:
+    p = with_config(sub.add_parser(name, help=help_, epilog=SECRETS))
+    p.add_argument("login", help="the user's login")
+    p.add_argument(
+        "--as",
+        dest="as_admin",
+        metavar="ADMIN",
+        help="the enabled admin making the change (their password is asked); needed once "
+        "the store holds one",
+    )
+    return p
+
+
+def _add_user_commands(sub: Any) -> None:
+    user = sub.add_parser(
+        "user",
+        help="named users: add, disable, enable, passwd, roles, unlock, list (the store)",
+        description="Users are kept in the store and managed on it, by whoever can write "
+        "it: the first user is an admin, added without --as; after that, every change is "
+        "made --as an enabled admin, with their password. Logins are never reused and users "
+        "never deleted, only disabled.",
+        epilog=SECRETS,
+    )
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    roles = [r.value for r in Role]
+    add = _account_command(user_sub, "add", "add a user (the first one: an admin)")
+    add.add_argument("--name", required=True, help="their full printed name (signatures show it)")
+    add.add_argument(
+        "--role", action="append", required=True, choices=roles, help="a role; repeat for more"
+    )
+    add.set_defaults(func=_user_add)
+    for name, help_, func in (
+        ("disable", "disable a user: no login, their sessions end", _user_disable),
+        ("enable", "enable a disabled user again", _user_enable),
+        ("passwd", "set a user's password", _user_passwd),
+        ("unlock", "lift a user's lockout after failed logins", _user_unlock),
+    ):
+        _account_command(user_sub, name, help_).set_defaults(func=func)
+    set_roles = _account_command(user_sub, "roles", "set a user's roles (all of them)")
+    set_roles.add_argument(
+        "--role", action="append", required=True, choices=roles, help="a role; repeat for more"
+    )
+    set_roles.set_defaults(func=_user_roles)
+    lst = with_config(user_sub.add_parser("list", help="every user (never a password hash)"))
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_user_list)
+
+
+def _add_login_commands(sub: Any) -> None:
+    where = (
+        "The token is saved in $XDG_CONFIG_HOME/pocd/tokens.json (~/.config/pocd/tokens.json), "
+        "0600, by the API's address."
+    )
+    login = with_config(
+        sub.add_parser(
+            "login",
+            help="log in to the daemon's API: control commands act as you",
+            epilog=f"{where} {SECRETS}",
+        )
+    )
+    login.add_argument("--user", metavar="LOGIN", help="your login (default: your OS user name)")
+    login.set_defaults(func=_login)
+    logout = with_config(
+        sub.add_parser("logout", help="end the session and forget its token", epilog=where)
+    )
+    logout.set_defaults(func=_logout)
+
+
 def _add_line_commands(sub: Any) -> None:
     line = sub.add_parser("line", help="the site's lines and what each is doing")
     line_sub = line.add_subparsers(dest="line_command", required=True)
@@ -436,19 +819,31 @@ def _add_run_commands(sub: Any) -> None:
     start.add_argument("--batch", required=True, help="batch id")
     start.add_argument("--protocol", required=True, help="protocol id")
     start.add_argument("--version", help="protocol version (default: the approved one)")
-    start.add_argument("--operator", required=True)
     start.set_defaults(func=_run_start)
-    phase = with_config(run_sub.add_parser("phase", help="enter the next (or another) phase"))
+    phase = with_config(
+        run_sub.add_parser(
+            "phase",
+            help="enter the next (or another) phase",
+            epilog="Out of protocol order the phase is an override: it needs a reason and "
+            f"your electronic signature, which is asked for. {SECRETS}",
+        )
+    )
     phase.add_argument("phase")
     phase.add_argument("--run", help="run id (a site of one line need not say)")
-    phase.add_argument("--operator", required=True)
     phase.add_argument("--reason", default="", help="required out of protocol order")
+    with_meaning(phase, Action.RUN_PHASE_OVERRIDE)
     phase.set_defaults(func=_run_phase)
-    stop = with_config(run_sub.add_parser("stop", help="complete (or --abort) the run"))
+    stop = with_config(
+        run_sub.add_parser(
+            "stop",
+            help="complete (or --abort) the run",
+            epilog=f"An abort needs a reason and your electronic signature. {SECRETS}",
+        )
+    )
     stop.add_argument("--run", help="run id (a site of one line need not say)")
-    stop.add_argument("--operator", required=True)
     stop.add_argument("--abort", action="store_true")
-    stop.add_argument("--reason", default="")
+    stop.add_argument("--reason", default="", help="required with --abort")
+    with_meaning(stop, Action.RUN_ABORT)
     stop.set_defaults(func=_run_stop)
     lst = with_config(run_sub.add_parser("list", help="list runs (from the store)"))
     lst.add_argument("--json", action="store_true")
@@ -493,11 +888,20 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(site_sub.add_parser("status", help="show the site status")).set_defaults(
         func=_site_status
     )
-    site_set = with_config(site_sub.add_parser("set", help="change the site status"))
+    site_set = with_config(
+        site_sub.add_parser(
+            "set",
+            help="change the site status (signed)",
+            epilog=f"The change needs your electronic signature. {SECRETS}",
+        )
+    )
     site_set.add_argument("status", choices=["active", "suspended", "ceased"])
-    site_set.add_argument("--operator", required=True)
     site_set.add_argument("--reason", required=True)
+    with_meaning(site_set, Action.SITE_STATUS)
     site_set.set_defaults(func=_site_set)
+
+    _add_user_commands(sub)
+    _add_login_commands(sub)
 
     simulate = sub.add_parser(
         "simulate",

@@ -236,3 +236,59 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+# --- the CLI as a user runs it ---------------------------------------------------------------
+
+
+def cli_env(folder: Path) -> dict[str, str]:
+    """The environment of CLI calls whose saved tokens (`pocd login`) live in `folder`, never
+    in the real home."""
+    import os
+
+    return {**os.environ, "XDG_CONFIG_HOME": str(folder / "xdg")}
+
+
+def cli_as(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """`pocd *args` in `env`, with `stdin` as its input: without a terminal, the CLI reads
+    each password it needs as one line of it."""
+    return subprocess.run(
+        [sys.executable, "-m", "pocd", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def cli_login(
+    config: Path, env: dict[str, str], user: str = DEFAULT_USER, password: str = PASSWORD
+) -> None:
+    """`pocd login` as `user`: the CLI calls in `env` act as them from now on."""
+    done = cli_as(env, "login", "-c", str(config), "--user", user, stdin=f"{password}\n")
+    assert done.returncode == 0, done.stderr
+
+
+def spawn_bare_daemon(config: Path) -> subprocess.Popen[bytes]:
+    """`pocd serve` as spawn_daemon starts it, but on the store as it is: no test users."""
+    log = config.parent / "pocd.log"
+    with log.open("ab") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pocd", "serve", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    listen = load_site(config).config.api.listen
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{listen}/api/health", timeout=1):
+                return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"daemon did not start: {log.read_text()}") from None
+            time.sleep(0.1)

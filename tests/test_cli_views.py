@@ -22,7 +22,7 @@ from pocd.model import (
 )
 from pocd.settings import load_site
 from pocd.store import Store
-from tests.sitekit import cli, write_site
+from tests.sitekit import cli_as, cli_env, write_site
 
 T0 = 1_780_000_000 * NS
 
@@ -34,8 +34,8 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
-def test_pocd_version() -> None:
-    done = cli("--version")
+def test_pocd_version(tmp_path: Path) -> None:
+    done = cli_as(cli_env(tmp_path), "--version")
     assert (done.returncode, done.stdout) == (0, f"pocd {version('pocd')}\n")
 
 
@@ -70,13 +70,14 @@ def test_run_show_rounds_for_people_and_json_keeps_every_value(tmp_path: Path) -
                 replace(run, status=RunStatus.COMPLETED, ended=T0 + 10 * NS),
             ]
         )
-    shown = cli("run", "show", "-c", str(config), "B-1")
+    env = cli_env(tmp_path)  # reads of the store need no login
+    shown = cli_as(env, "run", "show", "-c", str(config), "B-1")
     assert shown.returncode == 0, shown.stderr
     first, second = shown.stdout.split("excursions: 2\n")[1].splitlines()[:2]
     assert first.endswith("transduction 3.0 s, worst 37.66 (limit 37.5)"), first
     assert second.endswith("transduction open, worst inf (limit 37.5)"), second
 
-    as_json = cli("run", "show", "-c", str(config), "B-1", "--json")
+    as_json = cli_as(env, "run", "show", "-c", str(config), "B-1", "--json")
     assert as_json.returncode == 0, as_json.stderr
     detail = strict_json(as_json.stdout)
     one, two = detail["excursions"]
@@ -129,3 +130,43 @@ def test_status_shows_a_text_point_as_its_text_and_rounds_numbers() -> None:
     assert lines[2].split() == ["rotea.protocol_name", "CAR-T", "TCT", "v3", "recorded"]
     assert lines[3].split() == ["co2-probe.ppm", "50012", "ppm", "normal"]
     assert lines[4].split() == ["co2-probe.lost", "-", "%", "no-data"]
+
+
+def test_run_show_prints_each_signature_with_its_meaning_name_and_state() -> None:
+    from pocd.cli import run_text
+
+    signature = {
+        "t": "2026-06-01T10:00:00.000+01:00",
+        "utc_offset": "+01:00",
+        "login": "olive",
+        "name": "Olive Operator",
+        "meaning": "performed",
+        "action": "run.abort",
+        "record": "run:r1",
+        "record_hash": "ab" * 32,
+        "intact": True,
+    }
+    detail = {
+        "id": "r1",
+        "batch_id": "B-1",
+        "line": "main",
+        "status": "aborted",
+        "protocol_id": "CART-TCT",
+        "protocol_version": "3.1",
+        "protocol_hash": "h" * 64,
+        "operator": "olive",
+        "started": "2026-06-01T09:00:00.000Z",
+        "ended": "2026-06-01T09:00:00.000Z",
+        "phases": [],
+        "excursions": [],
+        "deviations": [],
+        "signatures": [signature, {**signature, "meaning": "approved", "intact": False}],
+    }
+    lines = run_text(detail).split("signatures: 2\n")[1].splitlines()
+    assert lines == [
+        "  performed by Olive Operator (olive) at 2026-06-01T10:00:00.000+01:00 (UTC+01:00)  "
+        "run.abort run:r1  sha256 abababababababab  intact",
+        "  approved by Olive Operator (olive) at 2026-06-01T10:00:00.000+01:00 (UTC+01:00)  "
+        "run.abort run:r1  sha256 abababababababab  BROKEN: the record changed since it was "
+        "signed",
+    ]

@@ -16,7 +16,17 @@ import pytest
 from pocd.model import DeviationCause, ExcursionKind, IncidentKind, Quality, RunStatus
 from pocd.settings import load_site
 from pocd.store import Store
-from tests.sitekit import api, cli, engine_of, running, spawn_daemon, until, write_site
+from tests.sitekit import (
+    api,
+    cli_as,
+    cli_env,
+    cli_login,
+    engine_of,
+    running,
+    spawn_daemon,
+    until,
+    write_site,
+)
 
 
 async def test_run_lifecycle_through_the_api(tmp_path: Path) -> None:
@@ -216,19 +226,12 @@ def test_sigterm_flushes_and_exits_0(tmp_path: Path) -> None:
 def test_kill_9_loses_no_committed_sample_and_resumes_the_run(tmp_path: Path) -> None:
     config = write_site(tmp_path)
     site = load_site(config)
+    env = cli_env(tmp_path)
     proc = spawn_daemon(config)
     try:
-        started = cli(
-            "run",
-            "start",
-            "-c",
-            str(config),
-            "--batch",
-            "B-9",
-            "--protocol",
-            "CART-TCT",
-            "--operator",
-            "op",
+        cli_login(config, env)
+        started = cli_as(
+            env, "run", "start", "-c", str(config), "--batch", "B-9", "--protocol", "CART-TCT"
         )
         assert started.returncode == 0, started.stderr
         time.sleep(1.0)
@@ -250,7 +253,11 @@ def test_kill_9_loses_no_committed_sample_and_resumes_the_run(tmp_path: Path) ->
     proc = spawn_daemon(config)
     try:
         time.sleep(1.0)
-        stopped = cli("run", "stop", "-c", str(config), "--operator", "op")
+        # sessions live in the daemon's memory: the restart ended the one before
+        refused = cli_as(env, "run", "stop", "-c", str(config))
+        assert refused.returncode == 1 and "pocd login -c" in refused.stderr
+        cli_login(config, env)
+        stopped = cli_as(env, "run", "stop", "-c", str(config))
         assert stopped.returncode == 0, stopped.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -272,47 +279,35 @@ def test_kill_9_loses_no_committed_sample_and_resumes_the_run(tmp_path: Path) ->
 
 def test_cli_lists_and_shows_runs_from_the_store(tmp_path: Path) -> None:
     config = write_site(tmp_path)
+    env = cli_env(tmp_path)
+    c = ("-c", str(config))
     proc = spawn_daemon(config)
     try:
-        assert (
-            cli(
-                "run",
-                "start",
-                "-c",
-                str(config),
-                "--batch",
-                "B-7",
-                "--protocol",
-                "CART-TCT",
-                "--operator",
-                "op",
-            ).returncode
-            == 0
-        )
-        refused = cli("run", "phase", "-c", str(config), "expansion", "--operator", "op")
+        cli_login(config, env)
+        started = cli_as(env, "run", "start", *c, "--batch", "B-7", "--protocol", "CART-TCT")
+        assert started.returncode == 0, started.stderr
+        refused = cli_as(env, "run", "phase", *c, "expansion")  # no signature on stdin
         assert refused.returncode == 1
         assert "out of protocol order" in refused.stderr
-        assert (
-            cli("run", "phase", "-c", str(config), "activation", "--operator", "op").returncode == 0
-        )
-        assert cli("run", "stop", "-c", str(config), "--operator", "op").returncode == 0
+        assert cli_as(env, "run", "phase", *c, "activation").returncode == 0
+        assert cli_as(env, "run", "stop", *c).returncode == 0
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
-    listed = cli("run", "list", "-c", str(config), "--json")
+    listed = cli_as(env, "run", "list", *c, "--json")
     assert listed.returncode == 0, listed.stderr
     (run,) = json.loads(listed.stdout)
     assert (run["batch_id"], run["status"]) == ("B-7", "completed")
-    shown = cli("run", "show", "-c", str(config), "B-7", "--json")
+    shown = cli_as(env, "run", "show", *c, "B-7", "--json")
     detail = json.loads(shown.stdout)
     assert [p["phase"] for p in detail["phases"]] == ["enrichment", "activation"]
     assert detail["excursions"] == [] and detail["deviations"] == []
-    assert cli("run", "show", "-c", str(config), "nope").returncode == 1
+    assert cli_as(env, "run", "show", *c, "nope").returncode == 1
 
 
 def test_control_commands_say_when_the_daemon_is_down(tmp_path: Path) -> None:
     config = write_site(tmp_path)
-    result = cli("run", "stop", "-c", str(config), "--operator", "op")
+    result = cli_as(cli_env(tmp_path), "run", "stop", "-c", str(config))
     assert result.returncode == 1
     assert "does not answer" in result.stderr
     assert "pocd serve -c" in result.stderr
@@ -367,7 +362,7 @@ def test_a_busy_api_port_is_a_clear_fatal_error(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind((host, int(port)))
         sock.listen()
-        result = cli("serve", "-c", str(config))
+        result = cli_as(cli_env(tmp_path), "serve", "-c", str(config))
     assert result.returncode == 1
     assert f"the API cannot listen on {host}:{port}" in result.stderr
     assert "Traceback" not in result.stderr
