@@ -20,8 +20,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Final
 
-from pocd.access import Action, Role, check_password, hash_password, refusal, verify_password
-from pocd.api.bodies import PASSWORD_MAX
+from pocd.access import (
+    MAX_LENGTH,
+    Action,
+    Role,
+    check_password,
+    hash_password,
+    refusal,
+    verify_password,
+)
 from pocd.errors import AccessError, RecordRejected
 from pocd.model import AuditEntry, User, UserChange, now_ns
 from pocd.store import Store
@@ -72,8 +79,8 @@ def enabled_admins(store: Store) -> list[str]:
 def check_new_password(login: str, password: str, *, password_min: int) -> None:
     """AccountRefused, saying why, if `password` may not become the password of `login`."""
     # Longer than a login request may carry, it could never be used to log in.
-    if len(password) > PASSWORD_MAX:
-        raise AccountRefused(f"the password is longer than {PASSWORD_MAX} characters", login=login)
+    if len(password) > MAX_LENGTH:
+        raise AccountRefused(f"the password is longer than {MAX_LENGTH} characters", login=login)
     try:
         check_password(login, password, min_length=password_min)
     except AccessError as exc:

@@ -148,12 +148,21 @@ async def test_the_names_of_the_listen_address_and_a_same_origin_page_are_served
             assert (status, body["error"]) == (409, "no run is active"), origin
 
 
-async def test_the_clis_own_requests_are_served(tmp_path: Path) -> None:
-    """`pocd run …` talks to the API with urllib: its Host is api.listen, its body JSON."""
+async def test_the_clis_own_requests_are_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pocd run …` talks to the API with urllib: its Host is api.listen, its body JSON, its
+    token the one `pocd login` saved."""
+    from pocd import tokens
     from pocd.cli import CommandError, _api
 
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     site = load_site(write_site(tmp_path, NO_DEVICES))
     async with running(site):
+        with pytest.raises(CommandError, match="pocd login"):
+            await asyncio.to_thread(_api, site, "GET", "/api/status")
+        token = (await bearer(site.config.api.listen))["Authorization"].removeprefix("Bearer ")
+        tokens.save(site.config.api.listen, tokens.SavedToken("op", token, "s", "never"))
         live = await asyncio.to_thread(_api, site, "GET", "/api/status")
         assert live["site"]["id"] == "test-site"
         body = {"batch_id": "B-1", "protocol": "CART-TCT", "version": None}

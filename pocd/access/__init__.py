@@ -5,6 +5,7 @@ wall time in ns) and records in the audit trail what they decide.
 """
 
 from pocd.access.passwords import (
+    MAX_LENGTH,
     MIN_LENGTH,
     check_password,
     dummy_hash,
@@ -27,6 +28,7 @@ from pocd.access.sessions import Session, SessionKind, SessionRefused, Sessions
 from pocd.access.throttle import LoginThrottle
 
 __all__ = [
+    "MAX_LENGTH",
     "MIN_LENGTH",
     "PERMISSIONS",
     "SIGNED",

@@ -17,6 +17,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from pocd.errors import AccessError
 
 __all__ = [
+    "MAX_LENGTH",
     "MIN_LENGTH",
     "check_password",
     "dummy_hash",
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 MIN_LENGTH: Final = 12
+MAX_LENGTH: Final = 1024  # argon2 takes any length; a login request does not
 
 # The library's defaults (argon2id, RFC 9106's low-memory profile): they move with the library,
 # and `needs_rehash` tells the caller when a stored hash is of older parameters.

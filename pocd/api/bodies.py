@@ -13,13 +13,13 @@ from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, StringConstraints, ValidationError, model_validator
 
+from pocd.access import MAX_LENGTH as PASSWORD_MAX
 from pocd.access import Meaning
 from pocd.configtypes import StrictModel
 from pocd.model import SiteStatus
 
 __all__ = [
     "IDENTIFIER_MAX",
-    "PASSWORD_MAX",
     "REASON_MAX",
     "LoginRequest",
     "PhaseRequest",
@@ -32,7 +32,6 @@ __all__ = [
 
 IDENTIFIER_MAX = 128  # characters of a batch id, protocol id or version, phase, login
 REASON_MAX = 2000  # characters of a reason: a justification of a few paragraphs, not a file
-PASSWORD_MAX = 1024  # characters of a password: argon2 takes any length, a request does not
 
 
 def _identifier(value: str) -> str:
