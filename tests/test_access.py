@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -356,3 +357,11 @@ def test_locked_exactly_when_n_failures_fit_in_window(gaps: list[int]) -> None:
         assert th.failed("bob", "a", now) == expect
         if expect:
             since_lock = []
+
+
+def test_the_readme_holds_the_permission_matrix_as_the_code_has_it() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    _, start, rest = readme.partition("<!-- permission matrix -->\n")
+    table, end, _ = rest.partition("<!-- end of permission matrix -->")
+    assert start and end, "the README lost its permission matrix markers"
+    assert table == matrix_markdown()
