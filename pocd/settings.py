@@ -19,6 +19,7 @@ import difflib
 import ipaddress
 import os
 import re
+import ssl
 import stat
 import tomllib
 import types
@@ -415,6 +416,21 @@ class ApiSection(StrictModel):
         if any(given) and not all(given):
             raise ValueError("tls_listen, tls_cert and tls_key are given together or not at all")
         return self
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The server context of the TLS listener (None without one); ValueError naming the
+        keys when the certificate and key cannot be loaded."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"api.tls_cert / api.tls_key ({self.tls_cert}, {self.tls_key}): cannot load: {exc}"
+            ) from None
+        return context
 
     @property
     def host(self) -> str:
@@ -1113,6 +1129,11 @@ def site_file_problems(site: Site, file: str | None = None) -> list[ConfigProble
             message = _path_problem(path, use)
             if message is not None:
                 problems.append(ConfigProblem(file, key, message, device=device.id))
+    if not problems and site.config.api.tls_cert is not None:
+        try:  # the files are there: are they a certificate and its key?
+            site.config.api.tls_context()
+        except ValueError as exc:
+            problems.append(ConfigProblem(file, "api.tls_cert", str(exc)))
     message = _data_folder_problem(site.data_dir, site.store_path)
     if message is not None:
         problems.append(ConfigProblem(file, "store.data_dir", message))

@@ -118,6 +118,10 @@ def test_a_missing_certificate_is_named_by_pocd_check(tmp_path: Path) -> None:
 def test_a_file_that_is_no_certificate_stops_the_daemon_naming_it(tmp_path: Path) -> None:
     config = write_site(tmp_path, NO_DEVICES, extra=tls_settings(tmp_path, trustme.CA()))
     (tmp_path / "cert.pem").write_text("not a certificate\n")
+    checked = cli("check", str(config))  # the service's gate finds it before it starts
+    assert checked.returncode == 2, checked
+    assert "api.tls_cert: api.tls_cert / api.tls_key" in checked.stderr
+    assert "cannot load" in checked.stderr
     served = cli("serve", "-c", str(config))
     assert served.returncode == 1, served
     assert "api.tls_cert" in served.stderr, served.stderr

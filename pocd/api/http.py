@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from functools import partial
@@ -605,19 +604,6 @@ def make_app(
     return app
 
 
-def _tls_context(api: ApiSection) -> ssl.SSLContext:
-    assert api.tls_cert is not None and api.tls_key is not None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(api.tls_cert, api.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise PocdError(
-            f"api.tls_cert / api.tls_key ({api.tls_cert}, {api.tls_key}): cannot load: {exc}"
-        ) from None
-    return context
-
-
 async def serve_api(
     api: ApiSection,
     access: AccessSection,
@@ -634,7 +620,10 @@ async def serve_api(
     # kernel's, no DNS lookup); any other name needs api.listen to say it.
     names = [socket.gethostname()]
     listens = [api.listen, *([api.tls_listen] if api.tls_listen else [])]
-    tls = _tls_context(api) if api.tls_listen else None  # before the app opens the store
+    try:  # before the app opens the store
+        tls = api.tls_context()
+    except ValueError as exc:
+        raise PocdError(str(exc)) from None
     app = make_app(
         control=control,
         view=view,
