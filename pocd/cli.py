@@ -415,9 +415,20 @@ def _signature_line(signature: dict[str, Any]) -> str:
 
 
 def _site_status(args: argparse.Namespace) -> int:
+    """The status, then each signed change of it (a signature of no run: shown here)."""
+    from pocd.signatures import verify
+    from pocd.store.recordtypes import SIGNATURE
+
     with _open_store(_site(args)) as store:
         status = store.site_status()
+        changes = [
+            {**SIGNATURE.json(s), "intact": verify(store, s)}
+            for s in store.signatures()
+            if s.action == "site.status"
+        ]
     print(status.value)
+    for change in changes:
+        print(_signature_line(change))
     return 0
 
 

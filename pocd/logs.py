@@ -28,8 +28,12 @@ def configure_logging(
         force=True,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # No locals in a traceback: a request's would show its session and body.
+    tracebacks = structlog.dev.RichTracebackFormatter(show_locals=False)
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(exception_formatter=tracebacks)
     )
     structlog.configure(
         processors=[

@@ -1199,9 +1199,9 @@ def site_warnings(site: Site, file: str | None = None) -> list[ConfigProblem]:
             ConfigProblem(
                 file,
                 "api.listen",
-                f"{api.listen} can be reached from other machines, and the API has no TLS and "
-                "no logins: anyone who reaches it can start, stop and change runs. Listen on "
-                "127.0.0.1 behind a reverse proxy with TLS and logins, or firewall the port",
+                f"{api.listen} can be reached from other machines without TLS: passwords, "
+                "signatures and session tokens would cross the network in clear. Keep "
+                "api.listen on 127.0.0.1 and serve other machines on api.tls_listen",
             )
         )
     return warnings

@@ -16,7 +16,7 @@ import pytest
 from pocd.access import PERMISSIONS, Action, Role
 from pocd.model import AuditEntry, RunStatus, UserChange, now_ns
 from pocd.settings import Site, load_site
-from pocd.signatures import verify
+from pocd.signatures import utc_offset, verify
 from pocd.store import Store
 from tests.sitekit import PASSWORD, SIGNATURE, add_user, api, running, write_site
 
@@ -196,7 +196,8 @@ async def test_a_signature_binds_the_exact_record_and_a_later_change_breaks_it(
     )
     assert abort_sig["action"] == "run.abort"
     assert abort_sig["record"] == f"run:{run['id']}"
-    assert abort_sig["utc_offset"] == "+00:00"  # Europe/London in December
+    # the site's offset at the time of signing (Europe/London: +00:00 or +01:00)
+    assert abort_sig["utc_offset"] == utc_offset(abort_sig["t_ns"], "Europe/London")
     assert all(s["intact"] for s in detail["signatures"])
     assert [a.target for a in audit_of(site, "signature")] == [
         phase_sig["record"],
@@ -388,3 +389,42 @@ async def test_a_read_opened_in_the_config_needs_no_login(tmp_path: Path) -> Non
         url = f"http://{site.config.api.listen}/metrics"
         async with aiohttp.ClientSession() as http, http.get(url) as resp:
             assert resp.status == 401, "metrics are closed once public names only status"
+
+
+async def test_a_burst_of_guesses_is_counted_one_by_one_and_a_lockout_outlives_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Guesses sent at once do not all get checked before the first failure counts; a right
+    password sent among them after the lockout is refused; a restart keeps the lock."""
+    extra = "[access]\nlockout_after = 3\n"
+    site = load_site(write_site(tmp_path, NO_DEVICES, extra))
+    guesses = [{"login": "op", "password": f"guess {n}", "client": "cli"} for n in range(12)]
+    right = {"login": "op", "password": PASSWORD, "client": "cli"}
+    async with running(site):
+        answers = await asyncio.gather(
+            *(api(site, "POST", "/api/login", body, user=None) for body in [*guesses, right])
+        )
+        assert [status for status, _ in answers] == [401] * 3 + [429] * 10
+    assert len(audit_of(site, "login.failed")) == 3, "only three guesses were checked"
+    async with running(site):  # the daemon restarted: its throttle forgot, the trail did not
+        status, body = await api(site, "POST", "/api/login", right, user=None)
+        assert status == 429
+        assert "locked until" in body["error"]
+
+
+def test_a_request_shows_no_password_or_token_in_its_repr() -> None:
+    from pocd.access import SessionKind, Sessions
+    from pocd.api.bodies import LoginRequest, PhaseRequest
+    from pocd.api.guard import Principal
+    from pocd.model import User
+
+    login = LoginRequest.model_validate_json(b'{"login": "op", "password": "hunter2 hunter2"}')
+    signed = PhaseRequest.model_validate_json(
+        b'{"phase": "p", "signature": {"password": "hunter2 hunter2"}}'
+    )
+    token, session = Sessions(idle_s=60, max_age_s=60).open("op", SessionKind.CLI, "", 0)
+    principal = Principal(User("op", "Op", ("operator",), "$argon2id$..."), session, token)
+    for shown in (repr(login), repr(signed), repr(principal), str(principal)):
+        assert "hunter2" not in shown
+        assert token not in shown
+        assert "argon2" not in shown

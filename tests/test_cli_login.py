@@ -238,7 +238,10 @@ def test_an_override_and_a_site_status_change_are_signed_on_stdin(
 
     done = pocd("site", "set", "suspended", "--reason", "audit", stdin=f"{PASSWORD}\n")
     assert (done.returncode, done.stdout) == (0, "site status: suspended\n"), done.stderr
-    assert pocd("site", "status").stdout == "suspended\n"
+    status, signed = pocd("site", "status").stdout.splitlines()
+    assert status == "suspended"
+    assert signed.startswith("  performed by Olive Operator (op) at ")
+    assert signed.endswith("intact")
 
     shown = pocd("run", "show", "B-3")
     (line,) = shown.stdout.split("signatures: 1\n")[1].splitlines()

@@ -921,8 +921,8 @@ def test_an_api_open_to_the_network_is_a_warning(
     assert code == 0  # it works: the operator is told, the service may start
     assert out.out == f"{path}: ok\n"
     assert out.err.startswith(
-        f"warning: {path}: api.listen: 0.0.0.0:8470 can be reached from other machines, and "
-        "the API has no TLS and no logins"
+        f"warning: {path}: api.listen: 0.0.0.0:8470 can be reached from other machines without "
+        "TLS: passwords, signatures and session tokens would cross the network in clear"
     )
     for loopback in ('"localhost:8470"', '"[::1]:8470"', '"127.0.0.2:8470"'):
         path = write_site(tmp_path, edit(SITE, ('"127.0.0.1:8470"', loopback)))

@@ -11,7 +11,14 @@ from __future__ import annotations
 import unicodedata
 from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from pocd.access import MAX_LENGTH as PASSWORD_MAX
 from pocd.access import Meaning
@@ -59,7 +66,8 @@ Identifier = Annotated[
 Reason = Annotated[str, StringConstraints(max_length=REASON_MAX), AfterValidator(_text)]
 
 
-Password = Annotated[str, StringConstraints(min_length=1, max_length=PASSWORD_MAX)]
+# A secret: its repr, and so any log or traceback of a request, shows stars.
+Password = Annotated[SecretStr, Field(min_length=1, max_length=PASSWORD_MAX)]
 
 
 class LoginRequest(StrictModel):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import structlog
@@ -41,7 +41,7 @@ from pocd.access import (
     verify_password,
 )
 from pocd.errors import PocdError
-from pocd.model import AuditEntry, User, now_ns
+from pocd.model import NS, AuditEntry, User, now_ns
 from pocd.signatures import Signer
 from pocd.store import Record
 from pocd.store.recordtypes import iso
@@ -54,8 +54,6 @@ if TYPE_CHECKING:
 __all__ = ["Guard", "Principal", "Recorder", "Refusal"]
 
 log = structlog.get_logger("pocd.api.guard")
-
-NS = 1_000_000_000
 
 
 class Refusal(Exception):
@@ -87,8 +85,8 @@ class Principal:
 
     user: User
     session: Session
-    token: str
-    via: Literal["cookie", "bearer"]
+    token: str = field(repr=False)
+    via: Literal["cookie", "bearer"] = "bearer"
 
     @property
     def login(self) -> str:
@@ -96,9 +94,10 @@ class Principal:
 
     @property
     def roles(self) -> frozenset[Role]:
-        return frozenset(Role(r) for r in self.user.roles if r in Role.__members__.values())
+        return frozenset(Role(r) for r in self.user.roles if r in _ROLES)
 
 
+_ROLES = frozenset(r.value for r in Role)
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pocd"'}
 _WRONG = "wrong login or password"
 
@@ -124,6 +123,8 @@ class Guard:
         self._recorder = recorder
         self._clock = clock
         self._hashing = ThreadPoolExecutor(1, thread_name_prefix="pocd-api-password")
+        self._attempts = asyncio.Lock()
+        dummy_hash()  # made now: the first login of an unknown user must not take longer
 
     def close(self) -> None:
         self._hashing.shutdown(wait=True)
@@ -134,28 +135,33 @@ class Guard:
         self, login: str, password: str, client: SessionKind, address: str
     ) -> tuple[str, Session, User]:
         """A new session of `login`, and its token; Refusal 401 (wrong login or password,
-        disabled) or 429 (locked out, or too many failures from `address`)."""
-        now = self._clock()
-        await self._lapsed(now)
-        held = await self._held(login, address, now)
-        if held is not None:
-            await self._audit([AuditEntry(now, login, "login.failed", address, held)])
-            raise Refusal(429, held)
-        user = await self._user(login)
-        ok = await self._password_matches(user, password)
-        if not ok or user is None or user.disabled:
-            why = "unknown login" if user is None else "wrong password" if not ok else "disabled"
-            await self._failed(login, address, now, "login.failed", why)
-            raise Refusal(401, "the account is disabled" if ok else _WRONG, headers=_CHALLENGE)
-        self.throttle.succeeded(login, address)
-        token, session = self.sessions.open(login, client, address, now)
-        await self._audit(
-            [
-                AuditEntry(
-                    now, login, "login", address, details={"client": client, "session": session.id}
+        or a disabled account: the answer does not tell which) or 429 (locked out, or too
+        many failures from `address`)."""
+        # One attempt at a time (the hashes take one thread anyway): a burst of guesses is
+        # counted one by one, each seeing the lockout the ones before it caused.
+        async with self._attempts:
+            now = self._clock()
+            await self._lapsed(now)
+            held = await self._held(login, address, now)
+            if held is not None:
+                # not audited: the failures that caused it were, and a flood of refused
+                # attempts must not fill the trail (the log counts them)
+                log.debug("login refused", login=login, address=address, why=held)
+                raise Refusal(429, held)
+            user = await self._user(login)
+            ok = await self._password_matches(user, password)
+            if not ok or user is None or user.disabled:
+                why = (
+                    "unknown login" if user is None else "wrong password" if not ok else "disabled"
                 )
-            ]
+                await self._failed(login, address, now, "login.failed", why)
+                raise Refusal(401, _WRONG, headers=_CHALLENGE)
+            self.throttle.succeeded(login, address)
+            token, session = self.sessions.open(login, client, address, now)
+        entry = AuditEntry(
+            now, login, "login", address, details={"client": client, "session": session.id}
         )
+        await self._audit([entry])
         return token, session, user
 
     async def logout(self, principal: Principal) -> None:
@@ -171,12 +177,24 @@ class Guard:
 
     async def _held(self, login: str, address: str, now: int) -> str | None:
         """Why a login may not even be tried now, or None. A lock an admin lifted since it
-        began (their `user.unlock` audit entry) is lifted here too."""
+        began (their `user.unlock` audit entry) is lifted here too, and a lock the trail
+        holds is kept across a restart of the daemon (whose throttle forgot it)."""
+        lockout_ns = int(self.access.lockout * NS)
         until = self.throttle.locked_until(login, now)
-        if until is not None:
-            since = until - int(self.access.lockout * NS)
-            if await self._reader.read(lambda s: s.audit_of("user.unlock", login, after=since)):
-                self.throttle.unlock(login)
+        since = now - lockout_ns if until is None else until - lockout_ns
+        locks, unlocks = await self._reader.read(
+            lambda s: (
+                s.audit_of("login.lockout", login, after=since),
+                s.audit_of("user.unlock", login, after=since),
+            )
+        )
+        if unlocks and (not locks or unlocks[-1].t >= locks[-1].t):
+            self.throttle.unlock(login)
+        elif until is None and locks:
+            return (
+                f"user {login!r} is locked until {iso(locks[-1].t + lockout_ns)} after failed "
+                "logins; an admin can unlock it"
+            )
         return self.throttle.refusal(login, address, now)
 
     async def _lapsed(self, now: int) -> None:
@@ -187,12 +205,13 @@ class Guard:
             )
 
     async def _failed(self, login: str, address: str, now: int, action: str, why: str) -> None:
-        """A wrong password (at a login or a signature): audited, counted, maybe a lockout,
-        which also ends the user's sessions."""
+        """A wrong password (at a login or a signature): audited, counted, maybe a lockout.
+        A lockout by signatures also ends the user's sessions (someone holding one is
+        guessing the password); one by logins does not, or anyone could end anyone's."""
         entries = [AuditEntry(now, login, action, address, why)]
         if self.throttle.failed(login, address, now):
             until = self.throttle.locked_until(login, now)
-            closed = self.sessions.close_user(login)
+            closed = self.sessions.close_user(login) if action == "signature.failed" else 0
             entries.append(
                 AuditEntry(
                     now,
@@ -228,6 +247,14 @@ class Guard:
         if user is None or user.disabled:
             self.sessions.close(token)
             raise Refusal(401, "the account is disabled", headers=_CHALLENGE)
+        if user.changed > session.created:
+            self.sessions.close(token)
+            raise Refusal(
+                401,
+                "the account changed since this session began (its password, roles or state): "
+                "log in again",
+                headers=_CHALLENGE,
+            )
         principal = Principal(user, session, token, via)
         if via == "cookie" and csrf is not False:
             offered = csrf if isinstance(csrf, str) else None
@@ -263,12 +290,16 @@ class Guard:
                 ["signature.meaning"],
             )
         await self.authorize(principal, action, "")
-        user = await self._user(principal.login)
-        if user is None or not await self._password_matches(user, signature.password):
-            await self._failed(
-                principal.login, address, self._clock(), "signature.failed", action.value
-            )
-            raise Refusal(403, "signature refused: wrong password; nothing was done")
+        user = principal.user
+        async with self._attempts:  # counted one by one, as logins are
+            now = self._clock()
+            held = self.throttle.refusal(user.login, address, now)
+            if held is not None:
+                raise Refusal(429, held)
+            password = signature.password.get_secret_value()
+            if not await self._password_matches(user, password):
+                await self._failed(user.login, address, now, "signature.failed", action.value)
+                raise Refusal(403, "signature refused: wrong password; nothing was done")
         return Signer(user.login, user.name, signature.meaning.value)
 
     async def _denied(self, principal: Principal, action: str, why: str, path: str) -> None:

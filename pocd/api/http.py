@@ -57,7 +57,7 @@ from pocd.api.openapi import openapi_document
 from pocd.api.reader import StoreReader
 from pocd.configtypes import StrictModel
 from pocd.errors import PocdError, RunError, SignatureRequired
-from pocd.model import PhaseChange, Run, SiteStatus
+from pocd.model import NS, PhaseChange, Run, SiteStatus
 from pocd.records import json_bytes, run_detail, run_summary
 from pocd.signatures import Signer
 from pocd.store import Store
@@ -360,7 +360,7 @@ def _session_answer(parts: _Parts, principal: Principal) -> dict[str, Any]:
         "roles": list(user.roles),
         "client": session.kind.value,
         "session": session.id,
-        "expires": iso(session.created + int(parts.guard.access.session_max * 1e9)),
+        "expires": iso(session.created + int(parts.guard.access.session_max * NS)),
         "idle_timeout_s": parts.guard.access.session_idle,
     }
 
@@ -370,7 +370,7 @@ async def login(call: Call) -> web.StreamResponse:
     parts, request = call.parts, call.request
     kind = SessionKind(body.client)
     token, session, user = await parts.guard.login(
-        body.login, body.password, kind, _address(request)
+        body.login, body.password.get_secret_value(), kind, _address(request)
     )
     principal = Principal(
         user, session, token, "cookie" if kind is SessionKind.BROWSER else "bearer"
