@@ -324,3 +324,68 @@ class Signature:
     record: str
     record_hash: str
     run_id: str | None = None
+
+
+class AlarmState(StrEnum):
+    """ISA-18.2 / OPC UA Part 9 states of an alarm condition."""
+
+    NORMAL = "normal"
+    ACTIVE_UNACKED = "active-unacked"
+    ACTIVE_ACKED = "active-acked"
+    RETURNED_UNACKED = "returned-unacked"  # back to normal, not yet acknowledged
+    LATCHED = "latched"  # a latching alarm back to normal: kept until an operator resets it
+    SHELVED = "shelved"
+    SUPPRESSED = "suppressed"  # by design: not monitored in this phase, or on standby
+    OUT_OF_SERVICE = "out-of-service"
+
+
+class AlarmTransition(StrEnum):
+    ACTIVATE = "activate"  # a new activation, with a new alarm id
+    ACKNOWLEDGE = "acknowledge"
+    RETURN = "return"  # the condition cleared
+    RESET = "reset"  # a latched alarm reset by an operator
+    REALARM = "realarm"  # acknowledged but still active after the re-alarm time
+    SHELVE = "shelve"
+    UNSHELVE = "unshelve"  # by an operator, at expiry, or (one-shot) when it returns
+    SUPPRESS = "suppress"
+    UNSUPPRESS = "unsuppress"
+    REMOVE = "remove"  # out of service
+    RESTORE = "restore"  # back in service
+
+
+class AlarmPriority(StrEnum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmEvent:
+    """One transition of an alarm condition, with what an operator (or a message) needs to
+    act on it. A condition is (line, source, kind): the source is a parameter, or a device for
+    comm-loss; `kind` an ExcursionKind value. `alarm_id` names one activation: a new one each
+    time the condition becomes active (Ignition's event id); transitions of the condition
+    between activations (shelving it while normal) carry the last one, or "" if none.
+    Append-only: the alarm's current state is its latest event's."""
+
+    t: int
+    alarm_id: str
+    line: str
+    source: str
+    kind: str
+    transition: AlarmTransition
+    state: AlarmState  # after the transition
+    priority: AlarmPriority
+    began: int | None = None  # when the activation began
+    actor: str = "system"
+    comment: str = ""  # the acknowledgement's note, the shelve's reason, ...
+    until: int | None = None  # when a timed shelve ends
+    run_id: str | None = None
+    batch_id: str | None = None
+    phase: str | None = None
+    device: str = ""
+    value: float | None = None
+    limit: float | None = None
+    unit: str = ""
+    first_out: bool = False  # the first of its first-out group to activate
