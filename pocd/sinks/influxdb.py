@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import aiohttp
 
 from pocd.errors import StoreError
-from pocd.model import Deviation, ExcursionEvent, PhaseChange, Run, RunStatus
+from pocd.model import AlarmEvent, Deviation, ExcursionEvent, PhaseChange, Run, RunStatus
 from pocd.sinks import SinkError, SinkKind, SinkSettings
 from pocd.sinks.config import InfluxSettings, SecretValue
 from pocd.sinks.forward import (
@@ -388,6 +388,8 @@ def _ref(event: Event) -> str:
         return f"excursion {event.excursion.id} {event.change.value}"
     if isinstance(event, Deviation):
         return f"deviation {event.id}"
+    if isinstance(event, AlarmEvent):
+        return f"alarm {event.alarm_id} {event.transition.value}"
     return f"audit {event.action} {event.target}"
 
 

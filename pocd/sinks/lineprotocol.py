@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
 from pocd.model import (
+    AlarmEvent,
     AuditEntry,
     Deviation,
     Excursion,
@@ -62,6 +63,7 @@ MEASUREMENTS = {
     "deviation": "pocd_deviation",
     "excursion_event": "pocd_excursion_event",
     "run_event": "pocd_run_event",
+    "alarm_event": "pocd_alarm_event",
 }
 _QUALITY_MASK = (1 << SAMPLE_KEY_BITS) - 1
 
@@ -375,6 +377,10 @@ def encode_event(site: str, event: Event, batches: Mapping[str, str]) -> list[st
     audit trail)."""
     if isinstance(event, AuditEntry):
         return []
+    if isinstance(event, AlarmEvent):  # a transition only: the alarm's state is its latest
+        tags, fields, t = RECORD_TYPES[AlarmEvent].influx(event)
+        tags["site"] = site
+        return [f"{_tags(MEASUREMENTS['alarm_event'], tags)} {_fields(fields)} {t}"]
     if isinstance(event, ExcursionEvent):
         record: Change = event.excursion
         change = event.change.value

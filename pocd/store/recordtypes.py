@@ -22,6 +22,10 @@ from typing import Any, Final, Generic, Literal, TypeVar
 
 from pocd.model import (
     NS,
+    AlarmEvent,
+    AlarmPriority,
+    AlarmState,
+    AlarmTransition,
     AuditEntry,
     Deviation,
     DeviationCause,
@@ -37,6 +41,7 @@ from pocd.model import (
 )
 
 __all__ = [
+    "ALARM_EVENT",
     "AUDIT_ENTRY",
     "DEVIATION",
     "EXCURSION",
@@ -321,10 +326,46 @@ USER: Final = RecordType(
     ),
 )
 
+ALARM_EVENT: Final = RecordType(
+    AlarmEvent,
+    "alarm_events",
+    (
+        Field("t", "t", "t", "time", time=True),
+        Field("alarm_id", "alarm_id", "alarm_id", "field"),
+        Field("line", "line", "line", "tag"),
+        Field("source", "source", "source", "tag"),
+        Field("kind", "kind", "kind", "tag"),
+        Field("transition", "transition", "transition", "tag", enum=AlarmTransition),
+        Field("state", "state", "state", "field", enum=AlarmState),
+        Field("priority", "priority", "priority", "tag", enum=AlarmPriority),
+        Field("began", "began", "began", "field", time=True),
+        Field("actor", "actor", "actor", "field"),
+        Field("comment", "comment", "comment", "field"),
+        Field("until", "until_t", "until", "field", time=True),
+        Field("run_id", "run_id", "run_id", "tag", "run"),
+        Field("batch_id", "batch_id", "batch_id", "field", "batch_id"),
+        Field("phase", "phase", "phase", "field"),
+        Field("device", "device", "device", "field"),
+        Field("value", "value", "value", "field"),
+        Field("limit", "limit_value", "limit", "field"),
+        Field("unit", "unit", "unit", "field"),
+        Field("first_out", "first_out", "first_out", "field", flag=True),
+    ),
+)
+
 # The description of each record class.
 RECORD_TYPES: Final[dict[type, RecordType[Any]]] = {
     d.record: d  # type: ignore[misc]
-    for d in (RUN, PHASE_CHANGE, EXCURSION, DEVIATION, INCIDENT, AUDIT_ENTRY, SIGNATURE)
+    for d in (
+        RUN,
+        PHASE_CHANGE,
+        EXCURSION,
+        DEVIATION,
+        INCIDENT,
+        AUDIT_ENTRY,
+        SIGNATURE,
+        ALARM_EVENT,
+    )
 }
 
 

@@ -627,7 +627,55 @@ CREATE TRIGGER signatures_no_delete BEFORE DELETE ON signatures
 BEGIN SELECT RAISE(ABORT, 'signatures are append-only'); END;
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10)
+# v11: alarm events (pocd.alarms), append-only, in the one event order the sinks forward. An
+# alarm's current state is its latest event's.
+_V11: Final = """
+CREATE TABLE alarm_events (
+    id INTEGER PRIMARY KEY,
+    t INTEGER NOT NULL,
+    alarm_id TEXT NOT NULL,
+    line TEXT NOT NULL,
+    source TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    transition TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    began INTEGER,
+    actor TEXT NOT NULL,
+    comment TEXT NOT NULL,
+    until_t INTEGER,
+    run_id TEXT,
+    batch_id TEXT,
+    phase TEXT,
+    device TEXT NOT NULL,
+    value REAL,
+    limit_value REAL,
+    unit TEXT NOT NULL,
+    first_out INTEGER NOT NULL
+);
+CREATE INDEX alarm_events_alarm ON alarm_events (alarm_id);
+CREATE INDEX alarm_events_condition ON alarm_events (line, source, kind);
+CREATE TRIGGER alarm_events_no_update BEFORE UPDATE ON alarm_events
+BEGIN SELECT RAISE(ABORT, 'alarm events are append-only'); END;
+CREATE TRIGGER alarm_events_no_delete BEFORE DELETE ON alarm_events
+BEGIN SELECT RAISE(ABORT, 'alarm events are append-only'); END;
+CREATE TRIGGER alarm_events_event AFTER INSERT ON alarm_events
+BEGIN INSERT INTO events (kind, ref) VALUES ('alarm', NEW.id); END;
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    _V1,
+    _V2,
+    _V3,
+    _V4,
+    _V5,
+    _V6,
+    _V7,
+    _V8,
+    _V9,
+    _V10,
+    _V11,
+)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

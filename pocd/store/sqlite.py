@@ -59,6 +59,7 @@ from typing import Any, Final, Self, TypeAlias, cast
 
 from pocd.errors import RecordRejected, RunError, StoreError
 from pocd.model import (
+    AlarmEvent,
     AuditEntry,
     Deviation,
     Excursion,
@@ -78,6 +79,7 @@ from pocd.model import (
 )
 from pocd.store import schema
 from pocd.store.recordtypes import (
+    ALARM_EVENT,
     AUDIT_ENTRY,
     DEVIATION,
     EXCURSION,
@@ -111,11 +113,12 @@ Record: TypeAlias = (
     | Signature
     | User
     | UserChange
+    | AlarmEvent
 )
 # A record that has a state of its own to show (encoded as one point per record).
 Change: TypeAlias = Run | PhaseChange | Excursion | Deviation
 # What the event log holds (Store.events): every change as it was written.
-Event: TypeAlias = Run | PhaseChange | ExcursionEvent | Deviation | AuditEntry
+Event: TypeAlias = Run | PhaseChange | ExcursionEvent | Deviation | AuditEntry | AlarmEvent
 # A sample as the forwarders read it (see Store.sample_rows): (channel code << 32 | quality
 # code, value or None for NaN, receive time as decimal text).
 SampleRow: TypeAlias = tuple[int, float | None, str]
@@ -188,6 +191,10 @@ _MARKED: Final = (Run, PhaseChange)
 _MARKED_SQL: Final = (_INSERT_RUN_EVENT, _INSERT_PHASE)
 _AUDIT_COLUMNS: Final = AUDIT_ENTRY.columns
 _INSERT_AUDIT: Final = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({_values(_AUDIT_COLUMNS)})"
+_ALARM_EVENT_COLUMNS: Final = ALARM_EVENT.columns
+_INSERT_ALARM_EVENT: Final = (
+    f"INSERT INTO alarm_events ({_ALARM_EVENT_COLUMNS}) VALUES ({_values(_ALARM_EVENT_COLUMNS)})"
+)
 _SIGNATURE_COLUMNS: Final = SIGNATURE.columns
 _INSERT_SIGNATURE: Final = (
     f"INSERT INTO signatures ({_SIGNATURE_COLUMNS}) VALUES ({_values(_SIGNATURE_COLUMNS)})"
@@ -236,6 +243,7 @@ _EVENT_SOURCES: Final[dict[str, tuple[str, str, Callable[[Row], Event]]]] = {
     "excursion": ("excursion_events", _EXCURSION_EVENT_COLUMNS, _excursion_event),
     "deviation": ("deviations", _DEVIATION_COLUMNS, DEVIATION.from_row),
     "audit": ("audit", _AUDIT_COLUMNS, AUDIT_ENTRY.from_row),
+    "alarm": ("alarm_events", _ALARM_EVENT_COLUMNS, ALARM_EVENT.from_row),
 }
 
 
@@ -706,6 +714,11 @@ class Store:
         rows = self._query(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY id")
         return [AUDIT_ENTRY.from_row(r) for r in rows]
 
+    def alarm_events(self, *, after: int = 0) -> list[AlarmEvent]:
+        """Every alarm event after rowid `after`, in the order they were made."""
+        sql = f"SELECT {_ALARM_EVENT_COLUMNS} FROM alarm_events WHERE id > ? ORDER BY id"
+        return [ALARM_EVENT.from_row(r) for r in self._query(sql, (after,))]
+
     def signatures(self, run_id: str | None = None) -> list[Signature]:
         """Every electronic signature, or those of one run, in the order they were made."""
         where, params = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
@@ -1103,6 +1116,8 @@ def _statement_row(record: Record, marks: Iterator[int]) -> tuple[str, Row]:
             return _INSERT_PROTOCOL, (record.hash, record.id, record.version, record.text)
         case Signature():
             return _INSERT_SIGNATURE, SIGNATURE.row(record)
+        case AlarmEvent():
+            return _INSERT_ALARM_EVENT, ALARM_EVENT.row(record)
         case User():
             return _INSERT_USER, USER.row(record)
         case UserChange(user=user):
