@@ -22,7 +22,7 @@ from pocd.model import (
     Sample,
 )
 from pocd.store import Store
-from pocd.store.writer import StoreWriter
+from pocd.store.writer import Commits, StoreWriter
 
 T0 = 1_767_225_600 * NS
 
@@ -198,3 +198,16 @@ async def test_a_store_fault_of_any_type_keeps_the_batch(writer: StoreWriter) ->
         writer.add(record)
     await writer.flush()
     assert store.sample_count() == 10
+
+
+async def test_a_wait_for_a_commit_that_is_cancelled_as_the_commit_comes_ends_cancelled() -> None:
+    """A sink stopped at the moment the writer commits must stop: on Python 3.11, wait_for
+    returned the commit instead, and the sink went on waiting (a daemon's shutdown hung 20 s
+    in the suite under load)."""
+    commits = Commits()
+    waiting = asyncio.create_task(commits.after(0, 30))
+    await asyncio.sleep(0)  # it waits for the next commit
+    commits.note()
+    waiting.cancel()  # in the same turn of the loop
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 1)

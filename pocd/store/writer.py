@@ -64,8 +64,12 @@ class Commits:
         """Return once a commit after `count` happened, or after `longest` seconds."""
         if self.count > count:
             return
+        # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a cancellation
+        # that comes as the commit does (it returns the wait's result), and a sink being
+        # stopped then went on waiting, holding the daemon's shutdown up.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._next.wait(), longest)
+            async with asyncio.timeout(longest):
+                await self._next.wait()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +164,8 @@ class StoreWriter:
         self._commits.add(commit)
         commit.add_done_callback(self._commits.discard)
         try:
-            await asyncio.wait_for(asyncio.shield(commit), within)
+            async with asyncio.timeout(within):  # not wait_for: see Commits.after
+                await asyncio.shield(commit)
         except TimeoutError:
             why = self.failing or "it is busy"
             raise CommitTimeout(
