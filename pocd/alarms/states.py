@@ -230,7 +230,7 @@ class Alarms:
         for source, kind in sorted(monitored):
             self._condition((line, source, kind), t, out)
         where = f"phase {phase!r}" if run_id is not None else "standby"
-        for cond in [c for c in self._conditions.values() if c.key[0] == line]:
+        for cond in [c for c in self._ordered() if c.key[0] == line]:
             inside = cond.key[1:] in monitored
             if inside and cond.suppressed:
                 self._emit(cond, T.UNSUPPRESS, t, out, comment=f"monitored in {where}")
@@ -350,7 +350,7 @@ class Alarms:
         return dict(self._scopes)
 
     def view(self) -> list[AlarmView]:
-        return [self._view(c) for c in self._conditions.values()]
+        return [self._view(c) for c in self._ordered()]
 
     def kpis(
         self, t: int, *, standing_s: float = 1800.0, unacked_s: float = 600.0
@@ -360,7 +360,7 @@ class Alarms:
         lines = {c.key[0] for c in self._conditions.values()} | self._rates.lines()
         result: dict[str, AlarmKpis] = {}
         for line in sorted(lines):
-            conds = [c for c in self._conditions.values() if c.key[0] == line]
+            conds = [c for c in self._ordered() if c.key[0] == line]
             result[line] = AlarmKpis(
                 line=line,
                 t=t,
@@ -385,6 +385,10 @@ class Alarms:
         return result
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _ordered(self) -> list[_Condition]:
+        # by key, not by when each was first seen, which a restart does not reproduce
+        return [self._conditions[k] for k in sorted(self._conditions)]
 
     def _key(self, exc: Excursion) -> AlarmKey:
         if exc.kind is ExcursionKind.COMM_LOSS:
@@ -463,7 +467,7 @@ class Alarms:
             self._emit(cond, T.RETURN, t, out, state=after)
 
     def _clock(self, t: int, out: list[AlarmEvent]) -> None:
-        for cond in self._conditions.values():
+        for cond in self._ordered():
             if cond.shelved and cond.shelved_until is not None and cond.shelved_until <= t:
                 self._emit(cond, T.UNSHELVE, t, out, comment="shelve expired")
                 self._alarm(cond, t, out)
