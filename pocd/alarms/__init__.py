@@ -1,0 +1,23 @@
+"""The alarm layer: ISA-18.2 alarm conditions over the engine's excursions (see states.py), and
+their rate KPIs (kpis.py). Pure: it makes `AlarmEvent`s and sends none of them."""
+
+from pocd.alarms.kpis import AlarmKey, AlarmKpis
+from pocd.alarms.states import (
+    AlarmError,
+    Alarms,
+    AlarmSettings,
+    AlarmView,
+    Scope,
+    default_priority,
+)
+
+__all__ = [
+    "AlarmError",
+    "AlarmKey",
+    "AlarmKpis",
+    "AlarmSettings",
+    "AlarmView",
+    "Alarms",
+    "Scope",
+    "default_priority",
+]
