@@ -12,6 +12,7 @@ Must not: raise for a fault of the server; put the password in a result or messa
 from __future__ import annotations
 
 import ssl
+from email import policy
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
@@ -29,6 +30,16 @@ from pocd.sinks.notify.settings import EmailSettings
 __all__ = ["EmailChannel", "message_id", "open_channel"]
 
 _ERROR_CHARS: Final = 300
+_UNREACHABLE: Final = (
+    aiosmtplib.SMTPConnectError,
+    aiosmtplib.SMTPServerDisconnected,
+    TimeoutError,
+    OSError,
+)
+# Headers folded only beyond RFC 5322's hard limit: Python's folding of a subject with a
+# non-ASCII word ("°C") puts a second space before it.
+# aiosmtplib's send_message would flatten with its own policy, so the mail is flattened here.
+_POLICY: Final = policy.SMTP.clone(max_line_length=998)
 
 
 def message_id(item: Item) -> str:
@@ -62,7 +73,7 @@ class EmailChannel:
 
     def compose(self, item: Item) -> EmailMessage:
         """The mail of an item."""
-        mail = EmailMessage()
+        mail = EmailMessage(policy=_POLICY)
         mail["From"] = self.settings.sender
         mail["To"] = ", ".join(self.settings.to)
         mail["Subject"] = item.subject()
@@ -93,7 +104,7 @@ class EmailChannel:
         mail = self.compose(item)
         try:
             async with self._client() as smtp:
-                await smtp.send_message(mail)
+                await smtp.sendmail(self.settings.sender, self.settings.to, mail.as_bytes())
         except aiosmtplib.SMTPRecipientsRefused as exc:
             return _answer(exc.recipients[0].code, exc.recipients[0].message)
         except aiosmtplib.SMTPResponseException as exc:
@@ -109,10 +120,10 @@ class EmailChannel:
                 await smtp.noop()
                 greeting = smtp.last_ehlo_response or smtp.last_helo_response
                 banner = greeting.message if greeting else ""
+        except _UNREACHABLE as exc:
+            raise SinkError(f"cannot reach {self.where}: {_describe(exc)}") from None
         except aiosmtplib.SMTPException as exc:
             raise SinkError(self._redact(f"{self.where}: {_describe(exc)}")) from None
-        except (TimeoutError, OSError, ssl.SSLError) as exc:
-            raise SinkError(f"cannot reach {self.where}: {_describe(exc)}") from None
         first = banner.splitlines()[0] if banner else "an SMTP server"
         login = f", logged in as {self.settings.username!r}" if self.settings.username else ""
         return f"{self.where} answers: {first}{login}"

@@ -100,7 +100,14 @@ class MqttChannel:
         return self._client
 
     async def _drop(self) -> None:
-        stack, self._stack, self._client = self._stack, None, None
+        stack, client = self._stack, self._client
+        self._stack = self._client = None
+        if client is not None:
+            # aiomqtt leaves a lost connection's error in a future nobody reads (asyncio
+            # would log it at garbage collection); it is read here, as `send` reported it.
+            lost = client._disconnected
+            if lost.done() and not lost.cancelled():
+                lost.exception()
         if stack is not None:
             # Already broken, most likely: that is why it is dropped.
             with suppress(aiomqtt.MqttError, OSError, TimeoutError):
