@@ -16,8 +16,14 @@ from pocd.model import NS, AlarmEvent, AlarmPriority, AlarmState, AlarmTransitio
 from pocd.sinks import SinkError
 from pocd.sinks.config import SecretValue
 from pocd.sinks.forward import Outcome
-from pocd.sinks.notify import ChannelWriter, Delivery, Notification, Summary, SummaryAlarm
-from pocd.sinks.notify import decode_item
+from pocd.sinks.notify import (
+    ChannelWriter,
+    Delivery,
+    Notification,
+    Summary,
+    SummaryAlarm,
+    decode_item,
+)
 from pocd.sinks.notify.email import EmailChannel, message_id
 from pocd.sinks.notify.mqtt import MqttChannel, event_topic, state_topic, summary_topic
 from pocd.sinks.notify.settings import EmailSettings, MqttSettings, WebhookSettings
