@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive for real: command -> package
-DEBS   := socat:socat influxd:influxdb
+DEBS   := socat:socat influxd:influxdb mosquitto:mosquitto
 DEMO_SECONDS ?= 95
 
 .PHONY: demo test lint typecheck unit debs bench clean
@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml
 
 debs:
 	@missing=""; for pair in $(DEBS); do \
-	  command -v $${pair%%:*} >/dev/null 2>&1 || [ -x /usr/bin/$${pair%%:*} ] || missing="$$missing $${pair#*:}"; \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || [ -x /usr/bin/$${pair%%:*} ] || [ -x /usr/sbin/$${pair%%:*} ] || missing="$$missing $${pair#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
