@@ -26,14 +26,18 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Final
 
 import structlog
 
+from pocd.alarms import AlarmCommand, AlarmKey, Alarms, AlarmSettings, AlarmView
 from pocd.engine import Engine, EngineEvent, ParameterView
 from pocd.errors import ConfigError, RunError, SignatureRequired
 from pocd.model import (
     NS,
+    AlarmEvent,
+    AlarmPriority,
     AuditEntry,
     CommStatus,
     Deviation,
@@ -144,6 +148,15 @@ class Lines:
         self._by_device: dict[str, list[LineState]] = {}
         self._phase_sources: dict[tuple[str, str], list[LineState]] = {}
         self._faults: Counter[str] = Counter()  # engine errors by kind
+        # The alarms of every line (pocd.alarms): fed every excursion event that goes to the
+        # store (in `_note`), and each line's design scope when its engine or phase changes.
+        self.alarms = Alarms(
+            settings=partial(_alarm_settings, site),
+            devices={
+                line.id: {param: device for param, (device, _) in line.sources.items()}
+                for line in site.lines.values()
+            },
+        )
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -213,6 +226,7 @@ class Lines:
                 self._engine_failed(exc, status)
 
     def tick(self, t: int) -> None:
+        self._emit_records(self.alarms.tick(t))  # shelves that end, re-alarms
         for state in self.states.values():
             if state.engine is not None:
                 try:
@@ -353,7 +367,15 @@ class Lines:
                     "line": state.line.id,
                 },
             )
-            await self._commit([*self._note(ended), run, audit, *self._note(events)])
+            await self._commit(
+                [
+                    *self._note(ended),
+                    run,
+                    audit,
+                    *self._alarm_scope(state, t),
+                    *self._note(events),
+                ]
+            )
             log.info(
                 "run started",
                 run=run.id,
@@ -430,7 +452,7 @@ class Lines:
         assert isinstance(change, PhaseChange)
         audit = AuditEntry(change.t, actor, "run.phase", run.id, reason, old=previous, new=phase)
         log.info("phase changed", run=run.id, phase=phase, previous=previous, actor=actor)
-        return change, [audit, *self._note(events)]
+        return change, [audit, *self._note(events), *self._alarm_scope(state, change.t)]
 
     async def stop_run(
         self,
@@ -451,7 +473,7 @@ class Lines:
             if abort and signature is None:
                 raise SignatureRequired("aborting a run needs your electronic signature")
             t = now_ns()
-            events: list[EngineEvent] = state.engine.finish(t) if state.engine else []
+            finished = self._note(state.engine.finish(t) if state.engine else [])
             status = RunStatus.ABORTED if abort else RunStatus.COMPLETED
             ended = replace(state.run, status=status, ended=t, end_reason=reason)
             audit = AuditEntry(
@@ -468,7 +490,7 @@ class Lines:
             )
             state.run = None
             standby = self._standby(state, t)
-            await self._commit([*self._note(events), ended, audit, *signed, *standby])
+            await self._commit([*finished, ended, audit, *signed, *standby])
             log.info("run ended", run=ended.id, status=status.value, line=state.line.id)
             return ended
 
@@ -491,6 +513,76 @@ class Lines:
                 now_ns(), operator, "site.status", self.site.id, reason, old.value, status.value
             )
             await self._commit([audit, *self._signed(signature, "site.status", audit, None)])
+
+    # --- alarms --------------------------------------------------------------------------------
+
+    async def alarm_command(
+        self,
+        command: AlarmCommand,
+        key: AlarmKey,
+        actor: Actor,
+        comment: str = "",
+        *,
+        until: int | None = None,
+        signature: Signer | None = None,
+    ) -> AlarmView:
+        """An operator's command on the alarm condition `key` (line, source, kind; a line of
+        "" is the site's only one): acknowledge or reset with a note, shelve (until `until`,
+        or None: one-shot) or unshelve, remove from service or restore. Shelving a critical
+        alarm and taking an alarm out of service or back are signed. Raises AlarmError for a
+        command its state does not allow, SignatureRequired. Answers the condition's view."""
+        async with self._control:
+            key = (key[0] or self._state(None).line.id, key[1], key[2])
+            before = self._alarm_view(key)
+            signed_action = _SIGNED_ALARM_COMMANDS.get(command)
+            if command == "shelve" and before.priority is not AlarmPriority.CRITICAL:
+                signed_action = None
+            if signed_action is not None and signature is None:
+                raise SignatureRequired(
+                    f"{command} of alarm {'/'.join(key)} ({before.priority.value}) needs your "
+                    "electronic signature"
+                )
+            critical = before.priority is AlarmPriority.CRITICAL
+            if command == "acknowledge" and critical and not comment.strip():
+                raise RunError("acknowledging a critical alarm needs a note")
+            t = now_ns()
+            alarms = self.alarms
+            if command == "shelve":
+                events = alarms.shelve(key, t, user=actor, comment=comment, until=until)
+            elif command == "remove":
+                events = alarms.remove(key, t, user=actor, comment=comment)
+            else:
+                act = {
+                    "acknowledge": alarms.acknowledge,
+                    "reset": alarms.reset,
+                    "unshelve": alarms.unshelve,
+                    "restore": alarms.restore,
+                }[command]
+                events = act(key, t, user=actor, comment=comment)
+            after = self._alarm_view(key)
+            audit = AuditEntry(
+                t,
+                actor,
+                f"alarm.{command}",
+                "/".join(key),
+                comment,
+                old=before.state.value,
+                new=after.state.value,
+                details={"alarm": after.alarm_id, "priority": after.priority.value},
+            )
+            signed = (
+                self._signed(signature, signed_action, audit, None)
+                if signature is not None and signed_action is not None
+                else []
+            )
+            await self._commit([*events, audit, *signed])
+            return after
+
+    def _alarm_view(self, key: AlarmKey) -> AlarmView:
+        for view in self.alarms.view():
+            if (view.line, view.source, view.kind) == key:
+                return view
+        raise RunError(f"no alarm condition {'/'.join(key)} (line/source/kind) is known")
 
     async def _commit(self, records: list[Record]) -> None:
         """Queue an operation's records as one transaction and wait for it, for a while."""
@@ -529,7 +621,7 @@ class Lines:
             new=f"{proto.id} {proto.version}",
             details={"hash": proto.hash},
         )
-        return [audit, *self._note(events)]
+        return [audit, *self._alarm_scope(state, t), *self._note(events)]
 
     def _catch_up(self, engine: Engine, line: Line, t: int) -> list[EngineEvent]:
         """A new engine starts from what is known now: the devices not answering and the
@@ -544,9 +636,11 @@ class Lines:
                 events += engine.on_sample(sample._replace(t=max(sample.t, t)))
         return events
 
-    def _note(self, events: Iterable[EngineEvent]) -> list[EngineEvent]:
-        """Count and log the engine's events; they are returned to be queued."""
-        noted = []
+    def _note(self, events: Iterable[EngineEvent]) -> list[Record]:
+        """Count and log the engine's events; they are returned to be queued, followed by the
+        alarm events their excursion events made (one batch: an excursion the engine closes
+        and opens again at a phase change is one alarm going on)."""
+        noted: list[Record] = []
         for event in events:
             if isinstance(event, Deviation):
                 self.counts["deviations"] += 1
@@ -560,7 +654,23 @@ class Lines:
             elif isinstance(event, ExcursionEvent) and event.change is ExcursionChange.OPENED:
                 self.counts["excursions"] += 1
             noted.append(event)
+        excursions = [e for e in noted if isinstance(e, ExcursionEvent)]
+        if excursions:
+            noted += self.alarms.on_excursions(excursions)
         return noted
+
+    def _alarm_scope(self, state: LineState, t: int) -> list[AlarmEvent]:
+        """The line's alarms from `t` on: those of what its engine watches in its phase; the
+        others are suppressed by design."""
+        engine, run = state.engine, state.run
+        return self.alarms.set_scope(
+            state.line.id,
+            alarm_scope(engine, state.line) if engine is not None else frozenset(),
+            t,
+            run_id=run.id if run is not None else None,
+            batch_id=run.batch_id if run is not None else None,
+            phase=engine.phase if engine is not None and run is not None else None,
+        )
 
     def _emit(self, events: Iterable[EngineEvent]) -> None:
         add = self.writer.add
@@ -577,6 +687,8 @@ class Lines:
         running = await asyncio.to_thread(store.active_runs)
         seen = await asyncio.to_thread(store.last_sample_times)
         t = now_ns()
+        open_now = await asyncio.to_thread(store.open_excursions)
+        self.alarms.resume(await asyncio.to_thread(store.alarm_events), open_excursions=open_now)
         self.states = {line.id: LineState(line, None) for line in self.site.lines.values()}
         for run in reversed(running):  # should a crash have left two on a line: the latest
             state = self.states.get(run.line)
@@ -615,7 +727,7 @@ class Lines:
         last = max((seen[p] for p in line.points if p in seen), default=None)
         for exc in await asyncio.to_thread(store.line_excursions, line.id, open_only=True):
             end = max(exc.start, last or exc.start)
-            self.writer.add(ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=end), end))
+            self._emit([ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=end), end)])
 
     async def _resume_run(
         self, store: Store, state: LineState, seen: Mapping[tuple[str, str], int], t: int
@@ -662,7 +774,7 @@ class Lines:
                 cumulative[key] += max(0, resume_from - exc.start) / NS
                 continue
             end = max(exc.start, last_seen.get(exc.parameter, exc.start))
-            self.writer.add(ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=end), end))
+            self._emit([ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=end), end)])
             cumulative[key] += (end - exc.start) / NS
         spent = {
             (d.parameter, d.phase)
@@ -689,6 +801,7 @@ class Lines:
             t,
         )
         state.engine = engine
+        self._emit_records(self._alarm_scope(state, t))
         self._emit(events)
         log.warning("run resumed", run=run.id, phase=last_phase.phase, gap_s=round(gap, 1))
 
@@ -735,3 +848,52 @@ class Lines:
         for exc in await asyncio.to_thread(store.open_excursions, run.id):
             end = max(t, exc.start)
             self._emit([ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=end), end)])
+
+
+# The commands signed (a shelve only of a critical alarm), as the action the signature signs.
+_SIGNED_ALARM_COMMANDS: Final[dict[str, str]] = {
+    "shelve": "alarm.shelve.critical",
+    "remove": "alarm.out_of_service",
+    "restore": "alarm.out_of_service",
+}
+
+_LIMIT_KINDS: Final = (
+    (ExcursionKind.ALERT_LOW, "alert_low"),
+    (ExcursionKind.ALERT_HIGH, "alert_high"),
+    (ExcursionKind.ACTION_LOW, "action_low"),
+    (ExcursionKind.ACTION_HIGH, "action_high"),
+    (ExcursionKind.RATE, "max_rate"),
+    (ExcursionKind.STALE, "stale_after"),
+)
+
+
+def alarm_scope(engine: Engine, line: Line) -> frozenset[tuple[str, str]]:
+    """The alarm conditions (source, kind) an engine watches on a line in its current phase:
+    each limit its phase sets on a parameter it monitors, bad quality of every monitored one,
+    and comm-loss of each of the line's devices."""
+    if engine.phase is None:
+        return frozenset()
+    phase = engine.protocol.phase(engine.phase)
+    scope: set[tuple[str, str]] = {
+        (device, ExcursionKind.COMM_LOSS.value) for device in line.devices
+    }
+    for parameter, limits in phase.limits.items():
+        if parameter not in line.sources or not limits.monitored:
+            continue
+        scope.add((parameter, ExcursionKind.BAD_QUALITY.value))
+        scope |= {
+            (parameter, kind.value)
+            for kind, name in _LIMIT_KINDS
+            if getattr(limits, name) is not None
+        }
+    return frozenset(scope)
+
+
+def _alarm_settings(site: Site, line: str, source: str, kind: str) -> AlarmSettings:
+    """The alarm properties of a condition: a critical parameter's limits are critical."""
+    critical = any(
+        source in p.parameters and p.parameters[source].critical for p in site.protocols.values()
+    )
+    if critical and kind in (ExcursionKind.ACTION_LOW.value, ExcursionKind.ACTION_HIGH.value):
+        return AlarmSettings(priority=AlarmPriority.CRITICAL)
+    return AlarmSettings()

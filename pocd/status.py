@@ -11,7 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pocd.model import Quality, Sample
+from pocd.alarms import view_json
+from pocd.model import Quality, Sample, now_ns
 from pocd.runs import Lines, LineState
 from pocd.settings import Site
 from pocd.sinks import Sink
@@ -67,6 +68,26 @@ class LiveStatus:
         self._sinks = sinks
         self._incidents = incidents
         self._samples = samples
+
+    def alarms(self) -> dict[str, Any]:
+        """Every alarm condition in its current state, and each line's alarm KPIs."""
+        t = now_ns()
+        return {
+            "alarms": [view_json(v) for v in self.lines.alarms.view()],
+            "kpis": {
+                line: {
+                    "per_10_min": k.per_10_min,
+                    "flood": k.flood,
+                    "chattering": ["/".join(c) for c in k.chattering],
+                    "standing": ["/".join(c) for c in k.standing],
+                    "unacknowledged": ["/".join(c) for c in k.unacknowledged],
+                    "shelved": k.shelved,
+                    "out_of_service": k.out_of_service,
+                    "suppressed": k.suppressed,
+                }
+                for line, k in self.lines.alarms.kpis(t).items()
+            },
+        }
 
     def status(self) -> dict[str, Any]:
         lines = [self._line(state) for state in self.lines.states.values()]

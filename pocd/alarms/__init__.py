@@ -3,15 +3,18 @@ their rate KPIs (kpis.py). Pure: it makes `AlarmEvent`s and sends none of them."
 
 from pocd.alarms.kpis import AlarmKey, AlarmKpis
 from pocd.alarms.states import (
+    AlarmCommand,
     AlarmError,
     Alarms,
     AlarmSettings,
     AlarmView,
     Scope,
     default_priority,
+    view_json,
 )
 
 __all__ = [
+    "AlarmCommand",
     "AlarmError",
     "AlarmKey",
     "AlarmKpis",
@@ -20,4 +23,5 @@ __all__ = [
     "Alarms",
     "Scope",
     "default_priority",
+    "view_json",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from pocd.alarms.kpis import AlarmKey, AlarmKpis, Rates
 from pocd.errors import RunError
@@ -30,6 +31,7 @@ from pocd.model import (
     ExcursionEvent,
     ExcursionKind,
 )
+from pocd.store.recordtypes import iso
 
 __all__ = ["AlarmError", "AlarmSettings", "AlarmView", "Alarms", "Scope", "default_priority"]
 
@@ -46,6 +48,10 @@ _DEFAULT_PRIORITY = {
 
 def _defaults(line: str, source: str, kind: str) -> AlarmSettings:
     return AlarmSettings()
+
+
+# The operator commands on an alarm condition (Alarms.acknowledge, reset, shelve, ...).
+AlarmCommand = Literal["acknowledge", "reset", "shelve", "unshelve", "remove", "restore"]
 
 
 class AlarmError(RunError):
@@ -619,3 +625,26 @@ class Alarms:
             limit=cond.limit if cause is None else cause.limit,
             since=None if cond.last is None else cond.last.t,
         )
+
+
+def view_json(view: AlarmView) -> dict[str, Any]:
+    """An alarm view as JSON-ready values (times as ISO text) for status and the API."""
+    return {
+        "line": view.line,
+        "source": view.source,
+        "kind": view.kind,
+        "state": view.state.value,
+        "active": view.active,
+        "alarm_id": view.alarm_id,
+        "priority": view.priority.value,
+        "began": iso(view.began),
+        "first_out": view.first_out,
+        "acknowledged_by": view.acknowledged_by,
+        "acknowledged_at": iso(view.acknowledged_at),
+        "shelved_until": iso(view.shelved_until),
+        "one_shot": view.one_shot,
+        "device": view.device,
+        "value": view.value,
+        "limit": view.limit,
+        "since": iso(view.since),
+    }

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, RootModel
 
 __all__ = [
+    "AlarmAnswer",
     "ErrorAnswer",
     "HealthAnswer",
     "LinesAnswer",
@@ -94,6 +95,28 @@ class PhaseAnswer(_Answer):
 
 class SiteStatusAnswer(_Answer):
     status: str
+
+
+class AlarmAnswer(_Answer):
+    """An alarm condition in its current state (pocd.status)."""
+
+    line: str
+    source: str
+    kind: str
+    state: str
+    active: bool
+    alarm_id: str
+    priority: str
+    began: str | None
+    first_out: bool
+    acknowledged_by: str | None
+    acknowledged_at: str | None
+    shelved_until: str | None
+    one_shot: bool
+    device: str
+    value: float | None
+    limit: float | None
+    since: str | None
 
 
 class ObjectAnswer(RootModel[dict[str, Any]]):

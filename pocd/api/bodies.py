@@ -28,6 +28,7 @@ from pocd.model import SiteStatus
 __all__ = [
     "IDENTIFIER_MAX",
     "REASON_MAX",
+    "AlarmRequest",
     "LoginRequest",
     "PhaseRequest",
     "RunStartRequest",
@@ -84,6 +85,20 @@ class SignatureBody(StrictModel):
 
     password: Password
     meaning: Meaning = Meaning.PERFORMED
+
+
+class AlarmRequest(StrictModel):
+    """POST /api/alarms/{command}: a command on the alarm condition (`line`, `source`,
+    `kind`; a site of one line need not name it) with a note; a shelve lasts `minutes` (none:
+    until the alarm next returns to normal). Shelving a critical alarm, and taking one out of
+    service or back, are signed."""
+
+    line: Identifier | None = None
+    source: Identifier
+    kind: Identifier
+    comment: Reason = ""
+    minutes: Annotated[float, Field(gt=0, le=24 * 60)] | None = None
+    signature: SignatureBody | None = None
 
 
 class RunStartRequest(StrictModel):

@@ -41,9 +41,11 @@ from aiohttp import hdrs, web
 from pydantic import BaseModel, ValidationError
 
 from pocd.access import Action, SessionKind
+from pocd.alarms import AlarmCommand, AlarmView, view_json
 from pocd.api import answers
 from pocd.api.authority import Authority
 from pocd.api.bodies import (
+    AlarmRequest,
     LoginRequest,
     PhaseRequest,
     RunStartRequest,
@@ -57,7 +59,7 @@ from pocd.api.openapi import openapi_document
 from pocd.api.reader import StoreReader
 from pocd.configtypes import StrictModel
 from pocd.errors import PocdError, RunError, SignatureRequired
-from pocd.model import NS, PhaseChange, Run, SiteStatus
+from pocd.model import NS, PhaseChange, Run, SiteStatus, now_ns
 from pocd.records import json_bytes, run_detail, run_summary
 from pocd.signatures import Signer
 from pocd.store import Store
@@ -134,6 +136,17 @@ class RunControl(Protocol):
         self, status: SiteStatus, operator: str, reason: str, *, signature: Signer | None = None
     ) -> None: ...
 
+    async def alarm_command(
+        self,
+        command: AlarmCommand,
+        key: tuple[str, str, str],
+        actor: str,
+        comment: str = "",
+        *,
+        until: int | None = None,
+        signature: Signer | None = None,
+    ) -> AlarmView: ...
+
 
 class StatusView(Protocol):
     """The live state of the site: lines, runs, points, incidents, sinks (JSON-ready)."""
@@ -142,6 +155,10 @@ class StatusView(Protocol):
 
     def line_status(self) -> list[dict[str, Any]]:
         """Each line with its run, or the standby protocol watching it."""
+        ...
+
+    def alarms(self) -> dict[str, Any]:
+        """Every alarm condition in its state, and each line's alarm KPIs."""
         ...
 
 
@@ -495,6 +512,43 @@ async def site_status(call: Call) -> web.StreamResponse:
     return _json({"status": body.status.value})
 
 
+async def list_alarms(call: Call) -> web.StreamResponse:
+    return _json(call.parts.view.alarms())
+
+
+# Each command, the action it takes, and the action its signature signs (None: not signed).
+_ALARM_COMMANDS: dict[AlarmCommand, tuple[Action, Action | None]] = {
+    "acknowledge": (Action.ALARM_ACK, None),
+    "reset": (Action.ALARM_ACK, None),
+    "shelve": (Action.ALARM_SHELVE, Action.ALARM_SHELVE_CRITICAL),  # a critical alarm's
+    "unshelve": (Action.ALARM_SHELVE, None),
+    "remove": (Action.ALARM_OUT_OF_SERVICE, Action.ALARM_OUT_OF_SERVICE),
+    "restore": (Action.ALARM_OUT_OF_SERVICE, Action.ALARM_OUT_OF_SERVICE),
+}
+
+
+def _alarm_handler(command: AlarmCommand) -> Callable[[Call], Awaitable[web.StreamResponse]]:
+    async def handle(call: Call) -> web.StreamResponse:
+        body: AlarmRequest = call.body
+        until = None if body.minutes is None else now_ns() + int(body.minutes * 60 * NS)
+        view = await call.parts.control.alarm_command(
+            command,
+            (body.line or "", body.source, body.kind),
+            call.login,
+            body.comment,
+            until=until,
+            signature=call.signer,
+        )
+        return _json(view_json(view))
+
+    handle.__name__ = f"alarm_{command}"
+    return handle
+
+
+def _constant(action: Action, _: object) -> Action:
+    return action
+
+
 def _stop_action(body: RunStopRequest) -> Action:
     return Action.RUN_ABORT if body.abort else Action.RUN_STOP
 
@@ -562,6 +616,18 @@ ROUTES: tuple[Route, ...] = (
     ),
     _route("POST", "/api/site/status", site_status, "Suspend, cease or reactivate the site")(
         A.SITE_STATUS, SiteStatusRequest, answers.SiteStatusAnswer, signs=_site_signs
+    ),
+    _route("GET", "/api/alarms", list_alarms, "Every alarm condition, and the alarm KPIs")(
+        A.STATUS_READ, answer=answers.ObjectAnswer, public="status"
+    ),
+    *(
+        _route("POST", f"/api/alarms/{command}", _alarm_handler(command), f"{command} an alarm")(
+            action,
+            AlarmRequest,
+            answers.AlarmAnswer,
+            signs=None if signed is None else partial(_constant, signed),
+        )
+        for command, (action, signed) in _ALARM_COMMANDS.items()
     ),
 )
 

@@ -660,11 +660,13 @@ class Store:
         )
         return [DEVIATION.from_row(r) for r in rows]
 
-    def open_excursions(self, run_id: str) -> list[Excursion]:
+    def open_excursions(self, run_id: str | None = None) -> list[Excursion]:
+        """The excursions still open: of one run, or (None) every one of the site's."""
+        where, params = ("AND run_id = ?", (run_id,)) if run_id is not None else ("", ())
         rows = self._query(
-            f"SELECT {_EXCURSION_COLUMNS} FROM excursions WHERE run_id = ? AND end_t IS NULL "
+            f"SELECT {_EXCURSION_COLUMNS} FROM excursions WHERE end_t IS NULL {where} "
             "ORDER BY rowid",
-            (run_id,),
+            params,
         )
         return [EXCURSION.from_row(r) for r in rows]
 
