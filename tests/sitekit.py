@@ -207,25 +207,7 @@ def spawn_daemon(config: Path) -> subprocess.Popen[bytes]:
     """`pocd serve` in its own process, waited for until its API answers. Its log goes to
     `pocd.log` beside the config: a pipe nobody reads would fill and stop the daemon."""
     add_test_users(load_site(config))
-    log = config.parent / "pocd.log"
-    with log.open("ab") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pocd", "serve", "-c", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    listen = load_site(config).config.api.listen
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://{listen}/api/health", timeout=1):
-                return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                raise AssertionError(f"daemon did not start: {log.read_text()}") from None
-            time.sleep(0.1)
+    return spawn_bare_daemon(config)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -32,6 +32,7 @@ from pocd.sinks.notify.message import Item, Notification, Summary, SummaryAlarm
 __all__ = [
     "Channel",
     "ChannelWriter",
+    "Connected",
     "Delivery",
     "DeliveryResult",
     "Item",
@@ -39,6 +40,7 @@ __all__ = [
     "Summary",
     "SummaryAlarm",
     "decode_item",
+    "redact",
 ]
 
 
@@ -79,6 +81,32 @@ class DeliveryResult:
         if self.delivery is Delivery.REJECTED:
             return WriteResult(Outcome.REJECTED, self.reason)
         return WriteResult(Outcome.FAILED, self.reason, self.retry_after)
+
+
+class Connected:
+    """What every channel does alike: `async with` connects and closes, and a secret is
+    never in a reason it gives."""
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def redact(text: str, secret: str | None) -> str:
+    """`text` with `secret` (if any) starred out."""
+    return text.replace(secret, "***") if secret else text
 
 
 class Channel(Protocol):

@@ -16,15 +16,14 @@ from email import policy
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import aiosmtplib
 
 from pocd.model import NS
 from pocd.sinks import SinkError
 from pocd.sinks.config import SecretValue
-from pocd.sinks.notify import DeliveryResult, Item, Notification
+from pocd.sinks.notify import Connected, DeliveryResult, Item, Notification, redact
 from pocd.sinks.notify.settings import EmailSettings
 
 __all__ = ["EmailChannel", "message_id", "open_channel"]
@@ -53,7 +52,7 @@ def _tls_context(settings: EmailSettings) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=settings.ca_file)
 
 
-class EmailChannel:
+class EmailChannel(Connected):
     """Mails items to the configured addresses (see the module docstring)."""
 
     def __init__(
@@ -131,21 +130,8 @@ class EmailChannel:
     async def close(self) -> None:
         """Nothing stays open."""
 
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     def _redact(self, text: str) -> str:
-        secret = self._password.reveal() if self._password else ""
-        return text.replace(secret, "***") if secret else text
+        return redact(text, self._password.reveal() if self._password else None)
 
 
 def _answer(code: int, message: str) -> DeliveryResult:

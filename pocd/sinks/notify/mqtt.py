@@ -21,14 +21,13 @@ from __future__ import annotations
 import ssl
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import aiomqtt
 
 from pocd.sinks import SinkError
 from pocd.sinks.config import SecretValue
-from pocd.sinks.notify import DeliveryResult, Item, Notification
+from pocd.sinks.notify import Connected, DeliveryResult, Item, Notification, redact
 from pocd.sinks.notify.settings import MqttSettings
 
 __all__ = ["MqttChannel", "event_topic", "open_channel", "state_topic", "summary_topic"]
@@ -57,7 +56,7 @@ def summary_topic(prefix: str, site: str, line: str) -> str:
     return "/".join([prefix, _level(site), _level(line), "summary"])
 
 
-class MqttChannel:
+class MqttChannel(Connected):
     """Publishes items to one broker (see the module docstring)."""
 
     def __init__(
@@ -152,21 +151,8 @@ class MqttChannel:
     async def close(self) -> None:
         await self._drop()
 
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     def _redact(self, text: str) -> str:
-        secret = self._password.reveal() if self._password else ""
-        return text.replace(secret, "***") if secret else text
+        return redact(text, self._password.reveal() if self._password else None)
 
 
 def _describe(exc: BaseException) -> str:

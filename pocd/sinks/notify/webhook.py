@@ -17,15 +17,14 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import aiohttp
 
 from pocd.errors import PocdError
 from pocd.sinks import SinkError
 from pocd.sinks.config import SecretValue
-from pocd.sinks.notify import DeliveryResult, Item
+from pocd.sinks.notify import Connected, DeliveryResult, Item
 from pocd.sinks.notify.settings import WebhookSettings
 
 __all__ = [
@@ -88,7 +87,7 @@ def verify(
         raise SignatureRefused(f"timestamp is {stamp - now:.0f} s in the future")
 
 
-class WebhookChannel:
+class WebhookChannel(Connected):
     """POSTs items to one URL (see the module docstring). `clock`: unix seconds."""
 
     def __init__(
@@ -163,18 +162,6 @@ class WebhookChannel:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 def _retry_after(value: str | None) -> float | None:
