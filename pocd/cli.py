@@ -303,6 +303,43 @@ def _run_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def alarm_text(alarm: dict[str, Any]) -> str:
+    """One alarm condition of `pocd alarm list`: where, what, its state and since when."""
+    value = "" if alarm["value"] is None else f" value {readable(alarm['value'])}"
+    limit = "" if alarm["limit"] is None else f" limit {readable(alarm['limit'])}"
+    acked = f" acked by {alarm['acknowledged_by']}" if alarm["acknowledged_by"] else ""
+    shelved = f" until {alarm['shelved_until']}" if alarm["shelved_until"] else ""
+    return (
+        f"{alarm['line']}  {alarm['source']:<12} {alarm['kind']:<12} {alarm['state']:<16} "
+        f"{alarm['priority']:<8}{value}{limit}{acked}{shelved}  since {alarm['since'] or '-'}"
+    )
+
+
+def _alarm_list(args: argparse.Namespace) -> int:
+    found = _api(_site(args), "GET", "/api/alarms")
+    shown = [a for a in found["alarms"] if args.all or a["state"] not in ("normal", "suppressed")]
+    text = "\n".join(alarm_text(a) for a in shown) or "no alarm (--all lists every condition)"
+    _print(found, args.json, text)
+    return 0
+
+
+def _alarm_command(args: argparse.Namespace) -> int:
+    """acknowledge, reset, shelve, unshelve, remove or restore one condition; the daemon asks
+    for a signature where one is needed (428), which is then given."""
+    body: dict[str, Any] = {
+        "line": args.line,
+        "source": args.source,
+        "kind": args.kind,
+        "comment": args.comment,
+    }
+    if getattr(args, "minutes", None) is not None:
+        body["minutes"] = args.minutes
+    meaning = getattr(args, "meaning", Meaning.PERFORMED.value)
+    alarm = _api(_site(args), "POST", f"/api/alarms/{args.alarm_command}", body, meaning=meaning)
+    print(alarm_text(alarm))
+    return 0
+
+
 def _run_phase(args: argparse.Namespace) -> int:
     body = {"phase": args.phase, "reason": args.reason}
     change = _api(_site(args), "POST", _run_path(args, "phase"), body, meaning=args.meaning)
@@ -822,6 +859,35 @@ def _add_line_commands(sub: Any) -> None:
     lst.set_defaults(func=_line_list)
 
 
+def _add_alarm_commands(sub: Any) -> None:
+    alarm = sub.add_parser("alarm", help="the alarms: list, acknowledge, shelve, ...")
+    alarm_sub = alarm.add_subparsers(dest="alarm_command", required=True)
+    lst = with_config(alarm_sub.add_parser("list", help="alarms not normal (from the daemon)"))
+    lst.add_argument("--all", action="store_true", help="every condition, normal ones too")
+    lst.add_argument("--json", action="store_true", help="with each line's alarm KPIs")
+    lst.set_defaults(func=_alarm_list)
+    for name, help_, signed in (
+        ("acknowledge", "acknowledge an alarm (a critical one with a --comment)", None),
+        ("reset", "reset a latched alarm back to normal", None),
+        ("shelve", "shelve an alarm (a critical one is signed)", Action.ALARM_SHELVE_CRITICAL),
+        ("unshelve", "end a shelve", None),
+        ("remove", "take an alarm out of service (signed)", Action.ALARM_OUT_OF_SERVICE),
+        ("restore", "return an alarm to service (signed)", Action.ALARM_OUT_OF_SERVICE),
+    ):
+        p = with_config(alarm_sub.add_parser(name, help=help_, epilog=SECRETS))
+        p.add_argument("source", help="the parameter (or, for comm-loss, the device)")
+        p.add_argument("kind", help="alert-high, action-low, comm-loss, ...")
+        p.add_argument("--line", help="the line (a site of one line need not name it)")
+        p.add_argument("--comment", default="", help="the note or reason, for the record")
+        if name == "shelve":
+            p.add_argument(
+                "--minutes", type=float, help="how long (default: until it returns to normal)"
+            )
+        if signed is not None:
+            with_meaning(p, signed)
+        p.set_defaults(func=_alarm_command)
+
+
 def _add_run_commands(sub: Any) -> None:
     run = sub.add_parser("run", help="start, advance, stop and inspect runs")
     run_sub = run.add_subparsers(dest="run_command", required=True)
@@ -891,6 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=_status)
 
     _add_line_commands(sub)
+    _add_alarm_commands(sub)
     _add_run_commands(sub)
     _add_sink_commands(sub)
 

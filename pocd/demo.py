@@ -44,7 +44,8 @@ from rich.text import Text
 from pocd.access import hash_password
 from pocd.daemon import Daemon, run_until
 from pocd.logs import configure_logging
-from pocd.model import AuditEntry, Quality, User, now_ns
+from pocd.model import AlarmState, AuditEntry, Quality, User, now_ns
+from pocd.runs import Lines
 from pocd.settings import Site, load_driver, load_site
 from pocd.signatures import Signer
 from pocd.sim.modbus import Fault, ModbusSimulator, unit_from_driver
@@ -446,8 +447,9 @@ def render(daemon: Daemon, started: float) -> Group:
         f"incidents {sum(daemon.incident_counts.values())}"
     )
     table = Table(expand=False)
-    for column in ("line", "device", "parameter", "value", "unit", "limits", "state"):
+    for column in ("line", "device", "parameter", "value", "unit", "limits", "state", "alarm"):
         table.add_column(column, justify="right" if column == "value" else "left")
+    alarms = _alarms_by_source(daemon)
     points = daemon.view.points()
     feeding = {p.device for p in points if p.parameter}
     for p in points:
@@ -464,8 +466,48 @@ def render(daemon: Daemon, started: float) -> Group:
             p.unit,
             _limits(p),
             Text(p.state, style=style),
+            alarms.get((p.line or "", p.parameter or ""), Text("")),
         )
     return Group(head, table)
+
+
+# What the live view marks, most urgent first: an alarm nobody has acknowledged yet blinks.
+_ALARM_MARKS: dict[AlarmState, tuple[str, str]] = {
+    AlarmState.ACTIVE_UNACKED: ("UNACK", "bold red blink"),
+    AlarmState.RETURNED_UNACKED: ("cleared, unack", "magenta"),
+    AlarmState.LATCHED: ("latched", "magenta"),
+    AlarmState.ACTIVE_ACKED: ("acked", "yellow"),
+    AlarmState.SHELVED: ("shelved", "dim"),
+    AlarmState.OUT_OF_SERVICE: ("out of service", "dim"),
+}
+
+
+def _alarms_by_source(daemon: Daemon) -> dict[tuple[str, str], Text]:
+    """(line, parameter) -> the mark of its most urgent alarm (comm-loss marks every
+    parameter of its device)."""
+    urgency = list(_ALARM_MARKS)
+    best: dict[tuple[str, str], tuple[int, str]] = {}
+    devices = {
+        line.id: {param: device for param, (device, _) in line.sources.items()}
+        for line in daemon.site.lines.values()
+    }
+    for view in daemon.lines.alarms.view():
+        if view.state not in _ALARM_MARKS:
+            continue
+        params = [
+            param
+            for param, device in devices.get(view.line, {}).items()
+            if (device if view.kind == "comm-loss" else param) == view.source
+        ]
+        for param in params:
+            rank = urgency.index(view.state)
+            if (view.line, param) not in best or rank < best[view.line, param][0]:
+                best[view.line, param] = (rank, view.kind)
+    marks = {}
+    for key, (rank, kind) in best.items():
+        text, style = _ALARM_MARKS[urgency[rank]]
+        marks[key] = Text(f"{text} {kind}", style=style)
+    return marks
 
 
 # The demo's named users: (printed name, roles). Made in the demo's store at its first run,
@@ -499,6 +541,18 @@ def demo_users(site: Site) -> Path:
     return passwords
 
 
+async def acknowledge_one(lines: Lines, summary: dict[str, Any]) -> None:
+    """The demo operator acknowledges the first alarm raised, with a note, as an operator
+    at the bedside would from the console."""
+    for view in lines.alarms.view():
+        if view.state in (AlarmState.ACTIVE_UNACKED, AlarmState.RETURNED_UNACKED):
+            key = (view.line, view.source, view.kind)
+            note = "seen on the live view: chamber door checked, closed"
+            await lines.alarm_command("acknowledge", key, "demo-operator", note)
+            summary["acknowledged"] = f"{'/'.join(key)} (alarm {view.alarm_id})"
+            return
+
+
 def run_demo(*, seconds: float | None, data_dir: str) -> int:
     """The demo for `seconds` (None: until Ctrl-C); ValueError for a length too short."""
     script = DemoScript.for_seconds(seconds)
@@ -530,6 +584,8 @@ def run_demo(*, seconds: float | None, data_dir: str) -> int:
     )
     print(f"The data is in {daemon.site.store_path} (log: {log_path}).")
     print(f"The demo's users and their passwords are in {summary['users']}.")
+    if "acknowledged" in summary:
+        print(f"demo-operator acknowledged the alarm {summary['acknowledged']}, with a note.")
     print("See it with:")
     print(f"  {prog} run list -c {config}")
     print(f"  {prog} run show -c {config} {run}")
@@ -585,6 +641,8 @@ async def _demo(
                         elif current is not None and elapsed >= cocoon[0][1]:
                             await lines.stop_run("demo-operator", run=current.id)
                             current, cocoon = None, cocoon[1:]
+                        if "acknowledged" not in summary:
+                            await acknowledge_one(lines, summary)
                         live.update(render(daemon, started))
                         await asyncio.sleep(0.25)
                 except asyncio.CancelledError:  # Ctrl-C: complete the runs, then stop

@@ -168,3 +168,40 @@ async def test_operators_acknowledge_shelve_and_take_alarms_out_of_service_throu
         ("op", "alarm.remove", "shelved", "out-of-service"),
     ]
     assert [(s.action, s.login) for s in signatures] == [("alarm.out_of_service", "op")]
+
+
+async def test_the_cli_lists_acknowledges_and_takes_alarms_out_of_service(tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.sitekit import PASSWORD, cli_as, cli_env, cli_login
+
+    site = quick_site(tmp_path)
+    env = cli_env(tmp_path)
+    c = ("-c", str(site.path))
+
+    async def pocd(*args: str, stdin: str = "") -> tuple[int, str, str]:
+        done = await asyncio.to_thread(cli_as, env, *args, *c, stdin=stdin)
+        return done.returncode, done.stdout, done.stderr
+
+    async with running(site) as daemon:
+        await until(lambda: ("incubator", "temperature") in daemon.latest)
+        await asyncio.to_thread(cli_login, site.path, env)
+        assert (await pocd("run", "start", "--batch", "B", "--protocol", "QUICK"))[0] == 0
+        await daemon.inbox.put(Sample("incubator", "temperature", now_ns(), 37.9))
+        await until(lambda: state_of(daemon, "alert-high") is AlarmState.ACTIVE_UNACKED)
+        code, out, err = await pocd("alarm", "list")
+        assert code == 0, err
+        (line,) = [x for x in out.splitlines() if "alert-high" in x]
+        assert "active-unacked" in line and "value 37.9" in line
+        code, out, err = await pocd(
+            "alarm", "acknowledge", "temperature", "alert-high", "--comment", "seen"
+        )
+        assert (code, "active-acked" in out, "acked by op" in out) == (0, True, True), err
+        code, out, err = await pocd(
+            "alarm", "remove", "temperature", "alert-high", "--comment", "probe swap",
+            stdin=f"{PASSWORD}\n",
+        )  # fmt: skip
+        assert (code, "out-of-service" in out) == (0, True), err
+    with Store(site.store_path, readonly=True) as store:
+        (signed,) = store.signatures()
+    assert (signed.action, signed.login) == ("alarm.out_of_service", "op")

@@ -62,6 +62,16 @@ def test_demo_provokes_an_alert_and_an_action_deviation(tmp_path: Path) -> None:
     for cocoon in (first, second):
         shown = json.loads(cli("run", "show", "-c", str(config), cocoon["id"], "--json").stdout)
         assert shown["excursions"] == [] and shown["deviations"] == []
+    # the excursions are alarms, and the demo operator acknowledged the first, with a note
+    with Store(data / "pocd.sqlite", readonly=True) as store:
+        raised = [e for e in store.alarm_events() if e.transition.value == "activate"]
+        (acked,) = [a for a in store.audit() if a.action == "alarm.acknowledge"]
+    assert {(e.source, e.kind) for e in raised} >= {("temperature", "alert-high")}
+    assert (acked.actor, acked.reason.startswith("seen on the live view")) == (
+        "demo-operator",
+        True,
+    )
+    assert "demo-operator acknowledged the alarm" in done.stdout
 
 
 def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
