@@ -209,6 +209,11 @@ class Lines:
                 events = engine.on_sample(sample)
                 if events:
                     self._emit(events)
+                if self.alarms.holding:  # after a restart: the parameter is judged again
+                    line = state.line
+                    for parameter, source in line.sources.items():
+                        if source == point:
+                            self._emit_records(self.alarms.release(line.id, parameter, sample.t))
             except Exception as exc:  # the reading is stored; the next is judged
                 self._engine_failed(exc, sample)
         for state in self._phase_sources.get(point, ()):
@@ -726,8 +731,15 @@ class Lines:
         standby engine opens them again if they still hold."""
         last = max((seen[p] for p in line.points if p in seen), default=None)
         for exc in await asyncio.to_thread(store.line_excursions, line.id, open_only=True):
-            end = max(exc.start, last or exc.start)
-            self._emit([ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=end), end)])
+            self._end_at_restart(exc, max(exc.start, last or exc.start))
+
+    def _end_at_restart(self, exc: Excursion, end: int) -> None:
+        """An excursion the last process left open ends at the last data it had. Its alarm
+        keeps its state until the engine judges the parameter again (Alarms.hold): the same
+        alarm if the condition still holds, acknowledgement and all."""
+        event = ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=end), end)
+        self.writer.add(event)
+        self.alarms.hold([event])
 
     async def _resume_run(
         self, store: Store, state: LineState, seen: Mapping[tuple[str, str], int], t: int
@@ -774,7 +786,7 @@ class Lines:
                 cumulative[key] += max(0, resume_from - exc.start) / NS
                 continue
             end = max(exc.start, last_seen.get(exc.parameter, exc.start))
-            self._emit([ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=end), end)])
+            self._end_at_restart(exc, end)
             cumulative[key] += (end - exc.start) / NS
         spent = {
             (d.parameter, d.phase)

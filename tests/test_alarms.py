@@ -739,3 +739,26 @@ def test_any_inputs_give_legal_transitions_and_resume_equals_live(
     # a condition's state is its latest event's
     for view in live.alarms.view():
         assert state.get((view.line, view.source, view.kind), AlarmState.NORMAL) is view.state
+
+
+@pytest.mark.parametrize(
+    ("reopened", "after"),
+    [(True, AlarmState.ACTIVE_ACKED), (False, AlarmState.NORMAL)],
+    ids=["still-active", "cleared"],
+)
+def test_an_excursion_a_restart_ended_holds_its_alarm_until_the_parameter_is_judged(
+    reopened: bool, after: AlarmState
+) -> None:
+    """The daemon restarts: open excursions end at the last data (record keeping), but the
+    alarm waits for the engine's next judgement: the same acknowledged alarm if it holds."""
+    before, _ = play([(0, "open", "x", "hi"), (1, "ack", "x", "hi")])
+    rig = Rig()
+    rig.alarms.resume(before.events, open_excursions=before.alarms.open_excursions())
+    rig.open = dict(before.open)
+    rig.alarms.hold([rig.excursion(ExcursionChange.CLOSED, at(5), "x", "alert-high")])
+    assert rig.alarms.holding and rig.alarms.view()[0].state is AlarmState.ACTIVE_ACKED
+    got = rig.step((6, "open", "x", "hi")) if reopened else []
+    got += rig.alarms.release("L", "x", at(6))
+    assert not rig.alarms.holding
+    assert [e.transition for e in got] == ([] if reopened else [AlarmTransition.RETURN])
+    assert rig.alarms.view()[0].state is after

@@ -188,6 +188,9 @@ class Alarms:
         self._conditions: dict[AlarmKey, _Condition] = {}
         self._scopes: dict[str, Scope] = {}
         self._rates = Rates()
+        # Conditions whose excursions a restart ended at the last data (`hold`), until the
+        # engine judges their parameter again.
+        self._held: set[AlarmKey] = set()
 
     # --- inputs ------------------------------------------------------------------------------
 
@@ -200,7 +203,8 @@ class Alarms:
             t = event.t if event.t is not None else exc.end or exc.start
             self._clock(t, out)
             cond = self._condition(self._key(exc), t, out)
-            was, _ = touched.get(cond.key, (bool(cond.causes), t))
+            was, _ = touched.get(cond.key, (bool(cond.causes) or cond.key in self._held, t))
+            self._held.discard(cond.key)
             if event.change is ExcursionChange.CLOSED:
                 cond.causes.pop(exc.id, None)
                 cond.used.pop(exc.id, None)
@@ -217,6 +221,31 @@ class Alarms:
 
     def on_excursion(self, event: ExcursionEvent) -> list[AlarmEvent]:
         return self.on_excursions((event,))
+
+    def hold(self, events: Iterable[ExcursionEvent]) -> None:
+        """Excursions a restart ended at the last data before it (CLOSED events): their
+        conditions keep their state, acknowledgement included, until `release`. If the
+        engine's next judgement opens the excursion again, it is the same alarm going on."""
+        for event in events:
+            key = self._key(event.excursion)
+            cond = self._conditions.get(key)
+            if cond is not None and cond.causes.pop(event.excursion.id, None) is not None:
+                cond.used.pop(event.excursion.id, None)
+                if not cond.causes:
+                    self._held.add(key)
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def release(self, line: str, source: str, t: int) -> list[AlarmEvent]:
+        """The engine judged `source` on `line` again after a restart: each held condition of
+        it that no excursion opened again meanwhile returns to normal at `t`."""
+        out: list[AlarmEvent] = []
+        for key in sorted(k for k in self._held if k[:2] == (line, source)):
+            self._held.discard(key)
+            self._returned(self._conditions[key], t, out)
+        return out
 
     def set_scope(
         self,
