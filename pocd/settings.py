@@ -32,7 +32,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pocd.configtypes import (
     ConfigFile,
@@ -54,6 +61,13 @@ from pocd.protocol import (
     canonical_hash,
 )
 from pocd.sinks.config import InfluxSettings
+from pocd.sinks.notify.settings import (
+    ChannelSettings,
+    EmailSettings,
+    MqttSettings,
+    NotifySection,
+    WebhookSettings,
+)
 from pocd.transports import TRANSPORTS, BusUse, Device, DriverInfo, get_transport
 
 __all__ = [
@@ -515,24 +529,41 @@ def _table_or_tables(value: object) -> object:
 
 class SinksSection(StrictModel):
     """Forwarders that read the store by cursor (pocd.sinks). `[sinks.influxdb]` forwards to
-    one InfluxDB, `[[sinks.influxdb]]` to several, each with its own `name`."""
+    one InfluxDB, `[[sinks.influxdb]]` to several, each with its own `name`; the notification
+    channels (`[[sinks.email]]`, `[[sinks.webhook]]`, `[[sinks.mqtt]]`) are sent what the
+    routes of `[notify]` give them."""
 
     influxdb: Annotated[list[InfluxSettings], BeforeValidator(_table_or_tables)] = Field(
+        default_factory=list
+    )
+    email: Annotated[list[EmailSettings], BeforeValidator(_table_or_tables)] = Field(
+        default_factory=list
+    )
+    webhook: Annotated[list[WebhookSettings], BeforeValidator(_table_or_tables)] = Field(
+        default_factory=list
+    )
+    mqtt: Annotated[list[MqttSettings], BeforeValidator(_table_or_tables)] = Field(
         default_factory=list
     )
 
     @model_validator(mode="after")
     def _unique_names(self) -> SinksSection:
-        seen: dict[str, int] = {}
-        for i, sink in enumerate(self.influxdb):
-            if sink.name in seen:
-                raise ValueError(
-                    f"influxdb[{i}].name: sink name {sink.name!r} is also used by "
-                    f"influxdb[{seen[sink.name]}]; give each sink its own name (it keys the "
-                    "sink's cursor in the store)"
-                )
-            seen[sink.name] = i
+        seen: dict[str, str] = {}
+        for section in type(self).model_fields:
+            for i, sink in enumerate(getattr(self, section)):
+                where = f"{section}[{i}]"
+                if sink.name in seen:
+                    raise ValueError(
+                        f"{where}.name: sink name {sink.name!r} is also used by "
+                        f"{seen[sink.name]}; give each sink its own name (it keys the "
+                        "sink's cursor in the store)"
+                    )
+                seen[sink.name] = where
         return self
+
+    def channels(self) -> list[ChannelSettings]:
+        """The notification channels, enabled or not."""
+        return [*self.email, *self.webhook, *self.mqtt]
 
 
 class SiteConfig(StrictModel):
@@ -546,6 +577,24 @@ class SiteConfig(StrictModel):
     devices: list[DeviceSection] = Field(default_factory=list)
     lines: list[LineSection] = Field(default_factory=list)
     sinks: SinksSection = SinksSection()
+    notify: NotifySection = NotifySection()
+
+    @field_validator("notify")
+    @classmethod
+    def _routes_name_channels(cls, notify: NotifySection, info: ValidationInfo) -> NotifySection:
+        sinks = info.data.get("sinks")
+        channels = {c.name for c in sinks.channels()} if isinstance(sinks, SinksSection) else set()
+        for i, route in enumerate(notify.routes):
+            unknown = sorted(route.channel_names() - channels)
+            if unknown:
+                known = ", ".join(sorted(channels)) or (
+                    "none: add [[sinks.email]], [[sinks.webhook]] or [[sinks.mqtt]]"
+                )
+                raise ValueError(
+                    f"routes[{i}] ({route.name}): no channel {', '.join(unknown)} "
+                    f"(channels: {known})"
+                )
+        return notify
 
 
 @dataclass(frozen=True, slots=True)

@@ -203,8 +203,26 @@ SITE_CASES = {
     "unknown-key-top-level": Bad(
         (("[site]", 'colour = "red"\n[site]'),),
         "colour",
-        "unknown key (known keys here: access, api, devices, drivers_dir, lines, protocols, run, "
-        "sinks, site, store)",
+        "unknown key (known keys here: access, api, devices, drivers_dir, lines, notify, "
+        "protocols, run, sinks, site, store)",
+    ),
+    "route-names-no-channel": Bad(
+        (("[site]", '[[notify.routes]]\nname = "ward"\nchannels = ["pager"]\n[site]'),),
+        "notify",
+        "routes[0] (ward): no channel pager (channels: none: add [[sinks.email]], "
+        "[[sinks.webhook]] or [[sinks.mqtt]])",
+    ),
+    "sink-name-used-twice-across-kinds": Bad(
+        (
+            (
+                "[site]",
+                '[[sinks.email]]\nname = "ward"\nhost = "smtp"\nfrom = "a@b.c"\nto = ["d@e.f"]\n'
+                '[[sinks.webhook]]\nname = "ward"\nurl = "http://h/x"\nsecret = { env = "S" }\n'
+                "[site]",
+            ),
+        ),
+        "sinks",
+        "webhook[0].name: sink name 'ward' is also used by email[0]",
     ),
     "unknown-key-nested": Bad(
         (('flush_interval = "200ms"', 'flush_intervall = "200ms"'),),

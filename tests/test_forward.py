@@ -122,6 +122,7 @@ class HookSettings:
     batch_size: int = 10
     flush_interval: float = 0.05
     backoff_max: float = 0.3
+    commit_interval: float = 0.5
 
 
 def body(lines: Sequence[str]) -> bytes:
@@ -323,8 +324,9 @@ async def test_an_events_only_sink_quarantines_a_refused_event_by_what_it_is(sit
 
 
 def test_sink_kinds_are_found_by_their_config_section() -> None:
-    kind = get_sink_kind("influxdb")
-    assert kind.name == "influxdb" and set(SINKS) == {"influxdb"}
+    assert set(SINKS) == {"influxdb", "email", "webhook", "mqtt"}
+    for name in SINKS:
+        assert get_sink_kind(name).name == name
     with pytest.raises(KeyError):
         get_sink_kind("pigeon")
 

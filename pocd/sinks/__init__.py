@@ -80,6 +80,9 @@ class SinkKind:
 
 SINKS: Mapping[str, str] = {
     "influxdb": "pocd.sinks.influxdb",
+    "email": "pocd.sinks.notify.email",
+    "webhook": "pocd.sinks.notify.webhook",
+    "mqtt": "pocd.sinks.notify.mqtt",
 }
 
 
@@ -90,8 +93,9 @@ def get_sink_kind(name: str) -> SinkKind:
 
 
 def build_sinks(site: Site) -> list[Sink]:
-    """The enabled sinks configured in `[sinks]`, in the order of the sections' kinds. A
-    section's module is imported only when it has an entry (it may import an HTTP client)."""
+    """The enabled sinks configured in `[sinks]`, in the order of the sections' kinds, and the
+    notifier (pocd.sinks.notify.sink) when `[notify]` has routes. A section's module is
+    imported only when it has an entry (it may import an HTTP client)."""
     sinks: list[Sink] = []
     for section in type(site.config.sinks).model_fields:
         entries: list[SinkSettings] = getattr(site.config.sinks, section)
@@ -99,4 +103,8 @@ def build_sinks(site: Site) -> list[Sink]:
         if enabled:
             kind = get_sink_kind(section)
             sinks += [kind.build(site, settings) for settings in enabled]
+    if site.config.notify.routes:
+        from pocd.sinks.notify.sink import Notifier
+
+        sinks.append(Notifier(site))
     return sinks

@@ -82,10 +82,6 @@ log = structlog.get_logger("pocd.sinks.forward")
 _IN_FLIGHT: Final = 3
 # Split off a backfill lane when the sample backlog exceeds this many batches.
 _SPLIT_BATCHES: Final = 4
-# Confirmed positions are committed at most this often (and at stop): a crash resends at
-# most this much, which overwrites the same data. Committing after every batch would cost
-# an fsync per batch.
-_COMMIT_INTERVAL_S: Final = 0.5
 _FIRST_BACKOFF_S: Final = 0.5
 # How often the size of the quarantine is read again from the store, where `pocd sink resend`
 # (another process, perhaps) may have emptied it.
@@ -187,6 +183,9 @@ class ForwardSettings(Protocol):
 
     @property
     def backoff_max(self) -> float: ...  # longest pause between retries, s
+
+    @property
+    def commit_interval(self) -> float: ...  # confirmed positions are stored this often, s
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,7 +676,7 @@ class Forwarder:
             self._recovered()
         if not self._failures:
             self._state = "forwarding"
-        if self._incidents or time.monotonic() - self._last_commit >= _COMMIT_INTERVAL_S:
+        if self._incidents or time.monotonic() - self._last_commit >= self.settings.commit_interval:
             await self._commit()
 
     async def _commit(self) -> None:

@@ -663,6 +663,43 @@ CREATE TRIGGER alarm_events_event AFTER INSERT ON alarm_events
 BEGIN INSERT INTO events (kind, ref) VALUES ('alarm', NEW.id); END;
 """
 
+# v12: the notification outbox (pocd.sinks.notify): one row per notification and channel it goes
+# to, made by the routes from the alarm events (unique: a notification is queued once per
+# channel, however often the routes are replayed), read by each channel's cursor; and every
+# delivery attempt, failures included. Both append-only.
+_V12: Final = """
+CREATE TABLE notifications (
+    id INTEGER PRIMARY KEY,
+    notification TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    t INTEGER NOT NULL,
+    route TEXT NOT NULL,
+    tier INTEGER NOT NULL,
+    via TEXT,
+    item TEXT NOT NULL,
+    UNIQUE (notification, channel)
+);
+CREATE INDEX notifications_channel ON notifications (channel, id);
+CREATE TRIGGER notifications_no_update BEFORE UPDATE ON notifications
+BEGIN SELECT RAISE(ABORT, 'notifications are append-only'); END;
+CREATE TRIGGER notifications_no_delete BEFORE DELETE ON notifications
+BEGIN SELECT RAISE(ABORT, 'notifications are append-only'); END;
+
+CREATE TABLE delivery_attempts (
+    id INTEGER PRIMARY KEY,
+    t INTEGER NOT NULL,
+    notification TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX delivery_attempts_notification ON delivery_attempts (notification);
+CREATE TRIGGER delivery_attempts_no_update BEFORE UPDATE ON delivery_attempts
+BEGIN SELECT RAISE(ABORT, 'delivery attempts are append-only'); END;
+CREATE TRIGGER delivery_attempts_no_delete BEFORE DELETE ON delivery_attempts
+BEGIN SELECT RAISE(ABORT, 'delivery attempts are append-only'); END;
+"""
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     _V1,
     _V2,
@@ -675,6 +712,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _V9,
     _V10,
     _V11,
+    _V12,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

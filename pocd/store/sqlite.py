@@ -55,7 +55,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypeAlias, cast
+from typing import Any, Final, NamedTuple, Self, TypeAlias, cast
 
 from pocd.errors import RecordRejected, RunError, StoreError
 from pocd.model import (
@@ -93,9 +93,11 @@ from pocd.store.recordtypes import (
 __all__ = [
     "SAMPLE_KEY_BITS",
     "AmbiguousRunError",
+    "Attempt",
     "Change",
     "Channel",
     "Event",
+    "Queued",
     "Record",
     "SampleRow",
     "Store",
@@ -245,6 +247,28 @@ _EVENT_SOURCES: Final[dict[str, tuple[str, str, Callable[[Row], Event]]]] = {
     "audit": ("audit", _AUDIT_COLUMNS, AUDIT_ENTRY.from_row),
     "alarm": ("alarm_events", _ALARM_EVENT_COLUMNS, ALARM_EVENT.from_row),
 }
+
+
+class Queued(NamedTuple):
+    """A notification queued for one channel (schema v12)."""
+
+    notification: str  # its stable id (pocd.sinks.notify.message)
+    channel: str  # the sink name of the channel
+    t: int  # when it was queued for this channel, ns
+    route: str  # the route that queued it
+    tier: int  # escalation tier, 0 for the first to be told
+    via: str | None  # a fallback: the channel that had not delivered it
+    item: str  # its JSON
+
+
+class Attempt(NamedTuple):
+    """One delivery attempt of a notification on a channel (schema v12)."""
+
+    t: int
+    notification: str
+    channel: str
+    outcome: str  # delivered, retry or rejected
+    reason: str  # the far side's words; empty when delivered
 
 
 class AmbiguousRunError(RunError, LookupError):
@@ -718,8 +742,94 @@ class Store:
 
     def alarm_events(self, *, after: int = 0) -> list[AlarmEvent]:
         """Every alarm event after rowid `after`, in the order they were made."""
-        sql = f"SELECT {_ALARM_EVENT_COLUMNS} FROM alarm_events WHERE id > ? ORDER BY id"
-        return [ALARM_EVENT.from_row(r) for r in self._query(sql, (after,))]
+        return [event for _, event in self.alarm_events_after(after)]
+
+    def alarm_events_after(self, after: int) -> list[tuple[int, AlarmEvent]]:
+        """(rowid, event) of every alarm event after rowid `after`, in the order made."""
+        sql = f"SELECT id, {_ALARM_EVENT_COLUMNS} FROM alarm_events WHERE id > ? ORDER BY id"
+        return [(int(r[0]), ALARM_EVENT.from_row(r[1:])) for r in self._query(sql, (after,))]
+
+    # -- the notification outbox (schema v12) --------------------------------------------------
+
+    def queue_notifications(self, rows: Sequence[Queued]) -> int:
+        """Queue notifications, each once per channel: a row whose (notification, channel) is
+        queued already is left out. Answers how many were new."""
+        return self._write(
+            "INSERT OR IGNORE INTO notifications "
+            "(notification, channel, t, route, tier, via, item) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [tuple(r) for r in rows],
+        )
+
+    def queue_fallback(
+        self, *, route: str, channel: str, fallback: str, after: int, made_before: int, t: int
+    ) -> int:
+        """Queue for `fallback` every notification of `route` on `channel` past its cursor
+        position `after` that was made before `made_before`: the channel has not delivered it
+        in time. Answers how many were new."""
+        return self._write(
+            "INSERT OR IGNORE INTO notifications "
+            "(notification, channel, t, route, tier, via, item) "
+            "SELECT notification, ?, ?, route, tier, channel, item FROM notifications "
+            "WHERE channel = ? AND route = ? AND id > ? AND t < ? ORDER BY id",
+            [(fallback, t, channel, route, after, made_before)],
+        )
+
+    def notification_head(self, channel: str) -> int:
+        """The rowid of the newest notification queued for `channel`, 0 if none."""
+        sql = "SELECT coalesce(max(id), 0) FROM notifications WHERE channel = ?"
+        return int(self._query(sql, (channel,))[0][0])
+
+    def notifications(
+        self, channel: str | None = None, *, after: int = 0, limit: int = -1
+    ) -> list[tuple[int, Queued]]:
+        """(rowid, row) of the notifications queued after rowid `after`, for one channel or
+        all, oldest first."""
+        where, params = ("AND channel = ?", [channel]) if channel is not None else ("", [])
+        rows = self._query(
+            "SELECT id, notification, channel, t, route, tier, via, item FROM notifications "
+            f"WHERE id > ? {where} ORDER BY id LIMIT ?",
+            [after, *params, limit],
+        )
+        return [(int(r[0]), Queued(*r[1:])) for r in rows]
+
+    def add_attempt(self, attempt: Attempt) -> None:
+        """Store one delivery attempt."""
+        self._write(
+            "INSERT INTO delivery_attempts (t, notification, channel, outcome, reason) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [tuple(attempt)],
+        )
+
+    def attempts(self, notification: str | None = None) -> list[Attempt]:
+        """The delivery attempts, of one notification or all, in the order they were made."""
+        where, params = ("WHERE notification = ?", (notification,)) if notification else ("", ())
+        rows = self._query(
+            "SELECT t, notification, channel, outcome, reason FROM delivery_attempts "
+            f"{where} ORDER BY id",
+            params,
+        )
+        return [Attempt(*r) for r in rows]
+
+    def _write(self, sql: str, rows: Sequence[Row]) -> int:
+        """Run one statement over `rows` in a transaction of its own; the rows it changed."""
+        with self._lock:
+            self._check_open()
+            if self.readonly:
+                raise StoreError(f"{self.path}: store opened read-only, cannot write")
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                before = db.total_changes
+                db.executemany(sql, rows)
+                changed = db.total_changes - before
+                db.execute("COMMIT")
+            except BaseException as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(f"{self.path}: not stored: {e}") from e
+                raise
+            return changed
 
     def signatures(self, run_id: str | None = None) -> list[Signature]:
         """Every electronic signature, or those of one run, in the order they were made."""

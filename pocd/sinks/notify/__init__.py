@@ -20,6 +20,7 @@ store, show a secret in a result or message.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -174,10 +175,16 @@ class ChannelWriter:
     JSON of one item (an encoder of alarm events makes them; a batch size of 1 suits a
     channel). The items are sent in order; the first that is not delivered answers for the
     payload, so the forwarder's bisection finds a rejected one and retries on a failure.
-    Items before it are sent again on the retry, with the same id."""
+    Items before it are sent again on the retry, with the same id. `journal`, if given, is
+    told every attempt's result (pocd.sinks.notify.sink stores them)."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        journal: Callable[[Item, DeliveryResult], Awaitable[None]] | None = None,
+    ) -> None:
         self.channel = channel
+        self.journal = journal
         self._connected = False
 
     async def write(self, body: bytes) -> WriteResult:
@@ -192,6 +199,8 @@ class ChannelWriter:
             except ValueError as exc:
                 return WriteResult(Outcome.REJECTED, str(exc))
             result = await self.channel.send(item)
+            if self.journal is not None:
+                await self.journal(item, result)
             if not result.delivered:
                 return result.write_result()
         return WriteResult(Outcome.OK)

@@ -25,6 +25,7 @@ from pocd.sinks import SinkError
 from pocd.sinks.config import SecretValue
 from pocd.sinks.notify import Connected, DeliveryResult, Item, Notification, redact
 from pocd.sinks.notify.settings import EmailSettings
+from pocd.sinks.notify.sink import channel_kind
 
 __all__ = ["EmailChannel", "message_id", "open_channel"]
 
@@ -68,7 +69,7 @@ class EmailChannel(Connected):
 
     @property
     def where(self) -> str:
-        return f"smtp://{self.settings.host}:{self.settings.port} ({self.settings.security})"
+        return self.settings.where()
 
     def compose(self, item: Item) -> EmailMessage:
         """The mail of an item."""
@@ -155,3 +156,6 @@ def open_channel(settings: EmailSettings, base: Path) -> tuple[EmailChannel, lis
     except ValueError as exc:
         raise SinkError(str(exc)) from None
     return EmailChannel(settings, password=password), [password.reveal()] if password else []
+
+
+SINK: Final = channel_kind("email", "email", EmailSettings, open_channel)

@@ -29,6 +29,7 @@ from pocd.sinks import SinkError
 from pocd.sinks.config import SecretValue
 from pocd.sinks.notify import Connected, DeliveryResult, Item, Notification, redact
 from pocd.sinks.notify.settings import MqttSettings
+from pocd.sinks.notify.sink import channel_kind
 
 __all__ = ["MqttChannel", "event_topic", "open_channel", "state_topic", "summary_topic"]
 
@@ -76,8 +77,7 @@ class MqttChannel(Connected):
 
     @property
     def where(self) -> str:
-        scheme = "mqtts" if self._tls else "mqtt"
-        return f"{scheme}://{self.settings.host}:{self.settings.port}"
+        return self.settings.where()
 
     def _new_client(self) -> aiomqtt.Client:
         s = self.settings
@@ -169,3 +169,6 @@ def open_channel(settings: MqttSettings, base: Path) -> tuple[MqttChannel, list[
     except ValueError as exc:
         raise SinkError(str(exc)) from None
     return MqttChannel(settings, password=password), [password.reveal()] if password else []
+
+
+SINK: Final = channel_kind("mqtt", "MQTT", MqttSettings, open_channel)

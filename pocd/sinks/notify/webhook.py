@@ -26,6 +26,7 @@ from pocd.sinks import SinkError
 from pocd.sinks.config import SecretValue
 from pocd.sinks.notify import Connected, DeliveryResult, Item
 from pocd.sinks.notify.settings import WebhookSettings
+from pocd.sinks.notify.sink import channel_kind
 
 __all__ = [
     "ID_HEADER",
@@ -108,7 +109,7 @@ class WebhookChannel(Connected):
 
     @property
     def where(self) -> str:
-        return self.settings.url
+        return self.settings.where()
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -185,3 +186,6 @@ def open_channel(settings: WebhookSettings, base: Path) -> tuple[WebhookChannel,
     except ValueError as exc:
         raise SinkError(str(exc)) from None
     return WebhookChannel(settings, secret=secret), [secret.reveal()]
+
+
+SINK: Final = channel_kind("webhook", "webhook", WebhookSettings, open_channel)
