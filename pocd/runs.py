@@ -231,7 +231,10 @@ class Lines:
                 self._engine_failed(exc, status)
 
     def tick(self, t: int) -> None:
-        self._emit_records(self.alarms.tick(t))  # shelves that end, re-alarms
+        alarmed = self.alarms.tick(t)  # shelves that end, re-alarms
+        if alarmed:
+            self._emit_records(alarmed)
+            self.writer.hurry()
         for state in self.states.values():
             if state.engine is not None:
                 try:
@@ -661,7 +664,10 @@ class Lines:
             noted.append(event)
         excursions = [e for e in noted if isinstance(e, ExcursionEvent)]
         if excursions:
-            noted += self.alarms.on_excursions(excursions)
+            alarmed = self.alarms.on_excursions(excursions)
+            if alarmed:
+                self.writer.hurry()  # committed now, for the notifications
+            noted += alarmed
         return noted
 
     def _alarm_scope(self, state: LineState, t: int) -> list[AlarmEvent]:

@@ -128,6 +128,7 @@ def smtp_server(
 class Received:
     body: bytes
     notification_id: str
+    at: int = field(default_factory=time.time_ns)  # when it arrived, ns since the epoch
 
 
 class Receiver:

@@ -211,3 +211,19 @@ async def test_a_wait_for_a_commit_that_is_cancelled_as_the_commit_comes_ends_ca
     waiting.cancel()  # in the same turn of the loop
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(waiting, 1)
+
+
+async def test_hurry_commits_at_once_and_a_burst_costs_few_commits(writer: StoreWriter) -> None:
+    """An alarm is committed without waiting for the flush interval (no flush loop runs
+    here); hurrying while a commit is under way asks for one more, not one per call."""
+    writer.add(samples(1)[0])
+    writer.hurry()
+    await writer.commits.after(0, 5)
+    assert (writer.commits.count, len(writer)) == (1, 0)
+    for s in samples(50, start=1):
+        writer.add(s)
+        writer.hurry()
+    while len(writer):
+        await writer.commits.after(writer.commits.count, 5)
+    assert 2 <= writer.commits.count <= 3
+    assert writer.store is not None and writer.store.sample_count() == 51

@@ -117,6 +117,8 @@ class StoreWriter:
         self.failing: str | None = None  # the store's error while writes fail
         self.stopping = False  # the last flush gives up after a few attempts
         self.commits = Commits()
+        self._hurried: asyncio.Task[None] | None = None  # see `hurry`
+        self._again = False
 
     def __len__(self) -> int:
         """Records waiting to be committed."""
@@ -153,6 +155,25 @@ class StoreWriter:
         while True:
             await asyncio.sleep(interval)
             await self.flush()
+
+    def hurry(self) -> None:
+        """Commit what is queued now, without waiting for the flush interval: an alarm is due
+        to reach a person. Does not wait. While such a commit runs, another is asked for
+        once more at most: a flood of alarms costs a commit at a time, not one per alarm."""
+        if self._hurried is not None and not self._hurried.done():
+            self._again = True
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in the daemon's loop (a test driving the lines alone)
+            return
+        self._hurried = loop.create_task(self._hurry(), name="store-hurry")
+
+    async def _hurry(self) -> None:
+        self._again = True
+        while self._again:
+            self._again = False
+            await self._flush()
 
     async def flush(self, *, within: float | None = None) -> None:
         """Commit every record queued so far. CommitTimeout if that takes longer than
