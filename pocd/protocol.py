@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from pocd.model import AlarmPriority
+
 __all__ = [
+    "AlarmProperties",
     "Limits",
     "Parameter",
     "Phase",
@@ -63,11 +66,30 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class AlarmProperties:
+    """A parameter's alarm properties as its protocol gives them, before any default: None
+    and an empty `priorities` leave the kind's default (pocd.runs resolves them). `priority`
+    applies to every kind of the parameter's alarms, `priorities` (ExcursionKind values) over
+    it to the kinds named; `standby_priority` while the line has no run."""
+
+    priority: AlarmPriority | None = None
+    priorities: Mapping[str, AlarmPriority] = field(default_factory=dict)
+    standby_priority: AlarmPriority | None = None
+    latching: bool = False
+    realarm: float | None = None  # seconds an acknowledged alarm may stay active unannounced
+    group: str | None = None  # first-out group
+
+    def priority_of(self, kind: str) -> AlarmPriority | None:
+        return self.priorities.get(kind, self.priority)
+
+
+@dataclass(frozen=True, slots=True)
 class Parameter:
     id: str
     unit: str
     critical: bool
     description: str = ""
+    alarm: AlarmProperties = AlarmProperties()
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,6 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Final
 
 import structlog
@@ -56,6 +55,7 @@ from pocd.model import (
     now_ns,
 )
 from pocd.protocol import (
+    AlarmProperties,
     Limits,
     Parameter,
     Phase,
@@ -75,6 +75,8 @@ log = structlog.get_logger("pocd.runs")
 
 # The acting user's identity. A name today; a later issue makes it a signed-in user.
 Actor = str
+# The id of the built-in standby protocol of a line that names none (`equipment_watch`).
+_EQUIPMENT_WATCH: Final = "pocd-equipment-watch"
 # How long an operation waits for its records to be committed before it says they are not.
 COMMIT_WAIT_S: Final = 5.0
 _DISTINCT_FAULTS: Final = 100  # engine errors told apart (and each an incident), then counted
@@ -109,7 +111,7 @@ def equipment_watch(line: Line, site: Site) -> Protocol:
     parameters = {name: Parameter(name, unit, critical=False) for name, unit in units.items()}
     phase = Phase("standby", "Standby", {name: Limits() for name in parameters})
     return Protocol(
-        id="pocd-equipment-watch",
+        id=_EQUIPMENT_WATCH,
         version="1",
         title="Equipment watch: communication and quality",
         status=ProtocolStatus.APPROVED,
@@ -151,11 +153,13 @@ class Lines:
         # The alarms of every line (pocd.alarms): fed every excursion event that goes to the
         # store (in `_note`), and each line's design scope when its engine or phase changes.
         self.alarms = Alarms(
-            settings=partial(_alarm_settings, site),
+            settings=self._alarm_settings,
             devices={
                 line.id: {param: device for param, (device, _) in line.sources.items()}
                 for line in site.lines.values()
             },
+            units=_units(site),
+            max_shelve_s=site.config.alarms.max_shelve,
         )
 
     # --- queries ------------------------------------------------------------------------------
@@ -535,7 +539,8 @@ class Lines:
         signature: Signer | None = None,
     ) -> AlarmView:
         """An operator's command on the alarm condition `key` (line, source, kind; a line of
-        "" is the site's only one): acknowledge or reset with a note, shelve (until `until`,
+        "" is the site's only one): acknowledge (with a note at the priorities the site's
+        `alarms.note_required` names) or reset with a note, shelve (until `until`,
         or None: one-shot) or unshelve, remove from service or restore. Shelving a critical
         alarm and taking an alarm out of service or back are signed. Raises AlarmError for a
         command its state does not allow, SignatureRequired. Answers the condition's view."""
@@ -550,9 +555,9 @@ class Lines:
                     f"{command} of alarm {'/'.join(key)} ({before.priority.value}) needs your "
                     "electronic signature"
                 )
-            critical = before.priority is AlarmPriority.CRITICAL
-            if command == "acknowledge" and critical and not comment.strip():
-                raise RunError("acknowledging a critical alarm needs a note")
+            noted = before.priority in self.site.config.alarms.note_required
+            if command == "acknowledge" and noted and not comment.strip():
+                raise RunError(f"acknowledging a {before.priority.value} alarm needs a note")
             t = now_ns()
             alarms = self.alarms
             if command == "shelve":
@@ -585,6 +590,45 @@ class Lines:
             )
             await self._commit([*events, audit, *signed])
             return after
+
+    def _alarm_settings(self, line: str, source: str, kind: str) -> AlarmSettings:
+        """The alarm properties of a condition, from the protocol in use on its line: the
+        run's, or the standby protocol. The built-in equipment watch has none (nor has a line
+        without an engine: an unmonitored run, a restart before its engine is made), so there
+        they come from the approved batch protocols that define the parameter: the first, by
+        id and version, that gives it an alarm table, else the first (its `standby_priority`
+        is what applies between runs). A parameter none defines takes the defaults. A
+        critical parameter's action limits are critical unless the protocol says otherwise;
+        comm-loss takes the site's `alarms.comm_loss_priority`."""
+        if kind == ExcursionKind.COMM_LOSS.value:
+            return AlarmSettings(priority=self.site.config.alarms.comm_loss_priority)
+        state = self.states.get(line)
+        engine = None if state is None else state.engine
+        if engine is not None and engine.protocol.id != _EQUIPMENT_WATCH:
+            protocols = [engine.protocol]
+        else:
+            protocols = [
+                p
+                for _, p in sorted(self.site.protocols.items())
+                if p.kind is ProtocolKind.BATCH and p.status is ProtocolStatus.APPROVED
+            ]
+        defined = [p.parameters[source] for p in protocols if source in p.parameters]
+        param = next((d for d in defined if d.alarm != AlarmProperties()), None)
+        param = param or next(iter(defined), None)
+        if param is None:
+            return AlarmSettings()
+        alarm = param.alarm
+        priority = alarm.priority_of(kind)
+        action = kind in (ExcursionKind.ACTION_LOW.value, ExcursionKind.ACTION_HIGH.value)
+        if priority is None and param.critical and action:
+            priority = AlarmPriority.CRITICAL
+        return AlarmSettings(
+            priority=priority,
+            standby_priority=alarm.standby_priority,
+            latching=alarm.latching,
+            realarm_s=alarm.realarm,
+            group=alarm.group,
+        )
 
     def _alarm_view(self, key: AlarmKey) -> AlarmView:
         for view in self.alarms.view():
@@ -907,11 +951,16 @@ def alarm_scope(engine: Engine, line: Line) -> frozenset[tuple[str, str]]:
     return frozenset(scope)
 
 
-def _alarm_settings(site: Site, line: str, source: str, kind: str) -> AlarmSettings:
-    """The alarm properties of a condition: a critical parameter's limits are critical."""
-    critical = any(
-        source in p.parameters and p.parameters[source].critical for p in site.protocols.values()
-    )
-    if critical and kind in (ExcursionKind.ACTION_LOW.value, ExcursionKind.ACTION_HIGH.value):
-        return AlarmSettings(priority=AlarmPriority.CRITICAL)
-    return AlarmSettings()
+def _units(site: Site) -> dict[str, dict[str, str]]:
+    """Each line's parameters' units, as the protocols give them (load_site made sure that a
+    point with a unit agrees with every protocol); "" where the protocols disagree."""
+    given: dict[str, set[str]] = defaultdict(set)
+    for proto in site.protocols.values():
+        for name, param in proto.parameters.items():
+            given[name].add(param.unit)
+    return {
+        line.id: {
+            name: next(iter(given[name])) if len(given[name]) == 1 else "" for name in line.sources
+        }
+        for line in site.lines.values()
+    }

@@ -50,8 +50,9 @@ from pocd.configtypes import (
     field_path_use,
 )
 from pocd.errors import ConfigError, ConfigProblem
-from pocd.model import MAIN_LINE
+from pocd.model import MAIN_LINE, AlarmPriority, ExcursionKind
 from pocd.protocol import (
+    AlarmProperties,
     Limits,
     Parameter,
     Phase,
@@ -140,11 +141,63 @@ def check_limit_order(spec: LimitSpec) -> None:
         )
 
 
+def _as_priority(value: object) -> AlarmPriority:
+    return _choice(AlarmPriority, value)
+
+
+_Priority = Annotated[AlarmPriority, BeforeValidator(_as_priority)]
+# The kinds of a parameter's alarms; comm-loss is a device's (the site's alarms.comm_loss_priority)
+_PARAMETER_KINDS = tuple(k.value for k in ExcursionKind if k is not ExcursionKind.COMM_LOSS)
+
+
+class AlarmSpec(StrictModel):
+    """A parameter's alarm properties (`[parameters.<name>.alarm]`): `priority` for every kind
+    of its alarms, `priorities` over it for some (keyed by kind: "action-high", "rate", ...),
+    `standby_priority` while the line has no run, `latching` (a returned alarm waits for a
+    reset), `realarm` (an acknowledged alarm still active after it alarms again) and a
+    first-out `group`. What is left out takes its default, as without the table."""
+
+    priority: _Priority | None = None
+    priorities: dict[str, _Priority] = Field(default_factory=dict)
+    standby_priority: _Priority | None = None
+    latching: bool = False
+    realarm: Duration | None = Field(default=None, gt=0)
+    group: str | None = Field(default=None, pattern=_ID)
+
+    @field_validator("priorities")
+    @classmethod
+    def _kinds(cls, value: dict[str, AlarmPriority]) -> dict[str, AlarmPriority]:
+        for kind in value:
+            if kind == ExcursionKind.COMM_LOSS.value:
+                raise ValueError(
+                    "comm-loss is an alarm of the device, not of a parameter: set its priority "
+                    "in the site config's [alarms] comm_loss_priority"
+                )
+            if kind not in _PARAMETER_KINDS:
+                close = difflib.get_close_matches(kind.replace("_", "-"), _PARAMETER_KINDS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(
+                    f"{_unknown('alarm kind', kind)} ({hint}kinds: {', '.join(_PARAMETER_KINDS)})"
+                )
+        return value
+
+    def properties(self) -> AlarmProperties:
+        return AlarmProperties(
+            priority=self.priority,
+            priorities=dict(self.priorities),
+            standby_priority=self.standby_priority,
+            latching=self.latching,
+            realarm=self.realarm,
+            group=self.group,
+        )
+
+
 class ParameterSpec(StrictModel):
     unit: str
     critical: bool = False
     description: str = ""
     limits: LimitSpec = LimitSpec()  # defaults for every phase
+    alarm: AlarmSpec = AlarmSpec()
 
 
 class PhaseSpec(StrictModel):
@@ -273,7 +326,13 @@ def protocol_from_text(text: str, name: str) -> Protocol:
         status=spec.status,
         hash=canonical_hash(doc),
         parameters={
-            n: Parameter(id=n, unit=ps.unit, critical=ps.critical, description=ps.description)
+            n: Parameter(
+                id=n,
+                unit=ps.unit,
+                critical=ps.critical,
+                description=ps.description,
+                alarm=ps.alarm.properties(),
+            )
             for n, ps in spec.parameters.items()
         },
         phases=phases,
@@ -480,6 +539,18 @@ class AccessSection(StrictModel):
     password_min: int = Field(12, ge=8, le=128)
 
 
+class AlarmsSection(StrictModel):
+    """The site's alarm handling (ISA-18.2): the longest shelve, the priorities whose
+    acknowledgement needs a note, when the KPIs count an alarm as standing or left
+    unacknowledged, and the priority of a device's comm-loss alarm."""
+
+    max_shelve: Duration = Field(default=8 * 3600.0, gt=0)
+    note_required: list[_Priority] = Field(default_factory=lambda: [AlarmPriority.CRITICAL])
+    unacknowledged_after: Duration = Field(default=600.0, gt=0)
+    standing_after: Duration = Field(default=1800.0, gt=0)
+    comm_loss_priority: _Priority = AlarmPriority.HIGH
+
+
 class ProtocolsSection(StrictModel):
     dir: str = "protocols"  # relative to the config file
 
@@ -571,6 +642,7 @@ class SiteConfig(StrictModel):
     store: StoreSection = StoreSection()
     api: ApiSection = ApiSection()
     access: AccessSection = AccessSection()
+    alarms: AlarmsSection = AlarmsSection()
     protocols: ProtocolsSection = ProtocolsSection()
     run: RunSection = RunSection()
     drivers_dir: str | None = None

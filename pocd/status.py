@@ -72,6 +72,10 @@ class LiveStatus:
     def alarms(self) -> dict[str, Any]:
         """Every alarm condition in its current state, and each line's alarm KPIs."""
         t = now_ns()
+        rules = self.site.config.alarms
+        kpis = self.lines.alarms.kpis(
+            t, standing_s=rules.standing_after, unacked_s=rules.unacknowledged_after
+        )
         return {
             "alarms": [view_json(v) for v in self.lines.alarms.view()],
             "kpis": {
@@ -85,7 +89,7 @@ class LiveStatus:
                     "out_of_service": k.out_of_service,
                     "suppressed": k.suppressed,
                 }
-                for line, k in self.lines.alarms.kpis(t).items()
+                for line, k in kpis.items()
             },
         }
 

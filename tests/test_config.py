@@ -203,8 +203,8 @@ SITE_CASES = {
     "unknown-key-top-level": Bad(
         (("[site]", 'colour = "red"\n[site]'),),
         "colour",
-        "unknown key (known keys here: access, api, devices, drivers_dir, lines, notify, "
-        "protocols, run, sinks, site, store)",
+        "unknown key (known keys here: access, alarms, api, devices, drivers_dir, lines, "
+        "notify, protocols, run, sinks, site, store)",
     ),
     "route-names-no-channel": Bad(
         (("[site]", '[[notify.routes]]\nname = "ward"\nchannels = ["pager"]\n[site]'),),

@@ -189,7 +189,8 @@ async def test_an_alarm_is_delivered_escalated_and_an_acknowledgement_ends_the_e
             "B-7",
             37.9,
         )
-        assert (item["limit"], item["phase"], item["priority"]) == (
+        assert (item["unit"], item["limit"], item["phase"], item["priority"]) == (
+            "C",
             37.5,
             "warm",
             "medium",

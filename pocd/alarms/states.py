@@ -114,6 +114,7 @@ class AlarmView:
     device: str
     value: float | None
     limit: float | None
+    unit: str  # of the value and the limit
     since: int | None  # the time of its latest event
 
 
@@ -122,6 +123,7 @@ class _Condition:
     key: AlarmKey
     settings: AlarmSettings
     device: str
+    unit: str
     priority: AlarmPriority
     base: AlarmState = S.NORMAL  # the annunciated state under any mask (NORMAL while masked)
     alarm_id: str = ""
@@ -163,7 +165,10 @@ class _Condition:
 class Alarms:
     """Every alarm condition of a site: one per (line, parameter, limit kind), plus one per
     (line, device) for comm-loss, active while any parameter of the device has a comm-loss
-    excursion open. `devices` maps each line's parameters to their device.
+    excursion open. `devices` maps each line's parameters to their device, `units` to their
+    unit (a rate's value and limit are in unit/min; a comm-loss has none). `settings` gives
+    a condition's properties when it is first seen, and again at each `set_scope` of its line
+    (where the protocol in use may change); what a stored event says stays as it was.
 
     Feed each engine call's events in one `on_excursions` batch: the engine closes and reopens
     an excursion across a phase change, and in one batch that is one alarm going on."""
@@ -174,6 +179,7 @@ class Alarms:
         settings: Callable[[str, str, str], AlarmSettings]
         | Mapping[AlarmKey, AlarmSettings] = _defaults,
         devices: Mapping[str, Mapping[str, str]] = {},
+        units: Mapping[str, Mapping[str, str]] = {},
         max_shelve_s: float = 8 * 3600.0,
     ) -> None:
         if isinstance(settings, Mapping):
@@ -184,6 +190,7 @@ class Alarms:
         else:
             self._settings = settings
         self._devices = devices
+        self._units = units
         self.max_shelve = round(max_shelve_s * NS)
         self._conditions: dict[AlarmKey, _Condition] = {}
         self._scopes: dict[str, Scope] = {}
@@ -258,7 +265,8 @@ class Alarms:
         phase: str | None = None,
     ) -> list[AlarmEvent]:
         """The line's design scope from `t` (a run's start or end, a phase change): conditions
-        outside it are suppressed, those back in it unsuppressed (and alarm if active)."""
+        outside it are suppressed, those back in it unsuppressed (and alarm if active). The
+        line's conditions take their properties anew."""
         out: list[AlarmEvent] = []
         self._clock(t, out)
         self._scopes[line] = Scope(monitored, run_id, batch_id, phase)
@@ -266,6 +274,7 @@ class Alarms:
             self._condition((line, source, kind), t, out)
         where = f"phase {phase!r}" if run_id is not None else "standby"
         for cond in [c for c in self._ordered() if c.key[0] == line]:
+            cond.settings = self._settings(*cond.key)
             inside = cond.key[1:] in monitored
             if inside and cond.suppressed:
                 self._emit(cond, T.UNSUPPRESS, t, out, comment=f"monitored in {where}")
@@ -437,8 +446,15 @@ class Alarms:
         if cond is None:
             line, source, kind = key
             settings = self._settings(line, source, kind)
-            device = source if kind == _COMM else self._devices.get(line, {}).get(source, "")
-            cond = _Condition(key, settings, device, settings.priority or default_priority(kind))
+            if kind == _COMM:
+                device, unit = source, ""
+            else:
+                device = self._devices.get(line, {}).get(source, "")
+                unit = self._units.get(line, {}).get(source, "")
+                if unit and kind == ExcursionKind.RATE.value:
+                    unit = f"{unit}/min"
+            priority = settings.priority or default_priority(kind)
+            cond = _Condition(key, settings, device, unit, priority)
             self._conditions[key] = cond
         return cond
 
@@ -579,6 +595,7 @@ class Alarms:
             device=cond.device,
             value=cond.value if cause is None else cause.worst,
             limit=cond.limit if cause is None else cause.limit,
+            unit=cond.unit,
             first_out=cond.first_out if first_out is None else first_out,
         )
         self._apply(cond, event)
@@ -652,6 +669,7 @@ class Alarms:
             device=cond.device,
             value=cond.value if cause is None else cause.worst,
             limit=cond.limit if cause is None else cause.limit,
+            unit=cond.unit,
             since=None if cond.last is None else cond.last.t,
         )
 
@@ -675,5 +693,6 @@ def view_json(view: AlarmView) -> dict[str, Any]:
         "device": view.device,
         "value": view.value,
         "limit": view.limit,
+        "unit": view.unit,
         "since": iso(view.since),
     }

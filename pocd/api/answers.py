@@ -116,6 +116,7 @@ class AlarmAnswer(_Answer):
     device: str
     value: float | None
     limit: float | None
+    unit: str
     since: str | None
 
 
