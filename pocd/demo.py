@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import secrets
@@ -33,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ from pocd.sim.modbus import Fault, ModbusSimulator, unit_from_driver
 from pocd.sim.opcua import OpcuaSimulator
 from pocd.sim.pty import pty_pair
 from pocd.sim.serial import serve as serve_serial
+from pocd.sim.webhook import Received, Receiver
 from pocd.status import PointStatus
 from pocd.store import Store
 from pocd.transports.modbus import ModbusSettings
@@ -307,6 +310,20 @@ transport = {{ host = "127.0.0.1", port = {co2_port}, unit_id = 240 }}
 # the probe reads ppm; the protocol wants %
 points.co2 = {{ parameter = "co2", scale = 0.0001, unit = "%", valid_max = 20.0 }}
 
+# Alarms are POSTed, signed, to a webhook receiver the demo runs (it prints what it gets).
+[[sinks.webhook]]
+name = "ward-webhook"
+url = "{hook_url}"
+secret = {{ file = "webhook.secret" }}
+
+[notify]
+base_url = "http://127.0.0.1:{port}"
+
+[[notify.routes]]
+name = "ward"
+channels = ["ward-webhook"]
+transitions = ["activate", "acknowledge", "realarm"]
+
 # A Hamilton Arc pH sensor over Modbus RTU on a socat pty pair (a simulator in this process).
 [[devices]]
 id = "ph-probe"
@@ -348,9 +365,35 @@ def write_demo_site(data_dir: Path, script: DemoScript | None = None, **endpoint
         shutil.copyfile(path, protocols / path.name)
     for name, text in DEMO_PROTOCOLS.items():
         (protocols / name).write_text(text)
+    demo_secret(data_dir)
     config = data_dir / "pocd.toml"
-    config.write_text(SITE_TOML.format(port=_free_port(), **times, **endpoints))
+    port = _free_port()
+    endpoints.setdefault("hook_url", f"http://127.0.0.1:{_free_port(port + 1)}/hook")
+    config.write_text(SITE_TOML.format(port=port, **times, **endpoints))
     return config
+
+
+def demo_secret(data_dir: Path) -> str:
+    """The HMAC key the demo's webhook channel and receiver share, made at the first demo."""
+    path = data_dir / "webhook.secret"
+    if not path.exists():
+        path.write_text(secrets.token_hex(16) + "\n")
+    return path.read_text().strip()
+
+
+def print_notification(console: Console, summary: dict[str, Any], got: Received) -> None:
+    """What the demo's webhook receiver got, one line each, above the live view."""
+    data = json.loads(got.body)
+    summary["webhook"] = summary.get("webhook", 0) + 1
+    if data["type"] == "summary":
+        what = f"flood on {data['line']}: {data['count']} alarms"
+    else:
+        value = "" if data["value"] is None else f" {data['value']:g} {data['unit']}".rstrip()
+        what = (
+            f"{data['priority']} {data['transition']} {data['line']}/{data['source']} "
+            f"{data['kind']}{value} by {data['actor']}"
+        )
+    console.print(f"[bold]webhook received[/bold] (signature checked): {what}")
 
 
 async def start_simulators(
@@ -586,6 +629,7 @@ def run_demo(*, seconds: float | None, data_dir: str) -> int:
     print(f"The demo's users and their passwords are in {summary['users']}.")
     if "acknowledged" in summary:
         print(f"demo-operator acknowledged the alarm {summary['acknowledged']}, with a note.")
+    print(f"The demo's webhook receiver got {summary.get('webhook', 0)} signed notifications.")
     print("See it with:")
     print(f"  {prog} run list -c {config}")
     print(f"  {prog} run show -c {config} {run}")
@@ -598,7 +642,13 @@ async def _demo(
 ) -> None:
     seconds = script.seconds
     async with contextlib.AsyncExitStack() as stack:
-        config = write_demo_site(folder, script, **await start_simulators(stack, folder, script))
+        hook = Receiver(
+            demo_secret(folder), on_receive=partial(print_notification, console, summary)
+        )
+        await hook.start()
+        stack.push_async_callback(hook.stop)
+        endpoints = await start_simulators(stack, folder, script)
+        config = write_demo_site(folder, script, hook_url=hook.url, **endpoints)
         daemon = Daemon(load_site(config))
         summary["daemon"], summary["config"] = daemon, config
 

@@ -1,10 +1,9 @@
 """Real far sides of the notification channels, on 127.0.0.1 free ports: an aiosmtpd SMTP
-server that keeps what it was sent, an aiohttp receiver that checks signatures with
-pocd.sinks.notify.webhook.verify, and Debian's mosquitto broker in a subprocess."""
+server that keeps what it was sent, the webhook receiver of pocd.sim.webhook (aiohttp,
+checking signatures), and Debian's mosquitto broker in a subprocess."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import socket
 import ssl
@@ -17,17 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import trustme
-from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from pocd.sinks.notify.webhook import (
-    ID_HEADER,
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-    SignatureRefused,
-    verify,
-)
+from pocd.sim.webhook import Received, Receiver
+
+__all__ = ["Received", "Receiver"]  # the webhook receiver is pocd's own (the demo's too)
 
 
 def free_port() -> int:
@@ -119,64 +113,6 @@ def smtp_server(
     )
     controller.start()
     return controller
-
-
-# --- HTTP -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Received:
-    body: bytes
-    notification_id: str
-    at: int = field(default_factory=time.time_ns)  # when it arrived, ns since the epoch
-
-
-class Receiver:
-    """An aiohttp webhook receiver on a fixed port: 204 for a request `verify` accepts, 401
-    with the reason for one it refuses. `start()` and `stop()` any number of times."""
-
-    def __init__(self, secret: str) -> None:
-        self.secret = secret
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/hook"
-        self.received: list[Received] = []
-        self.refused: list[str] = []
-        self.arrived = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-
-    async def _hook(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        try:
-            verify(
-                self.secret,
-                request.headers.get(TIMESTAMP_HEADER, ""),
-                body,
-                request.headers.get(SIGNATURE_HEADER, ""),
-                time.time(),
-            )
-        except SignatureRefused as exc:
-            self.refused.append(exc.reason)
-            return web.Response(status=401, text=exc.reason)
-        self.received.append(Received(body, request.headers.get(ID_HEADER, "")))
-        self.arrived.set()
-        return web.Response(status=204)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self._hook)
-        app.router.add_route("HEAD", "/hook", _ok)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-
-async def _ok(request: web.Request) -> web.Response:
-    return web.Response(status=200)
 
 
 # --- MQTT -------------------------------------------------------------------------------------

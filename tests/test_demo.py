@@ -72,6 +72,13 @@ def test_demo_provokes_an_alert_and_an_action_deviation(tmp_path: Path) -> None:
         True,
     )
     assert "demo-operator acknowledged the alarm" in done.stdout
+    # the local webhook receiver printed each signed notification it got
+    assert (
+        "webhook received (signature checked): medium activate prodigy/temperature" in done.stdout
+    )
+    assert "webhook received (signature checked): medium acknowledge" in done.stdout
+    got = int(done.stdout.split("webhook receiver got ")[1].split()[0])
+    assert got >= 2
 
 
 def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:

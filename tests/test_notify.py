@@ -301,6 +301,16 @@ async def test_channel_writer_drives_a_channel_for_the_forwarder(receiver: Recei
     assert [r.notification_id for r in receiver.received] == [note().id, flood().id]
 
 
+async def test_channel_writer_closes_what_a_healthcheck_opened(receiver: Receiver) -> None:
+    """The forwarder checks health before it writes: closing must close that session too (an
+    unclosed aiohttp session was reported at the demo's Ctrl-C)."""
+    channel = webhook(receiver)
+    writer = ChannelWriter(channel)
+    assert "HTTP 200" in await writer.healthcheck()
+    await writer.close()
+    assert channel._session is None
+
+
 # --- MQTT -------------------------------------------------------------------------------------
 
 

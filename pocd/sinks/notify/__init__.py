@@ -209,6 +209,6 @@ class ChannelWriter:
         return await self.channel.healthcheck()
 
     async def close(self) -> None:
-        if self._connected:
-            await self.channel.close()
-            self._connected = False
+        # Always: a healthcheck opens a session (aiohttp's) without `connect`.
+        await self.channel.close()
+        self._connected = False
