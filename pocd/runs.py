@@ -217,7 +217,9 @@ class Lines:
                     line = state.line
                     for parameter, source in line.sources.items():
                         if source == point:
-                            self._emit_records(self.alarms.release(line.id, parameter, sample.t))
+                            self._emit_records(
+                                self.alarms.release(line.id, parameter, sample.device, sample.t)
+                            )
             except Exception as exc:  # the reading is stored; the next is judged
                 self._engine_failed(exc, sample)
         for state in self._phase_sources.get(point, ()):

@@ -653,18 +653,28 @@ class SiteConfig(StrictModel):
 
     @field_validator("notify")
     @classmethod
-    def _routes_name_channels(cls, notify: NotifySection, info: ValidationInfo) -> NotifySection:
+    def _routes_name_what_exists(cls, notify: NotifySection, info: ValidationInfo) -> NotifySection:
         sinks = info.data.get("sinks")
-        channels = {c.name for c in sinks.channels()} if isinstance(sinks, SinksSection) else set()
+        if not isinstance(sinks, SinksSection):
+            return notify  # the sinks have their own problem, reported as such
+        channels = {c.name for c in sinks.channels()}
+        lines = {line.id for line in info.data.get("lines", [])} or {MAIN_LINE}
+        devices = {device.id for device in info.data.get("devices", [])}
         for i, route in enumerate(notify.routes):
-            unknown = sorted(route.channel_names() - channels)
-            if unknown:
-                known = ", ".join(sorted(channels)) or (
-                    "none: add [[sinks.email]], [[sinks.webhook]] or [[sinks.mqtt]]"
-                )
+            for what, named, known in (
+                ("channel", route.channel_names(), channels),
+                ("line", set(route.lines), lines),
+                ("device", set(route.devices), devices),
+            ):
+                unknown = sorted(named - known)
+                if not unknown:
+                    continue
+                listed = ", ".join(sorted(known)) or "none"
+                if what == "channel" and not known:
+                    listed = "none: add [[sinks.email]], [[sinks.webhook]] or [[sinks.mqtt]]"
                 raise ValueError(
-                    f"routes[{i}] ({route.name}): no channel {', '.join(unknown)} "
-                    f"(channels: {known})"
+                    f"routes[{i}] ({route.name}): no {what} {', '.join(unknown)} "
+                    f"({what}s: {listed})"
                 )
         return notify
 
@@ -1325,6 +1335,18 @@ def site_warnings(site: Site, file: str | None = None) -> list[ConfigProblem]:
                 "api.listen on 127.0.0.1 and serve other machines on api.tls_listen",
             )
         )
+    disabled = {c.name for c in site.config.sinks.channels() if not c.enabled}
+    for i, route in enumerate(site.config.notify.routes):
+        off = sorted(route.channel_names() & disabled)
+        if off:
+            warnings.append(
+                ConfigProblem(
+                    file,
+                    f"notify.routes[{i}]",
+                    f"route {route.name} names the disabled channel {', '.join(off)}: what it "
+                    "queues there waits until the channel is enabled (or its fallback sends it)",
+                )
+            )
     return warnings
 
 

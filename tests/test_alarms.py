@@ -758,7 +758,18 @@ def test_an_excursion_a_restart_ended_holds_its_alarm_until_the_parameter_is_jud
     rig.alarms.hold([rig.excursion(ExcursionChange.CLOSED, at(5), "x", "alert-high")])
     assert rig.alarms.holding and rig.alarms.view()[0].state is AlarmState.ACTIVE_ACKED
     got = rig.step((6, "open", "x", "hi")) if reopened else []
-    got += rig.alarms.release("L", "x", at(6))
+    got += rig.alarms.release("L", "x", "dev", at(6))
     assert not rig.alarms.holding
     assert [e.transition for e in got] == ([] if reopened else [AlarmTransition.RETURN])
     assert rig.alarms.view()[0].state is after
+
+
+def test_a_held_comm_loss_is_released_by_a_reading_of_its_device() -> None:
+    before, _ = play([(0, "comm", "x")])
+    rig = Rig()
+    rig.alarms.resume(before.events, open_excursions=before.alarms.open_excursions())
+    rig.open = dict(before.open)
+    rig.alarms.hold([rig.excursion(ExcursionChange.CLOSED, at(5), "x", "comm-loss")])
+    assert rig.alarms.release("L", "z", "dev2", at(6)) == []  # another device's reading
+    (back,) = rig.alarms.release("L", "y", "dev", at(6))  # y is read from the same device
+    assert (back.source, back.kind, back.transition) == ("dev", "comm-loss", AlarmTransition.RETURN)

@@ -212,6 +212,18 @@ SITE_CASES = {
         "routes[0] (ward): no channel pager (channels: none: add [[sinks.email]], "
         "[[sinks.webhook]] or [[sinks.mqtt]])",
     ),
+    "route-names-no-line": Bad(
+        (
+            (
+                "[site]",
+                '[[sinks.webhook]]\nname = "hook"\nurl = "http://h/x"\nsecret = { env = "S" }\n'
+                '[[notify.routes]]\nname = "ward"\nchannels = ["hook"]\nlines = ["prodigy"]\n'
+                "[site]",
+            ),
+        ),
+        "notify",
+        "routes[0] (ward): no line prodigy (lines: main)",
+    ),
     "sink-name-used-twice-across-kinds": Bad(
         (
             (
@@ -945,6 +957,23 @@ def test_an_api_open_to_the_network_is_a_warning(
     for loopback in ('"localhost:8470"', '"[::1]:8470"', '"127.0.0.2:8470"'):
         path = write_site(tmp_path, edit(SITE, ('"127.0.0.1:8470"', loopback)))
         assert run_check(capsys, path) == (0, [])
+
+
+def test_a_route_to_a_disabled_channel_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "hook.secret").write_text("s3cret\n")
+    channel = (
+        '[[sinks.webhook]]\nname = "hook"\nurl = "http://h/x"\nsecret = { file = "hook.secret" }\n'
+        'enabled = false\n[[notify.routes]]\nname = "ward"\nchannels = ["hook"]\n[site]'
+    )
+    path = write_site(tmp_path, edit(SITE, ("[site]", channel)))
+    code = main(["check", str(path)])
+    out = capsys.readouterr()
+    assert code == 0
+    assert out.err.startswith(
+        f"warning: {path}: notify.routes[0]: route ward names the disabled channel hook"
+    )
 
 
 def test_check_reports_a_sinks_secret_file_it_cannot_read(

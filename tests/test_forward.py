@@ -123,6 +123,8 @@ class HookSettings:
     flush_interval: float = 0.05
     backoff_max: float = 0.3
     commit_interval: float = 0.5
+    in_flight: int = 3
+    probe_neighbours: bool = True
 
 
 def body(lines: Sequence[str]) -> bytes:

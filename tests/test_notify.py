@@ -75,6 +75,7 @@ def flood() -> Summary:
         for i in range(12)
     )
     return Summary.of(
+        route="ward",
         site="site-a",
         line="line-1",
         start=T0,

@@ -208,5 +208,29 @@ def test_route_settings_are_checked() -> None:
         )
     with pytest.raises(ValueError, match="one of the route's own channels"):
         NotifySection.model_validate({"routes": [{**ROUTE, "fallback": "hook"}]})
+    with pytest.raises(ValueError, match="nothing it sends can escalate"):
+        NotifySection.model_validate({"routes": [{**ESCALATING, "transitions": ["acknowledge"]}]})
     with pytest.raises(ValueError, match="unique"):
         NotifySection.model_validate({"routes": [ROUTE, ROUTE]})
+
+
+def test_an_alarm_stored_after_its_window_was_summarised_goes_in_the_next() -> None:
+    r = router(ROUTE)
+    for i in range(11):  # a flood from the 11th
+        r.on_event(event(t=T0 + i * NS, alarm_id=f"a{i}", source=f"p{i}"))
+    (first,) = r.tick(T0 + 300 * NS)
+    late = event(t=T0 + 299 * NS, alarm_id="late", source="px")  # its sample came late
+    assert r.on_event(late) == []
+    (second,) = r.tick(T0 + 600 * NS)
+    assert isinstance(first.item, Summary) and isinstance(second.item, Summary)
+    assert [a.alarm_id for a in second.item.alarms] == ["late"]
+    assert second.item.id != first.item.id
+
+
+def test_two_routes_consolidating_one_line_have_their_own_summaries() -> None:
+    r = router(ROUTE, {"name": "crit", "channels": ["hook"], "priorities": ["high"]})
+    for i in range(11):
+        r.on_event(event(t=T0 + i * NS, alarm_id=f"a{i}", source=f"p{i}"))
+    ward, crit = r.tick(T0 + 300 * NS)
+    assert (ward.route, crit.route) == ("r", "crit")
+    assert ward.item.id != crit.item.id  # the outbox keeps both

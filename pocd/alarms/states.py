@@ -245,11 +245,16 @@ class Alarms:
     def holding(self) -> bool:
         return bool(self._held)
 
-    def release(self, line: str, source: str, t: int) -> list[AlarmEvent]:
-        """The engine judged `source` on `line` again after a restart: each held condition of
-        it that no excursion opened again meanwhile returns to normal at `t`."""
+    def release(self, line: str, source: str, device: str, t: int) -> list[AlarmEvent]:
+        """The engine judged parameter `source` of `device` on `line` again after a restart:
+        each held condition of it (and the device's comm-loss) that no excursion opened again
+        meanwhile returns to normal at `t`."""
         out: list[AlarmEvent] = []
-        for key in sorted(k for k in self._held if k[:2] == (line, source)):
+
+        def judged(key: AlarmKey) -> bool:
+            return key[0] == line and key[1:] in ((source, key[2]), (device, _COMM))
+
+        for key in sorted(k for k in self._held if judged(k)):
             self._held.discard(key)
             self._returned(self._conditions[key], t, out)
         return out

@@ -115,6 +115,17 @@ class InfluxSettings(StrictModel):
         cost an fsync per batch."""
         return 0.5
 
+    @property
+    def in_flight(self) -> int:
+        """While InfluxDB ingests, the next batch is read, encoded and compressed here. Three
+        keep it busy even when that takes longer than its ingest (a busy host); measured on
+        bench/influx.py, two was slower there and four no faster."""
+        return 3
+
+    @property
+    def probe_neighbours(self) -> bool:
+        return True  # a refused batch may be a refused stream (see pocd.sinks.forward)
+
     @field_validator("password", "org", "bucket", "token", mode="before")
     @classmethod
     def _not_inline(cls, value: object, info: ValidationInfo) -> object:

@@ -76,10 +76,6 @@ __all__ = [
 
 log = structlog.get_logger("pocd.sinks.forward")
 
-# Requests on the wire at once: while the far side ingests, the next batch is read, encoded and
-# compressed here. Three keeps InfluxDB busy even when that takes longer than its ingest (a
-# busy host); measured on bench/influx.py, two was slower there and four no faster.
-_IN_FLIGHT: Final = 3
 # Split off a backfill lane when the sample backlog exceeds this many batches.
 _SPLIT_BATCHES: Final = 4
 _FIRST_BACKOFF_S: Final = 0.5
@@ -186,6 +182,12 @@ class ForwardSettings(Protocol):
 
     @property
     def commit_interval(self) -> float: ...  # confirmed positions are stored this often, s
+
+    @property
+    def in_flight(self) -> int: ...  # requests on the wire at once
+
+    @property
+    def probe_neighbours(self) -> bool: ...  # weigh a rejected batch against its neighbours
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +462,7 @@ class Forwarder:
         inflight: deque[tuple[Batch, asyncio.Task[WriteResult]]] = deque()
         async with asyncio.TaskGroup() as tg:
             while True:
-                if len(inflight) < _IN_FLIGHT:
+                if len(inflight) < self.settings.in_flight:
                     # before reading: a commit during the read is then not waited for
                     self._seen_commits = self._commits.count if self._commits else 0
                     batch = await asyncio.to_thread(self._next_batch, time.monotonic())
@@ -611,6 +613,10 @@ class Forwarder:
         if not result.rejected:
             self._note_failure(result)
             return False
+        if not self.settings.probe_neighbours:  # no neighbour is sent again: quarantine it
+            alone = [(range(len(batch.lines)), result)]
+            await self._confirm(batch, self._quarantine(batch, alone), quarantined=len(batch.lines))
+            return True
         weighed = await self._neighbour_taken(writer, batch)
         if weighed is False:
             # Nothing taken: the far side refuses the stream: retry, quarantine nothing.
@@ -623,6 +629,12 @@ class Forwarder:
         if isinstance(found, WriteResult):
             self._note_failure(found)
             return False
+        quarantined = sum(len(lines) for lines, _ in found)
+        await self._confirm(batch, self._quarantine(batch, found), quarantined=quarantined)
+        return True
+
+    def _quarantine(self, batch: Batch, found: list[tuple[range, WriteResult]]) -> list[Incident]:
+        """The incidents holding the units of `batch` the far side refused."""
         incidents = []
         far = self.far
         for lines, refusal in found:
@@ -640,8 +652,7 @@ class Forwarder:
                     raw="\n".join(batch.lines[i] for i in lines).encode(),
                 )
             )
-        await self._confirm(batch, incidents, quarantined=sum(len(lines) for lines, _ in found))
-        return True
+        return incidents
 
     async def _neighbour_taken(self, writer: Writer, batch: Batch) -> bool | WriteResult:
         """Whether the far side takes a neighbour of a rejected batch written alone (see

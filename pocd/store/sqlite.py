@@ -744,20 +744,35 @@ class Store:
         """Every alarm event after rowid `after`, in the order they were made."""
         return [event for _, event in self.alarm_events_after(after)]
 
-    def alarm_events_after(self, after: int) -> list[tuple[int, AlarmEvent]]:
-        """(rowid, event) of every alarm event after rowid `after`, in the order made."""
-        sql = f"SELECT id, {_ALARM_EVENT_COLUMNS} FROM alarm_events WHERE id > ? ORDER BY id"
-        return [(int(r[0]), ALARM_EVENT.from_row(r[1:])) for r in self._query(sql, (after,))]
+    def alarm_events_after(
+        self, after: int, *, upto: int | None = None, since: int | None = None
+    ) -> list[tuple[int, AlarmEvent]]:
+        """(rowid, event) of the alarm events after rowid `after` (up to rowid `upto`, and of
+        time `since` or later, if given), in the order they were made."""
+        sql = f"SELECT id, {_ALARM_EVENT_COLUMNS} FROM alarm_events WHERE id > ? AND id <= ?"
+        sql += " AND t >= ? ORDER BY id"
+        params = (after, upto if upto is not None else 2**63 - 1, since or 0)
+        return [(int(r[0]), ALARM_EVENT.from_row(r[1:])) for r in self._query(sql, params)]
 
     # -- the notification outbox (schema v12) --------------------------------------------------
 
-    def queue_notifications(self, rows: Sequence[Queued]) -> int:
-        """Queue notifications, each once per channel: a row whose (notification, channel) is
-        queued already is left out. Answers how many were new."""
+    def queue_notifications(
+        self, rows: Sequence[Queued], *, sink: str, positions: Mapping[str, int]
+    ) -> int:
+        """Queue notifications, each once per channel (a row whose notification and channel
+        are queued already is left out), and move `sink`'s cursors to `positions` (how far it
+        routed), in one transaction. Answers how many were new."""
         return self._write(
-            "INSERT OR IGNORE INTO notifications "
-            "(notification, channel, t, route, tier, via, item) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [tuple(r) for r in rows],
+            (
+                "INSERT OR IGNORE INTO notifications "
+                "(notification, channel, t, route, tier, via, item) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [tuple(r) for r in rows],
+            ),
+            (
+                "INSERT INTO cursors (sink, stream, position) VALUES (?, ?, ?) "
+                "ON CONFLICT (sink, stream) DO UPDATE SET position = excluded.position",
+                [(sink, stream, position) for stream, position in positions.items()],
+            ),
         )
 
     def queue_fallback(
@@ -767,12 +782,25 @@ class Store:
         position `after` that was made before `made_before`: the channel has not delivered it
         in time. Answers how many were new."""
         return self._write(
-            "INSERT OR IGNORE INTO notifications "
-            "(notification, channel, t, route, tier, via, item) "
-            "SELECT notification, ?, ?, route, tier, channel, item FROM notifications "
-            "WHERE channel = ? AND route = ? AND id > ? AND t < ? ORDER BY id",
-            [(fallback, t, channel, route, after, made_before)],
+            (
+                "INSERT OR IGNORE INTO notifications "
+                "(notification, channel, t, route, tier, via, item) "
+                "SELECT notification, ?, ?, route, tier, channel, item FROM notifications "
+                "WHERE channel = ? AND route = ? AND id > ? AND t < ? ORDER BY id",
+                [(fallback, t, channel, route, after, made_before)],
+            ),
         )
+
+    def notification_backlog(self, channel: str | None = None) -> dict[str, int]:
+        """channel -> notifications queued for it past its cursor (for one channel or all)."""
+        where, params = ("AND n.channel = ?", (channel,)) if channel is not None else ("", ())
+        rows = self._query(
+            "SELECT n.channel, count(*) FROM notifications n WHERE n.id > coalesce(("
+            "SELECT position FROM cursors c WHERE c.sink = n.channel AND c.stream = 'events'"
+            f"), 0) {where} GROUP BY n.channel",
+            params,
+        )
+        return {str(c): int(n) for c, n in rows}
 
     def notification_head(self, channel: str) -> int:
         """The rowid of the newest notification queued for `channel`, 0 if none."""
@@ -795,9 +823,11 @@ class Store:
     def add_attempt(self, attempt: Attempt) -> None:
         """Store one delivery attempt."""
         self._write(
-            "INSERT INTO delivery_attempts (t, notification, channel, outcome, reason) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [tuple(attempt)],
+            (
+                "INSERT INTO delivery_attempts (t, notification, channel, outcome, reason) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [tuple(attempt)],
+            ),
         )
 
     def attempts(self, notification: str | None = None) -> list[Attempt]:
@@ -810,8 +840,9 @@ class Store:
         )
         return [Attempt(*r) for r in rows]
 
-    def _write(self, sql: str, rows: Sequence[Row]) -> int:
-        """Run one statement over `rows` in a transaction of its own; the rows it changed."""
+    def _write(self, *statements: tuple[str, Sequence[Row]]) -> int:
+        """Run each statement over its rows, all in one transaction; the rows changed by the
+        first."""
         with self._lock:
             self._check_open()
             if self.readonly:
@@ -819,9 +850,11 @@ class Store:
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
-                before = db.total_changes
-                db.executemany(sql, rows)
-                changed = db.total_changes - before
+                changed = 0
+                for i, (sql, rows) in enumerate(statements):
+                    before = db.total_changes
+                    db.executemany(sql, rows)
+                    changed = db.total_changes - before if i == 0 else changed
                 db.execute("COMMIT")
             except BaseException as e:
                 if db.in_transaction:

@@ -72,6 +72,12 @@ class Commits:
                 await self._next.wait()
 
 
+def _said_if_failed(task: asyncio.Task[None]) -> None:
+    """A commit no one awaits must not fail unheard (the store's own failures it retries)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("store commit failed", error=repr(task.exception()))
+
+
 @dataclass(frozen=True, slots=True)
 class _Group:
     """Records committed in one transaction or not at all."""
@@ -168,6 +174,7 @@ class StoreWriter:
         except RuntimeError:  # not in the daemon's loop (a test driving the lines alone)
             return
         self._hurried = loop.create_task(self._hurry(), name="store-hurry")
+        self._hurried.add_done_callback(_said_if_failed)
 
     async def _hurry(self) -> None:
         self._again = True

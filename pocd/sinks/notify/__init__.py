@@ -4,8 +4,9 @@
 What lives here is the contract every channel keeps and the adapter that lets the cursor
 forwarder (pocd.sinks.forward) drive a channel:
 - `Channel.send(item)` answers a `DeliveryResult`: delivered; retry (the far side is down,
-  busy or timed out), with the reason; or rejected (it refused this item for what it is: a
-  5xx SMTP reply, an HTTP 4xx other than 408/429), kept as failed and not retried.
+  busy or timed out), with the reason; or rejected (it refused the item: a 5xx SMTP reply,
+  an HTTP 4xx other than 408/429), which the forwarder retries all the same while the
+  route's fallback takes over (see `DeliveryResult.write_result`).
   It never raises for a fault of the far side.
 - `healthcheck()` exercises the real path once and says what answered, or raises SinkError.
 - a channel is an async context manager (`connect` / `close`).
@@ -76,11 +77,14 @@ class DeliveryResult:
         return cls(Delivery.REJECTED, reason)
 
     def write_result(self) -> WriteResult:
-        """The same answer in the forwarder's terms."""
+        """The same answer in the forwarder's terms. A refusal is taken as the channel's, not
+        the notification's: a wrong secret, address or login refuses every notification, and
+        quarantining them one by one would tell no one. So it is a failure, retried with
+        backoff, while the route's fallback channel takes over (pocd.sinks.notify.sink)."""
         if self.delivery is Delivery.DELIVERED:
             return WriteResult(Outcome.OK)
         if self.delivery is Delivery.REJECTED:
-            return WriteResult(Outcome.REJECTED, self.reason)
+            return WriteResult(Outcome.FAILED, f"refused: {self.reason}")
         return WriteResult(Outcome.FAILED, self.reason, self.retry_after)
 
 

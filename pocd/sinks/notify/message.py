@@ -180,8 +180,9 @@ class SummaryAlarm:
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """During a flood on a line: the alarms of one consolidation window, sent once instead
-    of one notification each. Its id is derived from the site, line and window."""
+    """During a flood on a line: the alarms one route consolidates in one window, sent once
+    instead of one notification each. Its id is derived from the site, route, line and
+    window."""
 
     id: str
     site: str
@@ -195,6 +196,7 @@ class Summary:
     def of(
         cls,
         *,
+        route: str,
         site: str,
         line: str,
         start: int,
@@ -203,7 +205,8 @@ class Summary:
         base_url: str,
     ) -> Summary:
         link = f"{base_url.rstrip('/')}/alarms?line={line}"
-        return cls(_digest(site, "summary", line, start, end), site, line, start, end, alarms, link)
+        ident = _digest(site, "summary", route, line, start, end)
+        return cls(ident, site, line, start, end, alarms, link)
 
     @property
     def count(self) -> int:

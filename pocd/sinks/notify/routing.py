@@ -66,6 +66,7 @@ class Router:
         self._rates = Rates()  # the activations, for the flood state of each line
         self._escalations: dict[AlarmKey, _Escalation] = {}
         self._windows: dict[tuple[str, str, int], _Window] = {}
+        self._now = 0  # the latest time ticked: windows that ended by it are closed
 
     def on_event(self, event: AlarmEvent) -> list[Outgoing]:
         """The notifications of one stored alarm event, after what fell due before it."""
@@ -100,6 +101,7 @@ class Router:
 
     def tick(self, t: int) -> list[Outgoing]:
         """The escalations and flood summaries due by `t`."""
+        self._now = max(self._now, t)
         out: list[Outgoing] = []
         for key, esc in list(self._escalations.items()):
             while esc.due and esc.due[0][0] <= t:
@@ -114,6 +116,7 @@ class Router:
             if end <= t:
                 del self._windows[wkey]
                 summary = Summary.of(
+                    route=win.route.name,
                     site=self.site,
                     line=win.line,
                     start=win.start,
@@ -139,7 +142,10 @@ class Router:
         }
 
     def _consolidate(self, route: RouteSettings, event: AlarmEvent) -> None:
-        start = event.t - event.t % self.window  # windows on a fixed grid: replays agree
+        # Windows on a fixed grid, so that replays agree. An alarm stored after its window was
+        # summarised (its sample came late) goes in the window open now.
+        t = event.t if event.t - event.t % self.window + self.window > self._now else self._now
+        start = t - t % self.window
         win = self._windows.setdefault(
             (route.name, event.line, start), _Window(route, event.line, start)
         )

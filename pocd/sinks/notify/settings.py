@@ -68,6 +68,14 @@ class ChannelSettings(StrictModel):
     def commit_interval(self) -> float:
         return 0.0  # the cursor moves past each delivered notification at once
 
+    @property
+    def in_flight(self) -> int:
+        return 1  # in order, and a failure sends nothing a person was sent already again
+
+    @property
+    def probe_neighbours(self) -> bool:
+        return False  # that would send people notifications they had already
+
 
 class EmailSettings(ChannelSettings):
     """An SMTP server and the addresses a notification is mailed to."""
@@ -157,6 +165,12 @@ class RouteSettings(StrictModel):
             raise ValueError(
                 f"escalate: the tiers' after ({', '.join(f'{a:g} s' for a in afters)}) must "
                 "grow from one tier to the next"
+            )
+        raising = {AlarmTransition.ACTIVATE, AlarmTransition.REALARM} & set(self.transitions)
+        if self.escalate and not raising:
+            raise ValueError(
+                "escalate: the route notifies neither activate nor realarm, so nothing it "
+                "sends can escalate"
             )
         if self.fallback is not None and self.fallback in self.channels:
             raise ValueError(f"fallback {self.fallback!r} is one of the route's own channels")

@@ -32,7 +32,7 @@ import structlog
 from pocd.model import NS, Incident, IncidentKind, now_ns
 from pocd.sinks import Sink, SinkKind, SinkSettings
 from pocd.sinks.forward import FarSide, Forwarder, Stream, Units, Writer
-from pocd.sinks.notify import Channel, ChannelWriter, DeliveryResult, Item
+from pocd.sinks.notify import Channel, ChannelWriter, DeliveryResult, Item, Summary
 from pocd.sinks.notify.routing import Outgoing, Router
 from pocd.sinks.notify.settings import ChannelSettings
 from pocd.store import Attempt, Queued, Store
@@ -49,6 +49,9 @@ log = structlog.get_logger("pocd.sinks.notify")
 # checked at least this often, besides at the routes' own due times.
 _TICK_S: Final = 1.0
 _RETRY_S: Final = 5.0  # after the store failed
+_RATE_WINDOW_S: Final = 660.0  # the flood rate's 10 minutes, and a minute to spare
+_EVENTS: Final = "alarm_events"  # the notifier's cursors
+_TICK: Final = "tick"
 
 S = TypeVar("S", bound=ChannelSettings)
 
@@ -63,11 +66,13 @@ class OutboxEncoder:
 
     def __init__(self, channel: str) -> None:
         self.channel = channel
+        self.backlog = 0  # queued past the channel's cursor, as last read
 
     def start(self, store: Store) -> None:
         """Nothing to read ahead."""
 
     def head(self, store: Store) -> int:
+        self.backlog = store.notification_backlog(self.channel).get(self.channel, 0)
         return store.notification_head(self.channel)
 
     def encode(self, store: Store, first: int, last: int) -> Units | None:
@@ -91,15 +96,23 @@ class ChannelSink(Forwarder):
         open_channel: Callable[[], tuple[Channel, list[str]]],
     ) -> None:
         self._open_channel = open_channel
+        self._outbox = OutboxEncoder(settings.name)
         super().__init__(
             site,
             name=settings.name,
             far=FarSide(kind, title, kind, settings.where(), unit="notification"),
             settings=settings,
-            encoders=[OutboxEncoder(settings.name)],
+            encoders=[self._outbox],
             open_writer=self._open,
             body=_body,
         )
+
+    def status(self) -> dict[str, Any]:
+        # The outbox's rowids are shared by every channel: count this one's rows.
+        return super().status() | {
+            "backlog": self._outbox.backlog,
+            "backlog_events": self._outbox.backlog,
+        }
 
     def _open(self) -> tuple[Writer, list[str]]:
         channel, secrets = self._open_channel()
@@ -142,23 +155,38 @@ def channel_kind(
 
 
 class Notifier:
-    """Queues the notifications the routes make of the stored alarm events (a `Sink`)."""
+    """Queues the notifications the routes make of the stored alarm events (a `Sink`).
+
+    Its cursors (`notify` in the store) say how far it routed: the last alarm event
+    (`alarm_events`) and the last time it ticked (`tick`), committed with what it queued. At a
+    start it rebuilds the routes' state from the events of the horizon (the longest wait of a
+    tier or window, and the 10 minutes of the flood rate) and queues only what fell due after
+    the last tick: a route's new channel or tier is not sent the past."""
 
     name = "notify"
 
     def __init__(self, site: Site) -> None:
         notify = site.config.notify
-        base_url = notify.base_url or f"http://{site.config.api.listen}"
         self.site = site
+        self.settings = notify
         self.routes = notify.routes
-        self.router = Router(site.id, notify, base_url=base_url)
+        self.base_url = notify.base_url or f"http://{site.config.api.listen}"
+        self.router = self._router()
+        longest = max((t.after for r in self.routes for t in r.escalate), default=0.0)
+        self._horizon = round((longest + notify.summary_window + _RATE_WINDOW_S) * NS)
         self._store_args = (site.store_path, site.point_parameters(), site.point_lines())
         self._commits: Commits | None = None
-        self._after = 0  # the alarm events (rowids) routed
+        self._after = 0  # the last alarm event (rowid) routed
+        self._ticked = 0  # the last time ticked, ns
+        self._carried: list[Outgoing] = []  # found by a replay, queued with the next step
         self._queued = 0
         self._fallbacks = 0
+        self._pending = self.router.pending()
         self._state = "starting"
         self._last_error: str | None = None
+
+    def _router(self) -> Router:
+        return Router(self.site.id, self.settings, base_url=self.base_url)
 
     def follow(self, commits: Commits) -> None:
         self._commits = commits
@@ -171,10 +199,10 @@ class Notifier:
             "kind": "notify",
             "state": self._state,
             "routes": [r.name for r in self.routes],
-            "events_routed": self._after,
+            "routed_upto": self._after,
             "queued": self._queued,
             "fallbacks": self._fallbacks,
-            "pending": self.router.pending(),
+            "pending": self._pending,
             "last_error": self._last_error,
         }
 
@@ -184,45 +212,79 @@ class Notifier:
         try:
             while True:
                 try:
+                    await asyncio.to_thread(self.resume, store)
                     await self._follow(store)
                 except Exception as exc:  # the store failed; a bug must not stop the daemon
                     self._state = "retrying"
                     self._last_error = f"{type(exc).__name__}: {exc}"
-                    log.exception("notifier failed; trying again", error=self._last_error)
-                    await asyncio.to_thread(self._incident, store, self._last_error)
+                    log.exception("notifier failed; starting again", error=self._last_error)
+                    await asyncio.to_thread(
+                        self._incident, store, "notify-failed", self._last_error
+                    )
                     await asyncio.sleep(_RETRY_S)
         finally:
             store.close()
 
+    def resume(self, store: Store) -> None:
+        """The routes' state as the stored cursors left it (see the class docstring)."""
+        self.router = self._router()
+        cursors = store.cursors(self.name)
+        self._after = cursors.get(_EVENTS, 0)
+        self._ticked = cursors.get(_TICK, 0)
+        since = self._ticked - self._horizon if self._ticked else None
+        carried: list[Outgoing] = []
+        for _, event in store.alarm_events_after(0, upto=self._after, since=since):
+            # what the event itself made was queued with the cursor; what the clock made
+            # after the last tick was not
+            carried += [o for o in self.router.on_event(event) if _of_clock(o)]
+        carried += self.router.tick(self._ticked)
+        self._carried = [o for o in carried if o.t > self._ticked]
+        self._pending = self.router.pending()
+        self._report_orphans(store)
+
     async def _follow(self, store: Store) -> None:
         while True:
             seen = self._commits.count if self._commits is not None else 0
-            out = await asyncio.to_thread(self._step, store, now_ns())
+            out = await asyncio.to_thread(self.step, store, now_ns())
             self._state = "following"
             if out and self._commits is not None:
                 self._commits.note()  # the channels look at the outbox now
             await self._wait(seen)
 
-    def _step(self, store: Store, t: int) -> int:
+    def step(self, store: Store, t: int) -> int:
         """Route the alarm events stored since the last step and what fell due by `t`; queue
-        the notifications and the fallbacks. Answers how many were queued."""
-        out: list[Outgoing] = []
-        for rowid, event in store.alarm_events_after(self._after):
+        the notifications with the cursors, then the fallbacks. Answers how many were queued.
+        If the store fails, `run` starts again from the stored cursors."""
+        out, self._carried = self._carried, []
+        after = self._after
+        for rowid, event in store.alarm_events_after(after):
             out += self.router.on_event(event)
-            self._after = rowid
+            after = rowid
         out += self.router.tick(t)
-        queued = store.queue_notifications([_row(o) for o in out]) if out else 0
+        ticked = max(self._ticked, t)
+        rows = [_row(o, t) for o in out]
+        queued = store.queue_notifications(
+            rows, sink=self.name, positions={_EVENTS: after, _TICK: ticked}
+        )
+        self._after, self._ticked = after, ticked
+        queued += self._fall_back(store, t)
+        self._queued += queued
+        self._pending = self.router.pending()
+        return queued
+
+    def _fall_back(self, store: Store, t: int) -> int:
+        """Queue for each route's fallback what its channels have not delivered in time."""
+        queued = 0
         for route in self.routes:
             if route.fallback is None:
                 continue
             made_before = t - round(route.fallback_after * NS)
             for channel in route.channels:
-                after = store.cursors(channel).get(Stream.EVENTS.value, 0)
                 found = store.queue_fallback(
                     route=route.name,
                     channel=channel,
                     fallback=route.fallback,
-                    after=after,
+                    after=store.cursors(channel).get(Stream.EVENTS.value, 0),
                     made_before=made_before,
                     t=t,
                 )
@@ -236,8 +298,20 @@ class Notifier:
                     )
                 self._fallbacks += found
                 queued += found
-        self._queued += queued
         return queued
+
+    def _report_orphans(self, store: Store) -> None:
+        """Notifications left queued for a channel the config no longer has."""
+        channels = {c.name for c in self.site.config.sinks.channels()}
+        for channel, count in store.notification_backlog().items():
+            if channel not in channels:
+                message = (
+                    f"{count} notifications queued for channel {channel!r} were never "
+                    "delivered, and the config has no such channel any more (renamed or "
+                    "removed?): restore it to send them"
+                )
+                log.error("notifications for a channel that is gone", channel=channel)
+                self._incident(store, "notify-orphaned", message)
 
     async def _wait(self, seen: int) -> None:
         longest = _TICK_S
@@ -250,15 +324,19 @@ class Notifier:
             await asyncio.sleep(longest)
 
     @staticmethod
-    def _incident(store: Store, message: str) -> None:
+    def _incident(store: Store, code: str, message: str) -> None:
         try:
-            store.write(
-                [Incident(now_ns(), IncidentKind.SOFTWARE, "notify-failed", "notify", message)]
-            )
+            store.write([Incident(now_ns(), IncidentKind.SOFTWARE, code, "notify", message)])
         except Exception as exc:
             log.error("cannot store the incident", error=str(exc))
 
 
-def _row(out: Outgoing) -> Queued:
+def _of_clock(out: Outgoing) -> bool:
+    """Made by the clock (an escalation, a summary), not by the event itself."""
+    return out.tier > 0 or isinstance(out.item, Summary)
+
+
+def _row(out: Outgoing, t: int) -> Queued:
+    """The outbox row of an item queued at `t` (the fallback counts from then)."""
     item = out.item
-    return Queued(item.id, out.channel, out.t, out.route, out.tier, None, item.json().decode())
+    return Queued(item.id, out.channel, t, out.route, out.tier, None, item.json().decode())
