@@ -323,6 +323,50 @@ def _alarm_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _alarm_notifications(args: argparse.Namespace) -> int:
+    """Who was told what, from the store: each queued notification and its attempts."""
+    import json
+
+    from pocd.store.recordtypes import iso
+
+    with _open_store(_site(args)) as store:
+        attempts: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for a in store.attempts():
+            attempts.setdefault((a.notification, a.channel), []).append(
+                {"t": iso(a.t), "outcome": a.outcome, "reason": a.reason}
+            )
+        found = []
+        for _, q in store.notifications():
+            item = json.loads(q.item)
+            if args.alarm and args.alarm not in (item.get("alarm_id"), q.notification):
+                continue
+            tried = attempts.get((q.notification, q.channel), [])
+            found.append(
+                {
+                    "notification": q.notification,
+                    "channel": q.channel,
+                    "queued": iso(q.t),
+                    "route": q.route,
+                    "tier": q.tier,
+                    "via": q.via,
+                    "type": item["type"],
+                    "alarm_id": item.get("alarm_id"),
+                    "what": item.get("transition") or f"flood summary of {item.get('count')}",
+                    "delivered": any(a["outcome"] == "delivered" for a in tried),
+                    "attempts": tried,
+                }
+            )
+    text = "\n".join(
+        f"{n['queued']}  {n['channel']:<12} tier {n['tier']} {n['what']:<12} "
+        f"alarm {n['alarm_id'] or '-'}  "
+        + ("delivered" if n["delivered"] else f"not delivered ({len(n['attempts'])} attempts)")
+        + (f" (fallback of {n['via']})" if n["via"] else "")
+        for n in found
+    )
+    _print(found, args.json, text or "no notifications")
+    return 0
+
+
 def _alarm_command(args: argparse.Namespace) -> int:
     """acknowledge, reset, shelve, unshelve, remove or restore one condition; the daemon asks
     for a signature where one is needed (428), which is then given."""
@@ -866,6 +910,12 @@ def _add_alarm_commands(sub: Any) -> None:
     lst.add_argument("--all", action="store_true", help="every condition, normal ones too")
     lst.add_argument("--json", action="store_true", help="with each line's alarm KPIs")
     lst.set_defaults(func=_alarm_list)
+    sent = with_config(
+        alarm_sub.add_parser("notifications", help="who was told what, each attempt (store)")
+    )
+    sent.add_argument("--alarm", help="only those of this alarm id (or notification id)")
+    sent.add_argument("--json", action="store_true", help="with every delivery attempt")
+    sent.set_defaults(func=_alarm_notifications)
     for name, help_, signed in (
         ("acknowledge", "acknowledge an alarm (a critical one with a --comment)", None),
         ("reset", "reset a latched alarm back to normal", None),

@@ -22,6 +22,7 @@ from pocd.store import Store
 from tests.notifykit import Mailbox, Mosquitto, Receiver, smtp_server
 from tests.sitekit import (
     api,
+    cli,
     free_port,
     running,
     spawn_daemon,
@@ -238,6 +239,15 @@ async def test_a_receiver_down_is_retried_and_meanwhile_the_fallback_channel_del
     assert box.messages[0]["Subject"].startswith("[pocd test-site] MEDIUM activate")
     hook_outcomes = [o for n, c, o in attempts(site) if c == "hook"]
     assert hook_outcomes[-1] == "delivered" and hook_outcomes.count("delivered") == 1
+    # who was told what, as QA reads it from the store
+    done = cli("alarm", "notifications", "-c", str(site.path), "--json")
+    assert done.returncode == 0, done.stderr
+    shown = {n["channel"]: n for n in json.loads(done.stdout)}
+    assert (shown["hook"]["delivered"], shown["mail"]["delivered"]) == (True, True)
+    assert shown["mail"]["via"] == "hook" and shown["hook"]["what"] == "activate"
+    assert [a["outcome"] for a in shown["hook"]["attempts"]][:2] == ["retry", "retry"]
+    text = cli("alarm", "notifications", "-c", str(site.path)).stdout
+    assert "delivered (fallback of hook)" in text
 
 
 async def test_a_flood_sends_one_summary_per_window_and_mqtt_keeps_each_alarm_state(
