@@ -938,6 +938,33 @@ def _add_alarm_commands(sub: Any) -> None:
         p.set_defaults(func=_alarm_command)
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    """Walk the store's tamper-evident chain: 0 if it holds, 1 naming what does not."""
+    from dataclasses import asdict
+
+    with _open_store(_site(args)) as store:
+        report = store.verify_chain()
+    text = (
+        f"the chain holds: {report.entries} entries cover {report.records} records and "
+        f"{report.samples} samples"
+    )
+    if not report.holds:
+        head = f"the chain does NOT hold ({len(report.problems)} problems):"
+        text = "\n".join([head, *(f"  {p}" for p in report.problems)])
+    _print(asdict(report), args.json, text)
+    return 0 if report.holds else 1
+
+
+def _add_audit_commands(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="the store's tamper-evident audit chain")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    check = with_config(
+        audit_sub.add_parser("verify", help="find any record or sample changed since stored")
+    )
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(func=_audit_verify)
+
+
 def _add_run_commands(sub: Any) -> None:
     run = sub.add_parser("run", help="start, advance, stop and inspect runs")
     run_sub = run.add_subparsers(dest="run_command", required=True)
@@ -1008,6 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_line_commands(sub)
     _add_alarm_commands(sub)
+    _add_audit_commands(sub)
     _add_run_commands(sub)
     _add_sink_commands(sub)
 

@@ -278,3 +278,24 @@ def test_the_migrated_store_goes_on(tmp_path: Path, store: Store) -> None:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         db.close()
+
+
+def test_the_migration_chains_what_the_old_store_held(tmp_path: Path, store: Store) -> None:
+    """v13 chains every record and sample stored before it (pocd.store.chain.seed): the old
+    records are as tamper-evident as the new."""
+    store.write([AuditEntry(at(41), "bob", "run.stop", "run-live", "lost", "running", "aborted")])
+    report = store.verify_chain()
+    assert report.holds, report.problems
+    assert report.samples == 3000
+    assert report.records >= len(EVENTS) + 1
+    store.close()
+    db = sqlite3.connect(tmp_path / "pocd.db")
+    db.execute("DROP TRIGGER samples_no_update") if db.execute(
+        "SELECT 1 FROM sqlite_master WHERE name = 'samples_no_update'"
+    ).fetchone() else None
+    db.execute("UPDATE samples SET v = v + 1 WHERE id = 10")  # an old sample
+    db.commit()
+    db.close()
+    with Store(tmp_path / "pocd.db", readonly=True) as reader:
+        problems = reader.verify_chain().problems
+    assert problems == ["samples 1..3000 differ from what was recorded (edited)"]

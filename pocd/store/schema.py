@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Final
 
 from pocd.errors import StoreError
+from pocd.store.chain import CHAINED, UPDATED
+from pocd.store.chain import seed as seed_chain
 
 __all__ = [
     "APPLICATION_ID",
@@ -700,6 +702,43 @@ CREATE TRIGGER delivery_attempts_no_delete BEFORE DELETE ON delivery_attempts
 BEGIN SELECT RAISE(ABORT, 'delivery attempts are append-only'); END;
 """
 
+
+# v13: the tamper-evident chain (pocd.store.chain): an entry per record appended to a chained
+# table (by these triggers, through the SQL functions the writing connection registers) and per
+# committed batch of samples (by the store). Append-only. Rows stored before v13 predate it.
+def _chain_triggers() -> str:
+    parts = [
+        """
+CREATE TABLE chain (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TRIGGER chain_no_update BEFORE UPDATE ON chain
+BEGIN SELECT RAISE(ABORT, 'the chain is append-only'); END;
+CREATE TRIGGER chain_no_delete BEFORE DELETE ON chain
+BEGIN SELECT RAISE(ABORT, 'the chain is append-only'); END;
+"""
+    ]
+    parts += [
+        f"""
+CREATE TRIGGER chain_{table}_{event.lower()} AFTER {event} ON {table}
+BEGIN INSERT INTO chain (kind, ref, digest, hash)
+SELECT '{table}', NEW.{key}, d, pocd_link(
+    (SELECT hash FROM chain ORDER BY id DESC LIMIT 1), '{table}', NEW.{key}, d)
+FROM (SELECT pocd_digest({", ".join(f"NEW.{c}" for c in columns)}) AS d); END;
+"""
+        for table, (key, columns) in CHAINED.items()
+        for event in ("INSERT", *(("UPDATE",) if table in UPDATED else ()))
+    ]
+    return "".join(parts)
+
+
+_V13: Final = _chain_triggers()
+_V13_CHAIN: Final = 13
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     _V1,
     _V2,
@@ -713,6 +752,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _V10,
     _V11,
     _V12,
+    _V13,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -791,9 +831,11 @@ def migrate(
                 "INSERT INTO temp.migration_lines VALUES (?, ?, ?)",
                 [(d, p, line) for (d, p), line in (lines or {}).items()],
             )
-        for script in MIGRATIONS[found:target]:
+        for version, script in enumerate(MIGRATIONS[found:target], start=found + 1):
             for statement in statements(script):
                 db.execute(statement)
+            if version == _V13_CHAIN:
+                seed_chain(db)  # what the store held before it had a chain
         if found < target:
             db.execute("DROP TABLE temp.migration_parameters")
             db.execute("DROP TABLE temp.migration_lines")

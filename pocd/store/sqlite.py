@@ -77,7 +77,7 @@ from pocd.model import (
     User,
     UserChange,
 )
-from pocd.store import schema
+from pocd.store import chain, schema
 from pocd.store.recordtypes import (
     ALARM_EVENT,
     AUDIT_ENTRY,
@@ -183,6 +183,11 @@ _INSERT_DEVIATION: Final = (
 )
 _INSERT_PHASE: Final = (
     f"INSERT INTO phases ({_PHASE_COLUMNS}, first_sample) VALUES ({_values(_PHASE_COLUMNS, 1)})"
+)
+# One chain entry per committed batch of samples (pocd.store.chain).
+_CHAIN_SAMPLES: Final = (
+    "INSERT INTO chain (kind, ref, digest, hash) SELECT 'samples', ?1, ?2, "
+    "pocd_link((SELECT hash FROM chain ORDER BY id DESC LIMIT 1), 'samples', ?1, ?2)"
 )
 _INCIDENT_COLUMNS: Final = INCIDENT.columns
 _INSERT_INCIDENT: Final = (
@@ -371,6 +376,7 @@ class Store:
                 )
             db.execute("PRAGMA query_only = ON")
             return
+        chain.register(db)  # the chain's triggers call them (pocd.store.chain)
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise StoreError(f"{path}: cannot switch the store to WAL (got {mode!r})")
@@ -517,6 +523,8 @@ class Store:
         channels, times = params[0::width], params[1::width]
         db.executemany(_UPSERT_LATEST, _latest_of_channels(channels, times, before + 1))
         db.executemany(_UPSERT_BLOCK, _block_ranges(times, before + 1))
+        digest = chain.digest_samples(*(params[i::width] for i in range(width)))  # type: ignore[arg-type]
+        db.execute(_CHAIN_SAMPLES, (f"{before + 1}..{last}", digest))
         return int(before)
 
     def _sample_params(self, samples: list[Sample]) -> list[object]:
@@ -740,6 +748,12 @@ class Store:
         rows = self._query(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY id")
         return [AUDIT_ENTRY.from_row(r) for r in rows]
 
+    def verify_chain(self) -> chain.ChainReport:
+        """Walk the store's tamper-evident chain (pocd.store.chain.verify)."""
+        with self._lock:
+            self._check_open()
+            return chain.verify(self._db)
+
     def alarm_events(self, *, after: int = 0) -> list[AlarmEvent]:
         """Every alarm event after rowid `after`, in the order they were made."""
         return [event for _, event in self.alarm_events_after(after)]
@@ -850,11 +864,8 @@ class Store:
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
-                changed = 0
-                for i, (sql, rows) in enumerate(statements):
-                    before = db.total_changes
-                    db.executemany(sql, rows)
-                    changed = db.total_changes - before if i == 0 else changed
+                counts = [db.executemany(sql, rows).rowcount for sql, rows in statements]
+                changed = counts[0]  # rows the statement changed, not its triggers
                 db.execute("COMMIT")
             except BaseException as e:
                 if db.in_transaction:

@@ -1,0 +1,119 @@
+"""The store's tamper-evident chain (pocd.store.chain, schema v13), attacked the way someone
+with the file and the sqlite3 shell would: triggers dropped, rows edited, deleted, inserted.
+`pocd audit verify` names each change."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pocd.model import AuditEntry, Quality, Sample, User, UserChange
+from pocd.settings import load_site
+from pocd.store import Store
+from tests.sitekit import cli, write_site
+
+T0 = 1_780_000_000_000_000_000
+
+
+def filled(folder: Path) -> Path:
+    """A site whose store holds samples (NaN, bad quality, no device time among them), audit
+    entries and a user changed in place."""
+    config = write_site(folder)
+    site = load_site(config)
+    samples = [
+        Sample("incubator", "temperature", T0 + i, math.nan if i % 9 == 0 else 37 + i / 100)
+        for i in range(200)
+    ]
+    samples.append(Sample("incubator", "co2", T0 + 300, 5.0, Quality.BAD, reason="crc"))
+    user = User("olive", "Olive", ("operator",), "hash", False, T0, T0)
+    with Store(site.store_path) as store:
+        store.write([*samples[:120], AuditEntry(T0, "op", "run.start", "r1", "")])
+        store.write([*samples[120:], AuditEntry(T0 + 1, "op", "run.stop", "r1", "done"), user])
+        store.write([Sample("incubator", "temperature", T0 + 400, 36.5, device_t=T0 + 399)])
+        store.write([UserChange(replace(user, roles=("operator", "qa"), changed=T0 + 2))])
+    return config
+
+
+def verify(config: Path) -> tuple[int, str]:
+    done = cli("audit", "verify", "-c", str(config))
+    return done.returncode, done.stdout + done.stderr
+
+
+def tamper(config: Path, *sql: str) -> None:
+    db = sqlite3.connect(load_site(config).store_path)
+    for triggers in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        db.execute(f"DROP TRIGGER {triggers[0]}")  # what an attacker does first
+    for statement in sql:
+        db.execute(statement)
+    db.commit()
+    db.close()
+
+
+def test_an_untouched_store_verifies(tmp_path: Path) -> None:
+    code, out = verify(filled(tmp_path))
+    assert code == 0, out
+    assert "the chain holds" in out and "202 samples" in out
+
+
+CASES: dict[str, tuple[Callable[[], tuple[str, ...]], str]] = {
+    "edited-audit": (
+        lambda: ("UPDATE audit SET reason = 'nothing happened' WHERE action = 'run.stop'",),
+        "audit row 2 differs from what was recorded (edited)",
+    ),
+    "deleted-audit": (
+        lambda: ("DELETE FROM audit WHERE action = 'run.start'",),
+        "audit row 1 is gone (deleted since it was recorded)",
+    ),
+    "inserted-audit": (
+        lambda: (
+            "INSERT INTO audit (t, actor, action, target, reason, old_value, new_value, details)"
+            " VALUES (1, 'qa', 'run.release', 'r1', '', NULL, NULL, '{}')",
+        ),
+        "audit row 3 is not in the chain (inserted around it)",
+    ),
+    "edited-sample": (
+        lambda: ("UPDATE samples SET v = 37.0 WHERE id = 150",),
+        "samples 121..201 differ from what was recorded (edited)",
+    ),
+    "deleted-sample": (
+        lambda: ("DELETE FROM samples WHERE id = 5",),
+        "samples 1..120: 1 deleted",
+    ),
+    "inserted-sample": (
+        lambda: ("INSERT INTO samples (ch, t, dt, v, q) VALUES (1, 1, NULL, 1.0, 0)",),
+        "samples 203..203 are not in the chain (inserted)",
+    ),
+    "edited-user": (
+        lambda: ("UPDATE users SET roles = 'operator admin qa' WHERE login = 'olive'",),
+        "users row olive differs from what was recorded (edited)",
+    ),
+    "removed-chain-entry": (
+        lambda: ("DELETE FROM chain WHERE id = 3",),
+        "does not follow the entry before it",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_change_is_named(case: str, tmp_path: Path) -> None:
+    config = filled(tmp_path)
+    statements, expected = CASES[case]
+    tamper(config, *statements())
+    code, out = verify(config)
+    assert code == 1
+    assert "the chain does NOT hold" in out
+    assert expected in out, out
+
+
+def test_a_connection_without_pocd_cannot_append_to_a_chained_table(tmp_path: Path) -> None:
+    config = filled(tmp_path)
+    db = sqlite3.connect(load_site(config).store_path)
+    with pytest.raises(sqlite3.OperationalError, match="pocd_digest"):
+        db.execute("INSERT INTO incidents (t, kind, code, source, message, raw) "
+                   "VALUES (1, 'data', 'x', 'y', 'z', X'')")  # fmt: skip
+    db.close()
