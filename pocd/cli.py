@@ -26,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pocd import tokens
@@ -939,14 +940,26 @@ def _add_alarm_commands(sub: Any) -> None:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    """Walk the store's tamper-evident chain: 0 if it holds, 1 naming what does not."""
+    """Walk the store's tamper-evident chain and its signed checkpoints: 0 if it holds, 1
+    naming what does not."""
     from dataclasses import asdict
 
-    with _open_store(_site(args)) as store:
-        report = store.verify_chain()
+    from pocd.sitekey import public_key_file
+
+    site = _site(args)
+    key_path = Path(args.key) if args.key else public_key_file(site.data_dir)
+    try:
+        public = bytes.fromhex(key_path.read_text().strip()) if key_path.exists() else None
+    except ValueError:
+        raise CommandError(f"{key_path}: not a public key (64 hex digits)") from None
+    if args.key and public is None:
+        raise CommandError(f"{key_path}: no such file")
+    with _open_store(site) as store:
+        report = store.verify_chain(public)
+    signed = f"signatures checked with {key_path}" if public else "signatures NOT checked: no key"
     text = (
         f"the chain holds: {report.entries} entries cover {report.records} records and "
-        f"{report.samples} samples"
+        f"{report.samples} samples; {report.checkpoints} checkpoints match it ({signed})"
     )
     if not report.holds:
         head = f"the chain does NOT hold ({len(report.problems)} problems):"
@@ -960,6 +973,9 @@ def _add_audit_commands(sub: Any) -> None:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     check = with_config(
         audit_sub.add_parser("verify", help="find any record or sample changed since stored")
+    )
+    check.add_argument(
+        "--key", help="the site's public key (hex); default: site-key.pub beside the store"
     )
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=_audit_verify)

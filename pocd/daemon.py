@@ -24,7 +24,7 @@ import structlog
 
 from pocd.api.http import serve_api
 from pocd.clock import ClockWatch, steady_ns
-from pocd.errors import CommitTimeout, ConfigError
+from pocd.errors import CommitTimeout, ConfigError, StoreError
 from pocd.inbox import Inbox, Reading
 from pocd.model import (
     NS,
@@ -39,6 +39,7 @@ from pocd.model import (
 from pocd.runs import COMMIT_WAIT_S, Lines
 from pocd.settings import Site, load_site
 from pocd.sinks import build_sinks
+from pocd.sitekey import SiteKey
 from pocd.status import LiveStatus
 from pocd.store import Record, Store
 from pocd.store.writer import StoreWriter
@@ -75,6 +76,7 @@ class Daemon:
             on_incident=self._count_incident,
         )
         self._stop = asyncio.Event()
+        self._site_key: SiteKey | None = None  # signs the chain's checkpoints, opened at need
         self._clock = ClockWatch()
         self.sinks = build_sinks(site)
         for sink in self.sinks:
@@ -124,6 +126,7 @@ class Daemon:
                     loop.remove_signal_handler(sig)
             self.writer.stopping = True
             await self.flush()
+            await self._checkpoint()  # the chain's head as the daemon leaves it
             self.writer.store = None
             store.close()
             self.store = None
@@ -146,6 +149,7 @@ class Daemon:
                     self.writer.run(self.site.config.store.flush_interval), name="store-writer"
                 ),
                 tg.create_task(self._clock_task(), name="clock"),
+                tg.create_task(self._checkpoint_task(), name="checkpoints"),
                 tg.create_task(
                     serve_api(
                         self.site.config.api,
@@ -176,6 +180,29 @@ class Daemon:
             self.writer.room.set()  # what the runners put before they stopped is taken in
             await self.inbox.join()  # every reading already taken in reaches the writer
             workers[0].cancel()
+
+    async def _checkpoint_task(self) -> None:
+        """Sign the chain's head every `store.checkpoint_every` (pocd.store.chain)."""
+        while True:
+            await asyncio.sleep(self.site.config.store.checkpoint_every)
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        """Sign and store the chain's head if it grew; a failure is logged and an incident,
+        and the next one tries again."""
+        store = self.store
+        if store is None:
+            return
+        try:
+            if self._site_key is None:
+                self._site_key = await asyncio.to_thread(SiteKey.open, self.site.data_dir)
+            key = self._site_key
+            await asyncio.to_thread(
+                store.checkpoint, f"pocd/{self.site.id}", key.sign, key.id, now_ns()
+            )
+        except StoreError as exc:
+            log.error("cannot checkpoint the chain", error=str(exc))
+            self._incident(IncidentKind.DATA, "checkpoint-failed", "daemon", str(exc), now_ns())
 
     def reload(self) -> None:
         """SIGHUP: reload the protocols. They apply to runs started after it (a running run

@@ -434,6 +434,8 @@ class StoreSection(StrictModel):
     data_dir: str = "data"  # relative to the config file
     flush_interval: Duration = 0.2
     batch_size: int = Field(default=20_000, ge=1)
+    # The chain's head is signed with the site key this often (pocd.store.chain checkpoints).
+    checkpoint_every: Duration = Field(default=60.0, gt=0)
 
     @field_validator("flush_interval")
     @classmethod

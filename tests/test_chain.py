@@ -117,3 +117,88 @@ def test_a_connection_without_pocd_cannot_append_to_a_chained_table(tmp_path: Pa
         db.execute("INSERT INTO incidents (t, kind, code, source, message, raw) "
                    "VALUES (1, 'data', 'x', 'y', 'z', X'')")  # fmt: skip
     db.close()
+
+
+def checkpointed(folder: Path) -> Path:
+    """`filled`, with the chain's head signed by the site key (as the daemon does)."""
+    from pocd.sitekey import SiteKey
+
+    config = filled(folder)
+    site = load_site(config)
+    key = SiteKey.open(site.data_dir)
+    with Store(site.store_path) as store:
+        assert store.checkpoint("pocd/test-site", key.sign, key.id, T0) is not None
+        assert store.checkpoint("pocd/test-site", key.sign, key.id, T0) is None  # unchanged
+    return config
+
+
+def test_a_checkpointed_store_verifies_with_its_signatures(tmp_path: Path) -> None:
+    code, out = verify(checkpointed(tmp_path))
+    assert code == 0, out
+    assert "1 checkpoints match it (signatures checked with" in out
+
+
+def test_a_truncated_tail_below_the_last_checkpoint_is_caught(tmp_path: Path) -> None:
+    config = checkpointed(tmp_path)
+    # the last records and their entries removed: what is left links up fine
+    tamper(
+        config,
+        "DELETE FROM users",
+        "DELETE FROM chain WHERE id >= (SELECT max(id) - 1 FROM chain)",
+        "DELETE FROM samples WHERE id > 201",
+    )
+    code, out = verify(config)
+    assert code == 1
+    assert "were cut off (truncated)" in out, out
+
+
+def test_a_history_rewritten_with_fresh_links_is_caught_by_the_checkpoint(tmp_path: Path) -> None:
+    from pocd.store.chain import digest_row, link
+
+    config = checkpointed(tmp_path)
+    store_path = load_site(config).store_path
+    tamper(config, "UPDATE audit SET reason = 'all fine' WHERE action = 'run.stop'")
+    db = sqlite3.connect(store_path)  # the attacker recomputes every entry after the edit
+    previous = None
+    for entry, kind, ref, stored in db.execute(
+        "SELECT id, kind, ref, digest FROM chain ORDER BY id"
+    ).fetchall():
+        digest = stored
+        if kind == "audit":
+            row = db.execute(
+                "SELECT id, t, actor, action, target, reason, old_value, new_value, details "
+                "FROM audit WHERE id = ?",
+                (ref,),
+            ).fetchone()
+            digest = digest_row(*row)
+        previous = link(previous, kind, ref, digest)
+        db.execute("UPDATE chain SET digest = ?, hash = ? WHERE id = ?", (digest, previous, entry))
+    db.commit()
+    db.close()
+    code, out = verify(config)
+    assert code == 1
+    assert "is not the one it signed" in out, out
+    assert "differs from what was recorded" not in out  # the chain alone was fooled
+
+
+def test_a_forged_checkpoint_signature_is_caught(tmp_path: Path) -> None:
+    config = checkpointed(tmp_path)
+    tamper(config, "UPDATE checkpoints SET signature = zeroblob(64)")
+    code, out = verify(config)
+    assert code == 1
+    assert "its signature does not verify with key" in out, out
+
+
+async def test_the_daemon_signs_the_chain_head_and_its_store_verifies(tmp_path: Path) -> None:
+    from tests.sitekit import running, until
+
+    site = load_site(write_site(tmp_path))
+    async with running(site) as daemon:
+        await until(lambda: daemon.counts["samples"] > 0)
+    with Store(site.store_path, readonly=True) as store:
+        report = store.verify_chain(
+            bytes.fromhex((site.data_dir / "site-key.pub").read_text().strip())
+        )
+    assert report.holds, report.problems
+    assert report.checkpoints >= 1 and report.samples > 0
+    assert oct((site.data_dir / "site-key.pem").stat().st_mode & 0o777) == "0o600"

@@ -15,6 +15,7 @@ no longer verify).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -24,9 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from pocd.sitekey import verify_signature
+
 __all__ = [
     "CHAINED",
     "ChainReport",
+    "checkpoint_note",
     "digest_row",
     "digest_samples",
     "link",
@@ -189,6 +193,13 @@ def link(previous: str | None, kind: str, ref: object, digest: str) -> str:
     return _sha(f"{previous or ''}|{kind}|{ref}|{digest}".encode())
 
 
+def checkpoint_note(origin: str, size: int, head: str) -> bytes:
+    """The text a checkpoint signs, in the C2SP checkpoint form: the log's origin, its size
+    (entries) and the hash of its last entry, base64."""
+    root = base64.b64encode(bytes.fromhex(head)).decode()
+    return f"{origin}\n{size}\n{root}\n".encode()
+
+
 def register(db: sqlite3.Connection) -> None:
     """Give a writing connection the SQL functions the chain's triggers call."""
     db.create_function("pocd_digest", -1, digest_row, deterministic=True)
@@ -202,6 +213,7 @@ class ChainReport:
     entries: int
     records: int
     samples: int
+    checkpoints: int
     problems: list[str]
 
     @property
@@ -209,8 +221,9 @@ class ChainReport:
         return not self.problems
 
 
-def verify(db: sqlite3.Connection) -> ChainReport:
-    """Walk the chain of the store open on `db` (read-only will do)."""
+def verify(db: sqlite3.Connection, public_key: bytes | None = None) -> ChainReport:
+    """Walk the chain of the store open on `db` (read-only will do), and check each signed
+    checkpoint against it; with the site's `public_key`, its signature too."""
     problems: list[str] = []
     previous: str | None = None
     covered: dict[str, set[str]] = {table: set() for table in CHAINED}
@@ -255,7 +268,36 @@ def verify(db: sqlite3.Connection) -> ChainReport:
             if key not in covered[table]
         ]
     samples = _verify_samples(db, sample_ranges, problems)
-    return ChainReport(entries, records, samples, problems)
+    checkpoints = _verify_checkpoints(db, entries, public_key, problems)
+    return ChainReport(entries, records, samples, checkpoints, problems)
+
+
+def _verify_checkpoints(
+    db: sqlite3.Connection,
+    entries: int,
+    public_key: bytes | None,
+    problems: list[str],
+) -> int:
+    """Each checkpoint must name an entry the chain still has, with the same hash, and (given
+    the key) carry a good signature of its note. Answers how many there are."""
+    rows = db.execute(
+        "SELECT id, size, hash, note, signature, key_id FROM checkpoints ORDER BY id"
+    ).fetchall()
+    for number, size, head, note, signature, signer in rows:
+        what = f"checkpoint {number} (size {size})"
+        if public_key is not None and not verify_signature(public_key, note, signature):
+            problems.append(f"{what}: its signature does not verify with key {signer}")
+        if size > entries:
+            problems.append(
+                f"{what}: the chain has only {entries} entries: the entries after "
+                f"{entries} were cut off (truncated)"
+            )
+            continue
+        found = db.execute("SELECT hash FROM chain ORDER BY id LIMIT 1 OFFSET ?", (size - 1,))
+        (at,) = found.fetchone()
+        if at != head:
+            problems.append(f"{what}: the chain's entry {size} is not the one it signed")
+    return len(rows)
 
 
 def _verify_samples(

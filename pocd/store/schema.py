@@ -739,6 +739,23 @@ FROM (SELECT pocd_digest({", ".join(f"NEW.{c}" for c in columns)}) AS d); END;
 _V13: Final = _chain_triggers()
 _V13_CHAIN: Final = 13
 
+# v14: signed checkpoints of the chain's head (pocd.store.chain, pocd.sitekey). Append-only.
+_V14: Final = """
+CREATE TABLE checkpoints (
+    id INTEGER PRIMARY KEY,
+    t INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    note BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    key_id TEXT NOT NULL
+);
+CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON checkpoints
+BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
+CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
+BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
+"""
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     _V1,
     _V2,
@@ -753,6 +770,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _V11,
     _V12,
     _V13,
+    _V14,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

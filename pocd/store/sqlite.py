@@ -748,11 +748,44 @@ class Store:
         rows = self._query(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY id")
         return [AUDIT_ENTRY.from_row(r) for r in rows]
 
-    def verify_chain(self) -> chain.ChainReport:
-        """Walk the store's tamper-evident chain (pocd.store.chain.verify)."""
+    def verify_chain(self, public_key: bytes | None = None) -> chain.ChainReport:
+        """Walk the store's tamper-evident chain and its checkpoints (pocd.store.chain); with
+        the site's public key, the checkpoints' signatures too."""
         with self._lock:
             self._check_open()
-            return chain.verify(self._db)
+            return chain.verify(self._db, public_key)
+
+    def checkpoint(
+        self, origin: str, sign: Callable[[bytes], bytes], key_id: str, t: int
+    ) -> tuple[int, str] | None:
+        """Sign the chain's head, if it grew since the last checkpoint, and store the
+        checkpoint; answers its (size, hash), None if there was nothing new."""
+        with self._lock:
+            self._check_open()
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                size, head = db.execute(
+                    "SELECT count(*), (SELECT hash FROM chain ORDER BY id DESC LIMIT 1) FROM chain"
+                ).fetchone()
+                last = db.execute("SELECT max(size) FROM checkpoints").fetchone()[0]
+                if not size or size == last:
+                    db.execute("ROLLBACK")
+                    return None
+                note = chain.checkpoint_note(origin, size, head)
+                db.execute(
+                    "INSERT INTO checkpoints (t, size, hash, note, signature, key_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (t, size, head, note, sign(note), key_id),
+                )
+                db.execute("COMMIT")
+            except BaseException as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(f"{self.path}: checkpoint not stored: {e}") from e
+                raise
+            return int(size), str(head)
 
     def alarm_events(self, *, after: int = 0) -> list[AlarmEvent]:
         """Every alarm event after rowid `after`, in the order they were made."""
