@@ -326,8 +326,6 @@ def _alarm_list(args: argparse.Namespace) -> int:
 
 def _alarm_notifications(args: argparse.Namespace) -> int:
     """Who was told what, from the store: each queued notification and its attempts."""
-    import json
-
     from pocd.store.recordtypes import iso
 
     with _open_store(_site(args)) as store:

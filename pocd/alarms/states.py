@@ -9,6 +9,11 @@ code (`_apply`) that made them. It must not send, store or log anything.
 A shelve, a suppression by design and an out-of-service each mask the condition; masking ends
 the activation shown to the operator (the mask's event records who and why), and when the last
 mask goes while the condition is still active it alarms again, as a new activation.
+
+Some 700 lines in one module on purpose: the conditions, their commands, the clock, the scope
+and `resume` all change one table of conditions through `_apply`, and its invariants (one
+activation shown at a time, masks ending it, a replay making the same state) hold only while
+one class owns that table. The rate KPIs, which need none of it, live in kpis.py.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ with write access to the file; tamper evidence belongs to the audit chain, not t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sqlite3
@@ -760,32 +761,19 @@ class Store:
     ) -> tuple[int, str] | None:
         """Sign the chain's head, if it grew since the last checkpoint, and store the
         checkpoint; answers its (size, hash), None if there was nothing new."""
-        with self._lock:
-            self._check_open()
-            db = self._db
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                size, head = db.execute(
-                    "SELECT count(*), (SELECT hash FROM chain ORDER BY id DESC LIMIT 1) FROM chain"
-                ).fetchone()
-                last = db.execute("SELECT max(size) FROM checkpoints").fetchone()[0]
-                if not size or size == last:
-                    db.execute("ROLLBACK")
-                    return None
-                note = chain.checkpoint_note(origin, size, head)
-                db.execute(
-                    "INSERT INTO checkpoints (t, size, hash, note, signature, key_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (t, size, head, note, sign(note), key_id),
-                )
-                db.execute("COMMIT")
-            except BaseException as e:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                if isinstance(e, sqlite3.Error):
-                    raise StoreError(f"{self.path}: checkpoint not stored: {e}") from e
-                raise
-            return int(size), str(head)
+        with self._transaction("checkpoint not stored") as db:
+            size, head = db.execute(
+                "SELECT count(*), (SELECT hash FROM chain ORDER BY id DESC LIMIT 1) FROM chain"
+            ).fetchone()
+            if not size or size == db.execute("SELECT max(size) FROM checkpoints").fetchone()[0]:
+                return None
+            note = chain.checkpoint_note(origin, size, head)
+            db.execute(
+                "INSERT INTO checkpoints (t, size, hash, note, signature, key_id) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (t, size, head, note, sign(note), key_id),
+            )
+        return int(size), str(head)
 
     def alarm_events(self, *, after: int = 0) -> list[AlarmEvent]:
         """Every alarm event after rowid `after`, in the order they were made."""
@@ -889,7 +877,15 @@ class Store:
 
     def _write(self, *statements: tuple[str, Sequence[Row]]) -> int:
         """Run each statement over its rows, all in one transaction; the rows changed by the
-        first."""
+        first (not by its triggers)."""
+        with self._transaction("not stored") as db:
+            counts = [db.executemany(sql, rows).rowcount for sql, rows in statements]
+        return counts[0]
+
+    @contextlib.contextmanager
+    def _transaction(self, failed: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed when the block ends, rolled back if it raises
+        (a store error as StoreError, `failed` saying what was not done)."""
         with self._lock:
             self._check_open()
             if self.readonly:
@@ -897,16 +893,14 @@ class Store:
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
-                counts = [db.executemany(sql, rows).rowcount for sql, rows in statements]
-                changed = counts[0]  # rows the statement changed, not its triggers
+                yield db
                 db.execute("COMMIT")
             except BaseException as e:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 if isinstance(e, sqlite3.Error):
-                    raise StoreError(f"{self.path}: not stored: {e}") from e
+                    raise StoreError(f"{self.path}: {failed}: {e}") from e
                 raise
-            return changed
 
     def signatures(self, run_id: str | None = None) -> list[Signature]:
         """Every electronic signature, or those of one run, in the order they were made."""
