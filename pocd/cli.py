@@ -383,6 +383,23 @@ def _alarm_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deviation_command(args: argparse.Namespace) -> int:
+    """assess an open deviation, or close an assessed one (signed)."""
+    if args.deviation_command == "assess":
+        body: dict[str, Any] = {"note": args.note}
+    else:
+        body = {
+            "disposition": args.disposition,
+            "reason": args.reason,
+            "root_cause": args.root_cause,
+        }
+    path = f"/api/deviations/{urllib.parse.quote(args.id, safe='')}/{args.deviation_command}"
+    meaning = getattr(args, "meaning", Meaning.PERFORMED.value)
+    change = _api(_site(args), "POST", path, body, meaning=meaning)
+    print(f"deviation {change['deviation']} is {change['state']} (by {change['actor']})")
+    return 0
+
+
 def _run_phase(args: argparse.Namespace) -> int:
     body = {"phase": args.phase, "reason": args.reason}
     change = _api(_site(args), "POST", _run_path(args, "phase"), body, meaning=args.meaning)
@@ -476,7 +493,10 @@ def run_text(detail: dict[str, Any]) -> str:
         f"excursions: {len(detail['excursions'])}",
         *(_excursion_line(e) for e in detail["excursions"]),
         f"deviations: {len(detail['deviations'])}",
-        *(f"  {d['t']}  {d['cause']:<13} {d['description']}" for d in detail["deviations"]),
+        *(
+            f"  {d['t']}  {d['id']}  {d['state']:<9} {d['cause']:<13} {d['description']}"
+            for d in detail["deviations"]
+        ),
         f"signatures: {len(detail['signatures'])}",
         *(_signature_line(s) for s in detail["signatures"]),
     ]
@@ -817,11 +837,12 @@ SECRETS = (
 
 def with_meaning(p: argparse.ArgumentParser, action: Action) -> argparse.ArgumentParser:
     meanings = sorted(m.value for m in SIGNED[action])
+    default = Meaning.PERFORMED.value if Meaning.PERFORMED.value in meanings else meanings[0]
     p.add_argument(
         "--meaning",
         choices=meanings,
-        default=Meaning.PERFORMED.value,
-        help="what your signature means, where one is needed (default: performed)",
+        default=default,
+        help=f"what your signature means, where one is needed (default: {default})",
     )
     return p
 
@@ -979,6 +1000,26 @@ def _add_audit_commands(sub: Any) -> None:
     check.set_defaults(func=_audit_verify)
 
 
+def _add_deviation_commands(sub: Any) -> None:
+    deviation = sub.add_parser("deviation", help="a deviation's lifecycle: assess, close")
+    deviation_sub = deviation.add_subparsers(dest="deviation_command", required=True)
+    assess = with_config(deviation_sub.add_parser("assess", help="note an open deviation's impact"))
+    assess.add_argument("id", help="the deviation's id (pocd run show lists them)")
+    assess.add_argument("--note", required=True, help="the impact assessment")
+    assess.set_defaults(func=_deviation_command)
+    close = with_config(
+        deviation_sub.add_parser(
+            "close", help="close an assessed deviation (signed, QA)", epilog=SECRETS
+        )
+    )
+    close.add_argument("id", help="the deviation's id")
+    close.add_argument("--disposition", required=True, help="what was decided")
+    close.add_argument("--reason", required=True, help="why")
+    close.add_argument("--root-cause", required=True, help="why it happened")
+    with_meaning(close, Action.DEVIATION_CLOSE)
+    close.set_defaults(func=_deviation_command)
+
+
 def _add_run_commands(sub: Any) -> None:
     run = sub.add_parser("run", help="start, advance, stop and inspect runs")
     run_sub = run.add_subparsers(dest="run_command", required=True)
@@ -1050,6 +1091,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_line_commands(sub)
     _add_alarm_commands(sub)
     _add_audit_commands(sub)
+    _add_deviation_commands(sub)
     _add_run_commands(sub)
     _add_sink_commands(sub)
 

@@ -20,6 +20,8 @@ __all__ = [
     "CommStatus",
     "Deviation",
     "DeviationCause",
+    "DeviationChange",
+    "DeviationState",
     "Excursion",
     "ExcursionChange",
     "ExcursionEvent",
@@ -213,6 +215,29 @@ class Deviation:
     parameter: str | None = None
     excursion_id: str | None = None
     line: str = MAIN_LINE
+
+
+class DeviationState(StrEnum):
+    """A deviation's lifecycle: open when raised; assessed (its impact noted); closed (a
+    disposition with the reason and root cause, signed by QA)."""
+
+    OPEN = "open"
+    ASSESSED = "assessed"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviationChange:
+    """One step of a deviation's lifecycle, by a person. Never changed or deleted: a
+    deviation's state is its latest change's (none: open)."""
+
+    deviation_id: str
+    t: int
+    actor: str
+    state: DeviationState
+    note: str  # the impact assessment, or the reason of the disposition
+    disposition: str = ""  # closed: what was decided (no impact, impact accepted, rejected)
+    root_cause: str = ""  # closed: why it happened
 
 
 class RunStatus(StrEnum):

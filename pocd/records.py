@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ConfigDict, TypeAdapter
 
-from pocd.model import Run
+from pocd.model import Deviation, DeviationState, Run
 from pocd.signatures import verify
 from pocd.store import Store
 from pocd.store.recordtypes import DEVIATION, EXCURSION, PHASE_CHANGE, RUN, SIGNATURE, iso
@@ -45,12 +45,32 @@ def run_summary(run: Run) -> dict[str, Any]:
     return RUN.json(run)
 
 
+def deviation_json(store: Store, deviation: Deviation) -> dict[str, Any]:
+    """A deviation with its lifecycle: its state now and every step to it."""
+    changes = store.deviation_changes(deviation.id)
+    return {
+        **DEVIATION.json(deviation),
+        "state": changes[-1].state.value if changes else DeviationState.OPEN.value,
+        "changes": [
+            {
+                "t": iso(c.t),
+                "actor": c.actor,
+                "state": c.state.value,
+                "note": c.note,
+                "disposition": c.disposition,
+                "root_cause": c.root_cause,
+            }
+            for c in changes
+        ],
+    }
+
+
 def run_detail(store: Store, run: Run) -> dict[str, Any]:
     return {
         **run_summary(run),
         "phases": [PHASE_CHANGE.json(p) for p in store.phases(run.id)],
         "excursions": [EXCURSION.json(e) for e in store.excursions(run.id)],
-        "deviations": [DEVIATION.json(d) for d in store.deviations(run.id)],
+        "deviations": [deviation_json(store, d) for d in store.deviations(run.id)],
         # each with whether the record it signs is still as it was signed
         "signatures": [
             {**SIGNATURE.json(s), "intact": verify(store, s)} for s in store.signatures(run.id)

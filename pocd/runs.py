@@ -30,6 +30,7 @@ from typing import Final
 
 import structlog
 
+from pocd.access import Action, separation_conflict
 from pocd.alarms import AlarmCommand, AlarmKey, Alarms, AlarmSettings, AlarmView
 from pocd.engine import Engine, EngineEvent, ParameterView
 from pocd.errors import ConfigError, RunError, SignatureRequired
@@ -41,6 +42,8 @@ from pocd.model import (
     CommStatus,
     Deviation,
     DeviationCause,
+    DeviationChange,
+    DeviationState,
     Excursion,
     ExcursionChange,
     ExcursionEvent,
@@ -632,6 +635,77 @@ class Lines:
             group=alarm.group,
         )
 
+    # --- deviations ----------------------------------------------------------------------------
+
+    async def deviation_change(
+        self,
+        deviation_id: str,
+        state: DeviationState,
+        actor: str,
+        note: str,
+        *,
+        disposition: str = "",
+        root_cause: str = "",
+        signature: Signer | None = None,
+    ) -> DeviationChange:
+        """A step of a deviation's lifecycle: open -> assessed (the impact `note`) -> closed (a
+        `disposition`, its reason in `note`, and the `root_cause`; signed). RunError for a
+        step out of order or without what it needs, SignatureRequired for a close unsigned."""
+        async with self._control:
+            store = self.writer.store
+            if store is None:
+                raise RunError("the store is not open")
+            found = [d for d in await asyncio.to_thread(store.deviations) if d.id == deviation_id]
+            if not found:
+                raise RunError(f"no deviation {deviation_id!r}")
+            (deviation,) = found
+            changes = await asyncio.to_thread(store.deviation_changes, deviation_id)
+            before = changes[-1].state if changes else DeviationState.OPEN
+            after = _DEVIATION_STEPS.get(before)
+            if after is not state:
+                raise RunError(
+                    f"deviation {deviation_id} is {before.value}: "
+                    + (f"it can only be {after.value} next" if after else "it is closed for good")
+                )
+            if not note.strip():
+                what = "an impact assessment" if state is DeviationState.ASSESSED else "a reason"
+                raise RunError(f"{state.value} deviation {deviation_id} needs {what} (the note)")
+            if state is DeviationState.CLOSED:
+                if not (disposition.strip() and root_cause.strip()):
+                    raise RunError(
+                        f"closing deviation {deviation_id} needs a disposition and a root cause"
+                    )
+                assessors = frozenset(c.actor for c in changes)
+                conflict = separation_conflict(
+                    Action.DEVIATION_CLOSE, actor, {"deviation.assess": assessors}
+                )
+                if conflict:
+                    raise RunError(f"deviation {deviation_id}: {conflict}")
+                if signature is None:
+                    raise SignatureRequired(
+                        f"closing deviation {deviation_id} needs your electronic signature"
+                    )
+            t = now_ns()
+            change = DeviationChange(deviation_id, t, actor, state, note, disposition, root_cause)
+            details = {"disposition": disposition, "root_cause": root_cause} if disposition else {}
+            audit = AuditEntry(
+                t,
+                actor,
+                f"deviation.{state.value}",
+                deviation_id,
+                note,
+                old=before.value,
+                new=state.value,
+                details=details,
+            )
+            signed = (
+                self._signed(signature, "deviation.close", audit, deviation.run_id)
+                if signature is not None and state is DeviationState.CLOSED
+                else []
+            )
+            await self._commit([change, audit, *signed])
+            return change
+
     def _alarm_view(self, key: AlarmKey) -> AlarmView:
         for view in self.alarms.view():
             if (view.line, view.source, view.kind) == key:
@@ -913,6 +987,12 @@ class Lines:
             end = max(t, exc.start)
             self._emit([ExcursionEvent(ExcursionChange.CLOSED, replace(exc, end=end), end)])
 
+
+# The one step a deviation may take next from each state.
+_DEVIATION_STEPS: Final[dict[DeviationState, DeviationState]] = {
+    DeviationState.OPEN: DeviationState.ASSESSED,
+    DeviationState.ASSESSED: DeviationState.CLOSED,
+}
 
 # The commands signed (a shelve only of a critical alarm), as the action the signature signs.
 _SIGNED_ALARM_COMMANDS: Final[dict[str, str]] = {

@@ -120,6 +120,15 @@ class AlarmAnswer(_Answer):
     since: str | None
 
 
+class DeviationAnswer(_Answer):
+    """A step of a deviation's lifecycle, as committed."""
+
+    deviation: str
+    state: str
+    actor: str
+    t: str
+
+
 class ObjectAnswer(RootModel[dict[str, Any]]):
     """An open object: the live status, a run with its records."""
 

@@ -101,6 +101,22 @@ class AlarmRequest(StrictModel):
     signature: SignatureBody | None = None
 
 
+class DeviationAssessRequest(StrictModel):
+    """POST /api/deviations/{id}/assess: the impact assessment of an open deviation."""
+
+    note: Reason
+
+
+class DeviationCloseRequest(StrictModel):
+    """POST /api/deviations/{id}/close: the disposition of an assessed deviation, with its
+    reason and root cause; signed by QA."""
+
+    disposition: Reason
+    reason: Reason
+    root_cause: Reason
+    signature: SignatureBody | None = None
+
+
 class RunStartRequest(StrictModel):
     """POST /api/runs: start a run of `batch_id` on the approved `protocol` (or `version`),
     on `line` (which a site of one line need not name)."""

@@ -46,6 +46,8 @@ from pocd.api import answers
 from pocd.api.authority import Authority
 from pocd.api.bodies import (
     AlarmRequest,
+    DeviationAssessRequest,
+    DeviationCloseRequest,
     LoginRequest,
     PhaseRequest,
     RunStartRequest,
@@ -59,7 +61,7 @@ from pocd.api.openapi import openapi_document
 from pocd.api.reader import StoreReader
 from pocd.configtypes import StrictModel
 from pocd.errors import PocdError, RunError, SignatureRequired
-from pocd.model import NS, PhaseChange, Run, SiteStatus, now_ns
+from pocd.model import NS, DeviationChange, DeviationState, PhaseChange, Run, SiteStatus, now_ns
 from pocd.records import json_bytes, run_detail, run_summary
 from pocd.signatures import Signer
 from pocd.store import Store
@@ -146,6 +148,18 @@ class RunControl(Protocol):
         until: int | None = None,
         signature: Signer | None = None,
     ) -> AlarmView: ...
+
+    async def deviation_change(
+        self,
+        deviation_id: str,
+        state: DeviationState,
+        actor: str,
+        note: str,
+        *,
+        disposition: str = "",
+        root_cause: str = "",
+        signature: Signer | None = None,
+    ) -> DeviationChange: ...
 
 
 class StatusView(Protocol):
@@ -545,6 +559,39 @@ def _alarm_handler(command: AlarmCommand) -> Callable[[Call], Awaitable[web.Stre
     return handle
 
 
+async def assess_deviation(call: Call) -> web.StreamResponse:
+    body: DeviationAssessRequest = call.body
+    change = await call.parts.control.deviation_change(
+        call.request.match_info["deviation"], DeviationState.ASSESSED, call.login, body.note
+    )
+    return _deviation_json(change)
+
+
+async def close_deviation(call: Call) -> web.StreamResponse:
+    body: DeviationCloseRequest = call.body
+    change = await call.parts.control.deviation_change(
+        call.request.match_info["deviation"],
+        DeviationState.CLOSED,
+        call.login,
+        body.reason,
+        disposition=body.disposition,
+        root_cause=body.root_cause,
+        signature=call.signer,
+    )
+    return _deviation_json(change)
+
+
+def _deviation_json(change: DeviationChange) -> web.StreamResponse:
+    return _json(
+        {
+            "deviation": change.deviation_id,
+            "state": change.state.value,
+            "actor": change.actor,
+            "t": iso(change.t),
+        }
+    )
+
+
 def _constant(action: Action, _: object) -> Action:
     return action
 
@@ -628,6 +675,15 @@ ROUTES: tuple[Route, ...] = (
             signs=None if signed is None else partial(_constant, signed),
         )
         for command, (action, signed) in _ALARM_COMMANDS.items()
+    ),
+    _route("POST", "/api/deviations/{deviation}/assess", assess_deviation, "Assess a deviation")(
+        A.DEVIATION_ASSESS, DeviationAssessRequest, answers.DeviationAnswer
+    ),
+    _route("POST", "/api/deviations/{deviation}/close", close_deviation, "Close a deviation")(
+        A.DEVIATION_CLOSE,
+        DeviationCloseRequest,
+        answers.DeviationAnswer,
+        signs=partial(_constant, A.DEVIATION_CLOSE),
     ),
 )
 

@@ -29,6 +29,7 @@ from pocd.sitekey import verify_signature
 
 __all__ = [
     "CHAINED",
+    "LATER_CHAINED",
     "ChainReport",
     "checkpoint_note",
     "digest_row",
@@ -39,8 +40,8 @@ __all__ = [
     "verify",
 ]
 
-# The chained tables: name -> (key column, the columns digested, in order). Fixed by schema v13:
-# a table or column added later gets its own migration and entry here.
+# The chained tables: name -> (key column, the columns digested, in order). Fixed once chained:
+# a table added later gets its own migration, its entry here and in LATER_CHAINED.
 CHAINED: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "channels": ("id", ("id", "device", "point", "parameter", "line")),
     "qualities": ("id", ("id", "quality", "reason")),
@@ -149,7 +150,13 @@ CHAINED: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
         ("id", "notification", "channel", "t", "route", "tier", "via", "item"),
     ),
     "delivery_attempts": ("id", ("id", "t", "notification", "channel", "outcome", "reason")),
+    "deviation_changes": (
+        "id",
+        ("id", "deviation_id", "t", "actor", "state", "note", "disposition", "root_cause"),
+    ),
 }
+# The tables chained by a migration after v13, which made the chain (and chains the others).
+LATER_CHAINED: Final = ("deviation_changes",)
 # Tables whose rows change in place (a user's roles): each change is an entry of its own.
 UPDATED: Final = ("users",)
 _NONE: Final = -(2**63)  # a sample without a device time, in its digest
@@ -358,6 +365,8 @@ def seed(db: sqlite3.Connection) -> None:
         )
 
     for table, (key, columns) in CHAINED.items():
+        if table in LATER_CHAINED:
+            continue  # made after the chain, chained from its start
         rows = db.execute(f"SELECT {key}, {', '.join(columns)} FROM {table} ORDER BY {key}")
         for row in rows.fetchall():
             append(table, str(row[0]), digest_row(*row[1:]))

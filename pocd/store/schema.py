@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Final
 
 from pocd.errors import StoreError
-from pocd.store.chain import CHAINED, UPDATED
+from pocd.store.chain import CHAINED, LATER_CHAINED, UPDATED
 from pocd.store.chain import seed as seed_chain
 
 __all__ = [
@@ -703,12 +703,26 @@ BEGIN SELECT RAISE(ABORT, 'delivery attempts are append-only'); END;
 """
 
 
+def _chain_triggers(*tables: str) -> str:
+    """The triggers that chain each record appended to (or, for UPDATED, changed in) the
+    tables (pocd.store.chain), through the SQL functions the writing connection registers."""
+    return "".join(
+        f"""
+CREATE TRIGGER chain_{table}_{event.lower()} AFTER {event} ON {table}
+BEGIN INSERT INTO chain (kind, ref, digest, hash)
+SELECT '{table}', NEW.{CHAINED[table][0]}, d, pocd_link(
+    (SELECT hash FROM chain ORDER BY id DESC LIMIT 1), '{table}', NEW.{CHAINED[table][0]}, d)
+FROM (SELECT pocd_digest({", ".join(f"NEW.{c}" for c in CHAINED[table][1])}) AS d); END;
+"""
+        for table in tables
+        for event in ("INSERT", *(("UPDATE",) if table in UPDATED else ()))
+    )
+
+
 # v13: the tamper-evident chain (pocd.store.chain): an entry per record appended to a chained
-# table (by these triggers, through the SQL functions the writing connection registers) and per
-# committed batch of samples (by the store). Append-only. Rows stored before v13 predate it.
-def _chain_triggers() -> str:
-    parts = [
-        """
+# table (by triggers) and per committed batch of samples (by the store). Append-only. What a
+# store held before it is chained by the migration (`seed_chain`).
+_V13: Final = """
 CREATE TABLE chain (
     id INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -720,23 +734,7 @@ CREATE TRIGGER chain_no_update BEFORE UPDATE ON chain
 BEGIN SELECT RAISE(ABORT, 'the chain is append-only'); END;
 CREATE TRIGGER chain_no_delete BEFORE DELETE ON chain
 BEGIN SELECT RAISE(ABORT, 'the chain is append-only'); END;
-"""
-    ]
-    parts += [
-        f"""
-CREATE TRIGGER chain_{table}_{event.lower()} AFTER {event} ON {table}
-BEGIN INSERT INTO chain (kind, ref, digest, hash)
-SELECT '{table}', NEW.{key}, d, pocd_link(
-    (SELECT hash FROM chain ORDER BY id DESC LIMIT 1), '{table}', NEW.{key}, d)
-FROM (SELECT pocd_digest({", ".join(f"NEW.{c}" for c in columns)}) AS d); END;
-"""
-        for table, (key, columns) in CHAINED.items()
-        for event in ("INSERT", *(("UPDATE",) if table in UPDATED else ()))
-    ]
-    return "".join(parts)
-
-
-_V13: Final = _chain_triggers()
+""" + _chain_triggers(*(t for t in CHAINED if t not in LATER_CHAINED))
 _V13_CHAIN: Final = 13
 
 # v14: signed checkpoints of the chain's head (pocd.store.chain, pocd.sitekey). Append-only.
@@ -756,6 +754,26 @@ CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
 BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
 """
 
+# v15: the deviation lifecycle (pocd.model.DeviationChange): open -> assessed -> closed, each
+# step by a person, append-only and chained.
+_V15: Final = """
+CREATE TABLE deviation_changes (
+    id INTEGER PRIMARY KEY,
+    deviation_id TEXT NOT NULL,
+    t INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    state TEXT NOT NULL,
+    note TEXT NOT NULL,
+    disposition TEXT NOT NULL,
+    root_cause TEXT NOT NULL
+);
+CREATE INDEX deviation_changes_deviation ON deviation_changes (deviation_id);
+CREATE TRIGGER deviation_changes_no_update BEFORE UPDATE ON deviation_changes
+BEGIN SELECT RAISE(ABORT, 'deviation changes are append-only'); END;
+CREATE TRIGGER deviation_changes_no_delete BEFORE DELETE ON deviation_changes
+BEGIN SELECT RAISE(ABORT, 'deviation changes are append-only'); END;
+""" + _chain_triggers("deviation_changes")
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     _V1,
     _V2,
@@ -771,6 +789,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _V12,
     _V13,
     _V14,
+    _V15,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

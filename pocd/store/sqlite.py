@@ -63,6 +63,8 @@ from pocd.model import (
     AlarmEvent,
     AuditEntry,
     Deviation,
+    DeviationChange,
+    DeviationState,
     Excursion,
     ExcursionChange,
     ExcursionEvent,
@@ -117,6 +119,7 @@ Record: TypeAlias = (
     | User
     | UserChange
     | AlarmEvent
+    | DeviationChange
 )
 # A record that has a state of its own to show (encoded as one point per record).
 Change: TypeAlias = Run | PhaseChange | Excursion | Deviation
@@ -184,6 +187,10 @@ _INSERT_DEVIATION: Final = (
 )
 _INSERT_PHASE: Final = (
     f"INSERT INTO phases ({_PHASE_COLUMNS}, first_sample) VALUES ({_values(_PHASE_COLUMNS, 1)})"
+)
+_INSERT_DEVIATION_CHANGE: Final = (
+    "INSERT INTO deviation_changes (deviation_id, t, actor, state, note, disposition, "
+    "root_cause) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 # One chain entry per committed batch of samples (pocd.store.chain).
 _CHAIN_SAMPLES: Final = (
@@ -712,6 +719,19 @@ class Store:
                 (run_id,),
             )
         return [DEVIATION.from_row(r) for r in rows]
+
+    def deviation_changes(self, deviation_id: str | None = None) -> list[DeviationChange]:
+        """The lifecycle steps of one deviation, or of all, in the order they were made."""
+        where, params = ("WHERE deviation_id = ?", (deviation_id,)) if deviation_id else ("", ())
+        rows = self._query(
+            "SELECT deviation_id, t, actor, state, note, disposition, root_cause "
+            f"FROM deviation_changes {where} ORDER BY id",
+            params,
+        )
+        return [
+            DeviationChange(d, t, a, DeviationState(st), n, di, rc)
+            for d, t, a, st, n, di, rc in rows
+        ]
 
     def incidents(self, since: int | None = None) -> list[Incident]:
         """Incidents in the order they were recorded; with `since`, those at t >= since."""
@@ -1301,6 +1321,16 @@ def _statement_row(record: Record, marks: Iterator[int]) -> tuple[str, Row]:
             return _INSERT_SIGNATURE, SIGNATURE.row(record)
         case AlarmEvent():
             return _INSERT_ALARM_EVENT, ALARM_EVENT.row(record)
+        case DeviationChange():
+            return _INSERT_DEVIATION_CHANGE, (
+                record.deviation_id,
+                record.t,
+                record.actor,
+                record.state.value,
+                record.note,
+                record.disposition,
+                record.root_cause,
+            )
         case User():
             return _INSERT_USER, USER.row(record)
         case UserChange(user=user):
