@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive for real: command -> package
-DEBS   := socat:socat influxd:influxdb mosquitto:mosquitto
+DEBS   := socat:socat influxd:influxdb mosquitto:mosquitto pdftotext:poppler-utils
 DEMO_SECONDS ?= 95
 
 .PHONY: demo test lint typecheck unit debs bench clean
