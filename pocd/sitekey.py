@@ -85,3 +85,7 @@ class SiteKey:
 
     def sign(self, message: bytes) -> bytes:
         return self._private.sign(message)
+
+    def private_key(self) -> Ed25519PrivateKey:
+        """The key itself, for signing envelopes (pocd.release.attest); never to be written."""
+        return self._private

@@ -39,6 +39,7 @@ __all__ = [
     "AccountRefused",
     "Admin",
     "add_user",
+    "admin_actor",
     "check_new_password",
     "check_new_user",
     "disable_user",
@@ -349,3 +350,9 @@ def _entry(
     # Which OS account ran the command: an admin's login says who decided, this says where.
     details = {**details, "os_user": getpass.getuser(), "via": "pocd user"}
     return AuditEntry(t, actor, action, login, "", old, new, details)
+
+
+def admin_actor(store: Store, admin: Admin | None, login: str, t: int) -> str:
+    """Who makes a change of what `login` holds beyond the user record (their signing key in
+    the site's keyring): an enabled admin, checked as for any change of a user."""
+    return _actor(store, admin, Action.USER_MANAGE, login, t)

@@ -34,9 +34,11 @@ __all__ = [
     "checkpoint_note",
     "digest_row",
     "digest_samples",
+    "digest_shown",
     "link",
     "register",
     "seed",
+    "shown_row",
     "verify",
 ]
 
@@ -167,10 +169,19 @@ def _sha(text: bytes) -> str:
     return hashlib.sha256(text).hexdigest()
 
 
-def digest_row(*values: object) -> str:
-    """The SHA-256 of one row's values as SQLite holds them (int, float, text, bytes, NULL)."""
-    shown = [{"hex": v.hex()} if isinstance(v, bytes) else v for v in values]
+def shown_row(*values: object) -> list[object]:
+    """One row's values as SQLite holds them (int, float, text, bytes, NULL) as JSON values:
+    bytes as {"hex": ...}. What `digest_row` digests, and what an export shows of the row."""
+    return [{"hex": v.hex()} if isinstance(v, bytes) else v for v in values]
+
+
+def digest_shown(shown: list[object]) -> str:
     return _sha(json.dumps(shown, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def digest_row(*values: object) -> str:
+    """The SHA-256 of one row's values as SQLite holds them."""
+    return digest_shown(shown_row(*values))
 
 
 def digest_samples(
