@@ -17,6 +17,7 @@ __all__ = [
     "NS",
     "STALE_REASON",
     "AuditEntry",
+    "Checkpoint",
     "CommStatus",
     "Deviation",
     "DeviationCause",
@@ -238,6 +239,20 @@ class DeviationChange:
     note: str  # the impact assessment, or the reason of the disposition
     disposition: str = ""  # closed: what was decided (no impact, impact accepted, rejected)
     root_cause: str = ""  # closed: why it happened
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A signed checkpoint of the store's chain (pocd.store.chain): its size (entries), the
+    hash of its last entry, the note signed (C2SP checkpoint form) and the site key's
+    signature. Forwarded, so the control site holds a witness of the history."""
+
+    t: int
+    size: int
+    hash: str
+    note: bytes
+    signature: bytes
+    key_id: str
 
 
 class RunStatus(StrEnum):

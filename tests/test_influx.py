@@ -679,3 +679,37 @@ async def test_an_outage_loses_no_transition_of_an_excursion_or_a_deviation(
             "started": "running",
             "ended": "completed",
         }
+
+
+async def test_each_signed_checkpoint_reaches_influxdb_as_a_witness_of_the_chain(
+    tmp_path: Path, influxd: Influxd, database: str
+) -> None:
+    """The control site, holding only what InfluxDB got, can check each checkpoint's
+    signature with the site's public key: a later rewrite of the store's history is caught."""
+    import base64
+
+    from pocd.sitekey import SiteKey, verify_signature
+    from pocd.store.chain import checkpoint_note
+
+    site = site_with_sink(tmp_path, sink_toml(influxd, database))
+    async with running(site) as daemon:
+        assert daemon.store is not None
+        key = SiteKey.open(site.data_dir)
+        made = await asyncio.to_thread(
+            daemon.store.checkpoint, f"pocd/{site.id}", key.sign, key.id, time.time_ns()
+        )
+        assert made is not None
+        (sink,) = daemon.sinks
+        assert isinstance(sink, InfluxSink)
+        await drained(sink, site)
+    (series,) = influxd.query(
+        'SELECT "origin", "size", "hash", "signature", "key_id" FROM "pocd_checkpoint"', database
+    )
+    points = [dict(zip(series["columns"], v, strict=True)) for v in series["values"]]
+    assert (points[0]["size"], points[0]["hash"]) == made
+    for point in points:
+        note = checkpoint_note(point["origin"], point["size"], point["hash"])
+        signature = base64.b64decode(point["signature"])
+        assert point["key_id"] == key.id
+        assert verify_signature(key.public, note, signature)
+        assert not verify_signature(key.public, note.replace(b"\n", b"\n1", 1), signature)

@@ -37,7 +37,15 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import aiohttp
 
 from pocd.errors import StoreError
-from pocd.model import AlarmEvent, Deviation, ExcursionEvent, PhaseChange, Run, RunStatus
+from pocd.model import (
+    AlarmEvent,
+    Checkpoint,
+    Deviation,
+    ExcursionEvent,
+    PhaseChange,
+    Run,
+    RunStatus,
+)
 from pocd.sinks import SinkError, SinkKind, SinkSettings
 from pocd.sinks.config import InfluxSettings, SecretValue
 from pocd.sinks.forward import (
@@ -390,6 +398,8 @@ def _ref(event: Event) -> str:
         return f"deviation {event.id}"
     if isinstance(event, AlarmEvent):
         return f"alarm {event.alarm_id} {event.transition.value}"
+    if isinstance(event, Checkpoint):
+        return f"checkpoint {event.size}"
     return f"audit {event.action} {event.target}"
 
 

@@ -23,6 +23,7 @@ their text, with newlines written as the two characters `\\n`.
 
 from __future__ import annotations
 
+import base64
 import bisect
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +33,7 @@ from typing import TypeAlias, TypeVar
 from pocd.model import (
     AlarmEvent,
     AuditEntry,
+    Checkpoint,
     Deviation,
     Excursion,
     ExcursionEvent,
@@ -64,6 +66,7 @@ MEASUREMENTS = {
     "excursion_event": "pocd_excursion_event",
     "run_event": "pocd_run_event",
     "alarm_event": "pocd_alarm_event",
+    "checkpoint": "pocd_checkpoint",
 }
 _QUALITY_MASK = (1 << SAMPLE_KEY_BITS) - 1
 
@@ -377,6 +380,18 @@ def encode_event(site: str, event: Event, batches: Mapping[str, str]) -> list[st
     audit trail)."""
     if isinstance(event, AuditEntry):
         return []
+    if isinstance(event, Checkpoint):
+        # A witness: enough to check it without the store. Its note is made again from the
+        # origin, size and hash (pocd.store.chain.checkpoint_note): a line-protocol string
+        # cannot carry the note's newlines.
+        witness: dict[str, str | int] = {
+            "origin": event.note.split(b"\n", 1)[0].decode(),
+            "size": event.size,
+            "hash": event.hash,
+            "signature": base64.b64encode(event.signature).decode(),
+        }
+        head = _tags(MEASUREMENTS["checkpoint"], {"site": site, "key_id": event.key_id})
+        return [f"{head} {_fields(witness)} {event.t}"]
     if isinstance(event, AlarmEvent):  # a transition only: the alarm's state is its latest
         tags, fields, t = RECORD_TYPES[AlarmEvent].influx(event)
         tags["site"] = site

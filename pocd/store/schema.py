@@ -774,6 +774,14 @@ CREATE TRIGGER deviation_changes_no_delete BEFORE DELETE ON deviation_changes
 BEGIN SELECT RAISE(ABORT, 'deviation changes are append-only'); END;
 """ + _chain_triggers("deviation_changes")
 
+# v16: each checkpoint is an event too, so the forwarders send it out (a witness at the
+# control site); those made before are sent once.
+_V16: Final = """
+INSERT INTO events (kind, ref) SELECT 'checkpoint', id FROM checkpoints ORDER BY id;
+CREATE TRIGGER checkpoints_event AFTER INSERT ON checkpoints
+BEGIN INSERT INTO events (kind, ref) VALUES ('checkpoint', NEW.id); END;
+"""
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     _V1,
     _V2,
@@ -790,6 +798,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _V13,
     _V14,
     _V15,
+    _V16,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

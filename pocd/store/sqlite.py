@@ -62,6 +62,7 @@ from pocd.errors import RecordRejected, RunError, StoreError
 from pocd.model import (
     AlarmEvent,
     AuditEntry,
+    Checkpoint,
     Deviation,
     DeviationChange,
     DeviationState,
@@ -124,7 +125,9 @@ Record: TypeAlias = (
 # A record that has a state of its own to show (encoded as one point per record).
 Change: TypeAlias = Run | PhaseChange | Excursion | Deviation
 # What the event log holds (Store.events): every change as it was written.
-Event: TypeAlias = Run | PhaseChange | ExcursionEvent | Deviation | AuditEntry | AlarmEvent
+Event: TypeAlias = (
+    Run | PhaseChange | ExcursionEvent | Deviation | AuditEntry | AlarmEvent | Checkpoint
+)
 # A sample as the forwarders read it (see Store.sample_rows): (channel code << 32 | quality
 # code, value or None for NaN, receive time as decimal text).
 SampleRow: TypeAlias = tuple[int, float | None, str]
@@ -259,6 +262,11 @@ _EVENT_SOURCES: Final[dict[str, tuple[str, str, Callable[[Row], Event]]]] = {
     "deviation": ("deviations", _DEVIATION_COLUMNS, DEVIATION.from_row),
     "audit": ("audit", _AUDIT_COLUMNS, AUDIT_ENTRY.from_row),
     "alarm": ("alarm_events", _ALARM_EVENT_COLUMNS, ALARM_EVENT.from_row),
+    "checkpoint": (
+        "checkpoints",
+        "t, size, hash, note, signature, key_id",
+        lambda r: Checkpoint(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), r[5]),
+    ),
 }
 
 
