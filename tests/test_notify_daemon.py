@@ -16,7 +16,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from pocd.model import AlarmState, Sample, now_ns
+from pocd.model import AlarmState, AuditEntry, Sample, now_ns
 from pocd.settings import Site, load_site
 from pocd.store import Store
 from tests.notifykit import Mailbox, Mosquitto, Receiver, smtp_server
@@ -287,7 +287,7 @@ async def test_a_flood_sends_one_summary_per_window_and_mqtt_keeps_each_alarm_st
         "returned-unacked",
     )
     with Store(site.store_path, readonly=True) as store:
-        on_broker = [q for _, q in store.notifications("broker")]
+        on_broker = [q for _, q in store.notifications("broker") if q.route == "dashboard"]
     assert len(on_broker) == 26  # 13 activations and 13 returns, none consolidated
 
 
@@ -400,3 +400,42 @@ async def test_kill_9_with_alarms_active_and_notifications_pending(
     assert (lost["kind"], lost["transition"], lost["priority"]) == ("comm-loss", "activate", "high")
     assert states[temperature] == "active-acked"
     assert states[("co2", "comm-loss")] == "active-unacked"
+
+
+async def test_each_signed_checkpoint_is_retained_on_the_broker_as_a_witness(
+    tmp_path: Path, hook: Receiver, mailbox: tuple[Mailbox, int]
+) -> None:
+    """With no route at all, an MQTT channel still publishes the chain's checkpoints, and a
+    dashboard that connects later gets the latest, which it checks with the site key alone."""
+    import base64
+
+    from pocd.sitekey import SiteKey, verify_signature
+    from pocd.store.chain import checkpoint_note
+
+    _, smtp_port = mailbox
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    try:
+        site = make_site(tmp_path, channels_toml(hook, smtp_port, broker.port))
+        async with running(site) as daemon:
+            assert daemon.store is not None
+            key = SiteKey.open(site.data_dir)
+            for t in (1, 2):
+                daemon.store.write([AuditEntry(now_ns(), "op", "note", f"n{t}", "")])
+                made = daemon.store.checkpoint(f"pocd/{site.id}", key.sign, key.id, now_ns())
+                assert made is not None
+            store = daemon.store
+            await until(lambda: len(store.attempts()) >= 2, within=15)
+            # a dashboard that connects afterwards is given the latest at once
+            async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+                await client.subscribe("pocd/test-site/checkpoint", qos=1)
+                message = await asyncio.wait_for(anext(aiter(client.messages)), 10)
+                witness = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+    finally:
+        broker.stop()
+    assert message.retain and (witness["size"], witness["hash"]) == made
+    note = checkpoint_note(witness["origin"], witness["size"], witness["hash"])
+    assert verify_signature(key.public, note, base64.b64decode(witness["signature"]))
+    with Store(site.store_path, readonly=True) as store:
+        queued = [q for _, q in store.notifications("broker")]
+    assert [q.route for q in queued] == ["witness", "witness"]

@@ -92,6 +92,11 @@ def get_sink_kind(name: str) -> SinkKind:
     return kind
 
 
+def witness_channels(site: Site) -> list[str]:
+    """The enabled MQTT channels that publish the chain's checkpoints (`witness`)."""
+    return [m.name for m in site.config.sinks.mqtt if m.enabled and m.witness]
+
+
 def build_sinks(site: Site) -> list[Sink]:
     """The enabled sinks configured in `[sinks]`, in the order of the sections' kinds, and the
     notifier (pocd.sinks.notify.sink) when `[notify]` has routes. A section's module is
@@ -103,7 +108,7 @@ def build_sinks(site: Site) -> list[Sink]:
         if enabled:
             kind = get_sink_kind(section)
             sinks += [kind.build(site, settings) for settings in enabled]
-    if site.config.notify.routes:
+    if site.config.notify.routes or witness_channels(site):
         from pocd.sinks.notify.sink import Notifier
 
         sinks.append(Notifier(site))

@@ -253,6 +253,10 @@ def _excursion_event(row: Row) -> ExcursionEvent:
     return ExcursionEvent(ExcursionChange(row[0]), EXCURSION.from_row(row[2:]), row[1])
 
 
+def _checkpoint(row: Row) -> Checkpoint:
+    return Checkpoint(row[0], row[1], row[2], bytes(row[3]), bytes(row[4]), row[5])
+
+
 # What each kind of entry in `events` refers to (schema v7): the table its `ref` is a rowid
 # of, the columns to read there, and the event they make.
 _EVENT_SOURCES: Final[dict[str, tuple[str, str, Callable[[Row], Event]]]] = {
@@ -262,11 +266,7 @@ _EVENT_SOURCES: Final[dict[str, tuple[str, str, Callable[[Row], Event]]]] = {
     "deviation": ("deviations", _DEVIATION_COLUMNS, DEVIATION.from_row),
     "audit": ("audit", _AUDIT_COLUMNS, AUDIT_ENTRY.from_row),
     "alarm": ("alarm_events", _ALARM_EVENT_COLUMNS, ALARM_EVENT.from_row),
-    "checkpoint": (
-        "checkpoints",
-        "t, size, hash, note, signature, key_id",
-        lambda r: Checkpoint(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), r[5]),
-    ),
+    "checkpoint": ("checkpoints", "t, size, hash, note, signature, key_id", _checkpoint),
 }
 
 
@@ -802,6 +802,15 @@ class Store:
                 (t, size, head, note, sign(note), key_id),
             )
         return int(size), str(head)
+
+    def checkpoints_after(self, after: int) -> list[tuple[int, Checkpoint]]:
+        """(rowid, checkpoint) of each checkpoint after rowid `after`, in the order made."""
+        rows = self._query(
+            "SELECT id, t, size, hash, note, signature, key_id FROM checkpoints WHERE id > ? "
+            "ORDER BY id",
+            (after,),
+        )
+        return [(r[0], _checkpoint(r[1:])) for r in rows]
 
     def alarm_events(self, *, after: int = 0) -> list[AlarmEvent]:
         """Every alarm event after rowid `after`, in the order they were made."""

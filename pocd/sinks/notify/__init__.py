@@ -29,7 +29,7 @@ from typing import Protocol, Self
 
 from pocd.model import AlarmPriority, AlarmState
 from pocd.sinks.forward import Outcome, WriteResult
-from pocd.sinks.notify.message import Item, Notification, Summary, SummaryAlarm
+from pocd.sinks.notify.message import Item, Notification, Summary, SummaryAlarm, Witness
 
 __all__ = [
     "Channel",
@@ -41,6 +41,7 @@ __all__ = [
     "Notification",
     "Summary",
     "SummaryAlarm",
+    "Witness",
     "decode_item",
     "redact",
 ]
@@ -149,6 +150,8 @@ def decode_item(line: str | bytes) -> Item:
         data = json.loads(line)
         if data["type"] == "alarm":
             return Notification.from_data(data)
+        if data["type"] == "checkpoint":
+            return Witness.from_data(data)
         if data["type"] == "summary":
             alarms = tuple(
                 SummaryAlarm(

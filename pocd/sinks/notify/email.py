@@ -23,7 +23,7 @@ import aiosmtplib
 from pocd.model import NS
 from pocd.sinks import SinkError
 from pocd.sinks.config import SecretValue
-from pocd.sinks.notify import Connected, DeliveryResult, Item, Notification, redact
+from pocd.sinks.notify import Connected, DeliveryResult, Item, Notification, Summary, redact
 from pocd.sinks.notify.settings import EmailSettings
 from pocd.sinks.notify.sink import channel_kind
 
@@ -78,7 +78,13 @@ class EmailChannel(Connected):
         mail["To"] = ", ".join(self.settings.to)
         mail["Subject"] = item.subject()
         mail["Message-ID"] = message_id(item)
-        t = item.event.t if isinstance(item, Notification) else item.end
+        t = (
+            item.event.t
+            if isinstance(item, Notification)
+            else item.end
+            if isinstance(item, Summary)
+            else item.t
+        )
         mail["Date"] = formatdate(t / NS, usegmt=True)
         mail["X-Pocd-Notification-Id"] = item.id
         mail.set_content(item.text())

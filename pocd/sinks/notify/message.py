@@ -1,6 +1,7 @@
-"""What a notification channel delivers: one alarm transition (`Notification`) or, during a
-flood, one summary of a consolidation window (`Summary`), each rendered three ways: a subject
-line, a text for people, and JSON for machines.
+"""What a notification channel delivers: one alarm transition (`Notification`), during a
+flood one summary of a consolidation window (`Summary`), or a signed checkpoint of the store's
+chain for the control site to keep as a witness (`Witness`), each rendered three ways: a
+subject line, a text for people, and JSON for machines.
 
 The id is derived from what it reports, never drawn at random, so that sending it again
 (after a crash, a retry) carries the same id and the far side can recognise it.
@@ -10,15 +11,16 @@ Must not: do I/O, read the clock or the store; decide who is notified (routing i
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pocd.model import AlarmEvent, AlarmPriority, AlarmState, AlarmTransition
+from pocd.model import AlarmEvent, AlarmPriority, AlarmState, AlarmTransition, Checkpoint
 from pocd.records import json_bytes, readable
 from pocd.store.recordtypes import iso
 
-__all__ = ["Item", "Notification", "Summary", "SummaryAlarm"]
+__all__ = ["Item", "Notification", "Summary", "SummaryAlarm", "Witness"]
 
 # Hex digits of the sha256 kept in an id: 128 bits, as long as a UUID.
 _ID_CHARS: Final = 32
@@ -269,5 +271,73 @@ class Summary:
         return json_bytes(self.data())
 
 
-Item = Notification | Summary
+@dataclass(frozen=True, slots=True)
+class Witness:
+    """A signed checkpoint of the store's chain (pocd.model.Checkpoint): with the site's
+    public key, whoever keeps it can later tell that the history was rewritten or cut. The
+    note signed is `pocd.store.chain.checkpoint_note(origin, size, hash)`."""
+
+    id: str
+    site: str
+    t: int
+    origin: str
+    size: int
+    hash: str
+    signature: str  # base64
+    key_id: str
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint, *, site: str) -> Witness:
+        origin = checkpoint.note.split(b"\n", 1)[0].decode()
+        signature = base64.b64encode(checkpoint.signature).decode()
+        ident = _digest(site, "checkpoint", checkpoint.size, checkpoint.hash)
+        return cls(
+            ident,
+            site,
+            checkpoint.t,
+            origin,
+            checkpoint.size,
+            checkpoint.hash,
+            signature,
+            checkpoint.key_id,
+        )
+
+    def subject(self) -> str:
+        return f"[pocd {self.site}] chain checkpoint {self.size}"
+
+    def text(self) -> str:
+        return "".join(f"{k}: {v}\n" for k, v in self.data().items())
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "type": "checkpoint",
+            "id": self.id,
+            "site": self.site,
+            "t": iso(self.t),
+            "t_ns": self.t,
+            "origin": self.origin,
+            "size": self.size,
+            "hash": self.hash,
+            "signature": self.signature,
+            "key_id": self.key_id,
+        }
+
+    def json(self) -> bytes:
+        return json_bytes(self.data())
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Witness:
+        return cls(
+            str(data["id"]),
+            str(data["site"]),
+            int(data["t_ns"]),
+            str(data["origin"]),
+            int(data["size"]),
+            str(data["hash"]),
+            str(data["signature"]),
+            str(data["key_id"]),
+        )
+
+
+Item = Notification | Summary | Witness
 """What a channel sends."""

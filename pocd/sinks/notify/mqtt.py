@@ -1,7 +1,9 @@
 """The MQTT channel (aiomqtt): each notification's JSON at QoS 1 on
 `{prefix}/{site}/{line}/{device or source}/events`, and the alarm's current state RETAINED on
 `{prefix}/{site}/alarms/{line}/{source}/{kind}`, so a dashboard that (re)connects is told the
-truth at once. A flood summary goes at QoS 1 to `{prefix}/{site}/{line}/summary`.
+truth at once. A flood summary goes at QoS 1 to `{prefix}/{site}/{line}/summary`, and each
+signed checkpoint of the store's chain (a `Witness`, unless `witness = false`) RETAINED to
+`{prefix}/{site}/checkpoint`: the control site's witness of the history.
 
 The retained state is the JSON of the alarm's latest notification (its `state` says where it
 is). A return to normal that is acknowledged (state `normal`) is retained as such rather than
@@ -27,11 +29,18 @@ import aiomqtt
 
 from pocd.sinks import SinkError
 from pocd.sinks.config import SecretValue
-from pocd.sinks.notify import Connected, DeliveryResult, Item, Notification, redact
+from pocd.sinks.notify import Connected, DeliveryResult, Item, Notification, Witness, redact
 from pocd.sinks.notify.settings import MqttSettings
 from pocd.sinks.notify.sink import channel_kind
 
-__all__ = ["MqttChannel", "event_topic", "open_channel", "state_topic", "summary_topic"]
+__all__ = [
+    "MqttChannel",
+    "event_topic",
+    "open_channel",
+    "state_topic",
+    "summary_topic",
+    "witness_topic",
+]
 
 _QOS: Final = 1
 _ERROR_CHARS: Final = 300
@@ -55,6 +64,10 @@ def state_topic(prefix: str, item: Notification) -> str:
 
 def summary_topic(prefix: str, site: str, line: str) -> str:
     return "/".join([prefix, _level(site), _level(line), "summary"])
+
+
+def witness_topic(prefix: str, site: str) -> str:
+    return "/".join([prefix, _level(site), "checkpoint"])
 
 
 class MqttChannel(Connected):
@@ -130,6 +143,9 @@ class MqttChannel(Connected):
                 await client.publish(
                     state_topic(prefix, item), body, qos=_QOS, retain=True, timeout=timeout
                 )
+            elif isinstance(item, Witness):  # the latest checkpoint, for whoever connects
+                topic = witness_topic(prefix, item.site)
+                await client.publish(topic, body, qos=_QOS, retain=True, timeout=timeout)
             else:
                 topic = summary_topic(prefix, item.site, item.line)
                 await client.publish(topic, body, qos=_QOS, timeout=timeout)

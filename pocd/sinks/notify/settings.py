@@ -122,6 +122,7 @@ class MqttSettings(ChannelSettings):
     username: str | None = Field(default=None, min_length=1)
     password: SecretRef | None = None
     client_id: str | None = Field(default=None, min_length=1, max_length=23)
+    witness: bool = True  # publish each signed checkpoint of the chain (pocd.store.chain)
 
     _secret = field_validator("password", mode="before")(_not_inline)
 

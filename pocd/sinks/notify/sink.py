@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import structlog
 
 from pocd.model import NS, Incident, IncidentKind, now_ns
-from pocd.sinks import Sink, SinkKind, SinkSettings
+from pocd.sinks import Sink, SinkKind, SinkSettings, witness_channels
 from pocd.sinks.forward import FarSide, Forwarder, Stream, Units, Writer
-from pocd.sinks.notify import Channel, ChannelWriter, DeliveryResult, Item, Summary
+from pocd.sinks.notify import Channel, ChannelWriter, DeliveryResult, Item, Summary, Witness
 from pocd.sinks.notify.routing import Outgoing, Router
 from pocd.sinks.notify.settings import ChannelSettings
 from pocd.store import Attempt, Queued, Store
@@ -52,6 +52,8 @@ _RETRY_S: Final = 5.0  # after the store failed
 _RATE_WINDOW_S: Final = 660.0  # the flood rate's 10 minutes, and a minute to spare
 _EVENTS: Final = "alarm_events"  # the notifier's cursors
 _TICK: Final = "tick"
+_CHECKPOINTS: Final = "checkpoints"
+_WITNESS: Final = "witness"  # the route name of the checkpoints queued for the witnesses
 
 S = TypeVar("S", bound=ChannelSettings)
 
@@ -171,12 +173,14 @@ class Notifier:
         self.settings = notify
         self.routes = notify.routes
         self.base_url = notify.base_url or f"http://{site.config.api.listen}"
+        self.witnesses = witness_channels(site)
         self.router = self._router()
         longest = max((t.after for r in self.routes for t in r.escalate), default=0.0)
         self._horizon = round((longest + notify.summary_window + _RATE_WINDOW_S) * NS)
         self._store_args = (site.store_path, site.point_parameters(), site.point_lines())
         self._commits: Commits | None = None
         self._after = 0  # the last alarm event (rowid) routed
+        self._witnessed = 0  # the last checkpoint (rowid) queued for the witnesses
         self._ticked = 0  # the last time ticked, ns
         self._carried: list[Outgoing] = []  # found by a replay, queued with the next step
         self._queued = 0
@@ -230,6 +234,7 @@ class Notifier:
         self.router = self._router()
         cursors = store.cursors(self.name)
         self._after = cursors.get(_EVENTS, 0)
+        self._witnessed = cursors.get(_CHECKPOINTS, 0)
         self._ticked = cursors.get(_TICK, 0)
         since = self._ticked - self._horizon if self._ticked else None
         carried: list[Outgoing] = []
@@ -263,10 +268,18 @@ class Notifier:
         out += self.router.tick(t)
         ticked = max(self._ticked, t)
         rows = [_row(o, t) for o in out]
-        queued = store.queue_notifications(
-            rows, sink=self.name, positions={_EVENTS: after, _TICK: ticked}
-        )
-        self._after, self._ticked = after, ticked
+        witnessed = self._witnessed
+        checkpoints = store.checkpoints_after(witnessed) if self.witnesses else []
+        for rowid, checkpoint in checkpoints:
+            witnessed = rowid
+            witness = Witness.of(checkpoint, site=self.site.id)
+            item = witness.json().decode()
+            rows += [Queued(witness.id, c, t, _WITNESS, 0, None, item) for c in self.witnesses]
+        positions = {_EVENTS: after, _TICK: ticked}
+        if self.witnesses:
+            positions[_CHECKPOINTS] = witnessed
+        queued = store.queue_notifications(rows, sink=self.name, positions=positions)
+        self._after, self._ticked, self._witnessed = after, ticked, witnessed
         queued += self._fall_back(store, t)
         self._queued += queued
         self._pending = self.router.pending()
