@@ -1,11 +1,13 @@
-"""Bench of the export's samples: rows written per second as Parquet plus gzipped CSV.
+"""Bench of `pocd export`: samples exported per second, the whole bundle included.
 
 Builds (once, then cached) a store of one run of 50 parameters read at 1 Hz for 13 days
-(56.16M samples) through `Store.write`, as the daemon would have written it, and times
-`write_samples` over that run against a plain loop (fetchmany, pa.array, ParquetWriter,
-CSVWriter) over a 2M-row slice. The store is built in a child process so its memory does not
-count towards the export's peak RSS. Prints human lines, then as its last line one JSON
-object. Targets: >= 1,000,000 samples/s and a peak RSS under 1 GiB. Exits 1 if one is missed.
+(56.16M samples) through `Store.write`, as the daemon would have written it, and times the
+whole export of that run (samples as Parquet and gzipped CSV, records, audit segment, gaps,
+report.pdf with a chart per critical parameter, the BagIt bag, its attestation and its zip)
+against a plain loop (fetchmany, pa.array, ParquetWriter, CSVWriter) over a 2M-row slice.
+The store is built in a child process so its memory does not count towards the export's peak
+RSS. Prints human lines, then as its last line one JSON object. Targets: >= 1,000,000
+samples/s and a peak RSS under 1 GiB. Exits 1 if one is missed.
 
 Run: .venv/bin/python bench/export.py [--days N] [--baseline-rows N]
 """
@@ -20,6 +22,7 @@ import multiprocessing
 import os
 import random
 import resource
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -32,8 +35,10 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from pocd.model import NS, Quality, Run, RunStatus, Sample
-from pocd.release.samples import COLUMNS, SCHEMA, write_samples
+from pocd.model import NS, ProtocolText, Quality, Run, RunStatus, Sample
+from pocd.release.bundle import export
+from pocd.release.samples import COLUMNS, SCHEMA
+from pocd.settings import load_site, protocol_from_text
 from pocd.store import Store
 
 __all__ = ["build_store", "main", "measure_export"]
@@ -45,7 +50,7 @@ PARAMETERS = 50
 T0 = 1_767_225_600 * NS  # 2026-01-01T00:00:00Z
 BATCH = 50_000  # samples per Store.write: 1,000 seconds of the run
 # Bump when the synthetic data changes, so a cached store of the old shape is not reused.
-DATA_VERSION = 1
+DATA_VERSION = 2
 
 # (point, unit, mean, sd, the device gives its own timestamp); 10 bioreactors with 5 points
 # each make the 50 parameters.
@@ -70,24 +75,52 @@ def channels() -> list[tuple[str, str, str, str, float, float, bool]]:
 
 
 def store_path(days: float) -> Path:
-    """Where the store of that many days is cached: keyed by everything that shapes it."""
+    """Where the store of that many days is cached (the data dir of the bench's site): keyed
+    by everything that shapes it."""
     folder = Path(tempfile.gettempdir()) / "pocd-bench-export"
-    return folder / f"run-{days:g}d-{PARAMETERS}p-1hz-v{DATA_VERSION}.db"
+    return folder / f"run-{days:g}d-{PARAMETERS}p-1hz-v{DATA_VERSION}" / "pocd.sqlite"
+
+
+def protocol() -> str:
+    """The run's protocol: the 50 parameters, temperature and pH of each bioreactor critical."""
+    parts = ['id = "BENCH"\nversion = "1"\ntitle = "Bench"\nstatus = "approved"\n']
+    for _, point, parameter, unit, mean, sd, _ in channels():
+        critical = "true" if point in ("temperature", "ph") else "false"
+        parts.append(
+            f'[parameters.{parameter}]\nunit = "{unit}"\ncritical = {critical}\n'
+            f"limits = {{ alert_low = {mean - 3 * sd}, alert_high = {mean + 3 * sd}, "
+            f"action_low = {mean - 5 * sd}, action_high = {mean + 5 * sd} }}\n"
+        )
+    parts.append('[[phases]]\nid = "expansion"\n')
+    return "\n".join(parts)
 
 
 def the_run() -> Run:
+    found = protocol_from_text(protocol(), "bench")
     return Run(
         id="run-bench",
         batch_id="B-BENCH",
         site_id="site-1",
         timezone="Europe/Berlin",
-        protocol_id="CART-TCT",
-        protocol_version="3.1",
-        protocol_hash="ab" * 32,
+        protocol_id=found.id,
+        protocol_version=found.version,
+        protocol_hash=found.hash,
         operator="alice",
         started=T0,
         line="L1",
     )
+
+
+def site_config(path: Path, folder: Path) -> Path:
+    """A site config in `folder` whose store is the one at `path`."""
+    (folder / "protocols").mkdir(parents=True)
+    (folder / "protocols" / "bench.toml").write_text(protocol())
+    config = folder / "pocd.toml"
+    config.write_text(
+        '[site]\nid = "site-1"\nname = "Bench site"\ntimezone = "Europe/Berlin"\n'
+        f'control_site = "cs-1"\n\n[store]\ndata_dir = "{path.parent}"\n'
+    )
+    return config
 
 
 def readings(seconds: int, seed: int = 1) -> Iterator[list[Sample]]:
@@ -129,10 +162,9 @@ def build_store(days: float) -> Path:
     path = store_path(days)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    for leftover in partial.parent.glob(partial.name + "*"):
-        leftover.unlink()
+    partial = path.parent.with_name(path.parent.name + ".partial") / path.name
+    shutil.rmtree(partial.parent, ignore_errors=True)
+    partial.parent.mkdir(parents=True)
     table = channels()
     run = the_run()
     seconds = round(days * 86_400)
@@ -142,7 +174,8 @@ def build_store(days: float) -> Path:
         parameters={(d, p): parameter for d, p, parameter, *_ in table},
         lines={(d, p): run.line for d, p, *_ in table},
     ) as store:
-        store.write([run])
+        found = protocol_from_text(protocol(), "bench")
+        store.write([ProtocolText(found.hash, found.id, found.version, found.text), run])
         for batch in readings(seconds):
             store.write(batch)
         ended = T0 + seconds * NS
@@ -151,7 +184,7 @@ def build_store(days: float) -> Path:
         f"built {path.name}: {seconds * len(table):,} samples "
         f"in {time.perf_counter() - start:.0f} s"
     )
-    partial.rename(path)
+    partial.parent.rename(path.parent)
     return path
 
 
@@ -179,23 +212,21 @@ class Measured:
 
 
 def measure_export(path: Path, folder: Path) -> Measured:
-    """Time `write_samples` over the bench's run, into `folder`.
-
-    The peak RSS is this process's high-water mark: call it before anything else big runs.
-    """
-    first, end = run_marks(path)
-    units = {parameter: unit for _, _, parameter, unit, *_ in channels()}
-    db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    """Time the whole export of the bench's run (`pocd export`), into `folder`/B-BENCH and
+    its zip. The peak RSS is this process's high-water mark: call it before anything else
+    big runs."""
+    site = load_site(site_config(path, folder / "site"))
+    bag = folder / "B-BENCH"
     start, cpu_start = time.perf_counter(), os.times()
-    rows = write_samples(db, first=first, end=end, line="L1", units=units, folder=folder)
+    done = export(site, "run-bench", bag, actor="bench")
     elapsed, cpu_end = time.perf_counter() - start, os.times()
-    db.close()
+    files = {p.relative_to(bag).as_posix(): p.stat().st_size for p in bag.rglob("*") if p.is_file()}
     return Measured(
-        samples=rows,
+        samples=done.samples,
         seconds=elapsed,
         cpu_seconds=cpu_end.user + cpu_end.system - cpu_start.user - cpu_start.system,
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-        file_bytes={p.name: p.stat().st_size for p in sorted(folder.iterdir())},
+        file_bytes={**files, done.zip.name: done.zip.stat().st_size},
     )
 
 
@@ -247,13 +278,14 @@ def plain_export(path: Path, first: int, rows: int, folder: Path) -> float:
 
 def check_export(folder: Path, rows: int) -> None:
     """Spot-check the files written: row count and columns. The tests check the values."""
-    parquet = pq.ParquetFile(folder / "samples.parquet")
+    data = folder / "B-BENCH" / "data"
+    parquet = pq.ParquetFile(data / "samples.parquet")
     if parquet.metadata.num_rows != rows or tuple(parquet.schema_arrow.names) != COLUMNS:
-        raise SystemExit(f"{folder / 'samples.parquet'}: not the {rows:,} rows expected")
-    with gzip.open(folder / "samples.csv.gz", "rt") as f:
+        raise SystemExit(f"{data / 'samples.parquet'}: not the {rows:,} rows expected")
+    with gzip.open(data / "samples.csv.gz", "rt") as f:
         header = f.readline().strip()
     if header != ",".join(f'"{c}"' for c in COLUMNS):
-        raise SystemExit(f"{folder / 'samples.csv.gz'}: header {header!r}")
+        raise SystemExit(f"{data / 'samples.csv.gz'}: header {header!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,12 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         plain_rows = min(args.baseline_rows, measured.samples)
         plain_rate = plain_rows / plain_export(path, first, plain_rows, plain)
     rate = measured.per_s
-    size = sum(measured.file_bytes.values())
+    size = measured.file_bytes["B-BENCH.zip"]  # the bundle as it travels
     # All CPU seconds of its threads over its wall time: a low rate at the usual CPU a row
     # means the machine was busy with something else, not that the export got slower.
     cores = measured.cpu_seconds / measured.seconds
     print(
-        f"write_samples : {rate:>12,.0f} samples/s  ({measured.samples:,} samples, "
+        f"pocd export   : {rate:>12,.0f} samples/s  ({measured.samples:,} samples, "
         f"{measured.seconds:.1f} s on {cores:.2f} cores, "
         f"peak RSS {measured.peak_rss_mib:,.0f} MiB, {size / 2**20:,.0f} MiB written)"
     )
@@ -304,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cores_used": round(cores, 2),
         "peak_rss_mib": round(measured.peak_rss_mib),
         "bundle_bytes": size,
-        "file_bytes": measured.file_bytes,
+        "file_bytes": {k: v for k, v in measured.file_bytes.items() if v > 2**20},
         "plain_samples_per_s": round(plain_rate),
         "ratio": round(rate / plain_rate, 2),
         "cpus": os.cpu_count(),

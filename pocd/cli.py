@@ -1094,6 +1094,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_deviation_commands(sub)
     _add_run_commands(sub)
     _add_sink_commands(sub)
+    from pocd.release.cli import add_commands as add_release_commands
+
+    add_release_commands(sub)
 
     site = sub.add_parser("site", help="site status: active, suspended, ceased")
     site_sub = site.add_subparsers(dest="site_command", required=True)

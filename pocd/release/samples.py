@@ -3,7 +3,7 @@
 Each row is a stored sample as it was committed, with its codes resolved: the channel to device,
 point and parameter, the quality code to its name and reason. A run of weeks is tens of millions
 of rows, so the rows go through in batches of rowids, never all at once, and the reading
-(SQLite and Python, bound to the GIL) overlaps with the writing of each file (pyarrow and zlib,
+(SQLite and Python, bound to the GIL) overlaps with the writing of each file (pyarrow and ISA-L,
 which release it) on a thread of its own.
 
 Must not: write to the store, change the caller's connection, or round a value: the files are
@@ -13,7 +13,6 @@ the GMP record of the run's data, so every number is the stored one, bit for bit
 from __future__ import annotations
 
 import sqlite3
-import zlib
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from isal import isal_zlib
 
 from pocd.errors import StoreError
 from pocd.model import Quality
@@ -286,7 +286,10 @@ class _CsvGzFile:
 
     def __init__(self, path: Path) -> None:
         self._file = path.open("wb")
-        self._gzip = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        # ISA-L's deflate: a gzip stream any gunzip reads, three times as fast as zlib's
+        self._gzip = isal_zlib.compressobj(
+            _GZIP_LEVEL, isal_zlib.DEFLATED, 16 + isal_zlib.MAX_WBITS
+        )
         self._write(SCHEMA.empty_table(), header=True)  # an empty run still has its header
 
     def write(self, batch: pa.RecordBatch) -> None:

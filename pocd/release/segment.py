@@ -25,7 +25,7 @@ from typing import IO, Any, Final
 
 from pocd.sitekey import verify_signature
 from pocd.store.chain import CHAINED, UPDATED, checkpoint_note, digest_shown, link, shown_row
-from pocd.store.recordtypes import AUDIT_ENTRY
+from pocd.store.recordtypes import AUDIT_ENTRY, iso
 
 __all__ = ["SegmentReport", "verify_segment", "write_segment"]
 
@@ -226,7 +226,9 @@ def _check_checkpoint(
 ) -> None:
     where = f"audit.jsonl line {number} (checkpoint {obj.get('number')})"
     report.checkpoints += 1
-    report.checkpoint = {k: obj.get(k) for k in ("number", "t_ns", "size", "hash", "key_id")}
+    # as signed statements hold it: canonical JSON (RFC 8785) has no integers beyond 2**53
+    report.checkpoint = {k: obj.get(k) for k in ("number", "size", "hash", "key_id")}
+    report.checkpoint["t"] = iso(obj["t_ns"]) if isinstance(obj.get("t_ns"), int) else None
     try:
         size, head, note = int(obj["size"]), str(obj["hash"]), str(obj["note"]).encode()
         signature = base64.b64decode(obj["signature"], validate=True)

@@ -53,13 +53,22 @@ _APPEND_ONLY: Final = (
 )
 
 
-def _append_only_triggers(tables: tuple[str, ...]) -> str:
-    return "\n".join(
+def _append_only_trigger(table: str, verb: str) -> str:
+    return (
         f"CREATE TRIGGER {table}_no_{verb.lower()} BEFORE {verb} ON {table}\n"
         f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: {verb} refused'); END;"
-        for table in tables
-        for verb in ("UPDATE", "DELETE")
     )
+
+
+def _append_only_triggers(tables: tuple[str, ...]) -> str:
+    return "\n".join(
+        _append_only_trigger(table, verb) for table in tables for verb in ("UPDATE", "DELETE")
+    )
+
+
+# Samples are deleted only by a prune (Store.prune_samples), which drops this trigger and makes
+# it again in the transaction that deletes them.
+SAMPLES_NO_DELETE: Final = _append_only_trigger("samples", "DELETE")
 
 
 # v1: the records. Interned channel and quality codes keep a sample row near 30 bytes.

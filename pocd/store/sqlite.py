@@ -54,6 +54,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NamedTuple, Self, TypeAlias, cast
@@ -812,6 +813,78 @@ class Store:
         )
         return [(r[0], _checkpoint(r[1:])) for r in rows]
 
+    # -- retention -------------------------------------------------------------------------------
+
+    def pruned_upto(self) -> int:
+        """The last sample rowid pruned, 0 if none was (the chained `store.prune` entries)."""
+        with self._lock:
+            self._check_open()
+            return chain.pruned_upto(self._db)
+
+    def prunable(self, before: int) -> tuple[int, list[str]]:
+        """The last sample rowid that may be pruned for a cutoff time `before`, and what holds
+        pruning back below it: samples from `before` on, a run not exported and released (or
+        still running), a sink that has not forwarded them. It ends a batch of the chain, so
+        the batch's hash stays whole for the samples kept."""
+        held: list[str] = []
+        (block,) = self._query("SELECT max(block) FROM sample_blocks WHERE t_max < ?", (before,))[0]
+        last = ((block + 1) << schema.BLOCK_BITS) - 1 if block is not None else 0
+        # The latest sample always stays: SQLite gives max(rowid) + 1 to the next one, so a
+        # table emptied would reuse rowids the chain and the sinks' cursors already name.
+        last = min(last, self.sample_count() - 1)
+        released = {a.target for a in self.audit_of_action("run.released")}
+        exported = {a.target for a in self.audit_of_action("run.export")}
+        for run_id, batch, first, status in self._query(
+            "SELECT id, batch_id, first_sample, status FROM runs ORDER BY first_sample"
+        ):
+            if first is None or first > last:
+                continue
+            why = (
+                "is still running"
+                if status == "running"
+                else "was not exported"
+                if run_id not in exported
+                else "is not released"
+                if run_id not in released
+                else ""
+            )
+            if why:
+                held.append(f"run {run_id} (batch {batch}) {why}: its samples from {first} stay")
+                last = min(last, first - 1)
+        for sink, position in self._query(
+            "SELECT sink, position FROM cursors WHERE stream = 'samples' ORDER BY sink"
+        ):
+            if position < last:
+                held.append(f"sink {sink} has forwarded samples up to {position} only")
+                last = position
+        ends = self._query("SELECT ref FROM chain WHERE kind = 'samples' ORDER BY id DESC")
+        batch_end = next((e for e in (int(r[0].partition("..")[2]) for r in ends) if e <= last), 0)
+        return max(batch_end, self.pruned_upto()), held
+
+    def prune_samples(self, last: int, entry: AuditEntry) -> int:
+        """Delete the samples up to rowid `last` and store `entry` (action `store.prune`, its
+        details naming `first` and `last`), in one transaction; answers how many went. The
+        samples' chain entries stay: their hashes witness what was pruned."""
+        first = self.pruned_upto() + 1
+        if last < first:
+            return 0
+        details = {**entry.details, "first": str(first), "last": str(last)}
+        with self._transaction("samples not pruned") as db:
+            db.execute("DROP TRIGGER samples_no_delete")  # the one path that deletes samples
+            gone = db.execute("DELETE FROM samples WHERE id BETWEEN ? AND ?", (first, last))
+            db.execute(schema.SAMPLES_NO_DELETE)
+            db.execute(
+                "DELETE FROM sample_blocks WHERE block < ?", ((last + 1) >> schema.BLOCK_BITS,)
+            )
+            db.execute(_INSERT_AUDIT, AUDIT_ENTRY.row(replace(entry, details=details)))
+            return int(gone.rowcount)
+
+    def audit_of_action(self, action: str) -> list[AuditEntry]:
+        rows = self._query(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE action = ? ORDER BY id", (action,)
+        )
+        return [AUDIT_ENTRY.from_row(r) for r in rows]
+
     def alarm_events(self, *, after: int = 0) -> list[AlarmEvent]:
         """Every alarm event after rowid `after`, in the order they were made."""
         return [event for _, event in self.alarm_events_after(after)]
@@ -1083,7 +1156,8 @@ class Store:
         """How many samples the store holds.
 
         max(rowid), which equals count(*) because rowids are assigned max+1 and samples are
-        never deleted, and costs one B-tree descent instead of a scan of the whole table.
+        never deleted (but by a prune, which counts as if they were still there, and always
+        keeps the latest), and costs one B-tree descent instead of a scan of the whole table.
         """
         return int(self._query("SELECT coalesce(max(id), 0) FROM samples")[0][0])
 
