@@ -20,9 +20,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import platform
 import shutil
 import sqlite3
+import threading
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -276,6 +279,75 @@ def _export(
         samples, segment, gaps, charts = _write_data(db, records, data, progress)
     finally:
         db.close()
+    zipping = _Zip(folder, [data / "samples.parquet", data / "samples.csv.gz"])
+    try:
+        envelope, classes = _complete(
+            site, records, partial, key, actor, samples, segment, gaps, charts, progress
+        )
+        partial.rename(folder)
+        zipped = zipping.finish(folder)
+    finally:
+        zipping.close()
+    digest = hashlib.sha256(envelope).hexdigest()
+    with Store(site.store_path) as store:
+        store.write(
+            [
+                AuditEntry(
+                    now_ns(),
+                    actor,
+                    "run.export",
+                    run.id,
+                    new=digest,
+                    details={
+                        "bundle": str(folder),
+                        "samples": str(samples),
+                        "batch_id": run.batch_id,
+                    },
+                )
+            ]
+        )
+    return Exported(folder, zipped, samples, digest, sum(c["count"] for c in classes))
+
+
+def _bag(partial: Path, site: Site, run: Run, key: SiteKey, predicate: dict[str, Any]) -> bytes:
+    """Make `partial` (holding the payload in data/) a bag, attested; answers the attestation."""
+    data = partial / "data"
+    for child in data.iterdir():  # bagit moves the payload into data/ itself
+        child.rename(partial / child.name)
+    data.rmdir()
+    bag = bagit.make_bag(
+        str(partial),
+        {
+            "Source-Organization": site.id,
+            "External-Identifier": run.batch_id,
+            "Internal-Sender-Identifier": run.id,
+            "External-Description": f"pocd batch-release record of batch {run.batch_id}",
+            "Pocd-Site-Key": key.public.hex(),
+        },
+        checksums=["sha256"],
+    )
+    subjects = {p: d["sha256"] for p, d in bag.entries.items() if p.startswith("data/")}
+    envelope = seal(statement(subjects, predicate), ATTESTATION_TYPE, key.private_key())
+    (partial / ATTESTATION).write_bytes(envelope)
+    bag.save(manifests=False)  # the tag manifest now covers the attestation too
+    return envelope
+
+
+def _complete(
+    site: Site,
+    records: _Records,
+    partial: Path,
+    key: SiteKey,
+    actor: str,
+    samples: int,
+    segment: SegmentReport,
+    gaps: list[Gap],
+    charts: Charts,
+    progress: Progress,
+) -> tuple[bytes, list[dict[str, Any]]]:
+    """The rest of the payload (records, exceptions, run.json, report.pdf), then the bag and
+    its attestation; answers the attestation and the exception classes."""
+    run, data = records.run, partial / "data"
     _write_json(data / "chain.json", segment.json())
     classes = exception_classes(
         run=run,
@@ -319,66 +391,56 @@ def _export(
         "exported": run_json["exported"],
         "samples": samples,
     }
-    envelope = _bag(partial, site, run, key, predicate)
-    partial.rename(folder)
-    zipped = write_zip(folder)
-    digest = hashlib.sha256(envelope).hexdigest()
-    with Store(site.store_path) as store:
-        store.write(
-            [
-                AuditEntry(
-                    now_ns(),
-                    actor,
-                    "run.export",
-                    run.id,
-                    new=digest,
-                    details={
-                        "bundle": str(folder),
-                        "samples": str(samples),
-                        "batch_id": run.batch_id,
-                    },
-                )
-            ]
-        )
-    return Exported(folder, zipped, samples, digest, sum(c["count"] for c in classes))
+    return _bag(partial, site, run, key, predicate), classes
 
 
-def _bag(partial: Path, site: Site, run: Run, key: SiteKey, predicate: dict[str, Any]) -> bytes:
-    """Make `partial` (holding the payload in data/) a bag, attested; answers the attestation."""
-    data = partial / "data"
-    for child in data.iterdir():  # bagit moves the payload into data/ itself
-        child.rename(partial / child.name)
-    data.rmdir()
-    bag = bagit.make_bag(
-        str(partial),
-        {
-            "Source-Organization": site.id,
-            "External-Identifier": run.batch_id,
-            "Internal-Sender-Identifier": run.id,
-            "External-Description": f"pocd batch-release record of batch {run.batch_id}",
-            "Pocd-Site-Key": key.public.hex(),
-        },
-        checksums=["sha256"],
-        processes=2,  # the samples files hashed side by side
-    )
-    subjects = {p: d["sha256"] for p, d in bag.entries.items() if p.startswith("data/")}
-    envelope = seal(statement(subjects, predicate), ATTESTATION_TYPE, key.private_key())
-    (partial / ATTESTATION).write_bytes(envelope)
-    bag.save(manifests=False)  # the tag manifest now covers the attestation too
-    return envelope
+class _Zip:
+    """`<bag>.zip` being written (the bag under its own name, compressed files stored as they
+    are): the samples files on a thread of their own from the moment they are complete, while
+    the rest of the bag is made, then every other file. A samples file is read through the
+    descriptor opened at the start, so bagit moving it into data/ meanwhile does not matter.
+    Nothing is left of it unless `finish` completes it."""
 
+    def __init__(self, folder: Path, samples: list[Path]) -> None:
+        self.target = folder.with_name(folder.name + ".zip")
+        self._partial = self.target.with_name(self.target.name + ".partial")
+        self._root = folder.name
+        self._zf = zipfile.ZipFile(self._partial, "w", allowZip64=True)
+        self._early = [(p.open("rb"), f"{self._root}/data/{p.name}") for p in samples]
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._copy, name="pocd-export-zip", daemon=True)
+        self._thread.start()
 
-def write_zip(folder: Path) -> Path:
-    """`folder`.zip: the bag under its own name, compressed files stored as they are."""
-    target = folder.with_name(folder.name + ".zip")
-    temporary = target.with_name(target.name + ".partial")
-    with zipfile.ZipFile(temporary, "w", allowZip64=True) as zf:
+    def _copy(self) -> None:
+        try:
+            for source, name in self._early:
+                with source:
+                    stamp = time.localtime(os.fstat(source.fileno()).st_mtime)[:6]
+                    with self._zf.open(zipfile.ZipInfo(name, stamp), "w", force_zip64=True) as out:
+                        shutil.copyfileobj(source, out, 4 << 20)
+        except BaseException as exc:  # raised again by `finish`
+            self._error = exc
+
+    def finish(self, folder: Path) -> Path:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        early = {name for _, name in self._early}
         for path in sorted(folder.rglob("*")):
-            if path.is_file():
+            name = f"{self._root}/{path.relative_to(folder).as_posix()}"
+            if path.is_file() and name not in early:
                 method = zipfile.ZIP_STORED if path.name.endswith(_STORED) else zipfile.ZIP_DEFLATED
-                zf.write(path, f"{folder.name}/{path.relative_to(folder)}", compress_type=method)
-    temporary.replace(target)
-    return target
+                self._zf.write(path, name, compress_type=method)
+        self._zf.close()
+        self._partial.replace(self.target)
+        return self.target
+
+    def close(self) -> None:
+        """After `finish`, nothing; else (the export failed) the partial zip removed."""
+        self._thread.join()
+        if self._partial.exists():
+            self._zf.close()
+            self._partial.unlink()
 
 
 def _first_entry(db: sqlite3.Connection, run_id: str) -> int:
