@@ -338,3 +338,22 @@ def test_a_gap_in_the_rowids_is_an_error_not_a_shifted_id(tmp_path: Path, folder
     with pytest.raises(StoreError, match=r"samples 1\.\.10: 9 rows, expected 10"):
         write_samples(damaged, first=1, end=None, line="L1", units=UNITS, folder=folder)
     damaged.close()
+
+
+def test_a_device_the_line_shares_with_others_is_written_with_it(
+    tmp_path: Path, folder: Path
+) -> None:
+    """A device on several lines has channels of no line: the run's line takes them when its
+    config names the device (`shared`), and only then."""
+    path = tmp_path / "pocd.db"
+    shared = [Sample("incubator", "temperature", T0 + i, 37.0 + i) for i in range(3)]
+    with Store(path, parameters=PARAMETERS, lines={}) as store:
+        store.write(shared)
+    db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        args = {"first": 1, "end": None, "line": "L1", "units": UNITS, "folder": folder}
+        assert write_samples(db, **args) == 0
+        assert write_samples(db, **args, shared={"incubator"}) == 3
+    finally:
+        db.close()
+    assert [r["value"] for r in parquet_rows(folder)] == [37.0, 38.0, 39.0]

@@ -201,7 +201,7 @@ def _gather(site: Site, run_key: str, key: SiteKey) -> _Records:
 
 
 def _write_data(
-    db: sqlite3.Connection, records: _Records, data: Path, progress: Progress
+    db: sqlite3.Connection, site: Site, records: _Records, data: Path, progress: Progress
 ) -> tuple[int, SegmentReport, list[Gap], Charts]:
     """The samples, the audit segment and the gaps; answers them with the charts' data."""
     run, protocol = records.run, records.protocol
@@ -210,13 +210,14 @@ def _write_data(
     ).fetchone()
     if first is not None and first <= pruned_upto(db):
         raise ExportError(f"run {run.id}: its samples were pruned (after its release)")
+    # a device several lines share has channels of no line (''): the line's own are its too
+    shared = {d.id for d in _line_devices(site, run)}
     sources = {
         parameter: (device, point)
-        for device, point, parameter in db.execute(
-            "SELECT device, point, parameter FROM channels WHERE line = ? AND parameter <> '' "
-            "ORDER BY id",
-            (run.line,),
+        for device, point, parameter, line in db.execute(
+            "SELECT device, point, parameter, line FROM channels WHERE parameter <> '' ORDER BY id"
         )
+        if line == run.line or (not line and device in shared)
     }
     parameters = list(protocol.parameters.values()) if protocol else []
     charts = Charts([p.id for p in parameters if p.critical], run.started, records.end)
@@ -228,6 +229,7 @@ def _write_data(
         line=run.line,
         units={p.id: p.unit for p in parameters},
         folder=data,
+        shared=shared,
         on_batch=charts.add,
         progress=lambda done: progress("samples", done, total),
     )
@@ -276,7 +278,7 @@ def _export(
     _copy_files(site, records, data)
     db = _readonly(site.store_path)
     try:
-        samples, segment, gaps, charts = _write_data(db, records, data, progress)
+        samples, segment, gaps, charts = _write_data(db, site, records, data, progress)
     finally:
         db.close()
     zipping = _Zip(folder, [data / "samples.parquet", data / "samples.csv.gz"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,12 +118,16 @@ def write_samples(
     line: str,
     units: Mapping[str, str],
     folder: Path,
+    shared: Collection[str] = (),
     on_batch: Callable[[pa.RecordBatch], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Write the samples with rowids `first` up to `end` (excluded; None: up to the last one
     stored when called) whose channel belongs to `line` into `folder`/samples.parquet and
     `folder`/samples.csv.gz, in rowid order; return how many were written.
+
+    A device that several lines share has channels of no line (''): those of the devices in
+    `shared` (the line's own, as the config has them) are the line's too.
 
     `units` maps a parameter to its unit ('' for a parameter not in it). `on_batch` is given
     each RecordBatch written (of `SCHEMA`), in order; `progress` the rows written so far after
@@ -135,7 +139,7 @@ def write_samples(
     end = after_last if end is None else min(end, after_last)
     first = max(first, 1)  # rowids start at 1
     # After `end` is known: every code of a sample before it was committed with it or earlier.
-    codes = _read_codes(db, line, units)
+    codes = _read_codes(db, line, shared, units)
     written = 0
     # The Parquet and the CSV file each have a thread: one writer thread for both would need
     # ~1 s of CPU a million rows and cap the export there; the CSV's alone needs ~0.85 s.
@@ -184,14 +188,16 @@ class _Written:
         return self.rows
 
 
-def _read_codes(db: sqlite3.Connection, line: str, units: Mapping[str, str]) -> _Codes:
+def _read_codes(
+    db: sqlite3.Connection, line: str, shared: Collection[str], units: Mapping[str, str]
+) -> _Codes:
     channels = db.execute("SELECT id, device, point, parameter, line FROM channels").fetchall()
     size = max((row[0] for row in channels), default=0) + 1
     device, point, parameter = [""] * size, [""] * size, [""] * size
     of_line = [False] * size
     for code, device_, point_, parameter_, line_ in channels:
         device[code], point[code], parameter[code] = device_, point_, parameter_
-        of_line[code] = line_ == line
+        of_line[code] = line_ == line or (not line_ and device_ in shared)
     qualities = db.execute("SELECT id, quality, reason FROM qualities").fetchall()
     size = max((row[0] for row in qualities), default=0) + 1
     quality, reason = [""] * size, [""] * size
