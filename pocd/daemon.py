@@ -18,6 +18,7 @@ import signal
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Final
 
 import structlog
@@ -32,6 +33,7 @@ from pocd.model import (
     CommStatus,
     Incident,
     IncidentKind,
+    LoadedFile,
     ProtocolText,
     Sample,
     now_ns,
@@ -234,6 +236,7 @@ class Daemon:
         its hash; keep each protocol's text by its hash."""
         t = now_ns()
         details = {"applied": "protocols" if action == "config.reload" else "all"}
+        self._keep_file("config", loaded.config_hash, loaded.path)
         if not_applied:
             details["not applied until restart"] = ", ".join(not_applied)
         add = self.writer.add
@@ -251,6 +254,7 @@ class Daemon:
         if action == "config.load":
             drivers = {device.driver.id: device.driver for device in self.site.devices.values()}
             for driver in drivers.values():
+                self._keep_file("driver", driver.hash, Path(driver.source))
                 add(
                     AuditEntry(
                         t,
@@ -273,6 +277,16 @@ class Daemon:
                     details={"file": proto.source, "status": proto.status.value},
                 )
             )
+
+    def _keep_file(self, kind: str, digest: str, path: Path) -> None:
+        """Keep the text of a file loaded, by the hash its load is audited with; a file that
+        cannot be read again (gone since) is logged, its load still audited."""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("cannot keep the text of a loaded file", file=str(path), error=str(exc))
+            return
+        self.writer.add(LoadedFile(digest, kind, path.name, text))
 
     # --- tasks ---------------------------------------------------------------------------------
 

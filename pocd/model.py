@@ -29,6 +29,7 @@ __all__ = [
     "ExcursionKind",
     "Incident",
     "IncidentKind",
+    "LoadedFile",
     "PhaseChange",
     "ProtocolText",
     "Quality",
@@ -239,6 +240,18 @@ class DeviationChange:
     note: str  # the impact assessment, or the reason of the disposition
     disposition: str = ""  # closed: what was decided (no impact, impact accepted, rejected)
     root_cause: str = ""  # closed: why it happened
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedFile:
+    """The text of a site config or driver file as the daemon loaded it, by the hash its load
+    was audited with (of the parsed document: a change of layout alone keeps the first
+    text). Kept so that an export holds the files in force during a run, as they were."""
+
+    hash: str
+    kind: str  # config or driver
+    name: str  # the file's name
+    text: str
 
 
 @dataclass(frozen=True, slots=True)

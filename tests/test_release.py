@@ -261,7 +261,7 @@ def test_the_bundle_verifies_and_any_bagit_tool_validates_it(release: Release) -
     assert {d["id"] for d in run["devices"]} == {"incubator", "bioreactor"}
     with Store(release.site.store_path, readonly=True) as store:
         exports = [a for a in store.audit() if a.action == "run.export"]
-    assert [a.target for a in exports] == [release.run_id, release.run_id]
+    assert [a.target for a in exports][:2] == [release.run_id, release.run_id]
 
 
 def test_the_samples_are_the_stored_rows_and_the_gaps_the_data_loss_excursions(
@@ -465,6 +465,25 @@ def test_export_refuses_an_unknown_run_and_an_existing_folder_and_leaves_nothing
     assert done.returncode == 1 and "no run 'no-such-run'" in done.stderr
     assert not Path(str(release.open_bag) + "-x").exists()
     assert not Path(str(release.open_bag) + "-x.partial").exists()
+
+
+def test_the_config_in_the_bundle_is_the_one_in_force_not_the_file_as_edited_since(
+    release: Release, tmp_path: Path
+) -> None:
+    config = release.site.path
+    as_run = config.read_text()
+    config.write_text(as_run.replace('name = "Test site"', 'name = "Renamed since"'))
+    try:
+        done = pocd("export", release.run_id, "-c", str(config), "-o", str(tmp_path / "B"))
+    finally:
+        config.write_text(as_run)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "B" / "data" / "config" / "pocd.toml").read_text() == as_run
+    files = json.loads((tmp_path / "B" / "data" / "run.json").read_text())["files"]
+    (kept,) = [f for f in files if f["kind"] == "config"]
+    assert kept["from"] == "the store, as loaded" and kept["hash_now"] != kept["hash_in_force"]
+    assert [f["file"] for f in files if f["kind"] == "driver"] == ["config/drivers/sim.toml"]
+    assert (tmp_path / "B" / "data" / "config" / "drivers" / "sim.toml").is_file()
 
 
 # --- retention (last: it prunes the module's store) -------------------------------------------

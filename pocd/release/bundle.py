@@ -41,6 +41,7 @@ from pocd.model import (
     AuditEntry,
     Excursion,
     Incident,
+    LoadedFile,
     PhaseChange,
     Run,
     RunStatus,
@@ -162,6 +163,69 @@ class _Records:
     incidents: list[Incident]
     audit: list[AuditEntry]
     signatures: list[dict[str, Any]]  # with whether each is intact
+    files: list[_File]  # the site config and the drivers of the run's line
+
+
+@dataclass(frozen=True, slots=True)
+class _File:
+    """A site config or driver file of the run: the one in force at its end, as the store
+    kept it when the daemon loaded it; or, from a store older than that (schema v17), the file
+    as it is now, which says whether it is the one in force."""
+
+    kind: str  # config or driver
+    name: str  # its path in the bag
+    in_force: str | None  # the hash audited at its last load before the run's end
+    now: str  # the hash of the file as it is now
+    kept: LoadedFile | None
+    current: Path
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "file": self.name,
+            "hash_in_force": self.in_force,
+            "hash_now": self.now,
+            "from": "the store, as loaded" if self.kept else "the file as it is now",
+            "as_in_force": self.kept is not None or self.in_force == self.now,
+        }
+
+    def write(self, data: Path) -> None:
+        target = data / self.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if self.kept is not None:
+            target.write_text(self.kept.text, encoding="utf-8")
+        elif self.current.is_file():
+            shutil.copyfile(self.current, target)
+
+
+def _files(site: Site, run: Run, audit: list[AuditEntry], end: int, store: Store) -> list[_File]:
+    def in_force(actions: tuple[str, ...], target: str | None) -> str | None:
+        loads = [
+            a.new
+            for a in audit
+            if a.t <= end and a.action in actions and (target is None or a.target == target)
+        ]
+        return loads[-1] if loads else None
+
+    def made(kind: str, name: str, hashed: str | None, now: str, current: Path) -> _File:
+        kept = store.loaded_file(hashed) if hashed else None
+        return _File(kind, name, hashed, now, kept, current)
+
+    config = in_force(("config.load", "config.reload"), None)
+    drivers = {d.driver.id: d.driver for d in _line_devices(site, run)}
+    return [
+        made("config", f"config/{site.path.name}", config, site.config_hash, site.path),
+        *(
+            made(
+                "driver",
+                f"config/drivers/{Path(d.source).name}",
+                in_force(("driver.load",), d.id),
+                d.hash,
+                Path(d.source),
+            )
+            for _, d in sorted(drivers.items())
+        ),
+    ]
 
 
 def _gather(site: Site, run_key: str, key: SiteKey) -> _Records:
@@ -176,6 +240,7 @@ def _gather(site: Site, run_key: str, key: SiteKey) -> _Records:
         stored = store.protocol_text(run.protocol_hash)
         store.checkpoint(f"pocd/{site.id}", key.sign, key.id, now_ns())
         end = run.ended or now_ns()
+        audit = store.audit()
         return _Records(
             run=run,
             end=end,
@@ -192,11 +257,12 @@ def _gather(site: Site, run_key: str, key: SiteKey) -> _Records:
                 if e.run_id == run.id or (e.line == run.line and run.started <= e.t <= end)
             ],
             incidents=[i for i in store.incidents(run.started) if i.t <= end],
-            audit=store.audit(),
+            audit=audit,
             signatures=[
                 {**SIGNATURE.json(s), "intact": signature_intact(store, s)}
                 for s in store.signatures(run.id)
             ],
+            files=_files(site, run, audit, end, store),
         )
 
 
@@ -464,43 +530,19 @@ def _line_devices(site: Site, run: Run) -> list[Device]:
 
 
 def _copy_files(site: Site, records: _Records, data: Path) -> None:
-    """The protocol as the store keeps it (by its hash), and the site config and driver files
-    of the run's line as they are now, each with the hash in force during the run."""
+    """The protocol and the site config and driver files in force, as the store keeps them
+    (see `_File`)."""
     (data / "protocol").mkdir()
     if records.protocol is not None:
         name = f"{records.protocol.id}-{records.protocol.version}.toml"
         (data / "protocol" / name).write_text(records.protocol_text)
-    (data / "config").mkdir()
-    shutil.copyfile(site.path, data / "config" / site.path.name)
-    drivers = data / "config" / "drivers"
-    drivers.mkdir()
-    for device in _line_devices(site, records.run):
-        source = Path(device.driver.source)
-        if source.is_file():
-            shutil.copyfile(source, drivers / source.name)
-
-
-def _file(
-    kind: str, name: str, hash_now: str, audit: list[AuditEntry], target: str | None, end: int
-) -> dict[str, Any]:
-    actions = ("config.load", "config.reload") if kind == "config" else ("driver.load",)
-    loads = [
-        a.new
-        for a in audit
-        if a.t <= end and a.action in actions and (target is None or a.target == target)
-    ]
-    in_force = loads[-1] if loads else None
-    return {
-        "kind": kind,
-        "file": name,
-        "hash_now": hash_now,
-        "hash_in_force": in_force,
-        "as_in_force": in_force == hash_now,
-    }
+    (data / "config" / "drivers").mkdir(parents=True)
+    for file in records.files:
+        file.write(data)
 
 
 def _run_json(site: Site, records: _Records, actor: str, samples: int) -> dict[str, Any]:
-    run, protocol, audit, end = records.run, records.protocol, records.audit, records.end
+    run, protocol, end = records.run, records.protocol, records.end
     devices = _line_devices(site, run)
     return {
         "format": FORMAT,
@@ -544,15 +586,8 @@ def _run_json(site: Site, records: _Records, actor: str, samples: int) -> dict[s
         ],
         # what is in config/ is the files as they are now: each says whether it is the one
         # that was in force at the run's end (by the hash the daemon audited at its load)
-        "files": [
-            _file("config", f"config/{site.path.name}", site.config_hash, audit, None, end),
-            *(
-                _file("driver", f"config/drivers/{Path(source).name}", h, audit, driver, end)
-                for driver, (source, h) in sorted(
-                    {d.driver.id: (d.driver.source, d.driver.hash) for d in devices}.items()
-                )
-            ),
-        ],
+        # each in force at the run's end, kept by the store when it was loaded (see _File)
+        "files": [f.json() for f in records.files],
         "samples": samples,
         "software": {"pocd": version("pocd"), "python": platform.python_version()},
         "exported": {"t": iso(now_ns()), "by": actor, "host": platform.node()},

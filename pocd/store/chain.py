@@ -157,9 +157,10 @@ CHAINED: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
         "id",
         ("id", "deviation_id", "t", "actor", "state", "note", "disposition", "root_cause"),
     ),
+    "loaded_files": ("hash", ("hash", "kind", "name", "text")),
 }
 # The tables chained by a migration after v13, which made the chain (and chains the others).
-LATER_CHAINED: Final = ("deviation_changes",)
+LATER_CHAINED: Final = ("deviation_changes", "loaded_files")
 # Tables whose rows change in place (a user's roles): each change is an entry of its own.
 UPDATED: Final = ("users",)
 _NONE: Final = -(2**63)  # a sample without a device time, in its digest

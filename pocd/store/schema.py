@@ -791,6 +791,21 @@ CREATE TRIGGER checkpoints_event AFTER INSERT ON checkpoints
 BEGIN INSERT INTO events (kind, ref) VALUES ('checkpoint', NEW.id); END;
 """
 
+# v17: the site config and driver files as loaded (pocd.model.LoadedFile), append-only and
+# chained, so an export holds the ones in force during its run.
+_V17: Final = """
+CREATE TABLE loaded_files (
+    hash TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    text TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER loaded_files_no_update BEFORE UPDATE ON loaded_files
+BEGIN SELECT RAISE(ABORT, 'loaded files are append-only'); END;
+CREATE TRIGGER loaded_files_no_delete BEFORE DELETE ON loaded_files
+BEGIN SELECT RAISE(ABORT, 'loaded files are append-only'); END;
+""" + _chain_triggers("loaded_files")
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     _V1,
     _V2,
@@ -808,6 +823,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _V14,
     _V15,
     _V16,
+    _V17,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -71,6 +71,7 @@ from pocd.model import (
     ExcursionChange,
     ExcursionEvent,
     Incident,
+    LoadedFile,
     PhaseChange,
     ProtocolText,
     Quality,
@@ -117,6 +118,7 @@ Record: TypeAlias = (
     | PhaseChange
     | AuditEntry
     | ProtocolText
+    | LoadedFile
     | Signature
     | User
     | UserChange
@@ -225,6 +227,9 @@ _UPDATE_USER: Final = (
     "UPDATE users SET " + ", ".join(f"{f.column} = ?" for f in USER.stored[1:]) + " WHERE login = ?"
 )
 # A protocol's text is the same whenever it is loaded again: kept once.
+_INSERT_LOADED_FILE: Final = (
+    "INSERT INTO loaded_files (hash, kind, name, text) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
 _INSERT_PROTOCOL: Final = (
     "INSERT INTO protocols (hash, id, version, text) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
@@ -1062,6 +1067,13 @@ class Store:
         )
         return ProtocolText(*rows[0]) if rows else None
 
+    def loaded_file(self, digest: str) -> LoadedFile | None:
+        """The config or driver file kept under that hash, if any."""
+        rows = self._query(
+            "SELECT hash, kind, name, text FROM loaded_files WHERE hash = ?", (digest,)
+        )
+        return LoadedFile(*rows[0]) if rows else None
+
     def site_status(self) -> SiteStatus:
         """The new value of the latest "site.status" audit entry; ACTIVE if there is none."""
         rows = self._query(
@@ -1406,6 +1418,8 @@ def _statement_row(record: Record, marks: Iterator[int]) -> tuple[str, Row]:
             return _INSERT_INCIDENT, INCIDENT.row(record)
         case AuditEntry():
             return _INSERT_AUDIT, AUDIT_ENTRY.row(record)
+        case LoadedFile():
+            return _INSERT_LOADED_FILE, (record.hash, record.kind, record.name, record.text)
         case ProtocolText():
             return _INSERT_PROTOCOL, (record.hash, record.id, record.version, record.text)
         case Signature():
