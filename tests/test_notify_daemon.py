@@ -267,7 +267,12 @@ async def test_a_flood_sends_one_summary_per_window_and_mqtt_keeps_each_alarm_st
                 await until(lambda: state_of(daemon) is AlarmState.ACTIVE_UNACKED)
                 await excursion(daemon, 37.0)
                 await until(lambda: state_of(daemon) is AlarmState.RETURNED_UNACKED)
-            await until(lambda: any(i["type"] == "summary" for i in hook_items(hook)), within=8)
+            # the three alarms after the 10th are summarised by window: one window, or two
+            # when they straddle a window's end on a busy machine (windows sit on a grid)
+            await until(
+                lambda: sum(i["count"] for i in hook_items(hook) if i["type"] == "summary") == 3,
+                within=8,
+            )
             await asyncio.sleep(0.3)
             items = hook_items(hook)
             # the dashboard route does not consolidate: its retained state is the last one
@@ -279,9 +284,10 @@ async def test_a_flood_sends_one_summary_per_window_and_mqtt_keeps_each_alarm_st
         broker.stop()
     singles = [i for i in items if i["type"] == "alarm"]
     summaries = [i for i in items if i["type"] == "summary"]
-    assert len(singles) == 10 and len(summaries) == 1
-    (summary,) = summaries
-    assert summary["count"] == 3 and summary["line"] == "main"
+    assert len(singles) == 10 and len(summaries) in (1, 2)
+    assert sum(s["count"] for s in summaries) == 3
+    assert all(s["line"] == "main" for s in summaries)
+    assert len({s["start_ns"] for s in summaries}) == len(summaries)  # one per window
     assert message.retain and (retained["transition"], retained["state"]) == (
         "return",
         "returned-unacked",
