@@ -2,7 +2,7 @@
 
 Every record is immutable: a frozen, slotted dataclass, or for `Sample` a NamedTuple. Times
 are integers: nanoseconds since the Unix epoch, UTC. Nothing here does I/O or knows how it is
-stored.
+stored. One module of plain declarations: what every other module shares, in one place.
 """
 
 from __future__ import annotations

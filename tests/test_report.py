@@ -18,7 +18,8 @@ import pyarrow as pa
 import pytest
 
 from pocd.release.charts import Charts
-from pocd.release.report import GAPS_HEADER, ReportError, write_report
+from pocd.release.exceptions import GAP_COLUMNS
+from pocd.release.report import ReportError, write_report
 from pocd.store.recordtypes import iso
 
 NS = 1_000_000_000
@@ -385,7 +386,7 @@ def write_payload(folder: Path, *, hostile: str = HOSTILE) -> None:
     (folder / "chain.json").write_text(json.dumps(chain | {"problems": []}))
     with (folder / "gaps.csv").open("w", newline="") as out:
         writer = csv.writer(out)
-        writer.writerow(GAPS_HEADER)
+        writer.writerow(GAP_COLUMNS)
         gap_start, gap_end = at(25), at(25.2)
         writer.writerow(
             [

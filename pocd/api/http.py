@@ -23,7 +23,9 @@ locked account; 503 one not completed (the store did not commit in time). Never 
 anything a client sent.
 
 It depends on run control, the status view, a recorder of audit entries and a read-only
-store through small interfaces, never on the daemon.
+store through small interfaces, never on the daemon. One module of some 800 lines: the route
+table, its handlers and the middleware that turns each outcome into an answer are read
+together; the bodies, answers, authority and OpenAPI document are modules of their own.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ every payload file with its SHA-256, signed with the site key. People sign the b
 (`pocd sign`), in `signatures/`, without changing any file it covers.
 
 The bag is built in `<DIR>.partial` and renamed when complete: a failed export leaves no bag.
+Some 600 lines in one module: the steps of one export, in order (the samples, the report,
+the verification and signing are modules of their own).
+
 Must not: export a run in progress; hash a payload file twice (bagit's manifest gives the
 attestation's digests); hold the samples in memory.
 """
@@ -253,8 +256,8 @@ def _gather(site: Site, run_key: str, key: SiteKey) -> _Records:
             deviations=[deviation_json(store, d) for d in store.deviations(run.id)],
             alarms=[
                 e
-                for e in store.alarm_events()
-                if e.run_id == run.id or (e.line == run.line and run.started <= e.t <= end)
+                for _, e in store.alarm_events_after(0, since=run.started)
+                if e.run_id == run.id or (e.line == run.line and e.t <= end)
             ],
             incidents=[i for i in store.incidents(run.started) if i.t <= end],
             audit=audit,

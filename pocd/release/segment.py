@@ -2,10 +2,11 @@
 
 The segment runs from the chain entry of the run's start to the last entry of a signed
 checkpoint made at the export. Its first line names the hash of the entry before it (so the
-segment links into the whole chain, which the site and the control site hold); then each
-entry with the row it covers, so the verifier recomputes every record's digest and every
-link; then the checkpoints within it, whose signatures (by the site key) and heads must match.
-An edited, deleted, inserted or reordered line breaks a link or a digest.
+segment links into the whole chain, which the site and the control site hold); then come the
+checkpoints within it, whose signatures (by the site key) and heads must match (first, so a
+check keeps only the hashes they name); then each entry with the row it covers, so the
+verifier recomputes every record's digest and every link. An edited, deleted, inserted or
+reordered line breaks a link or a digest.
 
 Rows are shown as stored, except a user's password hash: a user entry carries its digest
 only. An entry of a row changed in place later (users) has no row either: only the latest
@@ -106,33 +107,34 @@ def _entries(db: sqlite3.Connection, first: int, last: int) -> Iterator[dict[str
 
 def write_segment(db: sqlite3.Connection, first: int, out: IO[str]) -> SegmentReport:
     """Write the chain from entry `first` to the last checkpoint as JSON lines; answers what
-    it wrote, checked as `verify_segment` would."""
+    it wrote, checked as `verify_segment` would (line by line as written: a segment of a long
+    run is never held in memory)."""
     (last,) = db.execute("SELECT max(size) FROM checkpoints").fetchone()
     if last is None or last < first:
         raise ValueError("no checkpoint covers the segment: make one first")
     before = db.execute("SELECT hash FROM chain WHERE id = ?", (first - 1,)).fetchone()
-    header = {
-        "type": "segment",
-        "format": "pocd-audit-segment/1",
-        "first": first,
-        "last": last,
-        "previous": before[0] if before else None,
-    }
-    lines: list[str] = []
+    checker = _Checker(None)
 
     def emit(obj: dict[str, Any]) -> None:
         text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
         out.write(text + "\n")
-        lines.append(text)
+        checker.feed(text)
 
-    emit(header)
-    for entry in _entries(db, first, last):
-        emit(entry)
+    emit(
+        {
+            "type": "segment",
+            "format": "pocd-audit-segment/1",
+            "first": first,
+            "last": last,
+            "previous": before[0] if before else None,
+        }
+    )
+    # the checkpoints before the entries: the check then keeps only the hashes they name
     for number, t, size, head, note, signature, signer in db.execute(
         "SELECT id, t, size, hash, note, signature, key_id FROM checkpoints "
         "WHERE size BETWEEN ? AND ? ORDER BY id",
         (first, last),
-    ):
+    ).fetchall():
         emit(
             {
                 "type": "checkpoint",
@@ -145,48 +147,86 @@ def write_segment(db: sqlite3.Connection, first: int, out: IO[str]) -> SegmentRe
                 "key_id": signer,
             }
         )
-    return verify_segment(lines, None)
+    for entry in _entries(db, first, last):
+        emit(entry)
+    return checker.finish()
 
 
 def verify_segment(lines: Iterable[str | bytes], site_key: bytes | None) -> SegmentReport:
     """Check a segment's links, rows and checkpoints (their signatures with `site_key`, if
     given). Every problem names the line."""
-    report = SegmentReport()
-    problems = report.problems
-    previous: str | None = None
-    expected = 0
-    hashes: dict[int, str] = {}
-    header_seen = False
-    for number, raw in enumerate(lines, start=1):
+    checker = _Checker(site_key)
+    for raw in lines:
+        checker.feed(raw)
+    return checker.finish()
+
+
+class _Checker:
+    """The check of a segment fed line by line: the header, the checkpoints, the entries."""
+
+    def __init__(self, site_key: bytes | None) -> None:
+        self.site_key = site_key
+        self.report = SegmentReport()
+        self.number = 0  # lines fed
+        self.previous: str | None = None  # the hash of the entry before
+        self.expected = 0  # the id of the next entry
+        self.header_seen = False
+        self.stopped = False
+        # size -> the checkpoints of that size, each with its line, until that entry is read
+        self.pending: dict[int, list[tuple[dict[str, Any], int]]] = {}
+
+    def feed(self, raw: str | bytes) -> None:
+        self.number += 1
+        report, number = self.report, self.number
+        if self.stopped:
+            return
         try:
             obj = json.loads(raw)
             kind = obj["type"]
         except (ValueError, KeyError, TypeError):
-            problems.append(f"audit.jsonl line {number}: not a segment line")
-            continue
-        if kind == "segment" and not header_seen and number == 1:
-            header_seen = True
+            report.problems.append(f"audit.jsonl line {number}: not a segment line")
+            return
+        if kind == "segment" and not self.header_seen and number == 1:
+            self.header_seen = True
             report.first, report.last = int(obj["first"]), int(obj["last"])
-            previous, expected = obj["previous"], report.first
-        elif not header_seen:
-            problems.append(f"audit.jsonl line {number}: the segment's header is missing")
-            return report
+            self.previous, self.expected = obj["previous"], report.first
+        elif not self.header_seen:
+            report.problems.append(f"audit.jsonl line {number}: the segment's header is missing")
+            self.stopped = True
         elif kind == "entry":
-            _check_entry(obj, number, previous, expected, report)
-            previous, expected = obj.get("hash"), int(obj.get("id", expected)) + 1
-            hashes[expected - 1] = str(previous)
+            _check_entry(obj, number, self.previous, self.expected, report)
+            self.previous, self.expected = obj.get("hash"), int(obj.get("id", self.expected)) + 1
+            for checkpoint, line in self.pending.pop(self.expected - 1, []):
+                _check_checkpoint(checkpoint, line, self.previous, self.site_key, report)
         elif kind == "checkpoint":
-            _check_checkpoint(obj, number, hashes, site_key, report)
+            _read_checkpoint(obj, report)
+            try:
+                self.pending.setdefault(int(obj["size"]), []).append((obj, number))
+            except (KeyError, ValueError, TypeError):
+                report.problems.append(f"audit.jsonl line {number}: an unreadable checkpoint")
         else:
-            problems.append(f"audit.jsonl line {number}: unknown line type {kind!r}")
-    if header_seen and expected != report.last + 1:
-        problems.append(
-            f"audit.jsonl: the segment ends at entry {expected - 1}, its header says "
-            f"{report.last}: entries were cut off or added"
-        )
-    if header_seen and not report.checkpoints:
-        problems.append("audit.jsonl: no signed checkpoint covers the segment")
-    return report
+            report.problems.append(f"audit.jsonl line {number}: unknown line type {kind!r}")
+
+    def finish(self) -> SegmentReport:
+        report = self.report
+        if not self.header_seen:
+            if not report.problems:
+                report.problems.append("audit.jsonl: empty, or no segment header")
+            return report
+        if self.expected != report.last + 1:
+            report.problems.append(
+                f"audit.jsonl: the segment ends at entry {self.expected - 1}, its header says "
+                f"{report.last}: entries were cut off or added"
+            )
+        for size, checkpoints in sorted(self.pending.items()):
+            report.problems += [
+                f"audit.jsonl line {line} (checkpoint {c.get('number')}): entry {size} of the "
+                "segment is not the one it signed (it is not there)"
+                for c, line in checkpoints
+            ]
+        if not report.checkpoints:
+            report.problems.append("audit.jsonl: no signed checkpoint covers the segment")
+        return report
 
 
 def _check_entry(
@@ -217,18 +257,23 @@ def _check_entry(
             problems.append(f"{where}: its record does not show its row (edited)")
 
 
-def _check_checkpoint(
-    obj: dict[str, Any],
-    number: int,
-    hashes: dict[int, str],
-    site_key: bytes | None,
-    report: SegmentReport,
-) -> None:
-    where = f"audit.jsonl line {number} (checkpoint {obj.get('number')})"
+def _read_checkpoint(obj: dict[str, Any], report: SegmentReport) -> None:
+    """Count a checkpoint; the last read is the segment's (they come in the order made)."""
     report.checkpoints += 1
     # as signed statements hold it: canonical JSON (RFC 8785) has no integers beyond 2**53
     report.checkpoint = {k: obj.get(k) for k in ("number", "size", "hash", "key_id")}
     report.checkpoint["t"] = iso(obj["t_ns"]) if isinstance(obj.get("t_ns"), int) else None
+
+
+def _check_checkpoint(
+    obj: dict[str, Any],
+    number: int,
+    entry_hash: str | None,
+    site_key: bytes | None,
+    report: SegmentReport,
+) -> None:
+    """A checkpoint against the entry of its size, read just now."""
+    where = f"audit.jsonl line {number} (checkpoint {obj.get('number')})"
     try:
         size, head, note = int(obj["size"]), str(obj["hash"]), str(obj["note"]).encode()
         signature = base64.b64decode(obj["signature"], validate=True)
@@ -238,7 +283,7 @@ def _check_checkpoint(
     origin = note.split(b"\n", 1)[0].decode(errors="replace")
     if note != checkpoint_note(origin, size, head):
         report.problems.append(f"{where}: its note does not state its size and hash")
-    if hashes.get(size) != head:
+    if entry_hash != head:
         report.problems.append(f"{where}: entry {size} of the segment is not the one it signed")
     if site_key is not None and not verify_signature(site_key, note, signature):
         report.problems.append(f"{where}: its signature does not verify with the site key")

@@ -9,6 +9,8 @@ The entries are made in the transaction that appends the records: by triggers fo
 connection; a connection without them cannot append to a chained table at all), and by the
 store for samples (`digest_samples`, one entry per batch). `verify` walks the chain.
 
+One module: what makes the chain and what checks it must change together, or not at all.
+
 Must not: change the store; ever change how a digest or link is computed (stored chains would
 no longer verify).
 """
