@@ -357,3 +357,28 @@ def test_a_device_the_line_shares_with_others_is_written_with_it(
     finally:
         db.close()
     assert [r["value"] for r in parquet_rows(folder)] == [37.0, 38.0, 39.0]
+
+
+def test_a_run_that_starts_with_missing_values_keeps_its_column_types(
+    tmp_path: Path, folder: Path
+) -> None:
+    """The reader infers a column's type from the first rows it reads: more than a thousand
+    NaNs (stored as NULL) with no device time, then numbers, must come out as doubles and
+    integers, exactly, not stop at the first number."""
+    path = tmp_path / "pocd.db"
+    values = [math.nan] * 1_500 + [-2.5, 0.1 + 0.2, 7.0]
+    written = [Sample("incubator", "co2", T0 + i, v) for i, v in enumerate(values)]
+    with Store(path, parameters=PARAMETERS, lines=LINES) as store:
+        store.write(written)
+    db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        count = write_samples(db, first=1, end=None, line="L1", units=UNITS, folder=folder)
+    finally:
+        db.close()
+    assert count == len(values)
+    rows = parquet_rows(folder)
+    assert [r["value"] for r in rows[:1_500]] == [None] * 1_500
+    assert [r["value"] for r in rows[1_500:]] == [-2.5, 0.1 + 0.2, 7.0]
+    assert [r["t"] for r in rows] == [T0 + i for i in range(len(values))]
+    assert {r["dt"] for r in rows} == {None}
+    assert csv_rows(folder) == rows
