@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import random
 import signal
+import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
@@ -45,6 +46,7 @@ from pocd.sitekey import SiteKey
 from pocd.status import LiveStatus
 from pocd.store import Record, Store
 from pocd.store.writer import StoreWriter
+from pocd.systemd import Health, Systemd
 from pocd.transports import Device, DeviceRunner, get_transport
 
 __all__ = ["Daemon", "run_until"]
@@ -80,6 +82,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._site_key: SiteKey | None = None  # signs the chain's checkpoints, opened at need
         self._clock = ClockWatch()
+        self.systemd = Systemd()
+        self.engine_beat = time.monotonic()  # the engine's last take of readings
         self.sinks = build_sinks(site)
         for sink in self.sinks:
             sink.follow(self.writer.commits)
@@ -101,6 +105,8 @@ class Daemon:
 
     def stop(self) -> None:
         """Ask the daemon to flush, close and return from `serve`."""
+        if not self._stop.is_set():
+            self.systemd.notify("STOPPING=1")
         self._stop.set()
 
     async def serve(self, *, handle_signals: bool = True) -> None:
@@ -132,6 +138,7 @@ class Daemon:
             self.writer.store = None
             store.close()
             self.store = None
+            self.systemd.close()
             log.info("daemon stopped")
 
     async def _serve(self) -> None:
@@ -152,6 +159,7 @@ class Daemon:
                 ),
                 tg.create_task(self._clock_task(), name="clock"),
                 tg.create_task(self._checkpoint_task(), name="checkpoints"),
+                tg.create_task(self._systemd_task(), name="systemd"),
                 tg.create_task(
                     serve_api(
                         self.site.config.api,
@@ -172,6 +180,7 @@ class Daemon:
             workers += [tg.create_task(sink.run(), name=f"sink:{sink.name}") for sink in self.sinks]
             await ready.wait()  # the API has bound its socket (or failed, ending the group)
             self.started.set()
+            self.systemd.notify("READY=1", self._status_line())
             log.info(
                 "daemon started", devices=len(self.site.devices), store=str(self.site.store_path)
             )
@@ -182,6 +191,51 @@ class Daemon:
             self.writer.room.set()  # what the runners put before they stopped is taken in
             await self.inbox.join()  # every reading already taken in reaches the writer
             workers[0].cancel()
+
+    async def _systemd_task(self) -> None:
+        """Tell systemd how the daemon is, every half watchdog interval (10 s without a
+        watchdog), and ping the watchdog only while the store writer and the engine make
+        progress. The ping is sent from the event loop, so a blocked loop sends none."""
+        if not self.systemd.active:
+            return
+        await self.started.wait()  # READY=1 comes first
+        watchdog = self.systemd.watchdog_s
+        interval = watchdog / 2 if watchdog else 10.0
+        writer = self.writer
+        health = Health(
+            # a writer is quiet for up to its flush interval by design
+            within=max(interval, 2 * self.site.config.store.flush_interval),
+            writer_beat=lambda: writer.beat,
+            writer_idle=lambda: writer.idle,
+            engine_beat=lambda: self.engine_beat,
+            # nothing to take, or held back by the writer (whose own progress is checked)
+            engine_idle=lambda: self.inbox.qsize() == 0 or not writer.room.is_set(),
+        )
+        said: list[str] = []
+        while True:
+            problems = health.problems()
+            if problems != said and problems:
+                log.error("not pinging the watchdog", problems="; ".join(problems))
+            said = problems
+            status = self._status_line(problems)
+            if watchdog and not problems:
+                self.systemd.notify("WATCHDOG=1", status)
+            else:
+                self.systemd.notify(status)
+            await asyncio.sleep(interval)
+
+    def _status_line(self, problems: Sequence[str] = ()) -> str:
+        """systemd's one-line STATUS: lines, runs, active alarms, backlogs, and what is
+        wrong."""
+        states = self.lines.states.values()
+        runs = sum(state.run is not None for state in states)
+        alarms = sum(view.active for view in self.lines.alarms.view())
+        unsent = sum(int(sink.status().get("backlog", 0)) for sink in self.sinks)
+        text = (
+            f"{len(states)} lines, {runs} running, {alarms} alarms active, "
+            f"{len(self.writer)} records to commit, {unsent} to forward"
+        )
+        return "STATUS=" + "; ".join([text, *problems])
 
     async def _checkpoint_task(self) -> None:
         """Sign the chain's head every `store.checkpoint_every` (pocd.store.chain)."""
@@ -210,6 +264,13 @@ class Daemon:
         """SIGHUP: reload the protocols. They apply to runs started after it (a running run
         keeps its own); the other settings apply at the next restart, and the audit entry says
         which those are. An invalid config changes nothing and is an incident."""
+        self.systemd.reloading()
+        try:
+            self._reload()
+        finally:
+            self.systemd.notify("READY=1", self._status_line())
+
+    def _reload(self) -> None:
         t = now_ns()
         try:
             site = load_site(self.site.path)
@@ -330,6 +391,7 @@ class Daemon:
                 self._take(readings, self._read_clock())
             finally:
                 self.inbox.done(len(readings))
+            self.engine_beat = time.monotonic()
             writer.note_room()
             await asyncio.sleep(ENGINE_WINDOW)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -125,10 +126,16 @@ class StoreWriter:
         self.commits = Commits()
         self._hurried: asyncio.Task[None] | None = None  # see `hurry`
         self._again = False
+        self.beat = time.monotonic()  # its last progress: a commit, or a flush with none due
 
     def __len__(self) -> int:
         """Records waiting to be committed."""
         return len(self._queue) + self._grouped
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no commit under way."""
+        return not self._queue and not self._lock.locked()
 
     def add_group(self, records: Sequence[Record]) -> None:
         """Queue records that must be committed together, in one transaction."""
@@ -161,6 +168,7 @@ class StoreWriter:
         while True:
             await asyncio.sleep(interval)
             await self.flush()
+            self.beat = time.monotonic()
 
     def hurry(self) -> None:
         """Commit what is queued now, without waiting for the flush interval: an alarm is due
@@ -229,6 +237,7 @@ class StoreWriter:
                 else:
                     due -= len(batch)
                     self.commits.note()
+                    self.beat = time.monotonic()
                     if failures:
                         log.info("store write recovered", attempts=failures + 1)
                     failures = 0
