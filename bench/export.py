@@ -219,8 +219,9 @@ class Measured:
 
 def measure_export(path: Path, folder: Path) -> Measured:
     """Time the whole export of the bench's run (`pocd export`), into `folder`/B-BENCH and
-    its zip. The peak RSS is this process's high-water mark: call it before anything else
-    big runs."""
+    its zip. The peak RSS is this process's high-water mark plus its children's (the samples
+    reader; if the store was built in this run, the builder's peak may stand in for the
+    reader's, an overestimate): call it before anything else big runs."""
     site = load_site(site_config(path, folder / "site"))
     bag = folder / "B-BENCH"
     start, cpu_start = time.perf_counter(), os.times()
@@ -230,8 +231,12 @@ def measure_export(path: Path, folder: Path) -> Measured:
     return Measured(
         samples=done.samples,
         seconds=elapsed,
-        cpu_seconds=cpu_end.user + cpu_end.system - cpu_start.user - cpu_start.system,
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        cpu_seconds=sum(cpu_end[:4]) - sum(cpu_start[:4]),  # the reader process's included
+        peak_rss_mib=(  # KiB on Linux
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        )
+        / 1024,
         file_bytes={**files, done.zip.name: done.zip.stat().st_size},
     )
 

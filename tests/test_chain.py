@@ -202,3 +202,43 @@ async def test_the_daemon_signs_the_chain_head_and_its_store_verifies(tmp_path: 
     assert report.holds, report.problems
     assert report.checkpoints >= 1 and report.samples > 0
     assert oct((site.data_dir / "site-key.pem").stat().st_mode & 0o777) == "0o600"
+
+
+def test_opening_a_second_store_in_a_process_keeps_the_first_ones_locks(tmp_path: Path) -> None:
+    """Found live: an export while the daemon ran lost its audit entry's chain row. Opening a
+    read-write Store touched the file with a raw open and close, and closing any descriptor of
+    a file drops all of the process's POSIX locks on it, the first connection's SQLite locks
+    included. Another process closing its store then took itself for the last connection,
+    checkpointed and reset the WAL under the first one, whose next commit overwrote it."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "pocd.db"
+    t = 1_767_225_600 * 10**9
+    # Another process appends an entry, then says what the store holds and whether it verifies.
+    script = (
+        "import sys; from pathlib import Path; from pocd.store import Store; "
+        "from pocd.model import AuditEntry\n"
+        "with Store(Path(sys.argv[1])) as s:\n"
+        "    s.write([AuditEntry(int(sys.argv[2]), 'other', 'other', 'x')])\n"
+        "with Store(Path(sys.argv[1]), readonly=True) as s:\n"
+        "    print(' '.join(e.action for e in s.audit()), s.verify_chain().problems)\n"
+    )
+
+    def other(k: int) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(path), str(t + k)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    with Store(path) as daemon:
+        daemon.write([AuditEntry(t, "daemon", "daemon", "x")])
+        Store(path).close()  # a sink or the API opening a store of its own in the daemon
+        other(1)
+        daemon.write([AuditEntry(t + 2, "daemon", "daemon", "x")])
+        daemon.write([AuditEntry(t + 3, "daemon", "daemon", "x")])
+        seen = other(4)
+    assert seen == "daemon other daemon daemon other []"

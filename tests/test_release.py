@@ -24,7 +24,15 @@ import pytest
 from pocd.model import Quality, Sample, now_ns
 from pocd.settings import Site, load_site
 from pocd.store import Store
-from tests.sitekit import PASSWORD, add_user, api, running, until, write_site
+from tests.sitekit import (
+    PASSWORD,
+    add_user,
+    api,
+    running,
+    spawn_bare_daemon,
+    until,
+    write_site,
+)
 
 RELEASE = """
 id = "REL"
@@ -487,6 +495,28 @@ def test_the_config_in_the_bundle_is_the_one_in_force_not_the_file_as_edited_sin
 
 
 # --- retention (last: it prunes the module's store) -------------------------------------------
+
+
+def test_exports_while_the_daemon_writes_leave_the_live_chain_whole(
+    release: Release, tmp_path: Path
+) -> None:
+    """The export's reader carries its own SQLite: in the export's process, closing its file
+    dropped the locks of the process's other connection, and the daemon then committed over
+    the export's audit entry (found live: `run.export` rows missing from the chain)."""
+    config = str(release.site.path)
+    daemon = spawn_bare_daemon(release.site.path)
+    try:
+        for k in range(4):
+            done = pocd("export", "B-REL", "-c", config, "-o", str(tmp_path / f"again-{k}"))
+            assert done.returncode == 0, done.stderr
+    finally:
+        daemon.terminate()
+        assert daemon.wait(30) == 0
+    verified = pocd("audit", "verify", "-c", config)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    with Store(release.site.store_path, readonly=True) as store:
+        exports = [e for e in store.audit() if e.action == "run.export"]
+    assert len(exports) >= 6  # the fixture's two, these four
 
 
 def test_pruning_keeps_unreleased_runs_and_leaves_the_chain_whole(

@@ -12,16 +12,18 @@ the GMP record of the run's data, so every number is the stored one, bit for bit
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import subprocess
+import sys
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-import adbc_driver_sqlite.dbapi as adbc
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
@@ -77,11 +79,8 @@ _GZIP_LEVEL: Final = 1
 # to the kernel within milliseconds, so each batch faulted its ~60 MB in again (zeroed, as huge
 # pages): the system allocator keeps them, for 40 % less system time and 7 % more rows/s.
 _POOL: Final = pa.system_memory_pool()
-# The columns of a batch, read by ADBC's SQLite driver straight into Arrow arrays, in C and without
-# the GIL: 0.3 us a row, where a sqlite3 cursor makes a Python object of every value (~1 us a row,
-# which capped the export below 1M rows/s). ORDER BY id is served by the rowid search as it goes:
-# no sort.
-_SAMPLES: Final = "SELECT id, t, dt, ch, q, v FROM samples WHERE id BETWEEN ? AND ? ORDER BY id"
+# The stored columns come from a reader process (pocd.release.arrowread) as an Arrow IPC stream:
+# its SQLite (ADBC's) must not share a process with this one's on the same file.
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,13 +135,13 @@ def write_samples(
         _CsvGzFile(folder / "samples.csv.gz") as csv,
         ThreadPoolExecutor(1, thread_name_prefix="pocd-export-parquet") as parquet_thread,
         ThreadPoolExecutor(1, thread_name_prefix="pocd-export-csv") as csv_thread,
-        _reader(db) as reader,
+        _Reader(db, first, end) as reader,
     ):
         # The batches being written, oldest first: at most two, so memory stays flat when the
         # writing is slower than the reading (the reader then waits: block, not buffer).
         pending: deque[_Written] = deque()
-        for low in range(first, end, BATCH_ROWIDS):
-            batch = _read_batch(reader, low, min(low + BATCH_ROWIDS, end) - 1, codes)
+        for stored in reader:
+            batch = _resolved(stored, codes)
             if batch.num_rows == 0:
                 continue
             writes = (
@@ -203,23 +202,10 @@ def _read_codes(
     )
 
 
-def _read_batch(reader: adbc.Connection, low: int, high: int, codes: _Codes) -> pa.RecordBatch:
-    """The samples of `codes`' line with rowids low..high, resolved, as a batch of SCHEMA."""
-    with reader.cursor() as cursor:
-        # The driver infers each column's type from the first batch_rows rows, and fails on a
-        # later value of another type: by default 1,024, so a run that starts with NaNs (stored
-        # as NULL) would read its values as int64 and stop at the first number. One batch of
-        # the driver's is all the rows, so the types are those of the whole range.
-        cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(BATCH_ROWIDS)})
-        cursor.execute(_SAMPLES, (low, high))
-        table = cursor.fetch_arrow_table()
-    # Rowids have no gaps (a batch takes max+1 onwards, nothing is deleted): a range below the
-    # last rowid that is missing some has lost rows.
-    if table.num_rows != high - low + 1:
-        raise StoreError(f"samples {low}..{high}: {table.num_rows} rows, expected {high - low + 1}")
-    ids, t, dt, channel, quality, values = (
-        column.combine_chunks(memory_pool=_POOL) for column in table.columns
-    )
+def _resolved(stored: pa.RecordBatch, codes: _Codes) -> pa.RecordBatch:
+    """The samples of `stored` (arrowread.COLUMNS) of `codes`' line, resolved: a batch of
+    SCHEMA."""
+    ids, t, dt, channel, quality, values = stored.columns
     batch = pa.record_batch(
         [
             ids,
@@ -241,12 +227,47 @@ def _read_batch(reader: adbc.Connection, low: int, high: int, codes: _Codes) -> 
     return pc.filter(batch, of_line, memory_pool=_POOL)
 
 
-def _reader(db: sqlite3.Connection) -> adbc.Connection:
-    """A read-only ADBC connection to the file of `db`'s store."""
-    (path,) = (file for _, name, file in db.execute("PRAGMA database_list") if name == "main")
-    if not path:
-        raise StoreError("an in-memory store has no file to read its samples from")
-    return adbc.connect(f"{Path(path).as_uri()}?mode=ro", autocommit=True)
+class _Reader:
+    """The stored samples with rowids first..end-1 of `db`'s file, a batch of BATCH_ROWIDS
+    rowids at a time, from a reader process (pocd.release.arrowread). StoreError if it
+    fails; leaving early stops it."""
+
+    def __init__(self, db: sqlite3.Connection, first: int, end: int) -> None:
+        (path,) = (file for _, name, file in db.execute("PRAGMA database_list") if name == "main")
+        if not path:
+            raise StoreError("an in-memory store has no file to read its samples from")
+        self._process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pocd.release.arrowread",
+                path,
+                *map(str, (first, end, BATCH_ROWIDS)),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        process = self._process
+        assert process.stdout is not None and process.stderr is not None
+        with contextlib.suppress(pa.ArrowInvalid):  # the stream ended early: the reader says why
+            yield from pa.ipc.open_stream(process.stdout, memory_pool=_POOL)
+        if process.wait() != 0:
+            why = process.stderr.read().decode(errors="replace").strip().splitlines()
+            raise StoreError(why[-1] if why else f"the samples reader exited {process.returncode}")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        process = self._process
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 class _ParquetFile:

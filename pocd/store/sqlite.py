@@ -375,8 +375,14 @@ class Store:
                 # GMP records, for the service's user only: a new data folder is made 0700
                 # and a new store 0600 (SQLite gives its -wal and -shm files the mode of the
                 # database file). Existing ones keep the modes their owner gave them.
+                # Only a file that does not exist yet is touched: closing any descriptor of a
+                # file drops every POSIX lock this process holds on it, so opening and closing
+                # an open store's file would take the SQLite locks of the process's other
+                # connections with it (another process then checkpoints and resets the WAL
+                # under them, and their commits are lost).
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
                 db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{path}: cannot open the store: {e}") from e
