@@ -348,7 +348,7 @@ def _free_port(preferred: int = 8470) -> int:
 
 def _shipped_protocols() -> Path:
     here = Path(__file__).resolve().parent
-    for candidate in (here / "_protocols", here.parent / "config" / "protocols"):
+    for candidate in (here / "_examples" / "protocols", here.parent / "config" / "protocols"):
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError("the example protocols are not installed")
