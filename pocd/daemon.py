@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import signal
 import time
@@ -25,7 +26,7 @@ from typing import Final
 import structlog
 
 from pocd.api.http import serve_api
-from pocd.clock import ClockWatch, steady_ns
+from pocd.clock import ClockWatch, clock_synchronised, steady_ns
 from pocd.errors import CommitTimeout, ConfigError, StoreError
 from pocd.inbox import Inbox, Reading
 from pocd.model import (
@@ -47,7 +48,7 @@ from pocd.status import LiveStatus
 from pocd.store import Record, Store
 from pocd.store.writer import StoreWriter
 from pocd.systemd import Health, Systemd
-from pocd.transports import Device, DeviceRunner, get_transport
+from pocd.transports import Device, DeviceRunner, DriverInfo, get_transport
 
 __all__ = ["Daemon", "run_until"]
 
@@ -84,6 +85,12 @@ class Daemon:
         self._clock = ClockWatch()
         self.systemd = Systemd()
         self.engine_beat = time.monotonic()  # the engine's last take of readings
+        self.clock_synced: bool | None = None  # the kernel's word (adjtimex), checked each minute
+        self._synchronised = clock_synchronised
+        self.reload_error: str | None = None  # why the last reload was refused, until one applies
+        self._tasks: asyncio.TaskGroup | None = None  # the running daemon's, for reloads
+        self._device_tasks: dict[str, asyncio.Task[None]] = {}
+        self._sink_tasks: list[asyncio.Task[None]] = []
         self.sinks = build_sinks(site)
         for sink in self.sinks:
             sink.follow(self.writer.commits)
@@ -99,6 +106,7 @@ class Daemon:
             sinks=self.sinks,
             incidents=self.incident_counts,
             samples=lambda: self.counts["samples"],
+            clock_synced=lambda: self.clock_synced,
         )
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -152,6 +160,7 @@ class Daemon:
             log.error("the store has not committed the start records yet", error=str(exc))
         ready = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
+            self._tasks = tg
             workers = [
                 tg.create_task(self._engine_task(), name="engine"),
                 tg.create_task(
@@ -173,11 +182,11 @@ class Daemon:
                     name="api",
                 ),
             ]
-            workers += [
-                tg.create_task(self._device_task(device), name=f"device:{device.id}")
+            self._device_tasks = {
+                device.id: tg.create_task(self._device_task(device), name=f"device:{device.id}")
                 for device in self.site.devices.values()
-            ]
-            workers += [tg.create_task(sink.run(), name=f"sink:{sink.name}") for sink in self.sinks]
+            }
+            self._start_sinks()
             await ready.wait()  # the API has bound its socket (or failed, ending the group)
             self.started.set()
             self.systemd.notify("READY=1", self._status_line())
@@ -185,7 +194,8 @@ class Daemon:
                 "daemon started", devices=len(self.site.devices), store=str(self.site.store_path)
             )
             await self._stop.wait()
-            for task in workers:
+            self._tasks = None  # no reload starts a task from here on
+            for task in [*workers, *self._device_tasks.values(), *self._sink_tasks]:
                 if task.get_name() != "engine":
                     task.cancel()
             self.writer.room.set()  # what the runners put before they stopped is taken in
@@ -235,7 +245,8 @@ class Daemon:
             f"{len(states)} lines, {runs} running, {alarms} alarms active, "
             f"{len(self.writer)} records to commit, {unsent} to forward"
         )
-        return "STATUS=" + "; ".join([text, *problems])
+        errors = [self.reload_error] if self.reload_error else []
+        return "STATUS=" + "; ".join([text, *problems, *errors])
 
     async def _checkpoint_task(self) -> None:
         """Sign the chain's head every `store.checkpoint_every` (pocd.store.chain)."""
@@ -261,9 +272,12 @@ class Daemon:
             self._incident(IncidentKind.DATA, "checkpoint-failed", "daemon", str(exc), now_ns())
 
     def reload(self) -> None:
-        """SIGHUP: reload the protocols. They apply to runs started after it (a running run
-        keeps its own); the other settings apply at the next restart, and the audit entry says
-        which those are. An invalid config changes nothing and is an incident."""
+        """SIGHUP: apply the config file as it is now. Protocols apply to runs started after
+        it (a running run keeps its own); devices whose settings did not change keep running,
+        changed ones restart, removed ones stop, new ones start; the sinks and alert routes
+        are rebuilt (their cursors are in the store: nothing is sent twice or lost). Lines and
+        the other sections apply at the next restart, and the audit entry says which. An
+        invalid config changes nothing: it is logged, audited, an incident and in STATUS."""
         self.systemd.reloading()
         try:
             self._reload()
@@ -275,28 +289,112 @@ class Daemon:
         try:
             site = load_site(self.site.path)
         except ConfigError as exc:
-            log.error("config reload failed; keeping the running config", problems=str(exc))
+            log.error("config reload refused; keeping the running config", problems=str(exc))
+            self.reload_error = f"config reload refused: {exc}"
             self._incident(IncidentKind.CONFIGURATION, "config-reload", "daemon", str(exc), t)
+            self.writer.add(
+                AuditEntry(
+                    t,
+                    "system",
+                    "config.reload.refused",
+                    str(self.site.path),
+                    old=self.site.config_hash,
+                    details={"problems": str(exc)},
+                )
+            )
             return
-        running = self.site.config.model_dump()
+        self.reload_error = None
+        old, new = self.site.config, site.config
+        applied = {"protocols", "devices", "drivers_dir", "sinks", "notify"}
         waiting = sorted(
             key
-            for key, value in site.config.model_dump().items()
-            if key != "protocols" and value != running[key]
+            for key, value in new.model_dump().items()
+            if key not in applied and value != old.model_dump()[key]
         )
         if waiting:
             log.warning("config changes that apply at the next restart", sections=waiting)
-        # The running config stays what it was, with the new protocols: that is what is audited.
-        self.site = replace(self.site, protocols=site.protocols)
+        changed = sorted(
+            device_id
+            for device_id in self.site.devices.keys() | site.devices.keys()
+            if self.site.devices.get(device_id) != site.devices.get(device_id)
+        )
+        sinks_changed = (old.sinks, old.notify) != (new.sinks, new.notify)
+        # What runs from now on: the new protocols, devices, sinks and routes; the rest as it
+        # was. That is what is audited, with the file's hash.
+        config = old.model_copy(
+            update={key: getattr(new, key) for key in applied if key != "protocols"}
+        )
+        self._record_load(
+            site,
+            "config.reload",
+            applied=sorted(applied),
+            not_applied=waiting,
+            drivers=[site.devices[d].driver for d in changed if d in site.devices],
+        )
+        self.site = replace(
+            self.site,
+            config=config,
+            protocols=site.protocols,
+            devices=site.devices,
+            config_hash=site.config_hash,
+        )
         self.lines.site = self.site
-        self._record_load(site, "config.reload", not_applied=waiting)
-        log.info("config reloaded", protocols=len(site.protocols))
+        self.view.site = self.site
+        if self.store is not None:
+            self.store.remap(self.site.point_parameters(), self.site.point_lines())
+        for device_id in changed:
+            self._restart_device(device_id)
+        if sinks_changed:
+            self._restart_sinks()
+        log.info(
+            "config reloaded",
+            protocols=len(site.protocols),
+            devices_restarted=changed,
+            sinks_rebuilt=sinks_changed,
+        )
 
-    def _record_load(self, loaded: Site, action: str, *, not_applied: Iterable[str] = ()) -> None:
-        """Audit what is applied: the config, the drivers in use and the protocols, each with
-        its hash; keep each protocol's text by its hash."""
+    def _restart_device(self, device_id: str) -> None:
+        """Stop the runner of a device changed or removed by a reload, start the new one."""
+        task = self._device_tasks.pop(device_id, None)
+        if task is not None:
+            task.cancel()
+        self.runners.pop(device_id, None)
+        self.down.discard(device_id)
+        device = self.site.devices.get(device_id)
+        if device is not None and self._tasks is not None:
+            self._device_tasks[device_id] = self._tasks.create_task(
+                self._device_task(device), name=f"device:{device_id}"
+            )
+
+    def _restart_sinks(self) -> None:
+        """Rebuild the sinks and the notifier's routes of a reloaded config."""
+        for task in self._sink_tasks:
+            task.cancel()
+        self.sinks[:] = build_sinks(self.site)  # the live view holds this list
+        for sink in self.sinks:
+            sink.follow(self.writer.commits)
+        self._start_sinks()
+
+    def _start_sinks(self) -> None:
+        assert self._tasks is not None
+        self._sink_tasks = [
+            self._tasks.create_task(sink.run(), name=f"sink:{sink.name}") for sink in self.sinks
+        ]
+
+    def _record_load(
+        self,
+        loaded: Site,
+        action: str,
+        *,
+        applied: Iterable[str] = ("all",),
+        not_applied: Iterable[str] = (),
+        drivers: Iterable[DriverInfo] | None = None,
+    ) -> None:
+        """Audit what is applied: the config, the drivers (all in use at a load, those of the
+        devices restarted at a reload) and the protocols, each with its hash; keep each file's
+        text by its hash."""
         t = now_ns()
-        details = {"applied": "protocols" if action == "config.reload" else "all"}
+        details = {"applied": ", ".join(applied)}
         self._keep_file("config", loaded.config_hash, loaded.path)
         if not_applied:
             details["not applied until restart"] = ", ".join(not_applied)
@@ -312,21 +410,21 @@ class Daemon:
                 details=details,
             )
         )
-        if action == "config.load":
-            drivers = {device.driver.id: device.driver for device in self.site.devices.values()}
-            for driver in drivers.values():
-                self._keep_file("driver", driver.hash, Path(driver.source))
-                add(
-                    AuditEntry(
-                        t,
-                        "system",
-                        "driver.load",
-                        driver.id,
-                        new=driver.hash,
-                        details={"file": driver.source, "transport": driver.transport},
-                    )
+        if drivers is None:
+            drivers = [device.driver for device in loaded.devices.values()]
+        for driver in {d.id: d for d in drivers}.values():
+            self._keep_file("driver", driver.hash, Path(driver.source))
+            add(
+                AuditEntry(
+                    t,
+                    "system",
+                    "driver.load",
+                    driver.id,
+                    new=driver.hash,
+                    details={"file": driver.source, "transport": driver.transport},
                 )
-        for proto in self.site.protocols.values():
+            )
+        for proto in loaded.protocols.values():
             add(ProtocolText(proto.hash, proto.id, proto.version, proto.text))
             add(
                 AuditEntry(
@@ -440,9 +538,24 @@ class Daemon:
         return wall
 
     async def _clock_task(self) -> None:
-        while True:
-            self.lines.tick(self._read_clock())
+        for second in itertools.count():
+            wall = self._read_clock()
+            if second % 60 == 0:
+                self._check_sync(wall)
+            self.lines.tick(wall)
             await asyncio.sleep(1.0)
+
+    def _check_sync(self, wall: int) -> None:
+        """Record an incident when the system clock loses synchronisation (every record is
+        stamped with it); a clock never synchronised since the start is logged."""
+        synced, self.clock_synced = self.clock_synced, self._synchronised()
+        if self.clock_synced is False and synced is not False:
+            message = "the system clock is not synchronised (adjtimex): check chrony or timesyncd"
+            log.warning("clock not synchronised")
+            if synced:
+                self._incident(IncidentKind.CLOCK, "clock-unsynchronised", "daemon", message, wall)
+        elif self.clock_synced and synced is False:
+            log.info("clock synchronised again")
 
     # --- the store -----------------------------------------------------------------------------
 

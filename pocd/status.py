@@ -7,9 +7,12 @@ Reads only what the other parts hold in memory; it changes nothing and does no I
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 from pocd.alarms import view_json
 from pocd.model import Quality, Sample, now_ns
@@ -18,6 +21,11 @@ from pocd.settings import Site
 from pocd.sinks import Sink
 from pocd.store.writer import StoreWriter
 from pocd.transports import DeviceRunner
+
+# GET /health answers 503 when the store writer has had records waiting this long without a
+# commit, or a sink's oldest record not delivered is this old.
+WRITER_STALE_S: Final = 30.0
+SINK_BEHIND_S: Final = 600.0
 
 __all__ = ["LiveStatus", "PointStatus"]
 
@@ -59,6 +67,7 @@ class LiveStatus:
         sinks: Sequence[Sink],
         incidents: Mapping[str, int],
         samples: Callable[[], int],
+        clock_synced: Callable[[], bool | None] = lambda: None,
     ) -> None:
         self.site = site
         self.lines = lines
@@ -68,6 +77,7 @@ class LiveStatus:
         self._sinks = sinks
         self._incidents = incidents
         self._samples = samples
+        self._clock_synced = clock_synced
 
     def alarms(self) -> dict[str, Any]:
         """Every alarm condition in its current state, and each line's alarm KPIs."""
@@ -116,7 +126,10 @@ class LiveStatus:
             },
             "engine_errors": self.lines.counts["engine_errors"],
             "sinks": {sink.name: sink.status() for sink in self._sinks},
+            "clock": {"synchronised": self._clock_synced()},
+            "alarms_active": sum(view.active for view in self.lines.alarms.view()),
             "store": {
+                "bytes": _store_bytes(self.site.store_path),
                 "pending": len(writer),
                 "keeping_up": writer.room.is_set(),
                 "failing": writer.failing,
@@ -124,6 +137,19 @@ class LiveStatus:
                 "quarantined": writer.quarantined,
             },
         }
+
+    def health(self) -> list[str]:
+        now = time.monotonic()
+        writer = self.writer
+        problems = []
+        quiet = now - writer.beat
+        if quiet > WRITER_STALE_S and not writer.idle:
+            problems.append(f"the store writer has committed nothing for {quiet:.0f} s")
+        for sink in self._sinks:
+            behind = float(sink.status().get("oldest_unsent_age_s", 0.0))
+            if behind > SINK_BEHIND_S:
+                problems.append(f"sink {sink.name} is {behind:.0f} s behind")
+        return problems
 
     def line_status(self) -> list[dict[str, Any]]:
         return [self._line(state) for state in self.lines.states.values()]
@@ -207,3 +233,12 @@ class LiveStatus:
                         )
                     )
         return out
+
+
+def _store_bytes(path: Path) -> int:
+    """The store's size on disk: the file and its write-ahead log."""
+    total = 0
+    for part in (path, path.with_name(path.name + "-wal")):
+        with contextlib.suppress(OSError):
+            total += part.stat().st_size
+    return total

@@ -387,6 +387,31 @@ async def test_metrics_expose_counts_and_pending_for_prometheus(tmp_path: Path) 
     samples = float(lines['pocd_records_total{kind="samples",site="test-site"}'])
     assert samples >= 10
     assert "pocd_store_pending" in lines
+    assert float(lines["pocd_store_bytes"]) >= site.store_path.stat().st_size  # and its WAL
+    assert abs(float(lines["pocd_store_last_commit_timestamp_seconds"]) - time.time()) < 30
+    assert lines["pocd_alarms_active"] == "0.0"
+
+
+async def test_losing_clock_synchronisation_is_an_incident_and_in_status(tmp_path: Path) -> None:
+    """The kernel's answer is faked (FakeKernelClock): a test cannot make the host's clock
+    lose its NTP synchronisation. The daemon asks it at start and every minute."""
+    site = load_site(write_site(tmp_path))
+    answers = iter([True, False])
+
+    def fake_kernel_clock() -> bool | None:
+        return next(answers, False)
+
+    async with running(site) as daemon:
+        daemon._synchronised = fake_kernel_clock
+        daemon._check_sync(time.time_ns())  # synchronised
+        assert daemon.view.status()["clock"] == {"synchronised": True}
+        daemon._check_sync(time.time_ns())  # lost
+        daemon._check_sync(time.time_ns())  # still lost: no second incident
+        assert daemon.view.status()["clock"] == {"synchronised": False}
+        await daemon.flush()
+        with Store(site.store_path, readonly=True) as store:
+            lost = [i for i in store.incidents() if i.code == "clock-unsynchronised"]
+    assert len(lost) == 1 and lost[0].kind is IncidentKind.CLOCK
 
 
 async def test_metrics_show_a_sinks_backlog_while_influxdb_is_down(tmp_path: Path) -> None:

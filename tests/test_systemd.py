@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
+import pocd.status
 from pocd.settings import load_site
-from tests.sitekit import ROOT, add_test_users, running, until, write_site
+from pocd.store import Store
+from tests.sitekit import ROOT, add_test_users, api, login, running, until, write_site
 
 UNITS = ROOT / "systemd"
 needs_systemd = pytest.mark.skipif(
@@ -242,9 +244,11 @@ async def test_the_pings_stop_while_the_store_writer_is_stalled(
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.path)
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.setattr(pocd.status, "WRITER_STALE_S", 0.5)  # /health's bound, 30 s in use
     site = load_site(write_site(tmp_path))
     async with running(site) as daemon:
         await until(lambda: len(notify_socket.times("WATCHDOG=1")) >= 2)
+        assert (await api(site, "GET", "/health"))[0] == 200
         store = daemon.store
         assert store is not None
         write = store.write
@@ -264,8 +268,64 @@ async def test_the_pings_stop_while_the_store_writer_is_stalled(
         assert all(t < stalled + 1.2 for t in pings), [t - stalled for t in pings]
         said = notify_socket.with_field("STATUS=")[-1]
         assert "the store writer has made no progress" in said
+        status, body = await api(site, "GET", "/health")
+        assert status == 503, body
+        assert "the store writer has committed nothing for" in body["error"]
         disk.set()
         recovered = time.monotonic()
         await until(lambda: any(t > recovered for t in notify_socket.times("WATCHDOG=1")))
+        assert (await api(site, "GET", "/health"))[0] == 200
         committed = daemon.writer.last_commit
         await until(lambda: daemon.writer.last_commit != committed)
+
+
+MDWE = """
+import ctypes, runpy, sys
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0):
+    sys.exit(f"prctl(PR_SET_MDWE) failed: errno {ctypes.get_errno()}")
+sys.argv = ["pocd", *sys.argv[1:]]
+runpy.run_module("pocd", run_name="__main__")
+"""
+
+
+def kernel() -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", os.uname().release)[:2])
+
+
+@pytest.mark.skipif(kernel() < (6, 3), reason="PR_SET_MDWE needs Linux 6.3")
+def test_the_daemon_runs_where_no_memory_may_be_writable_and_executable(tmp_path: Path) -> None:
+    """MemoryDenyWriteExecute=yes, as the kernel's own MDWE (what systemd's filter does): the
+    daemon serves, hashes a login (argon2 through cffi), records samples and stops cleanly."""
+    config = write_site(tmp_path)
+    site = load_site(config)
+    add_test_users(site)
+    with (tmp_path / "pocd.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", MDWE, "serve", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (tmp_path / "pocd.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(
+                    f"http://{site.config.api.listen}/api/health", timeout=1
+                ):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the API did not answer"
+                time.sleep(0.1)
+        token = asyncio.run(login(site.config.api.listen))
+        assert token
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, (tmp_path / "pocd.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with Store(site.store_path, readonly=True) as store:
+        assert store.sample_count() > 0

@@ -177,6 +177,11 @@ class StatusView(Protocol):
         """Every alarm condition in its state, and each line's alarm KPIs."""
         ...
 
+    def health(self) -> list[str]:
+        """What keeps the daemon from being healthy (a store writer that has not committed
+        recently, a sink far behind), as sentences; empty when healthy."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class _Parts:
@@ -442,6 +447,13 @@ async def health(call: Call) -> web.StreamResponse:
     return _json({"status": "ok"})
 
 
+async def probe(call: Call) -> web.StreamResponse:
+    problems = call.parts.view.health()
+    if problems:
+        return _error(503, "unhealthy: " + "; ".join(problems))
+    return _json({"status": "ok"})
+
+
 async def openapi(call: Call) -> web.StreamResponse:
     return _json(call.parts.openapi)
 
@@ -628,6 +640,9 @@ ROUTES: tuple[Route, ...] = (
         A.SESSION_READ, answer=answers.SessionAnswer
     ),
     _route("GET", "/api/health", health, "Whether the API answers")(
+        A.STATUS_READ, answer=answers.HealthAnswer, public="health"
+    ),
+    _route("GET", "/health", probe, "503 while the store writer or a sink is stuck or behind")(
         A.STATUS_READ, answer=answers.HealthAnswer, public="health"
     ),
     _route("GET", "/api/openapi.json", openapi, "This schema")(

@@ -32,6 +32,25 @@ class _StatusCollector(Collector):
         for source, n in status["incidents"].items():
             incidents.add_metric([site, source], n)
         yield incidents
+        store = status["store"]
+        size = GaugeMetricFamily("pocd_store_bytes", "The store's file and its WAL on disk")
+        size.add_metric([], float(store["bytes"]))
+        yield size
+        if store["last_commit"] is not None:
+            commit = GaugeMetricFamily(
+                "pocd_store_last_commit_timestamp_seconds", "When the store last committed"
+            )
+            commit.add_metric([], store["last_commit"] / 1e9)
+            yield commit
+        active = GaugeMetricFamily("pocd_alarms_active", "Alarm conditions that hold now")
+        active.add_metric([], float(status["alarms_active"]))
+        yield active
+        if status["clock"]["synchronised"] is not None:
+            synced = GaugeMetricFamily(
+                "pocd_clock_synchronised", "1 while the kernel counts the clock as synchronised"
+            )
+            synced.add_metric([], 1.0 if status["clock"]["synchronised"] else 0.0)
+            yield synced
         pending = GaugeMetricFamily("pocd_store_pending", "Records waiting to be committed")
         pending.add_metric([], status["store"]["pending"])
         yield pending

@@ -576,6 +576,16 @@ class Store:
         ]
         return params
 
+    def remap(
+        self, parameters: Mapping[tuple[str, str], str], lines: Mapping[tuple[str, str], str]
+    ) -> None:
+        """What each (device, point) feeds from now on (a reloaded config): a sample of a point
+        whose parameter or line changed is recorded under a channel of its own."""
+        with self._lock:
+            self._parameters = dict(parameters)
+            self._lines = dict(lines)
+            self._codes_stale = True
+
     def _intern(self, samples: list[Sample]) -> None:
         """Give every new channel and quality of the batch a code, inside the transaction."""
         db = self._db

@@ -1,0 +1,112 @@
+"""SIGHUP under a steady sample stream: a valid change applies with no gap in the devices it
+left alone, an invalid one is refused and the old config keeps running."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+from pocd.model import NS
+from pocd.settings import load_site
+from pocd.store import Store
+from tests.sitekit import FAST_DEVICES, api, free_port, spawn_daemon, until, write_site
+
+CHANNEL = f"""
+[[sinks.email]]
+name = "mail"
+host = "127.0.0.1"
+port = {free_port()}
+security = "none"
+from = "pocd@site.example"
+to = ["ward@site.example"]
+"""
+ROUTE = """
+[notify]
+[[notify.routes]]
+name = "ward"
+channels = ["mail"]
+"""
+
+
+def times(store_path: Path, device: str, point: str) -> list[int]:
+    db = sqlite3.connect(f"{store_path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT s.t FROM samples s JOIN channels c ON c.id = s.ch "
+            "WHERE c.device = ? AND c.point = ? ORDER BY s.id",
+            (device, point),
+        ).fetchall()
+    finally:
+        db.close()
+    return [t for (t,) in rows]
+
+
+def count(store_path: Path, device: str) -> int:
+    return len(times(store_path, device, "temperature" if device == "incubator" else "ph"))
+
+
+def audited(store_path: Path, action: str) -> list[dict[str, object]]:
+    with Store(store_path, readonly=True) as store:
+        return [
+            {"new": e.new, "old": e.old, **e.details} for e in store.audit() if e.action == action
+        ]
+
+
+async def test_sighup_applies_a_device_change_and_a_route_and_refuses_an_invalid_config(
+    tmp_path: Path,
+) -> None:
+    config = write_site(tmp_path, FAST_DEVICES, extra=CHANNEL)
+    site = load_site(config)
+    daemon = spawn_daemon(config)
+    try:
+        path = site.store_path
+        await until(lambda: count(path, "incubator") >= 20 and count(path, "bioreactor") >= 20)
+        status, before = await api(site, "GET", "/api/status")
+        assert status == 200 and "notify" not in before["sinks"]
+
+        # One device changed (the bioreactor's seed and interval), one alert route added.
+        text = config.read_text()
+        changed = text.replace("interval = 0.05, seed = 2", "interval = 0.1, seed = 3")
+        assert changed != text
+        config.write_text(changed + ROUTE)
+        reloaded = time.time_ns()
+        daemon.send_signal(signal.SIGHUP)
+        await until(lambda: len(audited(path, "config.reload")) == 1)
+        (entry,) = audited(path, "config.reload")
+        assert entry["new"] == load_site(config).config_hash
+        assert "devices" in str(entry["applied"]) and "notify" in str(entry["applied"])
+        assert [d["new"] for d in audited(path, "driver.load")][-1]  # the restarted one's
+        await asyncio.sleep(1.5)  # samples on both sides of the reload
+
+        status, after = await api(site, "GET", "/api/status")
+        assert after["sinks"]["notify"]["routes"] == ["ward"]
+
+        # The incubator was left alone: its samples ran on through the reload without a gap.
+        around = [t for t in times(path, "incubator", "temperature") if abs(t - reloaded) < 2 * NS]
+        assert around[0] < reloaded < around[-1]
+        gaps = [b - a for a, b in itertools.pairwise(around)]
+        assert max(gaps) < 0.5 * NS, max(gaps) / NS
+        # The bioreactor restarted at its new interval.
+        later = [t for t in times(path, "bioreactor", "ph") if t > reloaded + NS // 2]
+        assert len(later) >= 5
+        spacing = [b - a for a, b in itertools.pairwise(later)]
+        assert min(spacing) > 0.07 * NS
+
+        # An invalid change: refused, audited, and the running config goes on.
+        config.write_text(changed.replace('driver = "sim"', 'driver = "no-such-driver"', 1))
+        daemon.send_signal(signal.SIGHUP)
+        await until(lambda: len(audited(path, "config.reload.refused")) == 1)
+        (refused,) = audited(path, "config.reload.refused")
+        assert "no-such-driver" in str(refused["problems"])
+        assert refused["old"] == entry["new"]
+        going = count(path, "incubator")
+        await until(lambda: count(path, "incubator") >= going + 10)
+        assert daemon.poll() is None
+        assert len(audited(path, "config.reload")) == 1
+    finally:
+        daemon.terminate()
+        assert daemon.wait(30) == 0
