@@ -290,7 +290,8 @@ class Daemon:
             site = load_site(self.site.path)
         except ConfigError as exc:
             log.error("config reload refused; keeping the running config", problems=str(exc))
-            self.reload_error = f"config reload refused: {exc}"
+            # one line: a newline would end systemd's STATUS field
+            self.reload_error = "config reload refused: " + " ".join(str(exc).split())[:500]
             self._incident(IncidentKind.CONFIGURATION, "config-reload", "daemon", str(exc), t)
             self.writer.add(
                 AuditEntry(
@@ -306,10 +307,11 @@ class Daemon:
         self.reload_error = None
         old, new = self.site.config, site.config
         applied = {"protocols", "devices", "drivers_dir", "sinks", "notify"}
+        running = old.model_dump()
         waiting = sorted(
             key
             for key, value in new.model_dump().items()
-            if key not in applied and value != old.model_dump()[key]
+            if key not in applied and value != running[key]
         )
         if waiting:
             log.warning("config changes that apply at the next restart", sections=waiting)
@@ -376,7 +378,8 @@ class Daemon:
         self._start_sinks()
 
     def _start_sinks(self) -> None:
-        assert self._tasks is not None
+        if self._tasks is None:  # not serving yet (it starts them) or stopping
+            return
         self._sink_tasks = [
             self._tasks.create_task(sink.run(), name=f"sink:{sink.name}") for sink in self.sinks
         ]
