@@ -107,6 +107,7 @@ class Daemon:
             incidents=self.incident_counts,
             samples=lambda: self.counts["samples"],
             clock_synced=lambda: self.clock_synced,
+            inbox_depth=self.inbox.qsize,
         )
 
     # --- lifecycle -----------------------------------------------------------------------------

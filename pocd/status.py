@@ -68,6 +68,7 @@ class LiveStatus:
         incidents: Mapping[str, int],
         samples: Callable[[], int],
         clock_synced: Callable[[], bool | None] = lambda: None,
+        inbox_depth: Callable[[], int] = lambda: 0,
     ) -> None:
         self.site = site
         self.lines = lines
@@ -78,6 +79,7 @@ class LiveStatus:
         self._incidents = incidents
         self._samples = samples
         self._clock_synced = clock_synced
+        self._inbox_depth = inbox_depth
 
     def alarms(self) -> dict[str, Any]:
         """Every alarm condition in its current state, and each line's alarm KPIs."""
@@ -128,6 +130,8 @@ class LiveStatus:
             "sinks": {sink.name: sink.status() for sink in self._sinks},
             "clock": {"synchronised": self._clock_synced()},
             "alarms_active": sum(view.active for view in self.lines.alarms.view()),
+            "flood": {line: k.flood for line, k in self.lines.alarms.kpis(now_ns()).items()},
+            "inbox": self._inbox_depth(),
             "store": {
                 "bytes": _store_bytes(self.site.store_path),
                 "pending": len(writer),

@@ -390,6 +390,7 @@ async def test_metrics_expose_counts_and_pending_for_prometheus(tmp_path: Path) 
     assert float(lines["pocd_store_bytes"]) >= site.store_path.stat().st_size  # and its WAL
     assert abs(float(lines["pocd_store_last_commit_timestamp_seconds"]) - time.time()) < 30
     assert lines["pocd_alarms_active"] == "0.0"
+    assert float(lines["pocd_inbox_depth"]) >= 0
 
 
 async def test_losing_clock_synchronisation_is_an_incident_and_in_status(tmp_path: Path) -> None:

@@ -42,6 +42,15 @@ class _StatusCollector(Collector):
             )
             commit.add_metric([], store["last_commit"] / 1e9)
             yield commit
+        inbox = GaugeMetricFamily("pocd_inbox_depth", "Readings waiting for the engine")
+        inbox.add_metric([], float(status["inbox"]))
+        yield inbox
+        flood = GaugeMetricFamily(
+            "pocd_alarm_flood", "1 while a line's alarm rate is a flood (ISA-18.2)", labels=["line"]
+        )
+        for line, flooding in status["flood"].items():
+            flood.add_metric([line], 1.0 if flooding else 0.0)
+        yield flood
         active = GaugeMetricFamily("pocd_alarms_active", "Alarm conditions that hold now")
         active.add_metric([], float(status["alarms_active"]))
         yield active
