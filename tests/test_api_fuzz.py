@@ -266,7 +266,7 @@ def test_without_a_session_only_401(fuzzed: Fuzzed, method: str, path: str) -> N
 
 def test_the_public_reads_need_no_session(fuzzed: Fuzzed) -> None:
     opened = [r for r in ROUTES if r.public in PUBLIC]
-    assert {r.path for r in opened} == {"/api/health", "/api/openapi.json", "/metrics"}
+    assert {r.path for r in opened} == {"/api/health", "/health", "/api/openapi.json", "/metrics"}
     for route in opened:
         answer = requests.request(route.method, f"{fuzzed.base}{route.path}", timeout=30)
         assert answer.status_code == 200, (route.path, answer.text)
