@@ -6,24 +6,12 @@ import asyncio
 import hashlib
 import shutil
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 from pocd.model import AuditEntry, now_ns
 from pocd.settings import load_site
 from pocd.store import Store
-from tests.sitekit import running, until, write_site
-
-
-def pocd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pocd", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+from tests.sitekit import cli, running, until, write_site
 
 
 def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -44,7 +32,7 @@ async def test_a_backup_under_load_holds_what_was_committed_and_restores(tmp_pat
         ((samples_before, audit_before),) = rows(
             site.store_path, "SELECT (SELECT max(id) FROM samples), (SELECT max(id) FROM audit)"
         )
-        done = await asyncio.to_thread(pocd, "backup", "-c", str(config), "-o", str(backups))
+        done = await asyncio.to_thread(cli, "backup", "-c", str(config), "-o", str(backups))
         assert done.returncode == 0, done.stderr
         taken = daemon.counts["samples"]
         await until(lambda: daemon.counts["samples"] >= taken + 20)  # it went on writing
@@ -62,7 +50,7 @@ async def test_a_backup_under_load_holds_what_was_committed_and_restores(tmp_pat
     assert entry.target == str(backup)
     assert entry.new == hashlib.sha256(backup.read_bytes()).hexdigest()
 
-    checked = pocd("restore", "--check", str(backup), "-c", str(config))
+    checked = cli("restore", "--check", str(backup), "-c", str(config))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "integrity: ok; schema version" in checked.stdout
     assert "checkpoint signatures checked" in checked.stdout
@@ -85,8 +73,8 @@ def test_a_damaged_backup_fails_the_check_and_a_backup_never_replaces_a_file(
     with Store(site.store_path) as store:
         store.write([AuditEntry(now_ns(), "local:test", "test.entry", "x")])
     target = tmp_path / "b.sqlite"
-    assert pocd("backup", "-c", str(config), "-o", str(target)).returncode == 0
-    refused = pocd("backup", "-c", str(config), "-o", str(target))
+    assert cli("backup", "-c", str(config), "-o", str(target)).returncode == 0
+    refused = cli("backup", "-c", str(config), "-o", str(target))
     assert refused.returncode == 1 and "already exists" in refused.stderr
 
     # One changed value in an audit row: the chain names it.
@@ -97,12 +85,12 @@ def test_a_damaged_backup_fails_the_check_and_a_backup_never_replaces_a_file(
     db.execute("UPDATE audit SET actor = 'mallory' WHERE id = 1")
     db.commit()
     db.close()
-    checked = pocd("restore", "--check", str(damaged), "-c", str(config))
+    checked = cli("restore", "--check", str(damaged), "-c", str(config))
     assert checked.returncode == 1
     assert "FAIL: audit chain: audit row 1" in checked.stdout
 
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"not a database" * 100)
-    checked = pocd("restore", "--check", str(garbage))
+    checked = cli("restore", "--check", str(garbage))
     assert checked.returncode == 1
     assert "not an SQLite database" in checked.stdout
