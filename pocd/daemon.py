@@ -95,7 +95,12 @@ class Daemon:
         for sink in self.sinks:
             sink.follow(self.writer.commits)
         self.lines = Lines(
-            site, self.writer, incident=self._incident, latest=self.latest, down=self.down
+            site,
+            self.writer,
+            incident=self._incident,
+            latest=self.latest,
+            down=self.down,
+            on_lines=self._remap,
         )
         self.view = LiveStatus(
             site,
@@ -275,10 +280,11 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: apply the config file as it is now. Protocols apply to runs started after
         it (a running run keeps its own); devices whose settings did not change keep running,
-        changed ones restart, removed ones stop, new ones start; the sinks and alert routes
-        are rebuilt (their cursors are in the store: nothing is sent twice or lost). Lines and
-        the other sections apply at the next restart, and the audit entry says which. An
-        invalid config changes nothing: it is logged, audited, an incident and in STATUS."""
+        changed ones restart, removed ones stop, new ones start; lines as `Lines.reload`
+        says (a line a run is on changes when the run ends); the sinks and alert routes are
+        rebuilt (their cursors are in the store: nothing is sent twice or lost). The other
+        sections apply at the next restart, and the audit entry says which. An invalid
+        config changes nothing: it is logged, audited, an incident and in STATUS."""
         self.systemd.reloading()
         try:
             self._reload()
@@ -307,7 +313,7 @@ class Daemon:
             return
         self.reload_error = None
         old, new = self.site.config, site.config
-        applied = {"protocols", "devices", "drivers_dir", "sinks", "notify"}
+        applied = {"protocols", "devices", "drivers_dir", "lines", "sinks", "notify"}
         running = old.model_dump()
         waiting = sorted(
             key
@@ -340,11 +346,10 @@ class Daemon:
             protocols=site.protocols,
             devices=site.devices,
             config_hash=site.config_hash,
+            lines=site.lines,
         )
-        self.lines.site = self.site
         self.view.site = self.site
-        if self.store is not None:
-            self.store.remap(self.site.point_parameters(), self.site.point_lines())
+        lines = self.lines.reload(self.site, t)
         for device_id in changed:
             self._restart_device(device_id)
         if sinks_changed:
@@ -354,7 +359,13 @@ class Daemon:
             protocols=len(site.protocols),
             devices_restarted=changed,
             sinks_rebuilt=sinks_changed,
+            **{f"lines_{what}": ids for what, ids in lines.items()},
         )
+
+    def _remap(self) -> None:
+        """What each point feeds, and on which line, from now on (see Store.remap)."""
+        if self.store is not None:
+            self.store.remap(self.site.point_parameters(), self.lines.point_lines())
 
     def _restart_device(self, device_id: str) -> None:
         """Stop the runner of a device changed or removed by a reload, start the new one."""

@@ -21,6 +21,7 @@ Must not: read devices, or write to the store except through the writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import uuid
 from collections import Counter, defaultdict
@@ -67,7 +68,7 @@ from pocd.protocol import (
     ProtocolStatus,
     canonical_hash,
 )
-from pocd.settings import Line, Site, protocol_from_text
+from pocd.settings import Line, Site, point_lines, protocol_from_text
 from pocd.signatures import SignedRecord, Signer, sign
 from pocd.store import Record, Store
 from pocd.store.writer import StoreWriter
@@ -137,6 +138,7 @@ class Lines:
         incident: Incidents,
         latest: Mapping[tuple[str, str], Sample],
         down: set[str],
+        on_lines: Callable[[], None] = lambda: None,
     ) -> None:
         self.site = site
         self.writer = writer
@@ -147,6 +149,7 @@ class Lines:
         self._incident = incident
         self._latest = latest
         self._down = down
+        self._on_lines = on_lines  # the lines in force changed (see `point_lines`)
         self._control = asyncio.Lock()  # one run or site operation at a time
         self._batches: set[str] = set()  # every batch id of the site (unique per site)
         self._by_point: dict[tuple[str, str], list[LineState]] = {}
@@ -157,11 +160,8 @@ class Lines:
         # store (in `_note`), and each line's design scope when its engine or phase changes.
         self.alarms = Alarms(
             settings=self._alarm_settings,
-            devices={
-                line.id: {param: device for param, (device, _) in line.sources.items()}
-                for line in site.lines.values()
-            },
-            units=_units(site),
+            devices=_devices(site.lines.values()),
+            units=_units(site.lines.values(), site.protocols),
             max_shelve_s=site.config.alarms.max_shelve,
         )
 
@@ -203,6 +203,11 @@ class Lines:
 
     def _ids(self) -> str:
         return ", ".join(self.states)
+
+    def point_lines(self) -> dict[tuple[str, str], str]:
+        """(device, point) -> the line of every point in exactly one line, as the lines in
+        force define them (a line a run is on keeps its definition until the run ends)."""
+        return point_lines(state.line for state in self.states.values())
 
     # --- judging ------------------------------------------------------------------------------
 
@@ -506,7 +511,7 @@ class Lines:
                 self._signed(signature, "run.abort", ended, ended.id) if abort and signature else []
             )
             state.run = None
-            standby = self._standby(state, t)
+            standby = self._after_run(state, t)
             await self._commit([*finished, ended, audit, *signed, *standby])
             log.info("run ended", run=ended.id, status=status.value, line=state.line.id)
             return ended
@@ -719,23 +724,29 @@ class Lines:
 
     # --- engines ------------------------------------------------------------------------------
 
+    def _standby_protocol(self, line: Line) -> Protocol:
+        """The line's standby protocol as loaded; the equipment watch if it names none, or
+        one that is not loaded."""
+        if line.standby is not None:
+            with contextlib.suppress(KeyError):
+                return self.site.protocol(line.standby)
+        return equipment_watch(line, self.site)
+
     def _standby(self, state: LineState, t: int) -> list[Record]:
         """Watch the line's equipment from `t` on: its standby protocol's limits apply.
         Returns the records saying so (an audit entry, and what the engine found at once)."""
         line = state.line
-        proto = equipment_watch(line, self.site)
-        if line.standby is not None:
-            try:
-                proto = self.site.protocol(line.standby)
-            except KeyError:  # a reload took it away: the line is still watched
-                self._incident(
-                    IncidentKind.CONFIGURATION,
-                    "standby-missing",
-                    "daemon",
-                    f"line {line.id}: no approved standby protocol {line.standby!r} is loaded; "
-                    f"the line is watched by {proto.id} (comm-loss and bad quality) instead",
-                    t,
-                )
+        proto = self._standby_protocol(line)
+        if line.standby is not None and proto.id != line.standby:
+            # a reload took it away: the line is still watched
+            self._incident(
+                IncidentKind.CONFIGURATION,
+                "standby-missing",
+                "daemon",
+                f"line {line.id}: no approved standby protocol {line.standby!r} is loaded; "
+                f"the line is watched by {proto.id} (comm-loss and bad quality) instead",
+                t,
+            )
         engine = Engine(None, proto, line.sources, line=line.id)
         events = engine.enter_phase(proto.phases[0].id, t, "system")
         events += self._catch_up(engine, line, t)
@@ -807,6 +818,90 @@ class Lines:
         add = self.writer.add
         for event in self._note(events):
             add(event)
+
+    # --- reload -------------------------------------------------------------------------------
+
+    def reload(self, site: Site, t: int) -> dict[str, list[str]]:
+        """Take the lines of a reloaded config from `t`: a new line goes on standby, a line
+        left out is no longer watched, and a changed one (or one whose standby protocol
+        changed) is watched anew. A line a run is on keeps its definition, and its run its
+        protocol, until the run ends (`stop_run` applies the change then). Returns the ids
+        of the lines added, changed, removed and waiting for their run to end."""
+        self.site = site
+        done: dict[str, list[str]] = defaultdict(list)
+        states: dict[str, LineState] = {}
+        anew: list[LineState] = []  # watched on standby from `t`, once relabelled
+        for line_id, line in site.lines.items():
+            state = self.states.get(line_id) or LineState(line, None)
+            engine = state.engine
+            if state.run is not None:
+                if line != state.line:
+                    done["waiting"].append(line_id)
+            elif line_id not in self.states:
+                anew.append(state)
+                done["added"].append(line_id)
+            elif line != state.line or (
+                engine is not None and engine.protocol.hash != self._standby_protocol(line).hash
+            ):
+                # the old standby's open excursions end, under the labels they had
+                self._emit(engine.finish(t) if engine is not None else [])
+                state.line = line
+                anew.append(state)
+                done["changed"].append(line_id)
+            states[line_id] = state
+        for line_id, state in self.states.items():
+            if line_id in states:
+                continue
+            if state.run is not None:
+                states[line_id] = state
+                done["waiting"].append(line_id)
+            else:
+                self._emit_records(self._retire(state, t))
+                done["removed"].append(line_id)
+        self.states = states
+        self._relabel()
+        for state in anew:
+            what = "add" if state.line.id in done["added"] else "change"
+            self.writer.add(_line_audit(f"line.{what}", state.line, t))
+            self._emit_records(self._standby(state, t))
+        self._routes()
+        self._on_lines()
+        return dict(done)
+
+    def _after_run(self, state: LineState, t: int) -> list[Record]:
+        """A run has ended on the line: the line goes on standby, as the config defines it
+        now (a reload during the run may have changed it, or left it out)."""
+        line = self.site.lines.get(state.line.id)
+        if line == state.line:
+            return self._standby(state, t)
+        if line is None:
+            del self.states[state.line.id]
+            records = self._retire(state, t)
+            self._routes()
+        else:
+            state.line = line
+            self._relabel()
+            records = [_line_audit("line.change", line, t), *self._standby(state, t)]
+        self._on_lines()
+        return records
+
+    def _retire(self, state: LineState, t: int) -> list[Record]:
+        """A line the config no longer has: its open excursions end and its alarms go out
+        of scope at `t`."""
+        engine = state.engine
+        ended = engine.finish(t) if engine is not None and not engine.ended else []
+        state.engine = None
+        return [
+            *self._note(ended),
+            _line_audit("line.remove", state.line, t),
+            *self._alarm_scope(state, t),
+        ]
+
+    def _relabel(self) -> None:
+        """The devices and units of each line's parameters for the alarms, as the lines in
+        force define them (a line that is gone keeps its last)."""
+        lines = [state.line for state in self.states.values()]
+        self.alarms.relabel(devices=_devices(lines), units=_units(lines, self.site.protocols))
 
     # --- resume -------------------------------------------------------------------------------
 
@@ -1033,16 +1128,30 @@ def alarm_scope(engine: Engine, line: Line) -> frozenset[tuple[str, str]]:
     return frozenset(scope)
 
 
-def _units(site: Site) -> dict[str, dict[str, str]]:
+def _line_audit(action: str, line: Line, t: int) -> AuditEntry:
+    """A line added, changed or removed by a reload."""
+    return AuditEntry(t, "system", action, line.id, details={"devices": ", ".join(line.devices)})
+
+
+def _devices(lines: Iterable[Line]) -> dict[str, dict[str, str]]:
+    """Each line's parameters' devices."""
+    return {
+        line.id: {param: device for param, (device, _) in line.sources.items()} for line in lines
+    }
+
+
+def _units(
+    lines: Iterable[Line], protocols: Mapping[tuple[str, str], Protocol]
+) -> dict[str, dict[str, str]]:
     """Each line's parameters' units, as the protocols give them (load_site made sure that a
     point with a unit agrees with every protocol); "" where the protocols disagree."""
     given: dict[str, set[str]] = defaultdict(set)
-    for proto in site.protocols.values():
+    for proto in protocols.values():
         for name, param in proto.parameters.items():
             given[name].add(param.unit)
     return {
         line.id: {
             name: next(iter(given[name])) if len(given[name]) == 1 else "" for name in line.sources
         }
-        for line in site.lines.values()
+        for line in lines
     }

@@ -80,6 +80,7 @@ __all__ = [
     "load_driver",
     "load_protocol",
     "load_site",
+    "point_lines",
     "protocol_from_text",
     "site_file_problems",
     "site_warnings",
@@ -697,6 +698,15 @@ class Line:
         return sorted({device for device, _ in self.points})
 
 
+def point_lines(lines: Iterable[Line]) -> dict[tuple[str, str], str]:
+    """(device, point) -> the line of every point that belongs to exactly one of `lines`."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for line in lines:
+        for point in line.points:
+            found.setdefault(point, []).append(line.id)
+    return {point: ids[0] for point, ids in found.items() if len(ids) == 1}
+
+
 @dataclass(frozen=True, slots=True)
 class Site:
     """A loaded site: its config, devices resolved over their drivers, its protocols and
@@ -737,11 +747,7 @@ class Site:
 
     def point_lines(self) -> dict[tuple[str, str], str]:
         """(device, point) -> the line of every point that belongs to exactly one line."""
-        found: dict[tuple[str, str], list[str]] = {}
-        for line in self.lines.values():
-            for point in line.points:
-                found.setdefault(point, []).append(line.id)
-        return {point: ids[0] for point, ids in found.items() if len(ids) == 1}
+        return point_lines(self.lines.values())
 
     def protocol(self, protocol_id: str, version: str | None = None) -> Protocol:
         """The protocol of that id and version; without a version, the approved one."""

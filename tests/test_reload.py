@@ -10,10 +10,11 @@ import sqlite3
 import time
 from pathlib import Path
 
-from pocd.model import NS
+from pocd.model import NS, AlarmState, ExcursionKind
 from pocd.settings import load_site
 from pocd.store import Store
-from tests.sitekit import FAST_DEVICES, api, free_port, spawn_daemon, until, write_site
+from tests.sitekit import FAST_DEVICES, api, free_port, running, spawn_daemon, until, write_site
+from tests.test_lines import LINES, lines_site
 
 CHANNEL = f"""
 [[sinks.email]]
@@ -110,3 +111,90 @@ async def test_sighup_applies_a_device_change_and_a_route_and_refuses_an_invalid
     finally:
         daemon.terminate()
         assert daemon.wait(30) == 0
+
+
+NEW_LINES = """
+[[lines]]
+id = "line-b"
+title = "Reactor B"
+devices = ["reactor-b"]
+
+[[lines]]
+id = "line-c"
+title = "Reactor A, alone"
+devices = ["reactor-a"]
+"""
+
+
+async def test_a_reload_takes_lines_and_a_running_line_keeps_its_own_until_its_run_ends(
+    tmp_path: Path,
+) -> None:
+    # Reactor A does not answer from 0.5 s on: an equipment comm-loss open on line A.
+    site = lines_site(tmp_path, outages="[{ start = 0.5, duration = 600 }]")
+    old_lines = LINES.format(standby="")
+    assert old_lines in site.path.read_text()
+    async with running(site) as daemon:
+        status, run = await api(
+            site, "POST", "/api/runs", {"line": "line-b", "batch_id": "P-B", "protocol": "EXPAND-B"}
+        )
+        assert status == 201, run
+        await until(lambda: "reactor-a" in daemon.down)
+        old_b = daemon.lines.states["line-b"].line
+
+        # Line A left out, line C added (reactor A alone), line B (running) changed.
+        site.path.write_text(site.path.read_text().replace(old_lines, NEW_LINES))
+        daemon.reload()
+        reloaded = daemon.lines.states
+        assert list(reloaded) == ["line-b", "line-c"]
+        assert reloaded["line-b"].line == old_b and reloaded["line-b"].run is not None
+        status, lines = await api(site, "GET", "/api/lines")
+        assert [(x["id"], x["state"]) for x in lines] == [("line-b", "run"), ("line-c", "standby")]
+        count = daemon.counts["samples"]
+        await until(lambda: daemon.counts["samples"] > count + 20)
+        await daemon.flush()
+        with Store(site.store_path, readonly=True) as store:
+            audit = [(e.action, e.target) for e in store.audit() if e.action.startswith("line.")]
+            assert ("line.remove", "line-a") in audit and ("line.add", "line-c") in audit
+            assert ("line.standby", "line-c") in audit
+            assert audit.count(("line.standby", "line-b")) == 1  # at the start, not again
+            # line A's outage ends with the line; line C, watching reactor A, has its own
+            (gone,) = store.line_excursions("line-a")
+            (now,) = store.line_excursions("line-c")
+            assert gone.kind is now.kind is ExcursionKind.COMM_LOSS
+            assert gone.end is not None and gone.end == now.start and now.end is None
+        gone_alarms = [v for v in daemon.lines.alarms.view() if v.line == "line-a"]
+        assert gone_alarms  # out of scope with their line
+        assert all(v.state is AlarmState.SUPPRESSED and not v.active for v in gone_alarms)
+
+        status, ended = await api(site, "POST", f"/api/runs/{run['id']}/stop", {})
+        assert status == 200, ended
+        assert daemon.lines.states["line-b"].line == daemon.site.lines["line-b"] != old_b
+        assert daemon.lines.states["line-b"].line.devices == ["reactor-b"]
+        count = daemon.counts["samples"]
+        await until(lambda: daemon.counts["samples"] > count + 20)
+
+        # Line C changed between runs: watched anew from the reload, its outage too.
+        site.path.write_text(site.path.read_text().replace("Reactor A, alone", "Reactor A"))
+        daemon.reload()
+        assert daemon.lines.states["line-c"].line.title == "Reactor A"
+        await daemon.flush()
+        with Store(site.store_path, readonly=True) as store:
+            assert ("line.change", "line-c") in [(e.action, e.target) for e in store.audit()]
+            first, second = store.line_excursions("line-c")
+            assert first.end == second.start and second.end is None
+
+    with Store(site.store_path, readonly=True) as store:
+        audit = [(e.action, e.target) for e in store.audit()]
+        assert audit.count(("line.standby", "line-b")) == 2  # and at the run's end, as it is now
+        assert ("line.change", "line-b") in audit
+    # The chamber was shared by lines A and B (a channel of no line), then line B's alone
+    # until its run ended, then of no line again.
+    db = sqlite3.connect(f"{site.store_path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT c.line FROM samples s JOIN channels c ON c.id = s.ch "
+            "WHERE c.device = 'incubator' ORDER BY s.id"
+        ).fetchall()
+    finally:
+        db.close()
+    assert [line for line, _ in itertools.groupby(line for (line,) in rows)] == ["", "line-b", ""]

@@ -204,6 +204,14 @@ class Alarms:
         # engine judges their parameter again.
         self._held: set[AlarmKey] = set()
 
+    def relabel(
+        self, *, devices: Mapping[str, Mapping[str, str]], units: Mapping[str, Mapping[str, str]]
+    ) -> None:
+        """Each line's parameters' devices and units from now on (a reloaded config); the
+        lines not named keep theirs."""
+        self._devices = {**self._devices, **devices}
+        self._units = {**self._units, **units}
+
     # --- inputs ------------------------------------------------------------------------------
 
     def on_excursions(self, events: Iterable[ExcursionEvent]) -> list[AlarmEvent]:
