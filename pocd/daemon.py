@@ -74,6 +74,7 @@ class Daemon:
         self.down: set[str] = set()  # devices whose transport says they do not answer
         self.incident_counts: defaultdict[str, int] = defaultdict(int)
         self.counts: Counter[str] = Counter()  # samples since start (the lines count events)
+        self.device_samples: defaultdict[str, int] = defaultdict(int)  # and by device
         self.started = asyncio.Event()  # set once the store is open and the API listens
         self.writer = StoreWriter(
             batch_size=site.config.store.batch_size,
@@ -111,6 +112,7 @@ class Daemon:
             sinks=self.sinks,
             incidents=self.incident_counts,
             samples=lambda: self.counts["samples"],
+            device_samples=self.device_samples,
             clock_synced=lambda: self.clock_synced,
             inbox_depth=self.inbox.qsize,
         )
@@ -513,10 +515,12 @@ class Daemon:
         add = self.writer.add
         judge = self.lines.judge
         latest = self.latest
+        by_device = self.device_samples
         samples = 0
         for record in readings:
             if isinstance(record, Sample):
                 samples += 1
+                by_device[record.device] += 1
                 add(record)
                 latest[record.device, record.point] = record
                 # A reading stamped before the wall clock stepped back is judged now, not in

@@ -8,6 +8,7 @@ Reads only what the other parts hold in memory; it changes nothing and does no I
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ from pocd.runs import Lines, LineState
 from pocd.settings import Site
 from pocd.sinks import Sink
 from pocd.store.writer import StoreWriter
-from pocd.transports import DeviceRunner
+from pocd.transports import READ_BUCKETS, DeviceRunner, ReadStats
 
 # GET /health answers 503 when the store writer has had records waiting this long without a
 # commit, or a sink's oldest record not delivered is this old.
@@ -67,6 +68,7 @@ class LiveStatus:
         sinks: Sequence[Sink],
         incidents: Mapping[str, int],
         samples: Callable[[], int],
+        device_samples: Mapping[str, int] = {},
         clock_synced: Callable[[], bool | None] = lambda: None,
         inbox_depth: Callable[[], int] = lambda: 0,
     ) -> None:
@@ -78,6 +80,7 @@ class LiveStatus:
         self._sinks = sinks
         self._incidents = incidents
         self._samples = samples
+        self._device_samples = device_samples
         self._clock_synced = clock_synced
         self._inbox_depth = inbox_depth
 
@@ -127,6 +130,7 @@ class LiveStatus:
                 "deviations": self.lines.counts["deviations"],
             },
             "engine_errors": self.lines.counts["engine_errors"],
+            "devices": {device: self._device(device) for device in self.site.devices},
             "sinks": {sink.name: sink.status() for sink in self._sinks},
             "clock": {"synchronised": self._clock_synced()},
             "alarms_active": sum(view.active for view in self.lines.alarms.view()),
@@ -139,6 +143,23 @@ class LiveStatus:
                 "failing": writer.failing,
                 "last_commit": writer.last_commit,
                 "quarantined": writer.quarantined,
+            },
+        }
+
+    def _device(self, device: str) -> dict[str, Any]:
+        """A device's samples since the start; its runner's reads (since it started), and
+        their times as a cumulative histogram: reads that took at most `le` s."""
+        runner = self._runners.get(device)
+        stats = runner.stats if runner is not None else ReadStats()
+        cumulative = list(itertools.accumulate(stats.buckets))
+        return {
+            "samples": self._device_samples.get(device, 0),
+            "reads": cumulative[-1],
+            "read_errors": stats.errors,
+            "read_seconds": stats.seconds,
+            "read_buckets": {
+                **{f"{le:g}": n for le, n in zip(READ_BUCKETS, cumulative, strict=False)},
+                "+Inf": cumulative[-1],
             },
         }
 

@@ -436,3 +436,78 @@ database = "pocd"
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     assert float(lines['pocd_sink_backlog{sink="influxdb"}']) > 0
     assert float(lines['pocd_sink_oldest_unsent_age_seconds{sink="influxdb"}']) > 0
+
+
+async def test_metrics_show_each_devices_reads_and_a_lines_alarm_flood(tmp_path: Path) -> None:
+    import aiohttp
+
+    from pocd.sim.modbus import ModbusSimulator, unit_from_driver
+    from tests.sitekit import free_port
+
+    modbus = ModbusSimulator([unit_from_driver("vaisala-gmp251")])
+    port = await modbus.start_tcp()
+    # A probe that answers; one whose gateway is gone; a sim device that drops out for
+    # 0.1 s every 0.3 s: each outage a comm-loss alarm, more than 10 in 10 minutes a flood.
+    devices = f"""
+[[devices]]
+id = "probe"
+driver = "vaisala-gmp251"
+transport = {{ host = "127.0.0.1", port = {port}, interval = 0.05, timeout = 0.3 }}
+
+[[devices]]
+id = "gone"
+driver = "vaisala-gmp251"
+[devices.transport]
+host = "127.0.0.1"
+port = {free_port()}
+interval = 0.05
+timeout = 0.2
+backoff_max = 0.2
+
+[[devices]]
+id = "flaky"
+driver = "sim"
+points.temperature = {{ parameter = "temperature", unit = "C", base = 37.0 }}
+[devices.transport]
+interval = 0.02
+seed = 1
+repeat = 0.3
+outages = [{{ start = 0.2, duration = 0.1 }}]
+"""
+    site = load_site(write_site(tmp_path, devices))
+    try:
+        async with running(site) as daemon:
+            await until(lambda: daemon.view.status()["flood"]["main"], within=15)
+            url = f"http://{site.config.api.listen}/metrics"
+            async with aiohttp.ClientSession() as session, session.get(url) as resp:
+                text = await resp.text()
+            status = daemon.view.status()
+    finally:
+        await modbus.stop()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+
+    def metric(name: str, device: str, extra: str = "") -> float:
+        return float(lines[f'{name}{{device="{device}"{extra}}}'])
+
+    assert lines['pocd_alarm_flood{line="main"}'] == "1.0"
+    assert status["devices"]["probe"]["samples"] > 0
+    assert metric("pocd_device_samples_total", "probe") >= status["devices"]["probe"]["samples"]
+    # every poll of the probe is timed; it answered each one
+    reads = metric("pocd_device_read_seconds_count", "probe")
+    assert reads >= 5 and metric("pocd_device_read_errors_total", "probe") == 0
+    assert metric("pocd_device_read_seconds_bucket", "probe", ',le="+Inf"') == reads
+    buckets = [
+        float(v)
+        for k, v in lines.items()
+        if k.startswith('pocd_device_read_seconds_bucket{device="probe"')
+    ]
+    assert buckets == sorted(buckets) and len(buckets) == 12
+    assert 0 < metric("pocd_device_read_seconds_sum", "probe") < reads * 0.3
+    # the gone one's polls failed, and so did the sim device's reads in its outages
+    assert metric("pocd_device_read_errors_total", "gone") >= 3
+    assert metric("pocd_device_samples_total", "gone") > 0  # BAD ones: nothing is dropped
+    assert (
+        0
+        < metric("pocd_device_read_errors_total", "flaky")
+        < metric("pocd_device_read_seconds_count", "flaky")
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -231,6 +232,8 @@ async def test_the_quarantine_is_counted_and_resent_with_or_without_the_daemon(
                 text = await resp.text()
         assert metric(text, "pocd_sink_quarantined") == 151
         assert metric(text, "pocd_sink_failures") == 0
+        assert metric(text, "pocd_sink_sent_total") == sink.status()["sent"] >= 49
+        assert abs(metric(text, "pocd_sink_last_delivery_timestamp_seconds") - time.time()) < 60
         listed = await asyncio.to_thread(cli, "sink", "quarantine", "-c", str(site.path), "--json")
         assert listed.returncode == 0, listed.stderr
         assert [e["points"] for e in json.loads(listed.stdout)] == [100, 50, 1]

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 from pocd.model import NS, AlarmState, ExcursionKind
 from pocd.settings import load_site
@@ -33,17 +34,27 @@ channels = ["mail"]
 """
 
 
-def times(store_path: Path, device: str, point: str) -> list[int]:
+def samples_of(store_path: Path, device: str, point: str, column: str = "s.t") -> list[Any]:
+    """`column` of each sample of the point, in order (s: the sample, c: its channel)."""
     db = sqlite3.connect(f"{store_path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         rows = db.execute(
-            "SELECT s.t FROM samples s JOIN channels c ON c.id = s.ch "
+            f"SELECT {column} FROM samples s JOIN channels c ON c.id = s.ch "
             "WHERE c.device = ? AND c.point = ? ORDER BY s.id",
             (device, point),
         ).fetchall()
     finally:
         db.close()
-    return [t for (t,) in rows]
+    return [value for (value,) in rows]
+
+
+def times(store_path: Path, device: str, point: str) -> list[int]:
+    return samples_of(store_path, device, point)
+
+
+def line_audit(store_path: Path) -> list[tuple[str, str]]:
+    with Store(store_path, readonly=True) as store:
+        return [(e.action, e.target) for e in store.audit() if e.action.startswith("line.")]
 
 
 def count(store_path: Path, device: str) -> int:
@@ -152,16 +163,16 @@ async def test_a_reload_takes_lines_and_a_running_line_keeps_its_own_until_its_r
         count = daemon.counts["samples"]
         await until(lambda: daemon.counts["samples"] > count + 20)
         await daemon.flush()
+        audit = line_audit(site.store_path)
+        assert ("line.remove", "line-a") in audit and ("line.add", "line-c") in audit
+        assert ("line.standby", "line-c") in audit
+        assert audit.count(("line.standby", "line-b")) == 1  # at the start, not again
         with Store(site.store_path, readonly=True) as store:
-            audit = [(e.action, e.target) for e in store.audit() if e.action.startswith("line.")]
-            assert ("line.remove", "line-a") in audit and ("line.add", "line-c") in audit
-            assert ("line.standby", "line-c") in audit
-            assert audit.count(("line.standby", "line-b")) == 1  # at the start, not again
             # line A's outage ends with the line; line C, watching reactor A, has its own
             (gone,) = store.line_excursions("line-a")
             (now,) = store.line_excursions("line-c")
-            assert gone.kind is now.kind is ExcursionKind.COMM_LOSS
-            assert gone.end is not None and gone.end == now.start and now.end is None
+        assert gone.kind is now.kind is ExcursionKind.COMM_LOSS
+        assert gone.end is not None and gone.end == now.start and now.end is None
         gone_alarms = [v for v in daemon.lines.alarms.view() if v.line == "line-a"]
         assert gone_alarms  # out of scope with their line
         assert all(v.state is AlarmState.SUPPRESSED and not v.active for v in gone_alarms)
@@ -179,22 +190,13 @@ async def test_a_reload_takes_lines_and_a_running_line_keeps_its_own_until_its_r
         assert daemon.lines.states["line-c"].line.title == "Reactor A"
         await daemon.flush()
         with Store(site.store_path, readonly=True) as store:
-            assert ("line.change", "line-c") in [(e.action, e.target) for e in store.audit()]
             first, second = store.line_excursions("line-c")
-            assert first.end == second.start and second.end is None
+        assert first.end == second.start and second.end is None
 
-    with Store(site.store_path, readonly=True) as store:
-        audit = [(e.action, e.target) for e in store.audit()]
-        assert audit.count(("line.standby", "line-b")) == 2  # and at the run's end, as it is now
-        assert ("line.change", "line-b") in audit
+    audit = line_audit(site.store_path)
+    assert ("line.change", "line-c") in audit and ("line.change", "line-b") in audit
+    assert audit.count(("line.standby", "line-b")) == 2  # and at the run's end, as it is now
     # The chamber was shared by lines A and B (a channel of no line), then line B's alone
     # until its run ended, then of no line again.
-    db = sqlite3.connect(f"{site.store_path.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        rows = db.execute(
-            "SELECT c.line FROM samples s JOIN channels c ON c.id = s.ch "
-            "WHERE c.device = 'incubator' ORDER BY s.id"
-        ).fetchall()
-    finally:
-        db.close()
-    assert [line for line, _ in itertools.groupby(line for (line,) in rows)] == ["", "line-b", ""]
+    lines = samples_of(site.store_path, "incubator", "temperature", "c.line")
+    assert [line for line, _ in itertools.groupby(lines)] == ["", "line-b", ""]

@@ -7,7 +7,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 __all__ = ["render_metrics"]
@@ -26,6 +31,7 @@ class _StatusCollector(Collector):
         for kind in ("samples", "excursions", "deviations"):
             counts.add_metric([site, kind], status["counts"][kind])
         yield counts
+        yield from _devices(status["devices"])
         incidents = CounterMetricFamily(
             "pocd_incidents", "Incidents since the daemon started", labels=["site", "source"]
         )
@@ -70,34 +76,73 @@ class _StatusCollector(Collector):
         )
         keeping_up.add_metric([], 1.0 if status["store"]["keeping_up"] else 0.0)
         yield keeping_up
-        backlog = GaugeMetricFamily(
-            "pocd_sink_backlog", "Records not yet confirmed by a sink", labels=["sink"]
-        )
-        age = GaugeMetricFamily(
-            "pocd_sink_oldest_unsent_age_seconds",
-            "Age of the oldest record a sink has not delivered",
-            labels=["sink"],
-        )
-        quarantined = GaugeMetricFamily(
-            "pocd_sink_quarantined",
-            "Points a sink set aside because the far side refused them alone, not sent again "
-            "(pocd sink resend)",
-            labels=["sink"],
-        )
-        failures = GaugeMetricFamily(
-            "pocd_sink_failures",
-            "Consecutive failed writes of a sink (0 while it delivers)",
-            labels=["sink"],
-        )
-        for name, sink in status["sinks"].items():
-            backlog.add_metric([name], float(sink.get("backlog", 0)))
-            age.add_metric([name], float(sink.get("oldest_unsent_age_s", 0.0)))
-            quarantined.add_metric([name], float(sink.get("quarantined", 0)))
-            failures.add_metric([name], float(sink.get("failures", 0)))
-        yield backlog
-        yield age
-        yield quarantined
-        yield failures
+        yield from _sinks(status["sinks"])
+
+
+def _sinks(sinks: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    backlog = GaugeMetricFamily(
+        "pocd_sink_backlog", "Records not yet confirmed by a sink", labels=["sink"]
+    )
+    age = GaugeMetricFamily(
+        "pocd_sink_oldest_unsent_age_seconds",
+        "Age of the oldest record a sink has not delivered",
+        labels=["sink"],
+    )
+    quarantined = GaugeMetricFamily(
+        "pocd_sink_quarantined",
+        "Points a sink set aside because the far side refused them alone, not sent again "
+        "(pocd sink resend)",
+        labels=["sink"],
+    )
+    failures = GaugeMetricFamily(
+        "pocd_sink_failures",
+        "Consecutive failed writes of a sink (0 while it delivers)",
+        labels=["sink"],
+    )
+    sent = CounterMetricFamily(
+        "pocd_sink_sent", "Records a sink delivered since the daemon started", labels=["sink"]
+    )
+    delivered = GaugeMetricFamily(
+        "pocd_sink_last_delivery_timestamp_seconds",
+        "When a sink last delivered (absent until it has)",
+        labels=["sink"],
+    )
+    for name, sink in sinks.items():
+        backlog.add_metric([name], float(sink.get("backlog", 0)))
+        age.add_metric([name], float(sink.get("oldest_unsent_age_s", 0.0)))
+        quarantined.add_metric([name], float(sink.get("quarantined", 0)))
+        failures.add_metric([name], float(sink.get("failures", 0)))
+        if "sent" in sink:
+            sent.add_metric([name], float(sink["sent"]))
+        if sink.get("last_ok") is not None:
+            delivered.add_metric([name], sink["last_ok"] / 1e9)
+    yield from (backlog, age, quarantined, failures, sent, delivered)
+
+
+def _devices(devices: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    samples = CounterMetricFamily(
+        "pocd_device_samples",
+        "Samples taken in from a device since the daemon started",
+        labels=["device"],
+    )
+    errors = CounterMetricFamily(
+        "pocd_device_read_errors",
+        "Reads of a device that failed since its runner started: polls it did not answer, "
+        "silences of a streaming device, OPC UA sessions lost or not opened",
+        labels=["device"],
+    )
+    seconds = HistogramMetricFamily(
+        "pocd_device_read_seconds",
+        "How long each poll of a device took, since its runner started",
+        labels=["device"],
+    )
+    for device, d in devices.items():
+        samples.add_metric([device], d["samples"])
+        errors.add_metric([device], d["read_errors"])
+        seconds.add_metric([device], list(d["read_buckets"].items()), d["read_seconds"])
+    yield samples
+    yield errors
+    yield seconds
 
 
 def render_metrics(status: Mapping[str, Any]) -> bytes:

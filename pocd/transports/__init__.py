@@ -15,18 +15,20 @@ device is a `CommStatus(ok=False)`, and a fault that repeats is counted (`repeat
 from __future__ import annotations
 
 import asyncio
+import bisect
 import importlib
 import math
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Protocol
+from typing import Final, Protocol
 
 from pocd.configtypes import Duration, StrictModel
 from pocd.model import CommStatus, Incident, Sample
 
 __all__ = [
+    "READ_BUCKETS",
     "TRANSPORTS",
     "BusUse",
     "Device",
@@ -35,6 +37,7 @@ __all__ = [
     "Inbox",
     "PointSettings",
     "PollGrid",
+    "ReadStats",
     "TransportSettings",
     "TransportSpec",
     "get_transport",
@@ -92,8 +95,32 @@ class Inbox(Protocol):
         """Put without waiting; asyncio.QueueFull when there is no room."""
 
 
+# The upper bounds (s) of the read-time histogram's buckets: Prometheus's defaults.
+READ_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ReadStats:
+    """A runner's reads of its device, for /metrics: how long each poll took (a histogram
+    over `READ_BUCKETS`), and the reads that failed (a poll the device did not answer, a
+    session lost)."""
+
+    __slots__ = ("buckets", "errors", "seconds")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(READ_BUCKETS) + 1)  # reads per bucket; the last: beyond all
+        self.seconds = 0.0  # their total time
+        self.errors = 0
+
+    def observe(self, seconds: float, *, ok: bool = True) -> None:
+        self.buckets[bisect.bisect_left(READ_BUCKETS, seconds)] += 1
+        self.seconds += seconds
+        if not ok:
+            self.errors += 1
+
+
 class DeviceRunner(Protocol):
     device: Device
+    stats: ReadStats
 
     async def run(self, inbox: Inbox) -> None:
         """Read the device until cancelled. See the module docstring for the contract."""
@@ -161,18 +188,22 @@ class PollGrid:
     """A runner's polls on the grid start + n * interval (see `next_poll`); with interval 0,
     back to back. After a poll the device did not answer, the next waits `backoff()`."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, stats: ReadStats) -> None:
         self.interval = interval
+        self.stats = stats  # each poll's time, and whether the device answered it
         self.skipped = 0  # grid ticks missed because a poll ran past them
 
     async def run(self, poll: Callable[[], Awaitable[bool]], backoff: Callable[[], float]) -> None:
         """Poll until cancelled; `poll` says whether the device answered."""
         loop = asyncio.get_running_loop()
         interval = self.interval
+        observe = self.stats.observe
         start = loop.time()
         tick = 0
         while True:
+            began = loop.time()
             answered = await poll()
+            observe(loop.time() - began, ok=answered)
             if interval <= 0:  # back to back, as fast as the device answers (the benches)
                 # An answered poll has waited for the device, so others have had their turn.
                 if not answered:

@@ -17,7 +17,14 @@ from pydantic import Field
 
 from pocd.configtypes import Duration, StrictModel
 from pocd.model import CommStatus, Quality, Sample, now_ns
-from pocd.transports import Device, Inbox, PointSettings, TransportSettings, TransportSpec
+from pocd.transports import (
+    Device,
+    Inbox,
+    PointSettings,
+    ReadStats,
+    TransportSettings,
+    TransportSpec,
+)
 
 __all__ = ["TRANSPORT", "SimPoint", "SimRunner", "SimSettings"]
 
@@ -63,6 +70,7 @@ class SimRunner:
             name: point for name, point in device.points.items() if isinstance(point, SimPoint)
         }
         self._rng = random.Random(self.settings.seed)
+        self.stats = ReadStats()
 
     def reading(self, name: str, elapsed: float) -> tuple[float, Quality, str] | None:
         """The value of a point `elapsed` seconds after start; None while it is stale."""
@@ -114,6 +122,7 @@ class SimRunner:
                 down = not down
                 reason = "simulated outage" if down else ""
                 await inbox.put(CommStatus(device=self.device.id, t=t, ok=not down, reason=reason))
+            self.stats.observe(0.0, ok=not down)  # an outage is a read that fails
             if not down:
                 for name in self.points:
                     reading = self.reading(name, elapsed)

@@ -28,7 +28,7 @@ import structlog
 
 from pocd.errors import ConfigError, ConfigProblem
 from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample
-from pocd.transports import BusUse, Device, Inbox, PollGrid, jittered_backoff
+from pocd.transports import BusUse, Device, Inbox, PollGrid, ReadStats, jittered_backoff
 from pocd.transports.modbus.codec import Decoder, Item, decoder, read_decoder
 from pocd.transports.modbus.config import REGISTER_COUNT, ModbusPoint, ModbusSettings, StatusRule
 from pocd.transports.modbus.link import Endpoint, Link, ModbusReadError, Reply, join, leave
@@ -202,7 +202,8 @@ class ModbusRunner:
         ]
         self.counts: Counter[str] = Counter()  # faults by code, for status pages and the bench
         self.polls = 0
-        self.grid = PollGrid(settings.interval)
+        self.stats = ReadStats()
+        self.grid = PollGrid(settings.interval, self.stats)
         self.up = True  # as far as anyone has said: no CommStatus until the first failure
         self._failures = 0  # polls in a row that got no answer
         self._failing: set[str] = set()  # fault codes of the last poll, to log changes once

@@ -33,7 +33,7 @@ from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
 from pocd.errors import DeviceError
 from pocd.model import NS, CommStatus, Incident, IncidentKind, Quality, Sample, now_ns
-from pocd.transports import Device, Inbox
+from pocd.transports import Device, Inbox, ReadStats
 from pocd.transports.opcua.config import NodeRef, OpcuaPoint, OpcuaSettings, ReadMode
 from pocd.transports.opcua.security import (
     AuthenticationFailed,
@@ -108,6 +108,7 @@ class OpcuaRunner:
         self.up: bool | None = None  # None until the first connect succeeds or fails
         self.session: OpcuaSession | None = None  # the current one, for tests and the bench
         self.counts: Counter[str] = Counter()  # sessions, samples, repeats, notifications
+        self.stats = ReadStats()  # polled reads, and sessions lost or never opened
         self.texts: dict[str, str] = {}  # point -> its latest text (first TEXT_SHOWN characters)
         self.repeats = RepeatedIncidents()
         self._texts_seen: dict[str, str] = {}  # point -> latest text, to tell a change
@@ -335,11 +336,13 @@ class OpcuaRunner:
         while not session.lost.is_set():
             slots = [s for s in self.slots if s.read == "poll" and s.node is not None]
             if slots:
+                began = loop.time()
                 try:
                     values = await session.read([s.node for s in slots if s.node is not None])
                 except (OSError, TimeoutError, UaError) as exc:
                     session.mark_lost(f"a read failed: {type(exc).__name__}: {exc}")
-                    return
+                    return  # an error counted with the session lost (`_down`)
+                self.stats.observe(loop.time() - began)
                 t = self._receive_times(len(slots))
                 now = time.monotonic()
                 for slot, data in zip(slots, values, strict=True):
@@ -481,6 +484,7 @@ class OpcuaRunner:
         self._failure = None
 
     async def _down(self, error: Exception, secret: str | None) -> None:
+        self.stats.errors += 1
         code, kind, message = self._classify(error)
         if secret:
             message = message.replace(secret, "***")

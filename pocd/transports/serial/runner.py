@@ -29,7 +29,7 @@ import structlog
 
 from pocd.errors import ConfigError, ConfigProblem
 from pocd.model import CommStatus, Incident, IncidentKind, Quality, Sample, now_ns
-from pocd.transports import BusUse, Device, Inbox, PollGrid, jittered_backoff
+from pocd.transports import BusUse, Device, Inbox, PollGrid, ReadStats, jittered_backoff
 from pocd.transports.repeats import RepeatedIncidents, report_repeats
 from pocd.transports.serial.codec import Codec, Frame, PointReader, Rejected, Reply
 from pocd.transports.serial.config import SerialPoint, SerialSettings
@@ -180,7 +180,8 @@ class SerialRunner:
         self.counts: Counter[str] = Counter()  # incidents by code, for status pages and tests
         self.polls = 0
         self.replies = 0  # frames that matched a reply shape
-        self.grid = PollGrid(self.settings.interval)
+        self.stats = ReadStats()
+        self.grid = PollGrid(self.settings.interval, self.stats)
         self.up = True  # as far as anyone has said: no CommStatus until the first failure
         self._failures = 0  # polls (or silences) in a row without a reply
         self._failing: set[str] = set()  # fault codes of the last poll, to log changes once
@@ -426,6 +427,7 @@ class SerialRunner:
 
     async def _silent(self, inbox: Inbox, fault: Attempt) -> None:
         """The device said nothing usable (or its port is gone): comm-loss, once."""
+        self.stats.errors += 1  # a streaming device's reads are not timed: it is not asked
         await self._report_comm(inbox, False, [fault])
         await self._report_attempts(inbox, [fault])
 
