@@ -342,7 +342,7 @@ async def test_a_reload_audits_what_it_applied_and_what_waits_for_a_restart(
         (reload,) = [a for a in store.audit() if a.action == "config.reload"]
         assert reload.old == site.config_hash  # what was running
         assert reload.new == load_site(config).config_hash
-        assert reload.details["applied"] == "devices, drivers_dir, notify, protocols, sinks"
+        assert reload.details["applied"] == "devices, drivers_dir, lines, notify, protocols, sinks"
         assert reload.details["not applied until restart"] == "store"
         # the driver of the device restarted, as at the load before
         drivers = [a for a in store.audit() if a.action == "driver.load"]
