@@ -82,6 +82,7 @@ class Daemon:
             on_incident=self._count_incident,
         )
         self._stop = asyncio.Event()
+        self._reload_due = False  # a SIGHUP before the daemon was ready: applied once it is
         self._site_key: SiteKey | None = None  # signs the chain's checkpoints, opened at need
         self._clock = ClockWatch()
         self.systemd = Systemd()
@@ -198,6 +199,8 @@ class Daemon:
             await ready.wait()  # the API has bound its socket (or failed, ending the group)
             self.started.set()
             self.systemd.notify("READY=1", self._status_line())
+            if self._reload_due:
+                self.reload()
             log.info(
                 "daemon started", devices=len(self.site.devices), store=str(self.site.store_path)
             )
@@ -286,7 +289,11 @@ class Daemon:
         says (a line a run is on changes when the run ends); the sinks and alert routes are
         rebuilt (their cursors are in the store: nothing is sent twice or lost). The other
         sections apply at the next restart, and the audit entry says which. An invalid
-        config changes nothing: it is logged, audited, an incident and in STATUS."""
+        config changes nothing: it is logged, audited, an incident and in STATUS. A SIGHUP
+        before the daemon is ready (the lines are resumed from the store) waits for it."""
+        if not self.started.is_set():
+            self._reload_due = True
+            return
         self.systemd.reloading()
         try:
             self._reload()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pocd.daemon import Daemon
 from pocd.model import NS, AlarmState, ExcursionKind
 from pocd.settings import load_site
 from pocd.store import Store
@@ -200,3 +201,32 @@ async def test_a_reload_takes_lines_and_a_running_line_keeps_its_own_until_its_r
     # until its run ended, then of no line again.
     lines = samples_of(site.store_path, "incubator", "temperature", "c.line")
     assert [line for line, _ in itertools.groupby(lines)] == ["", "line-b", ""]
+
+
+async def test_a_sighup_before_the_daemon_is_ready_is_applied_once_it_is(tmp_path: Path) -> None:
+    site = lines_site(tmp_path)
+    daemon = Daemon(site)
+    site.path.write_text(site.path.read_text().replace(LINES.format(standby=""), NEW_LINES))
+    daemon.reload()  # before the store is open and the lines resumed from it
+    assert list(daemon.lines.states) == ["line-a", "line-b"]
+    serving = asyncio.create_task(daemon.serve(handle_signals=False))
+    try:
+        await asyncio.wait_for(daemon.started.wait(), 20)
+        assert list(daemon.lines.states) == ["line-b", "line-c"]
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(serving, 20)
+    assert len(audited(site.store_path, "config.reload")) == 1
+    audit = line_audit(site.store_path)
+    # each line watched once from the start, line C once it was added, line A left out once
+    assert sorted(audit) == sorted(
+        [
+            ("line.standby", "line-a"),
+            ("line.standby", "line-b"),
+            ("line.remove", "line-a"),
+            ("line.add", "line-c"),
+            ("line.standby", "line-c"),
+            ("line.change", "line-b"),
+            ("line.standby", "line-b"),
+        ]
+    )
