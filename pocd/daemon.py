@@ -368,7 +368,7 @@ class Daemon:
             protocols=len(site.protocols),
             devices_restarted=changed,
             sinks_rebuilt=sinks_changed,
-            **{f"lines_{what}": ids for what, ids in lines.items()},
+            **{f"lines {what}": ids for what, ids in lines.items()},
         )
 
     def _remap(self) -> None:

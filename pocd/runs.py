@@ -152,6 +152,9 @@ class Lines:
         self._on_lines = on_lines  # the lines in force changed (see `point_lines`)
         self._control = asyncio.Lock()  # one run or site operation at a time
         self._batches: set[str] = set()  # every batch id of the site (unique per site)
+        # Runs running in the store that no line took at the start (`_orphan`): their line
+        # starts no other run until a restart resumes them.
+        self._orphans: list[Run] = []
         self._by_point: dict[tuple[str, str], list[LineState]] = {}
         self._by_device: dict[str, list[LineState]] = {}
         self._phase_sources: dict[tuple[str, str], list[LineState]] = {}
@@ -355,6 +358,13 @@ class Lines:
             state = self._state(line)
             if state.run is not None:
                 raise RunError(f"run {state.run.id} is still running on line {state.line.id}")
+            for orphan in self._orphans:
+                if orphan.line == state.line.id:
+                    raise RunError(
+                        f"run {orphan.id} (batch {orphan.batch_id}) is still running on line "
+                        f"{orphan.line}, not monitored since pocd started: restart pocd to "
+                        "resume it, then stop it"
+                    )
             proto = self._batch_protocol(protocol_id, version)
             t = now_ns()
             run = Run(
@@ -840,6 +850,8 @@ class Lines:
             elif line_id not in self.states:
                 anew.append(state)
                 done["added"].append(line_id)
+                if any(orphan.line == line_id for orphan in self._orphans):
+                    done["resuming its run at a restart"].append(line_id)
             elif line != state.line or (
                 engine is not None and engine.protocol.hash != self._standby_protocol(line).hash
             ):
@@ -910,6 +922,7 @@ class Lines:
         daemon last stopped (or was killed), and every other line on standby."""
         self.site_status = await asyncio.to_thread(store.site_status)
         self._batches = {r.batch_id for r in await asyncio.to_thread(store.runs)}
+        self._orphans = []
         running = await asyncio.to_thread(store.active_runs)
         seen = await asyncio.to_thread(store.last_sample_times)
         t = now_ns()
@@ -936,12 +949,13 @@ class Lines:
     def _orphan(self, run: Run, t: int, why: str) -> None:
         """A running run the config has no place for: it stays running, unmonitored."""
         why = why or f"line {run.line} is running another run"
+        self._orphans.append(run)
         self._incident(
             IncidentKind.CONFIGURATION,
             "run-orphaned",
             "daemon",
             f"run {run.id} (batch {run.batch_id}) was running on line {run.line}, but {why}: "
-            "it is not monitored; restore the line to the config",
+            "it is not monitored; restore the line to the config and restart pocd",
             t,
         )
 

@@ -230,3 +230,33 @@ async def test_a_sighup_before_the_daemon_is_ready_is_applied_once_it_is(tmp_pat
             ("line.standby", "line-b"),
         ]
     )
+
+
+async def test_a_run_orphaned_at_the_start_keeps_its_line_until_a_restart_resumes_it(
+    tmp_path: Path,
+) -> None:
+    site = lines_site(tmp_path)
+    both = LINES.format(standby="")
+    line_a_only = both[: both.index("[[lines]]", both.index("line-a"))]
+    async with running(site):
+        status, run = await api(
+            site, "POST", "/api/runs", {"line": "line-b", "batch_id": "P-B", "protocol": "EXPAND-B"}
+        )
+        assert status == 201, run
+    # restarted without line B: its run is orphaned, still running, not monitored
+    site.path.write_text(site.path.read_text().replace(both, line_a_only))
+    async with running(load_site(site.path)) as daemon:
+        assert list(daemon.lines.states) == ["line-a"]
+        # line B is back by a reload: watched on standby, but no other run starts on it
+        site.path.write_text(site.path.read_text().replace(line_a_only, both))
+        daemon.reload()
+        assert daemon.lines.states["line-b"].run is None
+        body = {"line": "line-b", "batch_id": "P-B2", "protocol": "EXPAND-B"}
+        status, refused = await api(site, "POST", "/api/runs", body)
+        assert status == 409, refused
+        assert f"run {run['id']}" in refused["error"] and "restart pocd" in refused["error"]
+    with Store(site.store_path, readonly=True) as store:
+        assert [i.code for i in store.incidents()].count("run-orphaned") == 1
+    async with running(load_site(site.path)) as daemon:
+        resumed = daemon.lines.states["line-b"].run
+        assert resumed is not None and resumed.id == run["id"]
