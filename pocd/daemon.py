@@ -372,9 +372,8 @@ class Daemon:
         )
 
     def _remap(self) -> None:
-        """What each point feeds, and on which line, from now on (see Store.remap)."""
-        if self.store is not None:
-            self.store.remap(self.site.point_parameters(), self.lines.point_lines())
+        """What each point feeds, and on which line, for the samples from now on."""
+        self.writer.remap(self.lines.point_parameters(), self.lines.point_lines())
 
     def _restart_device(self, device_id: str) -> None:
         """Stop the runner of a device changed or removed by a reload, start the new one."""

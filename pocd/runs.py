@@ -207,6 +207,15 @@ class Lines:
     def _ids(self) -> str:
         return ", ".join(self.states)
 
+    def point_parameters(self) -> dict[tuple[str, str], str]:
+        """(device, point) -> the parameter it feeds: as the config says, but as its line's
+        definition says for a point of a line a run is on (until the run ends)."""
+        fed = self.site.point_parameters()
+        for state in self.states.values():
+            if state.run is not None:
+                fed.update({point: parameter for parameter, point in state.line.sources.items()})
+        return fed
+
     def point_lines(self) -> dict[tuple[str, str], str]:
         """(device, point) -> the line of every point in exactly one line, as the lines in
         force define them (a line a run is on keeps its definition until the run ends)."""

@@ -153,8 +153,15 @@ async def test_a_reload_takes_lines_and_a_running_line_keeps_its_own_until_its_r
         await until(lambda: "reactor-a" in daemon.down)
         old_b = daemon.lines.states["line-b"].line
 
-        # Line A left out, line C added (reactor A alone), line B (running) changed.
-        site.path.write_text(site.path.read_text().replace(old_lines, NEW_LINES))
+        # Line A left out, line C added (reactor A alone), line B (running) changed, and
+        # reactor B's point made to feed another parameter.
+        text = site.path.read_text().replace(old_lines, NEW_LINES)
+        renamed = text.replace(
+            'parameter = "ph", unit = "pH", base = 7.1, script',
+            'parameter = "do", unit = "%-sat", base = 7.1, script',
+        )
+        assert renamed != text
+        site.path.write_text(renamed)
         daemon.reload()
         reloaded = daemon.lines.states
         assert list(reloaded) == ["line-b", "line-c"]
@@ -197,10 +204,19 @@ async def test_a_reload_takes_lines_and_a_running_line_keeps_its_own_until_its_r
     audit = line_audit(site.store_path)
     assert ("line.change", "line-c") in audit and ("line.change", "line-b") in audit
     assert audit.count(("line.standby", "line-b")) == 2  # and at the run's end, as it is now
+    labels_followed_the_lines(site.store_path, ended["ended_ns"])
+
+
+def labels_followed_the_lines(store_path: Path, run_ended: int) -> None:
     # The chamber was shared by lines A and B (a channel of no line), then line B's alone
     # until its run ended, then of no line again.
-    lines = samples_of(site.store_path, "incubator", "temperature", "c.line")
+    lines = samples_of(store_path, "incubator", "temperature", "c.line")
     assert [line for line, _ in itertools.groupby(lines)] == ["", "line-b", ""]
+    # reactor B's point fed "ph" on line B until its run ended (as the run's engine judged it)
+    fed = samples_of(store_path, "reactor-b", "ph", "c.parameter || ' ' || s.t")
+    names = [name.split()[0] for name in fed]
+    assert [name for name, _ in itertools.groupby(names)] == ["ph", "do"]
+    assert int(fed[names.index("do")].split()[1]) > run_ended
 
 
 async def test_a_sighup_before_the_daemon_is_ready_is_applied_once_it_is(tmp_path: Path) -> None:

@@ -227,3 +227,20 @@ async def test_hurry_commits_at_once_and_a_burst_costs_few_commits(writer: Store
         await writer.commits.after(writer.commits.count, 5)
     assert 2 <= writer.commits.count <= 3
     assert writer.store is not None and writer.store.sample_count() == 51
+
+
+async def test_a_remap_applies_to_the_samples_queued_after_it(writer: StoreWriter) -> None:
+    assert writer.store is not None
+    for record in samples(3):
+        writer.add(record)
+    writer.remap({("dev", "p"): "temperature"}, {("dev", "p"): "line-b"})
+    for record in samples(2, 3):
+        writer.add(record)
+    assert len(writer) == 5
+    await writer.flush()  # one flush: the samples before the remap as they were taken
+    channels, _ = writer.store.sample_codes()
+    rows = writer.store.sample_rows(1, 5)
+    assert [channels[key >> 32][2:] for key, _, _ in rows] == [("", "")] * 3 + [
+        ("temperature", "line-b")
+    ] * 2
+    assert len(writer) == 0 and writer.idle

@@ -14,7 +14,8 @@ batch the store fails on (a full disk, an I/O error) stays at the head of the qu
 tried again with backoff; whatever of it was already committed is not written twice.
 
 Every commit is announced (`commits`): in-process forwarders wait on it for new records
-instead of polling the store.
+instead of polling the store. A change of what each point feeds (`remap`, a reloaded config)
+takes its place in the queue: the samples before it are stored as they were taken.
 
 Must not: drop, reorder or interpret a record.
 """
@@ -23,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, cast
 
 import structlog
 
@@ -86,7 +88,15 @@ class _Group:
     records: tuple[Record, ...]
 
 
-_Entry: TypeAlias = Record | _Group
+@dataclass(frozen=True, slots=True)
+class _Remap:
+    """From here in the queue on, what each (device, point) feeds (see Store.remap)."""
+
+    parameters: Mapping[tuple[str, str], str]
+    lines: Mapping[tuple[str, str], str]
+
+
+_Entry: TypeAlias = Record | _Group  # what a batch holds
 
 
 class _Unwritten(Exception):
@@ -111,10 +121,11 @@ class StoreWriter:
         self.store: Store | None = None
         self.batch_size = batch_size
         self.high_water = high_water
-        self._queue: deque[_Entry] = deque()
+        self._queue: deque[_Entry | _Remap] = deque()
         self.add: Callable[[Record], None] = self._queue.append  # one record, the hot path
         self._groups = 0  # group entries in the queue
         self._grouped = 0  # records inside them beyond one each, for `len`
+        self._remaps = 0  # remap entries in the queue (no records)
         self.room = asyncio.Event()  # set while the queue is below the high-water mark
         self.room.set()
         self._lock = asyncio.Lock()
@@ -130,7 +141,7 @@ class StoreWriter:
 
     def __len__(self) -> int:
         """Records waiting to be committed."""
-        return len(self._queue) + self._grouped
+        return len(self._queue) + self._grouped - self._remaps
 
     @property
     def idle(self) -> bool:
@@ -142,6 +153,13 @@ class StoreWriter:
         self._queue.append(_Group(tuple(records)))
         self._groups += 1
         self._grouped += len(records) - 1
+
+    def remap(
+        self, parameters: Mapping[tuple[str, str], str], lines: Mapping[tuple[str, str], str]
+    ) -> None:
+        """Samples queued from now on feed these parameters and lines (Store.remap)."""
+        self._queue.append(_Remap(dict(parameters), dict(lines)))
+        self._remaps += 1
 
     def note_room(self) -> None:
         """Clear `room` at the high-water mark and set it again at half of it; each change is
@@ -216,6 +234,13 @@ class StoreWriter:
             due = len(self._queue)
             failures = 0
             while due > 0 and self.store is not None:
+                if self._remaps and type(self._queue[0]) is _Remap:
+                    remap = self._queue.popleft()
+                    assert isinstance(remap, _Remap)
+                    self._remaps -= 1
+                    due -= 1
+                    self.store.remap(remap.parameters, remap.lines)
+                    continue
                 batch = self._take(min(due, self.batch_size))
                 try:
                     await self._write(batch)
@@ -245,8 +270,12 @@ class StoreWriter:
                 self.note_room()
 
     def _take(self, count: int) -> list[_Entry]:
+        """Up to `count` entries from the head, up to the next remap (not taken)."""
+        if self._remaps:
+            head = itertools.islice(self._queue, count)
+            count = next((i for i, e in enumerate(head) if type(e) is _Remap), count)
         popleft = self._queue.popleft
-        batch = [popleft() for _ in range(count)]
+        batch = cast(list[_Entry], [popleft() for _ in range(count)])
         if self._groups:
             for entry in batch:
                 if type(entry) is _Group:
