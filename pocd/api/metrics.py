@@ -133,7 +133,8 @@ def _devices(devices: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
     )
     seconds = HistogramMetricFamily(
         "pocd_device_read_seconds",
-        "How long each poll of a device took, since its runner started",
+        "How long each poll of a device took since its runner started, waits for a shared "
+        "bus or a full inbox included (OPC UA: its polled reads that answered)",
         labels=["device"],
     )
     for device, d in devices.items():
