@@ -79,26 +79,30 @@ class _StatusCollector(Collector):
         yield from _sinks(status["sinks"])
 
 
-def _sinks(sinks: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
-    backlog = GaugeMetricFamily(
-        "pocd_sink_backlog", "Records not yet confirmed by a sink", labels=["sink"]
-    )
-    age = GaugeMetricFamily(
+# Each sink's gauges: name, help, and the key of the sink's status it shows (0 if absent).
+_SINK_GAUGES = (
+    ("pocd_sink_backlog", "Records not yet confirmed by a sink", "backlog"),
+    (
         "pocd_sink_oldest_unsent_age_seconds",
         "Age of the oldest record a sink has not delivered",
-        labels=["sink"],
-    )
-    quarantined = GaugeMetricFamily(
+        "oldest_unsent_age_s",
+    ),
+    (
         "pocd_sink_quarantined",
         "Points a sink set aside because the far side refused them alone, not sent again "
         "(pocd sink resend)",
-        labels=["sink"],
-    )
-    failures = GaugeMetricFamily(
-        "pocd_sink_failures",
-        "Consecutive failed writes of a sink (0 while it delivers)",
-        labels=["sink"],
-    )
+        "quarantined",
+    ),
+    ("pocd_sink_failures", "Consecutive failed writes of a sink (0 while it delivers)", "failures"),
+)
+
+
+def _sinks(sinks: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    for name, help_text, key in _SINK_GAUGES:
+        gauge = GaugeMetricFamily(name, help_text, labels=["sink"])
+        for sink, status in sinks.items():
+            gauge.add_metric([sink], float(status.get(key, 0)))
+        yield gauge
     sent = CounterMetricFamily(
         "pocd_sink_sent", "Records a sink delivered since the daemon started", labels=["sink"]
     )
@@ -107,16 +111,13 @@ def _sinks(sinks: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         "When a sink last delivered (absent until it has)",
         labels=["sink"],
     )
-    for name, sink in sinks.items():
-        backlog.add_metric([name], float(sink.get("backlog", 0)))
-        age.add_metric([name], float(sink.get("oldest_unsent_age_s", 0.0)))
-        quarantined.add_metric([name], float(sink.get("quarantined", 0)))
-        failures.add_metric([name], float(sink.get("failures", 0)))
-        if "sent" in sink:
-            sent.add_metric([name], float(sink["sent"]))
-        if sink.get("last_ok") is not None:
-            delivered.add_metric([name], sink["last_ok"] / 1e9)
-    yield from (backlog, age, quarantined, failures, sent, delivered)
+    for sink, status in sinks.items():
+        if "sent" in status:
+            sent.add_metric([sink], float(status["sent"]))
+        if status.get("last_ok") is not None:
+            delivered.add_metric([sink], status["last_ok"] / 1e9)
+    yield sent
+    yield delivered
 
 
 def _devices(devices: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
